@@ -1,0 +1,310 @@
+"""The autograd engine: `Function`, its `Context`, the backward walk, and the grad modes.
+
+A differentiable op is a `Function` subclass with `forward(ctx, *args)` over raw arrays and
+`backward(ctx, grad)` returning one gradient (or None) per positional argument. `Function.apply`
+unwraps Tensors, runs `forward`, and links the output to a `Context` that remembers the inputs.
+`Tensor.backward` walks those contexts in reverse topological order (iteratively: a 100,000-op
+chain needs no recursion) and sums each gradient back to its input's shape in ONE place,
+`_unbroadcast`, so that no op has to think about broadcasting in its backward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import os
+import sys
+import threading
+
+import numpy as np
+
+# --- grad modes ------------------------------------------------------------------------------
+
+
+class _Mode(threading.local):
+    def __init__(self):
+        self.grad_enabled = True
+        self.anomaly = False
+        self.trace = None  # a file-like object while tracing
+
+
+_mode = _Mode()
+
+
+def is_grad_enabled() -> bool:
+    """True when new ops record a graph for backward."""
+    return _mode.grad_enabled
+
+
+class _GradMode:
+    """Context manager and decorator that sets whether ops record a graph (as torch.no_grad)."""
+
+    enabled = True
+
+    def __enter__(self):
+        self._prev = _mode.grad_enabled
+        _mode.grad_enabled = self.enabled
+        return self
+
+    def __exit__(self, *exc):
+        _mode.grad_enabled = self._prev
+        return False
+
+    def __call__(self, fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            with self.__class__():
+                return fn(*args, **kwargs)
+
+        return wrapper
+
+
+class no_grad(_GradMode):  # noqa: N801 - PyTorch's name
+    """Disable graph recording: for evaluation, sampling and optimizer updates."""
+
+    enabled = False
+
+
+class enable_grad(_GradMode):  # noqa: N801 - PyTorch's name
+    """Re-enable graph recording inside a `no_grad` block."""
+
+    enabled = True
+
+
+class set_grad_enabled(_GradMode):  # noqa: N801 - PyTorch's name
+    """Set graph recording on or off for a block, like torch.set_grad_enabled(mode)."""
+
+    def __init__(self, mode: bool):
+        self.enabled = bool(mode)
+
+    def __call__(self, fn):
+        mode = self.enabled
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            with set_grad_enabled(mode):
+                return fn(*args, **kwargs)
+
+        return wrapper
+
+
+@contextlib.contextmanager
+def detect_anomaly():
+    """Check every op's output and every gradient for NaN/inf and raise naming the first bad op."""
+    prev = _mode.anomaly
+    _mode.anomaly = True
+    try:
+        yield
+    finally:
+        _mode.anomaly = prev
+
+
+@contextlib.contextmanager
+def trace(file=None):
+    """Print each op as it runs, with its input and output shapes and the line that called it.
+
+    The tool for studying what a model does line by line:
+    >>> with core.trace():
+    ...     y = model(x)
+    """
+    prev = _mode.trace
+    _mode.trace = file if file is not None else sys.stdout
+    try:
+        yield
+    finally:
+        _mode.trace = prev
+
+
+_CORE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _caller() -> str:
+    """file:line of the first frame outside core/ (what the reader wrote)."""
+    frame = inspect.currentframe()
+    while frame is not None:
+        fname = frame.f_code.co_filename
+        if not os.path.abspath(fname).startswith(_CORE_DIR):
+            return f"{os.path.basename(fname)}:{frame.f_lineno}"
+        frame = frame.f_back
+    return "?"
+
+
+def _describe(x) -> str:
+    if hasattr(x, "shape") and hasattr(x, "dtype"):
+        return f"{tuple(x.shape)} {x.dtype}"
+    return repr(x) if isinstance(x, (int, float, bool, str, type(None))) else type(x).__name__
+
+
+# --- Function and Context --------------------------------------------------------------------
+
+
+class Context:
+    """What a Function's forward leaves for its backward: inputs, saved arrays, flags."""
+
+    __slots__ = ("fn", "inputs", "needs_input_grad", "_saved", "_freed", "__dict__")
+
+    def __init__(self, fn, inputs):
+        self.fn = fn
+        self.inputs = inputs  # one entry per positional argument: a Tensor or None
+        self.needs_input_grad = tuple(t is not None and t.requires_grad for t in inputs)
+        self._saved = ()
+        self._freed = False
+
+    def save_for_backward(self, *arrays):
+        """Keep arrays for backward; they are freed after backward unless retain_graph=True."""
+        self._saved = arrays
+
+    @property
+    def saved_tensors(self):
+        if self._freed:
+            raise RuntimeError(
+                f"{self.fn.__name__}: trying to backward through the graph a second time; its saved "
+                "arrays were freed after the first backward. Pass retain_graph=True to the first "
+                "backward if you need to call it twice."
+            )
+        return self._saved
+
+    def _free(self):
+        self._saved = ()
+        self.__dict__.clear()
+        self._freed = True
+
+
+class Function:
+    """Base class of every differentiable op.
+
+    Subclasses define `forward(ctx, *args, **kwargs)` on raw arrays (Tensors arrive unwrapped)
+    returning one array, and `backward(ctx, grad)` returning a gradient per positional argument.
+    Gradients may have the broadcast shape: the engine sums them back to each input's shape.
+    """
+
+    @staticmethod
+    def forward(ctx, *args, **kwargs):
+        raise NotImplementedError
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise NotImplementedError
+
+    @classmethod
+    def apply(cls, *args, **kwargs):
+        from .tensor import Tensor
+
+        inputs = tuple(a if isinstance(a, Tensor) else None for a in args)
+        raw = tuple(a.data if isinstance(a, Tensor) else a for a in args)
+        record = _mode.grad_enabled and any(t is not None and t.requires_grad for t in inputs)
+        ctx = Context(cls, inputs)
+        out = cls.forward(ctx, *raw, **kwargs)
+        if _mode.anomaly and not _all_finite(out) and all(_all_finite(r) for r in raw):
+            raise FloatingPointError(
+                f"anomaly: {cls.__name__} produced a non-finite output from finite inputs "
+                f"({', '.join(_describe(r) for r in raw)} -> {_describe(out)})"
+            )
+        if _mode.trace is not None:
+            ins = ", ".join(_describe(r) for r in raw)
+            print(f"{_caller():>24}  {cls.__name__:<18} {ins} -> {_describe(out)}", file=_mode.trace)
+        t = Tensor(out, requires_grad=record and _is_float(out))
+        if t.requires_grad:
+            t._ctx = ctx
+        return t
+
+
+def _is_float(a) -> bool:
+    return np.issubdtype(a.dtype, np.floating)
+
+
+def _all_finite(a) -> bool:
+    if not hasattr(a, "dtype") or not np.issubdtype(a.dtype, np.inexact):
+        return True
+    return bool(np.isfinite(a).all())
+
+
+# --- backward ----------------------------------------------------------------------------------
+
+
+def _unbroadcast(grad, shape, op_name):
+    """Sum a gradient of a broadcast result back down to an input's shape (the one place)."""
+    if grad.shape == tuple(shape):
+        return grad
+    extra = grad.ndim - len(shape)
+    if extra < 0:
+        raise RuntimeError(f"{op_name}: gradient of shape {grad.shape} is smaller than input {shape}")
+    if extra:
+        grad = grad.sum(axis=tuple(range(extra)))
+    axes = tuple(i for i, n in enumerate(shape) if n == 1 and grad.shape[i] != 1)
+    if axes:
+        grad = grad.sum(axis=axes, keepdims=True)
+    if grad.shape != tuple(shape):
+        raise RuntimeError(f"{op_name}: gradient of shape {grad.shape} does not fit input {tuple(shape)}")
+    return grad
+
+
+def _topological(root_ctx):
+    """Contexts reachable from root_ctx, each after every context that consumes its output."""
+    order, seen = [], {id(root_ctx)}
+    stack = [(root_ctx, iter(root_ctx.inputs))]
+    while stack:
+        ctx, it = stack[-1]
+        for t in it:
+            if t is not None and t._ctx is not None and id(t._ctx) not in seen:
+                seen.add(id(t._ctx))
+                stack.append((t._ctx, iter(t._ctx.inputs)))
+                break
+        else:
+            stack.pop()
+            order.append(ctx)
+    order.reverse()
+    return order
+
+
+def backward(tensor, gradient=None, retain_graph=False):
+    """Accumulate d(tensor)/d(leaf) · gradient into every leaf's `.grad`."""
+    if not tensor.requires_grad:
+        raise RuntimeError("backward: tensor does not require grad and has no grad_fn")
+    if gradient is None:
+        if tensor.data.size != 1:
+            raise RuntimeError(
+                f"backward: grad can be implicitly created only for scalar outputs, got shape {tensor.shape}"
+            )
+        gradient = np.ones_like(tensor.data)
+    else:
+        gradient = gradient.data if hasattr(gradient, "_ctx") else np.asarray(gradient)
+        if gradient.shape != tensor.shape:
+            raise RuntimeError(f"backward: gradient shape {gradient.shape} != tensor shape {tensor.shape}")
+        gradient = gradient.astype(tensor.dtype, copy=False)
+    if tensor._ctx is None:  # a leaf
+        tensor._accumulate(gradient)
+        return
+    grads = {id(tensor._ctx): gradient}
+    for ctx in _topological(tensor._ctx):
+        g = grads.pop(id(ctx), None)
+        if g is None:
+            continue
+        name = ctx.fn.__name__
+        if ctx._freed:
+            ctx.saved_tensors  # raises the clear "second time" error
+        in_grads = ctx.fn.backward(ctx, g)
+        if not isinstance(in_grads, tuple):
+            in_grads = (in_grads,)
+        if len(in_grads) != len(ctx.inputs):
+            raise RuntimeError(f"{name}.backward returned {len(in_grads)} gradients for {len(ctx.inputs)} inputs")
+        for inp, gi in zip(ctx.inputs, in_grads):
+            if inp is None or gi is None or not inp.requires_grad:
+                continue
+            gi = _unbroadcast(gi, inp.shape, name)
+            if gi.dtype != inp.dtype:
+                gi = gi.astype(inp.dtype)
+            if _mode.anomaly and not _all_finite(gi):
+                raise FloatingPointError(
+                    f"anomaly: {name}.backward produced a non-finite gradient for an input of shape {inp.shape}"
+                )
+            if inp._ctx is None:
+                inp._accumulate(gi)
+            else:
+                key = id(inp._ctx)
+                grads[key] = gi if key not in grads else grads[key] + gi
+            if inp._retains_grad and inp._ctx is not None:
+                inp._accumulate(gi)
+        if not retain_graph:
+            ctx._free()

@@ -1,0 +1,710 @@
+"""The tensor ops: elementwise math, reductions, shape changes, indexing, matmul and einsum.
+
+Each op is a `Function`: `forward` on raw arrays, `backward` giving one gradient per input.
+Gradients may keep the broadcast shape; the engine sums them back (autograd._unbroadcast).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .autograd import Function
+from .tensor import Tensor
+
+
+def _arr(x):
+    return x.data if isinstance(x, Tensor) else x
+
+
+def _axes(dim, ndim):
+    """Normalize a PyTorch `dim` (None, int or tuple, negatives allowed) to a tuple of axes."""
+    if dim is None:
+        return tuple(range(ndim))
+    dims = dim if isinstance(dim, (tuple, list)) else (dim,)
+    out = []
+    for d in dims:
+        if not -max(ndim, 1) <= d < max(ndim, 1):
+            raise IndexError(f"dimension {d} out of range for a tensor of {ndim} dimensions")
+        out.append(d % max(ndim, 1) if ndim else 0)
+    return tuple(out)
+
+
+def _keep(g, axes, shape):
+    """Re-insert reduced axes so a reduction's gradient broadcasts against its input."""
+    return g.reshape(tuple(1 if i in axes else n for i, n in enumerate(shape))) if axes else g
+
+
+def _check_broadcast(name, a, b):
+    try:
+        return np.broadcast_shapes(np.shape(a), np.shape(b))
+    except ValueError:
+        raise ValueError(f"{name}: shapes {np.shape(a)} and {np.shape(b)} cannot be broadcast together") from None
+
+
+# --- binary arithmetic --------------------------------------------------------------------------
+
+
+class Add(Function):
+    @staticmethod
+    def forward(ctx, a, b):
+        _check_broadcast("add", a, b)
+        return np.add(a, b)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, g
+
+
+class Sub(Function):
+    @staticmethod
+    def forward(ctx, a, b):
+        _check_broadcast("sub", a, b)
+        return np.subtract(a, b)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, -g
+
+
+class Mul(Function):
+    @staticmethod
+    def forward(ctx, a, b):
+        _check_broadcast("mul", a, b)
+        ctx.save_for_backward(a, b)
+        return np.multiply(a, b)
+
+    @staticmethod
+    def backward(ctx, g):
+        a, b = ctx.saved_tensors
+        return (g * b if ctx.needs_input_grad[0] else None), (g * a if ctx.needs_input_grad[1] else None)
+
+
+class Div(Function):
+    @staticmethod
+    def forward(ctx, a, b):
+        _check_broadcast("div", a, b)
+        ctx.save_for_backward(a, b)
+        return np.true_divide(a, b)
+
+    @staticmethod
+    def backward(ctx, g):
+        a, b = ctx.saved_tensors
+        ga = g / b if ctx.needs_input_grad[0] else None
+        gb = -g * a / (np.asarray(b) * b) if ctx.needs_input_grad[1] else None
+        return ga, gb
+
+
+class Pow(Function):
+    @staticmethod
+    def forward(ctx, a, b):
+        _check_broadcast("pow", a, b)
+        out = np.power(a, b)
+        ctx.save_for_backward(a, b, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        a, b, out = ctx.saved_tensors
+        ga = gb = None
+        if ctx.needs_input_grad[0]:
+            ga = g * b * np.power(a, np.subtract(b, 1))
+        if ctx.needs_input_grad[1]:  # d(a^b)/db = a^b log a, taken as 0 where a == 0 (as PyTorch)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ga_log = np.where(np.asarray(a) == 0, 0.0, np.log(np.where(np.asarray(a) == 0, 1.0, a)))
+            gb = g * out * ga_log
+        return ga, gb
+
+
+class MatMul(Function):
+    @staticmethod
+    def forward(ctx, a, b):
+        if np.ndim(a) == 0 or np.ndim(b) == 0:
+            raise ValueError(f"matmul: both arguments need at least 1 dimension, got {np.shape(a)} and {np.shape(b)}")
+        ka = a.shape[-1]
+        kb = b.shape[0] if b.ndim == 1 else b.shape[-2]
+        if ka != kb:
+            raise ValueError(f"matmul: shapes {a.shape} and {b.shape} do not align ({ka} != {kb})")
+        ctx.save_for_backward(a, b)
+        return np.matmul(a, b)
+
+    @staticmethod
+    def backward(ctx, g):
+        a, b = ctx.saved_tensors
+        a2 = a[None, :] if a.ndim == 1 else a  # treat vectors as matrices, then drop the added axis
+        b2 = b[:, None] if b.ndim == 1 else b
+        g2 = g.reshape(np.broadcast_shapes(a2.shape[:-2], b2.shape[:-2]) + (a2.shape[-2], b2.shape[-1]))
+        ga = gb = None
+        if ctx.needs_input_grad[0]:
+            ga = np.matmul(g2, np.swapaxes(b2, -1, -2))
+            ga = ga[..., 0, :] if a.ndim == 1 else ga
+        if ctx.needs_input_grad[1]:
+            gb = np.matmul(np.swapaxes(a2, -1, -2), g2)
+            gb = gb[..., 0] if b.ndim == 1 else gb
+        return ga, gb
+
+
+# --- unary elementwise --------------------------------------------------------------------------
+
+
+class Neg(Function):
+    @staticmethod
+    def forward(ctx, a):
+        return np.negative(a)
+
+    @staticmethod
+    def backward(ctx, g):
+        return -g
+
+
+class Exp(Function):
+    @staticmethod
+    def forward(ctx, a):
+        out = np.exp(a)
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        (out,) = ctx.saved_tensors
+        return g * out
+
+
+class Log(Function):
+    @staticmethod
+    def forward(ctx, a):
+        ctx.save_for_backward(a)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.log(a)
+
+    @staticmethod
+    def backward(ctx, g):
+        (a,) = ctx.saved_tensors
+        return g / a
+
+
+class Log1p(Function):
+    @staticmethod
+    def forward(ctx, a):
+        ctx.save_for_backward(a)
+        return np.log1p(a)
+
+    @staticmethod
+    def backward(ctx, g):
+        (a,) = ctx.saved_tensors
+        return g / (1 + a)
+
+
+class Sqrt(Function):
+    @staticmethod
+    def forward(ctx, a):
+        out = np.sqrt(a)
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        (out,) = ctx.saved_tensors
+        return g / (2 * out)
+
+
+class Sin(Function):
+    @staticmethod
+    def forward(ctx, a):
+        ctx.save_for_backward(a)
+        return np.sin(a)
+
+    @staticmethod
+    def backward(ctx, g):
+        (a,) = ctx.saved_tensors
+        return g * np.cos(a)
+
+
+class Cos(Function):
+    @staticmethod
+    def forward(ctx, a):
+        ctx.save_for_backward(a)
+        return np.cos(a)
+
+    @staticmethod
+    def backward(ctx, g):
+        (a,) = ctx.saved_tensors
+        return -g * np.sin(a)
+
+
+class Tanh(Function):
+    @staticmethod
+    def forward(ctx, a):
+        out = np.tanh(a)
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        (out,) = ctx.saved_tensors
+        return g * (1 - out * out)
+
+
+def _sigmoid(a):
+    """σ(a) without overflow for large |a| (exp of a non-positive number only)."""
+    e = np.exp(-np.abs(a))
+    return np.where(a >= 0, 1 / (1 + e), e / (1 + e)).astype(a.dtype, copy=False)
+
+
+class Sigmoid(Function):
+    @staticmethod
+    def forward(ctx, a):
+        out = _sigmoid(a)
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        (out,) = ctx.saved_tensors
+        return g * out * (1 - out)
+
+
+class Relu(Function):
+    @staticmethod
+    def forward(ctx, a):
+        out = np.maximum(a, 0)
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        (out,) = ctx.saved_tensors
+        return g * (out > 0)
+
+
+class Abs(Function):
+    @staticmethod
+    def forward(ctx, a):
+        ctx.save_for_backward(a)
+        return np.abs(a)
+
+    @staticmethod
+    def backward(ctx, g):
+        (a,) = ctx.saved_tensors
+        return g * np.sign(a)
+
+
+class Clamp(Function):
+    @staticmethod
+    def forward(ctx, a, lo, hi):
+        ctx.save_for_backward(a, lo, hi)
+        out = a
+        if lo is not None:
+            out = np.maximum(out, lo)
+        if hi is not None:
+            out = np.minimum(out, hi)
+        return out.astype(a.dtype, copy=False) if out is not a else out.copy()
+
+    @staticmethod
+    def backward(ctx, g):
+        a, lo, hi = ctx.saved_tensors
+        keep = np.ones(a.shape, dtype=bool)
+        if lo is not None:
+            keep &= a >= lo
+        if hi is not None:
+            keep &= a <= hi
+        return g * keep, None, None
+
+
+class MaskedFill(Function):
+    @staticmethod
+    def forward(ctx, a, mask, value):
+        mask = np.asarray(mask) if isinstance(mask, (list, bool)) else mask
+        if mask.dtype != np.bool_:
+            raise TypeError(f"masked_fill: mask must be a bool tensor, got {mask.dtype}")
+        if np.broadcast_shapes(a.shape, mask.shape) != a.shape:
+            raise ValueError(f"masked_fill: mask of shape {mask.shape} does not broadcast to {a.shape}")
+        ctx.save_for_backward(mask)
+        return np.where(mask, np.asarray(value, dtype=a.dtype), a)
+
+    @staticmethod
+    def backward(ctx, g):
+        (mask,) = ctx.saved_tensors
+        return np.where(mask, 0, g), None, None
+
+
+class Cast(Function):
+    @staticmethod
+    def forward(ctx, a, dtype):
+        ctx.dtype = a.dtype
+        return a.astype(dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.astype(ctx.dtype), None
+
+
+class Clone(Function):
+    @staticmethod
+    def forward(ctx, a):
+        return a.copy()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+class ToDevice(Function):
+    @staticmethod
+    def forward(ctx, a, device):
+        ctx.src = "cpu" if isinstance(a, np.ndarray) else "cuda"
+        return _move(a, device)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _move(g, ctx.src), None
+
+
+def _move(a, device):
+    if device == "cpu":
+        return a if isinstance(a, np.ndarray) else a.get()
+    import cupy  # a GPU path: only reached when a CUDA device is asked for
+
+    return cupy.asarray(a)
+
+
+# --- reductions ---------------------------------------------------------------------------------
+
+
+class Sum(Function):
+    @staticmethod
+    def forward(ctx, a, dim, keepdim):
+        axes = _axes(dim, a.ndim)
+        ctx.shape, ctx.axes, ctx.keepdim = a.shape, axes, keepdim
+        return np.asarray(np.sum(a, axis=axes, keepdims=keepdim))
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g if ctx.keepdim else _keep(g, ctx.axes, ctx.shape)
+        return np.broadcast_to(g, ctx.shape), None, None
+
+
+class Mean(Function):
+    @staticmethod
+    def forward(ctx, a, dim, keepdim):
+        if not np.issubdtype(a.dtype, np.floating):
+            raise TypeError(f"mean: needs a floating point tensor, got {a.dtype}")
+        axes = _axes(dim, a.ndim)
+        ctx.shape, ctx.axes, ctx.keepdim = a.shape, axes, keepdim
+        ctx.n = int(np.prod([a.shape[i] for i in axes])) if a.ndim else 1
+        return np.asarray(np.mean(a, axis=axes, keepdims=keepdim))
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g if ctx.keepdim else _keep(g, ctx.axes, ctx.shape)
+        return np.broadcast_to(g / ctx.n, ctx.shape), None, None
+
+
+class _Extreme(Function):
+    """amax/amin: the gradient is split evenly among tied extremes, as in PyTorch."""
+
+    reduce = staticmethod(np.max)
+
+    @classmethod
+    def forward(cls, ctx, a, dim, keepdim):
+        if a.size == 0:
+            raise RuntimeError(f"{cls.__name__.lower()}: cannot reduce an empty tensor of shape {a.shape}")
+        axes = _axes(dim, a.ndim)
+        out = np.asarray(cls.reduce(a, axis=axes, keepdims=True))
+        ctx.save_for_backward(a, out)
+        ctx.axes, ctx.keepdim, ctx.shape = axes, keepdim, a.shape
+        return out if keepdim else out.reshape(tuple(n for i, n in enumerate(a.shape) if i not in axes))
+
+    @staticmethod
+    def backward(ctx, g):
+        a, out = ctx.saved_tensors
+        g = g if ctx.keepdim else _keep(g, ctx.axes, ctx.shape)
+        hit = a == out
+        return g * hit / hit.sum(axis=ctx.axes, keepdims=True), None, None
+
+
+class Amax(_Extreme):
+    reduce = staticmethod(np.max)
+
+
+class Amin(_Extreme):
+    reduce = staticmethod(np.min)
+
+
+class Var(Function):
+    @staticmethod
+    def forward(ctx, a, dim, correction, keepdim):
+        axes = _axes(dim, a.ndim)
+        n = int(np.prod([a.shape[i] for i in axes])) if a.ndim else 1
+        centered = a - a.mean(axis=axes, keepdims=True)
+        ctx.save_for_backward(centered)
+        ctx.axes, ctx.keepdim, ctx.shape, ctx.denom = axes, keepdim, a.shape, max(n - correction, 0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.asarray(np.sum(centered * centered, axis=axes, keepdims=keepdim) / ctx.denom)
+
+    @staticmethod
+    def backward(ctx, g):
+        (centered,) = ctx.saved_tensors
+        g = g if ctx.keepdim else _keep(g, ctx.axes, ctx.shape)
+        return g * 2 * centered / ctx.denom, None, None, None
+
+
+class LogSumExp(Function):
+    @staticmethod
+    def forward(ctx, a, dim, keepdim):
+        axes = _axes(dim, a.ndim)
+        m = np.max(a, axis=axes, keepdims=True)
+        m = np.where(np.isfinite(m), m, 0)
+        out = np.log(np.sum(np.exp(a - m), axis=axes, keepdims=True)) + m
+        ctx.save_for_backward(a, out)
+        ctx.axes, ctx.keepdim, ctx.shape = axes, keepdim, a.shape
+        return out if keepdim else out.reshape(tuple(n for i, n in enumerate(a.shape) if i not in axes))
+
+    @staticmethod
+    def backward(ctx, g):
+        a, out = ctx.saved_tensors
+        g = g if ctx.keepdim else _keep(g, ctx.axes, ctx.shape)
+        return g * np.exp(a - out), None, None
+
+
+# --- shape --------------------------------------------------------------------------------------
+
+
+class Reshape(Function):
+    @staticmethod
+    def forward(ctx, a, shape):
+        ctx.shape = a.shape
+        try:
+            return a.reshape(shape)
+        except ValueError:
+            raise ValueError(f"reshape: shape {tuple(shape)} is invalid for a tensor of shape {a.shape}") from None
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.reshape(ctx.shape), None
+
+
+class Permute(Function):
+    @staticmethod
+    def forward(ctx, a, dims):
+        if sorted(d % max(a.ndim, 1) for d in dims) != list(range(a.ndim)):
+            raise ValueError(f"permute: dims {dims} are not a permutation of a {a.ndim}-d tensor's axes")
+        dims = tuple(d % a.ndim for d in dims)
+        ctx.inv = tuple(np.argsort(dims))
+        return np.transpose(a, dims)
+
+    @staticmethod
+    def backward(ctx, g):
+        return np.transpose(g, ctx.inv), None
+
+
+class Expand(Function):
+    @staticmethod
+    def forward(ctx, a, shape):
+        try:
+            return np.broadcast_to(a, shape)
+        except ValueError:
+            raise ValueError(f"expand: tensor of shape {a.shape} cannot be expanded to {tuple(shape)}") from None
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None  # the engine sums the broadcast dimensions back
+
+
+class Repeat(Function):
+    @staticmethod
+    def forward(ctx, a, reps):
+        if len(reps) < a.ndim:
+            raise ValueError(f"repeat: {len(reps)} repeat counts for a {a.ndim}-d tensor")
+        shape = (1,) * (len(reps) - a.ndim) + a.shape
+        ctx.shape, ctx.reps, ctx.orig = shape, reps, a.shape
+        return np.tile(a.reshape(shape), reps)
+
+    @staticmethod
+    def backward(ctx, g):
+        split = []
+        for r, n in zip(ctx.reps, ctx.shape):
+            split += [r, n]
+        g = g.reshape(split).sum(axis=tuple(range(0, len(split), 2)))
+        return g.reshape(ctx.orig), None
+
+
+def _index(index):
+    """Unwrap Tensors inside an index expression; boolean arrays become their nonzero positions."""
+    if isinstance(index, tuple):
+        return tuple(_index(i) for i in index)
+    if isinstance(index, Tensor):
+        index = index.data
+    if isinstance(index, list):
+        index = np.asarray(index)
+    return index
+
+
+def _is_basic(index):
+    parts = index if isinstance(index, tuple) else (index,)
+    return all(isinstance(p, (int, np.integer, slice, type(None), type(Ellipsis))) for p in parts)
+
+
+class GetItem(Function):
+    @staticmethod
+    def forward(ctx, a, index):
+        index = _index(index)
+        ctx.shape, ctx.dtype, ctx.index = a.shape, a.dtype, index
+        try:
+            return a[index]
+        except IndexError as e:
+            raise IndexError(f"getitem: {e} (tensor of shape {a.shape})") from None
+
+    @staticmethod
+    def backward(ctx, g):
+        out = np.zeros(ctx.shape, dtype=g.dtype)
+        if _is_basic(ctx.index):
+            out[ctx.index] = g
+        else:  # advanced indexing: repeated indices must accumulate
+            np.add.at(out, ctx.index, g)
+        return out, None
+
+
+def cat(tensors, dim=0):
+    """Concatenate along an existing dimension (torch.cat)."""
+    return Cat.apply(dim, *tensors)
+
+
+class Cat(Function):
+    @staticmethod
+    def forward(ctx, dim, *arrays):
+        if not arrays:
+            raise ValueError("cat: expected a non-empty list of tensors")
+        nd = arrays[0].ndim
+        d = dim % nd
+        for x in arrays:
+            if x.ndim != nd or x.shape[:d] + x.shape[d + 1 :] != arrays[0].shape[:d] + arrays[0].shape[d + 1 :]:
+                raise ValueError(f"cat: shapes {[y.shape for y in arrays]} do not match outside dim {dim}")
+        ctx.d, ctx.sizes = d, [x.shape[d] for x in arrays]
+        return np.concatenate(arrays, axis=d)
+
+    @staticmethod
+    def backward(ctx, g):
+        bounds = np.cumsum(ctx.sizes)[:-1]
+        return (None, *np.split(g, bounds, axis=ctx.d))
+
+
+def stack(tensors, dim=0):
+    """Stack along a new dimension (torch.stack)."""
+    return Stack.apply(dim, *tensors)
+
+
+class Stack(Function):
+    @staticmethod
+    def forward(ctx, dim, *arrays):
+        if not arrays:
+            raise ValueError("stack: expected a non-empty list of tensors")
+        if len({x.shape for x in arrays}) != 1:
+            raise ValueError(f"stack: all tensors must have the same shape, got {[x.shape for x in arrays]}")
+        ctx.d = dim % (arrays[0].ndim + 1)
+        return np.stack(arrays, axis=ctx.d)
+
+    @staticmethod
+    def backward(ctx, g):
+        return (None, *(np.take(g, i, axis=ctx.d) for i in range(g.shape[ctx.d])))
+
+
+def where(condition, input, other):  # noqa: A002 - PyTorch's name
+    """Elementwise choice: input where condition is True, else other (torch.where)."""
+    return Where.apply(condition, input, other)
+
+
+class Where(Function):
+    @staticmethod
+    def forward(ctx, cond, a, b):
+        cond = np.asarray(cond) if not hasattr(cond, "dtype") else cond
+        if cond.dtype != np.bool_:
+            raise TypeError(f"where: condition must be bool, got {cond.dtype}")
+        ctx.save_for_backward(cond)
+        return np.where(cond, a, b)
+
+    @staticmethod
+    def backward(ctx, g):
+        (cond,) = ctx.saved_tensors
+        zero = np.zeros((), dtype=g.dtype)
+        ga = np.where(cond, g, zero) if ctx.needs_input_grad[1] else None
+        gb = np.where(cond, zero, g) if ctx.needs_input_grad[2] else None
+        return None, ga, gb
+
+
+# --- einsum -------------------------------------------------------------------------------------
+
+_LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def _explicit(subscripts, shapes):
+    """Rewrite an einsum spec without '...' and with an explicit output."""
+    spec = subscripts.replace(" ", "")
+    lhs, _, rhs = spec.partition("->")
+    ins = lhs.split(",")
+    if len(ins) != len(shapes):
+        raise ValueError(f"einsum: '{subscripts}' names {len(ins)} operands but got {len(shapes)}")
+    used = set(spec) - set(".,->")
+    free = [c for c in _LETTERS if c not in used]
+    n_ell = max((len(s) - len(i.replace("...", "")) for i, s in zip(ins, shapes) if "..." in i), default=0)
+    ell = "".join(free[:n_ell])
+    new_ins = []
+    for i, s in zip(ins, shapes):
+        if "..." in i:
+            k = len(s) - len(i.replace("...", ""))
+            i = i.replace("...", ell[n_ell - k :])
+        if len(i) != len(s):
+            raise ValueError(f"einsum: subscripts '{i}' do not match an operand of shape {tuple(s)}")
+        new_ins.append(i)
+    if "->" in spec:
+        out = rhs.replace("...", ell)
+    else:  # implicit output: ellipsis dims then letters used once, in order
+        counts = {}
+        for c in "".join(new_ins):
+            counts[c] = counts.get(c, 0) + 1
+        out = ell + "".join(sorted(c for c, n in counts.items() if n == 1 and c not in ell))
+    return new_ins, out
+
+
+def einsum(subscripts, *operands):
+    """Einstein summation (torch.einsum); many model lines read best as one einsum."""
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = tuple(operands[0])
+    return Einsum.apply(subscripts, *operands)
+
+
+class Einsum(Function):
+    @staticmethod
+    def forward(ctx, subscripts, *arrays):
+        ins, out = _explicit(subscripts, [a.shape for a in arrays])
+        for i in ins:
+            if len(set(i)) != len(i):
+                raise NotImplementedError(f"einsum: repeated subscripts within one operand ('{i}') are not supported")
+        sizes = {}
+        for i, a in zip(ins, arrays):
+            for c, n in zip(i, a.shape):
+                if sizes.get(c, n) != n and n != 1 and sizes[c] != 1:
+                    shapes = [x.shape for x in arrays]
+                    raise ValueError(f"einsum: '{subscripts}' size mismatch for '{c}': {sizes[c]} vs {n} in {shapes}")
+                sizes[c] = max(sizes.get(c, 1), n)
+        ctx.save_for_backward(*arrays)
+        ctx.ins, ctx.out, ctx.sizes = ins, out, sizes
+        return np.einsum(",".join(ins) + "->" + out, *arrays, optimize=len(arrays) > 2)
+
+    @staticmethod
+    def backward(ctx, g):
+        arrays = ctx.saved_tensors
+        grads = [None]
+        for k, i in enumerate(ctx.ins):
+            if not ctx.needs_input_grad[k + 1]:
+                grads.append(None)
+                continue
+            others = [(s, x) for j, (s, x) in enumerate(zip(ctx.ins, arrays)) if j != k]
+            avail = set(ctx.out).union(*(set(s) for s, _ in others))
+            # letters summed out of this operand alone come back by broadcasting
+            target = "".join(c for c in i if c in avail)
+            spec = ",".join([ctx.out] + [s for s, _ in others]) + "->" + target
+            gk = np.einsum(spec, g, *(x for _, x in others), optimize=len(others) > 1)
+            full = tuple(ctx.sizes[c] for c in i)
+            gk = np.broadcast_to(gk.reshape(tuple(ctx.sizes[c] if c in avail else 1 for c in i)), full)
+            grads.append(gk)  # the engine sums size-1 (broadcast) operand dims back
+        return tuple(grads)

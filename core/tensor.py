@@ -1,0 +1,491 @@
+"""`Tensor`: one array (NumPy on the CPU, CuPy on a GPU) plus what autograd needs.
+
+Every method has PyTorch's name and semantics and is one `Function` from `core.ops`, so that
+`core.trace()` shows exactly the ops a line of model code runs.
+"""
+
+from __future__ import annotations
+
+from collections import namedtuple
+
+import numpy as np
+
+from . import autograd
+
+DEFAULT_DTYPE = np.float32
+
+values_indices = namedtuple("values_indices", ["values", "indices"])
+
+
+def _dims(args):
+    """Accept both t.reshape(2, 3) and t.reshape((2, 3))."""
+    if len(args) == 1 and isinstance(args[0], (tuple, list)):
+        return tuple(args[0])
+    return tuple(args)
+
+
+def _device_of(a) -> str:
+    return "cpu" if isinstance(a, np.ndarray) else "cuda"
+
+
+class Tensor:
+    """An n-dimensional array that records the ops made from it, for reverse-mode autograd."""
+
+    __slots__ = ("data", "grad", "requires_grad", "_ctx", "_retains_grad", "__weakref__")
+    __array_priority__ = 1000  # ndarray (op) Tensor defers to Tensor's reflected operator
+    __hash__ = object.__hash__  # == is elementwise, as in PyTorch; hash by identity
+
+    def __init__(self, data, requires_grad=False):
+        if isinstance(data, Tensor):
+            data = data.data
+        if not (isinstance(data, np.ndarray) or hasattr(data, "__cuda_array_interface__")):
+            data = np.asarray(data)  # also turns NumPy scalars from 0-d reductions into 0-d arrays
+        if requires_grad and not np.issubdtype(data.dtype, np.floating):
+            raise RuntimeError(f"only floating point tensors can require gradients, got dtype {data.dtype}")
+        self.data = data
+        self.grad = None
+        self.requires_grad = bool(requires_grad)
+        self._ctx = None
+        self._retains_grad = False
+
+    # --- properties ---------------------------------------------------------------------------
+    shape = property(lambda self: tuple(self.data.shape))
+    dtype = property(lambda self: self.data.dtype)
+    ndim = property(lambda self: self.data.ndim)
+    device = property(lambda self: _device_of(self.data))
+    is_leaf = property(lambda self: self._ctx is None)
+    grad_fn = property(lambda self: None if self._ctx is None else self._ctx.fn.__name__)
+    T = property(lambda self: self.permute(*reversed(range(self.ndim))))
+    mT = property(lambda self: self.transpose(-2, -1))
+
+    def size(self, dim=None):
+        """The shape, or one dimension of it."""
+        return self.shape if dim is None else self.shape[dim]
+
+    def numel(self) -> int:
+        return int(self.data.size)
+
+    def dim(self) -> int:
+        return self.ndim
+
+    def __len__(self):
+        if self.ndim == 0:
+            raise TypeError("len() of a 0-d tensor")
+        return self.shape[0]
+
+    def __repr__(self):
+        body = np.array2string(np.asarray(self.numpy()), separator=", ", prefix="tensor(")
+        extra = "" if self.dtype in (DEFAULT_DTYPE, np.int64, np.bool_) else f", dtype={self.dtype}"
+        if self._ctx is not None:
+            extra += f", grad_fn=<{self.grad_fn}>"
+        elif self.requires_grad:
+            extra += ", requires_grad=True"
+        return f"tensor({body}{extra})"
+
+    # --- autograd -----------------------------------------------------------------------------
+    def backward(self, gradient=None, retain_graph=False):
+        """Accumulate the gradient of this tensor into every leaf that requires grad."""
+        autograd.backward(self, gradient, retain_graph)
+
+    def _accumulate(self, g):
+        if self.grad is None:
+            self.grad = g.copy() if g.base is not None or g is getattr(self, "data", None) else g
+        else:
+            self.grad = self.grad + g
+
+    def retain_grad(self):
+        """Keep .grad on this non-leaf tensor after backward."""
+        self._retains_grad = True
+        return self
+
+    def requires_grad_(self, flag=True):
+        if flag and not np.issubdtype(self.dtype, np.floating):
+            raise RuntimeError(f"only floating point tensors can require gradients, got dtype {self.dtype}")
+        self.requires_grad = bool(flag)
+        return self
+
+    def detach(self):
+        """The same data, cut from the graph."""
+        return Tensor(self.data)
+
+    def zero_grad(self):
+        self.grad = None
+
+    def numpy(self):
+        """The data as a NumPy array (copied from the GPU if needed)."""
+        return self.data if isinstance(self.data, np.ndarray) else self.data.get()
+
+    def item(self):
+        if self.data.size != 1:
+            raise ValueError(f"item(): tensor with {self.data.size} elements cannot be converted to a scalar")
+        return self.numpy().reshape(()).item()
+
+    def tolist(self):
+        return self.numpy().tolist()
+
+    # --- dtype and device -----------------------------------------------------------------------
+    def to(self, target):
+        """A copy on another device ('cpu' | 'cuda') or with another dtype; grads flow through."""
+        if isinstance(target, str) and target in ("cpu", "cuda"):
+            if target == self.device:
+                return self
+            return ops.ToDevice.apply(self, target)
+        return ops.Cast.apply(self, np.dtype(target))
+
+    def type(self, dtype):
+        return self.to(dtype)
+
+    float = lambda self: self.to(np.float32)  # noqa: E731
+    double = lambda self: self.to(np.float64)  # noqa: E731
+    long = lambda self: self.to(np.int64)  # noqa: E731
+    int = lambda self: self.to(np.int32)  # noqa: E731
+    bool = lambda self: self.to(np.bool_)  # noqa: E731
+    cpu = lambda self: self.to("cpu")  # noqa: E731
+    cuda = lambda self: self.to("cuda")  # noqa: E731
+
+    def clone(self):
+        return ops.Clone.apply(self)
+
+    def contiguous(self):
+        return self
+
+    def __setitem__(self, index, value):
+        if self.requires_grad and autograd.is_grad_enabled():
+            raise RuntimeError(
+                "in-place assignment to a tensor that requires grad is not supported; "
+                "use core.where / masked_fill, or assign inside core.no_grad()"
+            )
+        if isinstance(index, Tensor):
+            index = index.data
+        self.data[index] = value.data if isinstance(value, Tensor) else value
+
+    # --- arithmetic -----------------------------------------------------------------------------
+    def __add__(self, o):
+        return ops.Add.apply(self, o)
+
+    def __radd__(self, o):
+        return ops.Add.apply(o, self)
+
+    def __sub__(self, o):
+        return ops.Sub.apply(self, o)
+
+    def __rsub__(self, o):
+        return ops.Sub.apply(o, self)
+
+    def __mul__(self, o):
+        return ops.Mul.apply(self, o)
+
+    def __rmul__(self, o):
+        return ops.Mul.apply(o, self)
+
+    def __truediv__(self, o):
+        return ops.Div.apply(self, o)
+
+    def __rtruediv__(self, o):
+        return ops.Div.apply(o, self)
+
+    def __pow__(self, o):
+        return ops.Pow.apply(self, o)
+
+    def __rpow__(self, o):
+        return ops.Pow.apply(o, self)
+
+    def __matmul__(self, o):
+        return ops.MatMul.apply(self, o)
+
+    def __rmatmul__(self, o):
+        return ops.MatMul.apply(o, self)
+
+    def __neg__(self):
+        return ops.Neg.apply(self)
+
+    def __pos__(self):
+        return self
+
+    add = __add__
+    sub = __sub__
+    mul = __mul__
+    div = __truediv__
+    pow = __pow__
+    matmul = __matmul__
+    neg = __neg__
+
+    # --- comparisons (no grad) ------------------------------------------------------------------
+    def _cmp(self, o, f):
+        return Tensor(f(self.data, o.data if isinstance(o, Tensor) else o))
+
+    __eq__ = lambda self, o: self._cmp(o, np.equal)  # noqa: E731
+    __ne__ = lambda self, o: self._cmp(o, np.not_equal)  # noqa: E731
+    __lt__ = lambda self, o: self._cmp(o, np.less)  # noqa: E731
+    __le__ = lambda self, o: self._cmp(o, np.less_equal)  # noqa: E731
+    __gt__ = lambda self, o: self._cmp(o, np.greater)  # noqa: E731
+    __ge__ = lambda self, o: self._cmp(o, np.greater_equal)  # noqa: E731
+    __and__ = lambda self, o: self._cmp(o, np.logical_and)  # noqa: E731
+    __or__ = lambda self, o: self._cmp(o, np.logical_or)  # noqa: E731
+    __invert__ = lambda self: Tensor(np.logical_not(self.data))  # noqa: E731
+    eq, ne, lt, le, gt, ge = __eq__, __ne__, __lt__, __le__, __gt__, __ge__
+
+    def __bool__(self):
+        if self.data.size != 1:
+            raise RuntimeError(f"boolean value of a tensor with {self.data.size} elements is ambiguous")
+        return bool(self.data)
+
+    def __float__(self):
+        return float(self.item())
+
+    def __int__(self):
+        return int(self.item())
+
+    def __index__(self):
+        if not np.issubdtype(self.dtype, np.integer):
+            raise TypeError(f"only integer tensors can be used as an index, got {self.dtype}")
+        return int(self.item())
+
+    # --- elementwise ----------------------------------------------------------------------------
+    exp = lambda self: ops.Exp.apply(self)  # noqa: E731
+    log = lambda self: ops.Log.apply(self)  # noqa: E731
+    sqrt = lambda self: ops.Sqrt.apply(self)  # noqa: E731
+    rsqrt = lambda self: ops.Pow.apply(self, -0.5)  # noqa: E731
+    square = lambda self: ops.Mul.apply(self, self)  # noqa: E731
+    tanh = lambda self: ops.Tanh.apply(self)  # noqa: E731
+    sigmoid = lambda self: ops.Sigmoid.apply(self)  # noqa: E731
+    relu = lambda self: ops.Relu.apply(self)  # noqa: E731
+    abs = lambda self: ops.Abs.apply(self)  # noqa: E731
+    sin = lambda self: ops.Sin.apply(self)  # noqa: E731
+    cos = lambda self: ops.Cos.apply(self)  # noqa: E731
+    log1p = lambda self: ops.Log1p.apply(self)  # noqa: E731
+    sign = lambda self: Tensor(np.sign(self.data))  # noqa: E731
+
+    def clamp(self, min=None, max=None):  # noqa: A002 - PyTorch's names
+        """Limit values to [min, max]; the gradient is zero where a bound is active."""
+        if min is None and max is None:
+            raise ValueError("clamp: at least one of min and max must be given")
+        return ops.Clamp.apply(self, min, max)
+
+    clip = clamp
+
+    def masked_fill(self, mask, value):
+        """Where mask is True, take value (no gradient there); mask broadcasts to self."""
+        return ops.MaskedFill.apply(self, mask, value)
+
+    # --- reductions -----------------------------------------------------------------------------
+    def sum(self, dim=None, keepdim=False):
+        return ops.Sum.apply(self, dim, keepdim)
+
+    def mean(self, dim=None, keepdim=False):
+        return ops.Mean.apply(self, dim, keepdim)
+
+    def amax(self, dim=None, keepdim=False):
+        """Maximum over dim; the gradient is split evenly among ties (as PyTorch)."""
+        return ops.Amax.apply(self, dim, keepdim)
+
+    def amin(self, dim=None, keepdim=False):
+        return ops.Amin.apply(self, dim, keepdim)
+
+    def max(self, dim=None, keepdim=False):
+        """Without dim: the max element. With dim: (values, indices) as in PyTorch."""
+        if dim is None:
+            return self.amax()
+        return values_indices(self.amax(dim, keepdim), self.argmax(dim, keepdim))
+
+    def min(self, dim=None, keepdim=False):
+        if dim is None:
+            return self.amin()
+        return values_indices(self.amin(dim, keepdim), self.argmin(dim, keepdim))
+
+    def argmax(self, dim=None, keepdim=False):
+        return Tensor(_arg(np.argmax, self.data, dim, keepdim))
+
+    def argmin(self, dim=None, keepdim=False):
+        return Tensor(_arg(np.argmin, self.data, dim, keepdim))
+
+    def var(self, dim=None, *, correction=1, keepdim=False):
+        """Variance with Bessel's correction by default (torch.var's correction=1)."""
+        return ops.Var.apply(self, dim, correction, keepdim)
+
+    def std(self, dim=None, *, correction=1, keepdim=False):
+        return self.var(dim, correction=correction, keepdim=keepdim).sqrt()
+
+    def logsumexp(self, dim, keepdim=False):
+        return ops.LogSumExp.apply(self, dim, keepdim)
+
+    def softmax(self, dim):
+        from . import functional
+
+        return functional.softmax(self, dim)
+
+    def log_softmax(self, dim):
+        from . import functional
+
+        return functional.log_softmax(self, dim)
+
+    # --- shape ----------------------------------------------------------------------------------
+    def reshape(self, *shape):
+        return ops.Reshape.apply(self, _dims(shape))
+
+    view = reshape
+
+    def view_as(self, other):
+        return self.reshape(other.shape)
+
+    def permute(self, *dims):
+        return ops.Permute.apply(self, _dims(dims))
+
+    def transpose(self, dim0, dim1):
+        order = list(range(self.ndim))
+        order[dim0], order[dim1] = order[dim1], order[dim0]
+        return ops.Permute.apply(self, tuple(order))
+
+    def unsqueeze(self, dim):
+        dim = dim + self.ndim + 1 if dim < 0 else dim
+        return self.reshape(self.shape[:dim] + (1,) + self.shape[dim:])
+
+    def squeeze(self, dim=None):
+        if dim is None:
+            shape = tuple(n for n in self.shape if n != 1)
+        else:
+            dims = {d % self.ndim for d in (dim if isinstance(dim, (tuple, list)) else (dim,))}
+            shape = tuple(n for i, n in enumerate(self.shape) if not (i in dims and n == 1))
+        return self.reshape(shape)
+
+    def flatten(self, start_dim=0, end_dim=-1):
+        if self.ndim == 0:
+            return self.reshape(1)
+        s, e = start_dim % self.ndim, end_dim % self.ndim
+        return self.reshape(self.shape[:s] + (-1,) + self.shape[e + 1 :])
+
+    def unflatten(self, dim, sizes):
+        dim = dim % self.ndim
+        return self.reshape(self.shape[:dim] + tuple(sizes) + self.shape[dim + 1 :])
+
+    def expand(self, *sizes):
+        """Broadcast to a larger shape (-1 keeps a dimension); gradient sums back."""
+        sizes = _dims(sizes)
+        lead = len(sizes) - self.ndim
+        if lead < 0:
+            raise RuntimeError(f"expand: target {sizes} has fewer dimensions than tensor {self.shape}")
+        shape = tuple(self.shape[i - lead] if n == -1 else n for i, n in enumerate(sizes))
+        return ops.Expand.apply(self, shape)
+
+    def expand_as(self, other):
+        return self.expand(other.shape)
+
+    def repeat(self, *sizes):
+        return ops.Repeat.apply(self, _dims(sizes))
+
+    def chunk(self, chunks, dim=0):
+        n = self.shape[dim]
+        step = -(-n // chunks)
+        return self.split(step, dim)
+
+    def split(self, size, dim=0):
+        n = self.shape[dim]
+        bounds = []
+        if isinstance(size, int):
+            bounds = [(s, min(s + size, n)) for s in range(0, n, size)]
+        else:
+            start = 0
+            for s in size:
+                bounds.append((start, start + s))
+                start += s
+        dim = dim % self.ndim
+        pre = (slice(None),) * dim
+        return tuple(self[pre + (slice(a, b),)] for a, b in bounds)
+
+    def __getitem__(self, index):
+        return ops.GetItem.apply(self, index)
+
+
+def _arg(f, a, dim, keepdim):
+    if dim is None:
+        return np.asarray(f(a.reshape(-1)))
+    r = f(a, axis=dim)
+    return np.expand_dims(r, dim) if keepdim else r
+
+
+# --- factories ------------------------------------------------------------------------------------
+
+
+def _default_dtype(data):
+    """PyTorch's inference: Python floats -> float32, ints -> int64, bools -> bool; arrays keep theirs."""
+    if isinstance(data, (np.ndarray, np.generic)) or hasattr(data, "__cuda_array_interface__"):
+        return None
+    a = np.asarray(data)
+    if np.issubdtype(a.dtype, np.floating):
+        return DEFAULT_DTYPE
+    if np.issubdtype(a.dtype, np.integer):
+        return np.int64
+    return None
+
+
+def tensor(data, requires_grad=False, dtype=None):
+    """A new leaf tensor holding a copy of data (a list, scalar, ndarray or Tensor)."""
+    if isinstance(data, Tensor):
+        data = data.data
+    dtype = dtype if dtype is not None else _default_dtype(data)
+    if hasattr(data, "__cuda_array_interface__"):  # CuPy
+        arr = data.astype(dtype or data.dtype, copy=True)
+    else:
+        arr = np.array(data, dtype=dtype)
+    return Tensor(arr, requires_grad=requires_grad)
+
+
+def _shape(size):
+    return _dims(size)
+
+
+def zeros(*size, dtype=None, requires_grad=False):
+    return Tensor(np.zeros(_shape(size), dtype=dtype or DEFAULT_DTYPE), requires_grad)
+
+
+def ones(*size, dtype=None, requires_grad=False):
+    return Tensor(np.ones(_shape(size), dtype=dtype or DEFAULT_DTYPE), requires_grad)
+
+
+def full(size, fill_value, dtype=None, requires_grad=False):
+    if dtype is None:
+        dtype = DEFAULT_DTYPE if isinstance(fill_value, float) else np.asarray(fill_value).dtype
+    return Tensor(np.full(_shape((size,)), fill_value, dtype=dtype), requires_grad)
+
+
+def zeros_like(t, dtype=None, requires_grad=False):
+    return Tensor(np.zeros(t.shape, dtype=dtype or t.dtype), requires_grad)
+
+
+def ones_like(t, dtype=None, requires_grad=False):
+    return Tensor(np.ones(t.shape, dtype=dtype or t.dtype), requires_grad)
+
+
+def arange(start, end=None, step=1, dtype=None, requires_grad=False):
+    """Like torch.arange: integer arguments give int64, any float gives float32."""
+    if end is None:
+        start, end = 0, start
+    if dtype is None:
+        dtype = np.int64 if all(isinstance(v, int) for v in (start, end, step)) else DEFAULT_DTYPE
+    return Tensor(np.arange(start, end, step, dtype=dtype), requires_grad)
+
+
+def randn(*size, dtype=None, requires_grad=False, generator=None):
+    """Standard normal samples from the default (or given) generator."""
+    from . import random
+
+    g = generator or random.default_generator
+    return Tensor(g.normal(_shape(size)).astype(dtype or DEFAULT_DTYPE), requires_grad)
+
+
+def rand(*size, dtype=None, requires_grad=False, generator=None):
+    """Uniform [0, 1) samples from the default (or given) generator."""
+    from . import random
+
+    g = generator or random.default_generator
+    return Tensor(g.uniform(_shape(size)).astype(dtype or DEFAULT_DTYPE), requires_grad)
+
+
+def randint(low, high, size, generator=None):
+    from . import random
+
+    g = generator or random.default_generator
+    return Tensor(g.integers(low, high, _shape((size,))).astype(np.int64))
+
+
+from . import ops  # noqa: E402  (ops needs Tensor defined)

@@ -1,0 +1,3 @@
+"""Cases for core.functional (filled in with the functional ops)."""
+
+CASES = []

@@ -1,0 +1,3 @@
+"""Cases for core.nn modules."""
+
+CASES = []
