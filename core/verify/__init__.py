@@ -194,9 +194,9 @@ def check_gradients(case, arrays, kwargs) -> None:
 
 def all_cases():
     """Every registered case, from each area's table."""
-    from . import cases_functional, cases_nn, cases_tensor
+    from . import cases_functional, cases_nn, cases_spatial, cases_tensor
 
-    return [*cases_tensor.CASES, *cases_functional.CASES, *cases_nn.CASES]
+    return [*cases_tensor.CASES, *cases_functional.CASES, *cases_spatial.CASES, *cases_nn.CASES]
 
 
 def verify(trials=3, seed=0, names=None):

@@ -1,0 +1,3 @@
+"""Cases for the spatial, attention and Gumbel-softmax ops of core.functional."""
+
+CASES = []
