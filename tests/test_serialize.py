@@ -1,0 +1,282 @@
+"""core.serialize: safetensors round trips, atomic writes, broken files, and bitwise-exact resumption."""
+
+import json
+import os
+import pickle
+
+import numpy as np
+import pytest
+
+import core
+from core import serialize
+from core.serialize import SerializationError, load, load_metadata, save
+
+# --- save / load --------------------------------------------------------------------------------
+
+DTYPES = [np.float32, np.float64, np.int64, np.bool_, np.uint8, np.int32, np.float16]
+SHAPES = [(), (0,), (3, 0, 2), (1,), (5,), (2, 3, 4)]
+
+
+def sample(shape, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    if dtype == np.bool_:
+        return rng.random(shape) < 0.5
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        return rng.integers(info.min, info.max, size=shape, dtype=dtype, endpoint=True)
+    return (rng.standard_normal(shape) * 1e3).astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_round_trip_dtypes_and_shapes(tmp_path, dtype):
+    arrays = {f"x{i}": sample(s, dtype, seed=i) for i, s in enumerate(SHAPES)}
+    path = tmp_path / "a.safetensors"
+    save(path, arrays)
+    back = load(path)
+    assert set(back) == set(arrays)
+    for k, a in arrays.items():
+        assert back[k].dtype == a.dtype and back[k].shape == a.shape, k
+        assert np.array_equal(back[k], a), k
+
+
+def test_special_float_values_survive(tmp_path):
+    a = np.array([np.nan, np.inf, -np.inf, -0.0, 5e-324, np.finfo(np.float64).max])
+    save(tmp_path / "f", {"a": a})
+    b = load(tmp_path / "f")["a"]
+    assert np.array_equal(a.view(np.uint64), b.view(np.uint64))  # bit for bit, NaN and -0.0 included
+
+
+def test_non_contiguous_and_big_endian_arrays_are_saved_by_value(tmp_path):
+    base = np.arange(24, dtype=np.float64).reshape(2, 3, 4)
+    arrays = {
+        "transposed": base.transpose(2, 0, 1),
+        "reversed": base[:, ::-1, ::-2],
+        "strided": base[..., 1],
+        "big_endian": base.astype(">f8"),
+        "scalar": np.float32(1.5),  # a NumPy scalar: saved as a 0-d array
+    }
+    save(tmp_path / "v", arrays)
+    back = load(tmp_path / "v")
+    for k, a in arrays.items():
+        assert back[k].shape == np.shape(a) and np.array_equal(back[k], a), k
+    assert back["big_endian"].dtype == np.float64
+
+
+def test_tensors_are_saved_and_load_as_arrays(tmp_path):
+    t = core.tensor(np.arange(6, dtype=np.float32).reshape(2, 3), requires_grad=True)
+    save(tmp_path / "t", {"w": t, "i": core.tensor(np.array([1, 2]))})
+    back = load(tmp_path / "t")
+    assert isinstance(back["w"], np.ndarray) and back["w"].dtype == np.float32
+    assert np.array_equal(back["w"], t.data) and np.array_equal(back["i"], [1, 2])
+    back["w"][0, 0] = 42.0  # the loaded arrays own writable memory
+    assert t.data[0, 0] == 0.0
+
+
+def test_metadata_round_trip(tmp_path):
+    save(tmp_path / "m", {"a": np.zeros(2)}, metadata={"note": "hello", "n": "3"})
+    meta = load_metadata(tmp_path / "m")
+    assert meta["note"] == "hello" and meta["n"] == "3"
+
+
+def test_file_is_plain_safetensors(tmp_path):
+    """The layout of the spec, parsed by hand: u64 header length, JSON header, raw little-endian bytes.
+    Nothing else (in particular no pickle) is in the file."""
+    arrays = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.array([True, False])}
+    path = tmp_path / "p.safetensors"
+    save(path, arrays, metadata={"k": "v"})
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    body = raw[8 + n:]
+    covered = 0
+    for name, a in arrays.items():
+        entry = header[name]
+        lo, hi = entry["data_offsets"]
+        assert entry["shape"] == list(a.shape)
+        assert body[lo:hi] == a.astype(a.dtype.newbyteorder("<")).tobytes()
+        covered += hi - lo
+    assert covered == len(body)  # every byte is accounted for by a tensor
+    assert set(header) == {"__metadata__", *arrays}
+    assert all(isinstance(v, str) for v in header["__metadata__"].values())
+
+
+def test_saving_does_not_pickle(tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("pickle was used")
+
+    monkeypatch.setattr(pickle, "dumps", refuse)
+    monkeypatch.setattr(pickle, "dump", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(pickle, "load", refuse)
+    save(tmp_path / "x", {"a": np.ones(3)})
+    assert np.array_equal(load(tmp_path / "x")["a"], np.ones(3))
+
+
+@pytest.mark.parametrize("bad, kind", [
+    ({"a": [1.0, 2.0]}, TypeError),  # a list is not an array
+    ({"a": np.array([object()])}, TypeError),  # a dtype safetensors cannot hold
+    ({1: np.zeros(1)}, TypeError),  # a non-string name
+    ([np.zeros(1)], TypeError),  # not a dict
+])
+def test_bad_inputs_to_save(tmp_path, bad, kind):
+    with pytest.raises(kind, match="save"):
+        save(tmp_path / "bad", bad)
+    assert list(tmp_path.iterdir()) == []  # nothing written, no temp file left
+
+
+def test_metadata_must_be_strings(tmp_path):
+    with pytest.raises(TypeError, match="metadata"):
+        save(tmp_path / "m", {"a": np.zeros(1)}, metadata={"n": 3})
+    with pytest.raises(ValueError, match="reserved"):
+        save(tmp_path / "m", {"a": np.zeros(1)}, metadata={serialize.DIGEST_KEY: "x"})
+
+
+def test_saved_file_has_a_normal_mode(tmp_path):
+    save(tmp_path / "a", {"a": np.zeros(1)})
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(tmp_path / "a").st_mode & 0o777 == 0o666 & ~umask
+
+
+# --- atomicity ----------------------------------------------------------------------------------
+
+
+def _crash(*args, **kwargs):
+    raise OSError("simulated crash")
+
+
+@pytest.mark.parametrize("where", ["replace", "fsync"])
+def test_crash_before_rename_keeps_old_file_and_leaves_no_temp(tmp_path, monkeypatch, where):
+    path = tmp_path / "ckpt.safetensors"
+    old = {"w": np.arange(4.0)}
+    save(path, old)
+    before = path.read_bytes()
+    monkeypatch.setattr(os, where, _crash)
+    with pytest.raises(OSError, match="simulated crash"):
+        save(path, {"w": np.zeros(1000)})
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert np.array_equal(load(path)["w"], old["w"])
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.safetensors"]
+
+
+def test_interrupt_while_writing_a_new_file_leaves_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        save(tmp_path / "new", {"w": np.ones(3)})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_overwrite_replaces_the_file(tmp_path):
+    path = tmp_path / "a"
+    save(path, {"w": np.ones(3)})
+    save(path, {"v": np.zeros(2, dtype=np.int64)})
+    back = load(path)
+    assert list(back) == ["v"] and np.array_equal(back["v"], [0, 0])
+    assert [p.name for p in tmp_path.iterdir()] == ["a"]
+
+
+# --- broken files are rejected, naming the file and the problem ---------------------------------
+
+
+@pytest.fixture
+def good_file(tmp_path):
+    path = tmp_path / "good.safetensors"
+    save(path, {"w": np.arange(12, dtype=np.float32).reshape(3, 4), "b": np.ones(4)}, metadata={"k": "v"})
+    return path
+
+
+def _header_len(path):
+    return int.from_bytes(path.read_bytes()[:8], "little")
+
+
+def test_missing_file(tmp_path):
+    path = tmp_path / "nope.safetensors"
+    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
+        load(path)
+
+
+@pytest.mark.parametrize("keep", ["0", "4", "8", "9", "half_header", "header_only", "half_data", "all_but_one"])
+def test_truncated_file(good_file, keep):
+    raw = good_file.read_bytes()
+    n = _header_len(good_file)
+    cut = {"0": 0, "4": 4, "8": 8, "9": 9, "half_header": 8 + n // 2, "header_only": 8 + n,
+           "half_data": (8 + n + len(raw)) // 2, "all_but_one": len(raw) - 1}[keep]
+    good_file.write_bytes(raw[:cut])
+    with pytest.raises(SerializationError) as e:
+        load(good_file)
+    msg = str(e.value)
+    assert str(good_file) in msg
+    assert "truncated" in msg, msg
+
+
+def test_flipped_data_byte_is_caught_by_the_checksum(good_file):
+    raw = bytearray(good_file.read_bytes())
+    raw[-5] ^= 0x01  # one bit of one float: the format alone cannot notice this
+    good_file.write_bytes(bytes(raw))
+    with pytest.raises(SerializationError, match="corrupted.*checksum") as e:
+        load(good_file)
+    assert str(good_file) in str(e.value)
+
+
+@pytest.mark.parametrize("old, new", [(b'"k":"v"', b'"k":"w"'), (b'[3,4]', b'[4,3]'), (b'"F32"', b'"I32"')])
+def test_edited_header_is_caught(good_file, old, new):
+    """Edits that keep the header valid JSON with consistent sizes: only the checksum can tell."""
+    raw = good_file.read_bytes()
+    assert raw.count(old) == 1
+    good_file.write_bytes(raw.replace(old, new))
+    with pytest.raises(SerializationError, match="corrupted") as e:
+        load(good_file)
+    assert str(good_file) in str(e.value)
+
+
+@pytest.mark.parametrize("damage", ["bad_json", "bad_offsets", "trailing_bytes", "wrong_shape_size"])
+def test_corrupted_header_or_layout(good_file, damage):
+    raw = good_file.read_bytes()
+    n = _header_len(good_file)
+    header = raw[8:8 + n]
+    if damage == "bad_json":
+        raw = raw[:8] + b"{" + b"#" * (n - 1) + raw[8 + n:]
+    elif damage == "bad_offsets":
+        raw = raw[:8] + header.replace(b"data_offsets", b"data_offzets") + raw[8 + n:]
+    elif damage == "trailing_bytes":
+        raw = raw + b"\0" * 16
+    elif damage == "wrong_shape_size":  # 3x4 float32 declared as 3x5: the offsets no longer match the shape
+        raw = raw[:8] + header.replace(b"[3,4]", b"[3,5]") + raw[8 + n:]
+    good_file.write_bytes(raw)
+    with pytest.raises(SerializationError, match="corrupted") as e:
+        load(good_file)
+    assert str(good_file) in str(e.value)
+
+
+@pytest.mark.parametrize("content", [
+    b"hello, this is a text file and not a tensor file at all\n",
+    np.random.default_rng(0).bytes(4096),
+    b"\xff" * 64,
+    b"PK\x03\x04" + b"\0" * 100,  # a zip (PyTorch's .pt format)
+])
+def test_not_a_safetensors_file(tmp_path, content):
+    path = tmp_path / "other.bin"
+    path.write_bytes(content)
+    with pytest.raises(SerializationError, match="not a safetensors file") as e:
+        load(path)
+    assert str(path) in str(e.value)
+
+
+class _Payload:
+    """A pickle that, if unpickled, would create a marker file (how a malicious .pt runs code)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_pickle_is_rejected_and_never_executed(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "model.pt"
+    path.write_bytes(pickle.dumps(_Payload(str(marker))))
+    with pytest.raises(SerializationError, match="not a safetensors file"):
+        load(path)
+    assert not marker.exists()
