@@ -306,6 +306,7 @@ def load_checkpoint(path, model, optimizer=None, *, scheduler=None, ema=None):
         if tuple(v.shape) != weights[k].shape:
             raise SerializationError(f"{path}: size mismatch for {k}: the file has shape {weights[k].shape}, "
                                      f"the model has shape {tuple(v.shape)}")
+    weights = {k: weights[k] for k in own}  # the model's order (the file stores entries sorted)
     for key, obj in [("optimizer", optimizer), ("scheduler", scheduler), ("ema", ema)]:
         if obj is not None and states[key] is None:
             raise SerializationError(f"{path}: a {key} was given but the checkpoint holds no {key} state")

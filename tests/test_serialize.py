@@ -280,3 +280,118 @@ def test_a_pickle_is_rejected_and_never_executed(tmp_path):
     with pytest.raises(SerializationError, match="not a safetensors file"):
         load(path)
     assert not marker.exists()
+
+
+# --- checkpoints: the state-dict structures survive exactly ---------------------------------------
+
+
+class Holder:
+    """Anything with state_dict/load_state_dict (the contract save_checkpoint relies on)."""
+
+    def __init__(self, state=None):
+        self.state = state
+
+    def state_dict(self):
+        return self.state
+
+    def load_state_dict(self, state):
+        self.state = state
+
+
+def adam_like_state():
+    """An optimizer state dict in PyTorch's format: int parameter ids, per-parameter arrays and scalars,
+    and param_groups of options (a tuple of betas included)."""
+    rng = np.random.default_rng(0)
+    return {
+        "state": {
+            0: {"step": 7, "exp_avg": rng.standard_normal((3, 2)).astype(np.float32),
+                "exp_avg_sq": rng.random((3, 2)).astype(np.float32)},
+            3: {"step": 7.0, "exp_avg": rng.standard_normal(()), "momentum_buffer": None},
+        },
+        "param_groups": [{"lr": 0.1 / 3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0,
+                          "amsgrad": False, "params": [0, 3]}],
+    }
+
+
+def assert_same(a, b, where="state"):
+    """Equal values AND types (a tuple stays a tuple, an int key stays an int, arrays keep dtype)."""
+    assert type(a) is type(b) or (isinstance(a, np.ndarray) and isinstance(b, np.ndarray)), where
+    if isinstance(a, dict):
+        assert list(a) == list(b), where
+        for k in a:
+            assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}.{i}")
+    elif isinstance(a, (np.ndarray, np.generic)):
+        assert a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b), where
+    else:
+        assert a == b, where
+
+
+def test_checkpoint_keeps_optimizer_state_structure(tmp_path):
+    weights = {"w": np.ones((3, 2), dtype=np.float32), "b": np.zeros(2, dtype=np.float32)}
+    opt, sched, ema = Holder(adam_like_state()), Holder({"last_epoch": 5, "base_lrs": [0.1]}), \
+        Holder({"decay": 0.99, "shadow": {"w": np.full((3, 2), 0.5)}})
+    extra = {"epoch": 2, "losses": [1.5, 0.75], "best": np.float64(0.25), "ids": np.arange(3)}
+    path = tmp_path / "c.safetensors"
+    serialize.save_checkpoint(path, Holder(weights), opt, step=123, scheduler=sched, ema=ema, extra=extra)
+
+    entries = load(path)  # the arrays are plain safetensors entries named by their path
+    assert {"model.w", "model.b", "optim.state.0.exp_avg", "optim.state.0.exp_avg_sq", "optim.state.3.exp_avg",
+            "ema.shadow.w", "extra.ids", "extra.best"} == set(entries)
+
+    model, opt2, sched2, ema2 = Holder(dict(weights)), Holder(), Holder(), Holder()
+    info = serialize.load_checkpoint(path, model, opt2, scheduler=sched2, ema=ema2)
+    assert info["step"] == 123
+    assert_same(model.state, weights, "model")
+    assert_same(opt2.state, adam_like_state(), "optimizer")
+    assert_same(sched2.state, sched.state, "scheduler")
+    assert_same(ema2.state, ema.state, "ema")
+    assert_same(info["extra"], extra, "extra")
+
+
+def test_checkpoint_restores_the_rng_stream(tmp_path):
+    core.manual_seed(11)
+    core.random.default_generator.normal((5,))
+    serialize.save_checkpoint(tmp_path / "c", Holder({}), step=1)
+    expected = core.random.default_generator.normal((4,))
+    core.manual_seed(999)  # anything in between
+    core.random.default_generator.uniform((7,))
+    serialize.load_checkpoint(tmp_path / "c", Holder({}))
+    assert np.array_equal(core.random.default_generator.normal((4,)), expected)
+
+
+def test_checkpoint_rejects_unstorable_state(tmp_path):
+    with pytest.raises(TypeError, match="optim.state.0.fn"):
+        serialize.save_checkpoint(tmp_path / "c", Holder({}), Holder({"state": {0: {"fn": print}}}))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_load_checkpoint_mismatches_name_file_key_and_shapes(tmp_path):
+    path = tmp_path / "c.safetensors"
+    serialize.save_checkpoint(path, Holder({"w": np.ones((3, 2)), "b": np.ones(2)}), step=1)
+    with pytest.raises(SerializationError, match=r"c\.safetensors.*size mismatch for w.*\(3, 2\).*\(4, 2\)"):
+        serialize.load_checkpoint(path, Holder({"w": np.ones((4, 2)), "b": np.ones(2)}))
+    with pytest.raises(SerializationError, match=r"c\.safetensors.*missing keys \['extra_bias'\]"):
+        serialize.load_checkpoint(path, Holder({"w": np.ones((3, 2)), "b": np.ones(2), "extra_bias": np.ones(1)}))
+    with pytest.raises(SerializationError, match=r"c\.safetensors.*unexpected keys \['b'\]"):
+        serialize.load_checkpoint(path, Holder({"w": np.ones((3, 2))}))
+    with pytest.raises(SerializationError, match=r"c\.safetensors.*no optimizer state"):
+        serialize.load_checkpoint(path, Holder({"w": np.ones((3, 2)), "b": np.ones(2)}), Holder())
+
+
+def test_load_checkpoint_refuses_a_plain_tensor_file(tmp_path):
+    save(tmp_path / "plain", {"model.w": np.ones(2)})
+    with pytest.raises(SerializationError, match="plain.*not a t2i checkpoint"):
+        serialize.load_checkpoint(tmp_path / "plain", Holder({"w": np.ones(2)}))
+
+
+def test_load_checkpoint_leaves_the_model_alone_on_a_mismatch(tmp_path):
+    path = tmp_path / "c"
+    serialize.save_checkpoint(path, Holder({"w": np.ones((3, 2)), "b": np.ones(5)}))
+    model = Holder({"w": np.zeros((3, 2)), "b": np.zeros(2)})
+    with pytest.raises(SerializationError):
+        serialize.load_checkpoint(path, model)
+    assert np.array_equal(model.state["w"], np.zeros((3, 2)))  # checked before anything was loaded
