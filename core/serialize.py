@@ -216,12 +216,12 @@ def _encode(obj, name, arrays):
     """A JSON-able copy of `obj`, with each array moved into `arrays[name...]`."""
     from .tensor import Tensor
 
-    if isinstance(obj, (Tensor, np.ndarray)) or hasattr(obj, "__cuda_array_interface__"):
+    is_array = isinstance(obj, (Tensor, np.ndarray)) or hasattr(obj, "__cuda_array_interface__")
+    if is_array or isinstance(obj, np.generic):  # a NumPy scalar keeps its dtype: stored as a 0-d array
+        while name in arrays:  # two paths spelled alike (a key "3" next to a key 3): keep both
+            name += "_"
         arrays[name] = _as_array(obj, name)
-        return {"$tensor": name}
-    if isinstance(obj, np.generic):  # a NumPy scalar keeps its dtype: stored as a 0-d array
-        arrays[name] = _as_array(obj, name)
-        return {"$scalar": name}
+        return {"$tensor" if is_array else "$scalar": name}
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
     if isinstance(obj, (list, tuple)):

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 import core
-from core import serialize
+from core import functional as F
+from core import nn, optim, serialize
 from core.serialize import SerializationError, load, load_metadata, save
 
 # --- save / load --------------------------------------------------------------------------------
@@ -395,3 +396,135 @@ def test_load_checkpoint_leaves_the_model_alone_on_a_mismatch(tmp_path):
     with pytest.raises(SerializationError):
         serialize.load_checkpoint(path, model)
     assert np.array_equal(model.state["w"], np.zeros((3, 2)))  # checked before anything was loaded
+
+
+def test_checkpoint_keys_that_spell_the_same_path_stay_apart(tmp_path):
+    extra = {"a": {"b": np.ones(1)}, "a.b": np.zeros(1), "m": {"$items": 1, 3: np.full(1, 3.0), "3": np.full(1, 4.0)}}
+    serialize.save_checkpoint(tmp_path / "c", Holder({}), extra=extra)
+    assert_same(serialize.load_checkpoint(tmp_path / "c", Holder({}))["extra"], extra, "extra")
+
+
+# --- checkpoints with the real engine: resuming equals never having stopped ----------------------
+
+STEPS, STOP = 12, 5
+DATA = [(np.random.default_rng(i).standard_normal((8, 4)).astype(np.float32),
+         np.random.default_rng(100 + i).standard_normal((8, 1)).astype(np.float32)) for i in range(STEPS)]
+
+
+def make_run(seed):
+    """A dropout MLP (so the RNG matters), Adam with warmup+cosine, and an EMA; weights drawn from `seed`."""
+    core.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 1))
+    opt = optim.Adam(model.parameters(), lr=1e-2, weight_decay=1e-3)
+    sched = optim.WarmupCosine(opt, warmup_steps=3, total_steps=STEPS)
+    ema = optim.EMA(model, decay=0.9)
+    return model, opt, sched, ema
+
+
+def train(run, steps):
+    model, opt, sched, ema = run
+    for i in steps:
+        x, y = DATA[i]
+        noise = core.randn(8, 1) * 0.01  # more draws from the default generator, between the dropout masks
+        loss = F.mse_loss(model(core.tensor(x)), core.tensor(y) + noise)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        ema.update()
+
+
+def snapshot(run):
+    model, opt, sched, ema = run
+    return ({k: v.numpy().copy() for k, v in model.state_dict().items()},
+            {k: v.copy() for k, v in ema.state_dict()["shadow"].items()},
+            sched.get_last_lr(), opt.state_dict())
+
+
+def assert_bitwise_equal(a, b):
+    (wa, ea, lra, oa), (wb, eb, lrb, ob) = a, b
+    assert list(wa) == list(wb) and list(ea) == list(eb)
+    for k in wa:
+        assert wa[k].dtype == wb[k].dtype and np.array_equal(wa[k], wb[k]), f"weight {k}"
+    for k in ea:
+        assert np.array_equal(ea[k], eb[k]), f"ema {k}"
+    assert lra == lrb
+    assert_same(oa, ob, "optimizer")
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    straight = make_run(seed=0)
+    train(straight, range(STEPS))
+
+    first = make_run(seed=0)
+    train(first, range(STOP))
+    path = tmp_path / "ckpt.safetensors"
+    serialize.save_checkpoint(path, first[0], first[1], step=STOP, scheduler=first[2], ema=first[3],
+                              extra={"note": "halfway"})
+    del first
+
+    resumed = make_run(seed=1)  # fresh objects, other weights, the RNG elsewhere
+    info = serialize.load_checkpoint(path, resumed[0], resumed[1], scheduler=resumed[2], ema=resumed[3])
+    assert info == {"step": STOP, "extra": {"note": "halfway"}}
+    train(resumed, range(info["step"], STEPS))
+
+    assert_bitwise_equal(snapshot(resumed), snapshot(straight))
+
+
+def test_resume_without_the_rng_state_diverges(tmp_path):
+    """The control for the test above: the dropout masks do depend on the restored RNG state."""
+    straight = make_run(seed=0)
+    train(straight, range(STEPS))
+    first = make_run(seed=0)
+    train(first, range(STOP))
+    serialize.save_checkpoint(tmp_path / "c", first[0], first[1], step=STOP, scheduler=first[2], ema=first[3])
+    resumed = make_run(seed=1)
+    serialize.load_checkpoint(tmp_path / "c", resumed[0], resumed[1], scheduler=resumed[2], ema=resumed[3])
+    core.manual_seed(0)  # throw the restored RNG state away
+    train(resumed, range(STOP, STEPS))
+    ours, theirs = snapshot(resumed)[0], snapshot(straight)[0]
+    assert not all(np.array_equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_checkpoint_file_holds_the_optimizer_state_as_entries(tmp_path):
+    run = make_run(seed=0)
+    train(run, range(2))
+    path = tmp_path / "c"
+    serialize.save_checkpoint(path, run[0], run[1], step=2, scheduler=run[2], ema=run[3])
+    entries = load(path)
+    assert {"model.0.weight", "model.0.bias", "model.3.weight", "model.3.bias"} <= set(entries)
+    for i in range(4):
+        assert f"optim.state.{i}.exp_avg" in entries and f"optim.state.{i}.exp_avg_sq" in entries
+    meta = load_metadata(path)
+    groups = json.loads(meta["optimizer"])["param_groups"]
+    assert groups[0]["params"] == [0, 1, 2, 3] and json.loads(meta["step"]) == 2
+    assert json.loads(meta["rng"])["bit_generator"]["bit_generator"] == "Philox"
+
+
+def test_real_model_shape_mismatch_names_file_key_and_shapes(tmp_path):
+    path = tmp_path / "small.safetensors"
+    serialize.save_checkpoint(path, nn.Linear(4, 3))
+    with pytest.raises(SerializationError,
+                       match=r"small\.safetensors.*size mismatch for weight.*\(3, 4\).*\(5, 4\)"):
+        serialize.load_checkpoint(path, nn.Linear(4, 5))
+
+
+def test_buffers_round_trip(tmp_path):
+    bn = nn.BatchNorm2d(3)
+    bn(core.randn(4, 3, 2, 2))  # updates running stats and num_batches_tracked
+    serialize.save_checkpoint(tmp_path / "bn", bn)
+    other = nn.BatchNorm2d(3)
+    serialize.load_checkpoint(tmp_path / "bn", other)
+    for (k, a), (_, b) in zip(bn.state_dict().items(), other.state_dict().items()):
+        assert a.dtype == b.dtype and np.array_equal(a.numpy(), b.numpy()), k
+    assert int(other.num_batches_tracked.item()) == 1
+
+
+def test_optimizer_mismatch_names_the_file(tmp_path):
+    run = make_run(seed=0)
+    train(run, range(1))
+    serialize.save_checkpoint(tmp_path / "c.st", run[0], run[1])
+    model = make_run(seed=0)[0]
+    wrong = optim.Adam([model[0].weight], lr=1e-2)  # one parameter instead of four
+    with pytest.raises(SerializationError, match=r"c\.st.*optimizer"):
+        serialize.load_checkpoint(tmp_path / "c.st", model, wrong)
