@@ -18,14 +18,17 @@ def _arr(x):
 
 def _axes(dim, ndim):
     """Normalize a PyTorch `dim` (None, int or tuple, negatives allowed) to a tuple of axes."""
-    if dim is None:
+    if dim is None or (isinstance(dim, (tuple, list)) and len(dim) == 0):  # dim=() means all, as in PyTorch
         return tuple(range(ndim))
     dims = dim if isinstance(dim, (tuple, list)) else (dim,)
     out = []
     for d in dims:
-        if not -max(ndim, 1) <= d < max(ndim, 1):
+        if not -max(ndim, 1) <= d < max(ndim, 1):  # a 0-d tensor accepts dim 0 and -1
             raise IndexError(f"dimension {d} out of range for a tensor of {ndim} dimensions")
-        out.append(d % max(ndim, 1) if ndim else 0)
+        if ndim:
+            out.append(d % ndim)
+    if len(set(out)) != len(out):
+        raise ValueError(f"dim {dim} names a dimension more than once")
     return tuple(out)
 
 
@@ -446,6 +449,61 @@ class Var(Function):
         (centered,) = ctx.saved_tensors
         g = g if ctx.keepdim else _keep(g, ctx.axes, ctx.shape)
         return g * 2 * centered / ctx.denom, None, None, None
+
+
+class Std(Function):
+    """sqrt(var); the gradient centered / (denom · std) is taken as 0 where std == 0, as in PyTorch."""
+
+    @staticmethod
+    def forward(ctx, a, dim, correction, keepdim):
+        axes = _axes(dim, a.ndim)
+        n = int(np.prod([a.shape[i] for i in axes])) if a.ndim else 1
+        centered = a - a.mean(axis=axes, keepdims=True)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out = np.sqrt(np.sum(centered * centered, axis=axes, keepdims=True) / max(n - correction, 0))
+        ctx.save_for_backward(centered, out)
+        ctx.axes, ctx.keepdim, ctx.shape, ctx.denom = axes, keepdim, a.shape, max(n - correction, 0)
+        return out if keepdim else out.reshape(tuple(k for i, k in enumerate(a.shape) if i not in axes))
+
+    @staticmethod
+    def backward(ctx, g):
+        centered, out = ctx.saved_tensors
+        g = g if ctx.keepdim else _keep(g, ctx.axes, ctx.shape)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            scale = np.where(out == 0, 0, g / (ctx.denom * np.where(out == 0, 1, out)))
+        return scale * centered, None, None, None
+
+
+class Gather(Function):
+    """out[..., i, ...] = a[..., index[..., i, ...], ...] along dim (torch.gather); index may be smaller
+    than a in the other dims. Repeated indices accumulate their gradients."""
+
+    @staticmethod
+    def forward(ctx, a, dim, index):
+        if not np.issubdtype(index.dtype, np.integer):
+            raise TypeError(f"gather: index must be an integer tensor, got {index.dtype}")
+        if index.ndim != a.ndim:
+            raise ValueError(f"gather: index of shape {index.shape} must have as many dims as input {a.shape}")
+        d = _axes(dim, a.ndim)[0] if a.ndim else 0
+        if any(i != d and m > n for i, (m, n) in enumerate(zip(index.shape, a.shape))):
+            raise ValueError(f"gather: index of shape {index.shape} is larger than input {a.shape} outside dim {dim}")
+        n = a.shape[d] if a.ndim else 1
+        if index.size and (index.min() < -n or index.max() >= n):
+            raise IndexError(f"gather: index out of range for dim {dim} of size {n}")
+        ctx.shape, ctx.d = a.shape, d
+        ctx.index = index  # integer arrays are not differentiated; plain attributes are freed too
+        view = a[tuple(slice(None) if i == d else slice(0, m) for i, m in enumerate(index.shape))]
+        return np.take_along_axis(view, index, axis=d) if a.ndim else a.copy()
+
+    @staticmethod
+    def backward(ctx, g):
+        out = np.zeros(ctx.shape, dtype=g.dtype)
+        if not ctx.shape:
+            return g, None, None
+        where = list(np.indices(ctx.index.shape, sparse=True))
+        where[ctx.d] = ctx.index
+        np.add.at(out, tuple(where), g)
+        return out, None, None
 
 
 class LogSumExp(Function):

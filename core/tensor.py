@@ -283,15 +283,27 @@ class Tensor:
         return ops.Amin.apply(self, dim, keepdim)
 
     def max(self, dim=None, keepdim=False):
-        """Without dim: the max element. With dim: (values, indices) as in PyTorch."""
+        """Without dim: the max element (gradient split among ties). With dim: (values, indices) as in
+        PyTorch, the gradient going to the returned index only."""
         if dim is None:
             return self.amax()
-        return values_indices(self.amax(dim, keepdim), self.argmax(dim, keepdim))
+        return self._select(self.argmax(dim, keepdim=True), dim, keepdim)
 
     def min(self, dim=None, keepdim=False):
+        """Like max: the min element, or (values, indices) over dim."""
         if dim is None:
             return self.amin()
-        return values_indices(self.amin(dim, keepdim), self.argmin(dim, keepdim))
+        return self._select(self.argmin(dim, keepdim=True), dim, keepdim)
+
+    def _select(self, index, dim, keepdim):
+        values = self.gather(dim, index)
+        if not keepdim and self.ndim:
+            values, index = values.squeeze(dim), index.squeeze(dim)
+        return values_indices(values, index)
+
+    def gather(self, dim, index):
+        """Values picked along dim by an integer index tensor (torch.gather)."""
+        return ops.Gather.apply(self, dim, index)
 
     def argmax(self, dim=None, keepdim=False):
         return Tensor(_arg(np.argmax, self.data, dim, keepdim))
@@ -304,7 +316,8 @@ class Tensor:
         return ops.Var.apply(self, dim, correction, keepdim)
 
     def std(self, dim=None, *, correction=1, keepdim=False):
-        return self.var(dim, correction=correction, keepdim=keepdim).sqrt()
+        """Standard deviation, sqrt(var(dim, correction)); its gradient is 0 where it is 0, as in PyTorch."""
+        return ops.Std.apply(self, dim, correction, keepdim)
 
     def logsumexp(self, dim, keepdim=False):
         return ops.LogSumExp.apply(self, dim, keepdim)
@@ -397,6 +410,8 @@ class Tensor:
 
 
 def _arg(f, a, dim, keepdim):
+    if a.ndim == 0:  # a 0-d tensor accepts dim 0 / -1; its one element is at index 0
+        return np.zeros((), dtype=np.int64)
     if dim is None:
         return np.asarray(f(a.reshape(-1)))
     r = f(a, axis=dim)

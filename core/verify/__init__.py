@@ -51,14 +51,14 @@ class Draw:
         return a
 
     def normal(self, shape, scale=1.0, dtype=np.float64):
-        return (self._rng().standard_normal(shape) * scale).astype(dtype)
+        return np.asarray(self._rng().standard_normal(shape) * scale, dtype=dtype)  # 0-d stays an array
 
     def ints(self, shape, lo, hi):
         """int64 values in [lo, hi)."""
         return self._rng().integers(lo, hi, size=shape).astype(np.int64)
 
     def bools(self, shape, p=0.5):
-        return self._rng().random(shape) < p
+        return np.asarray(self._rng().random(shape) < p)  # 0-d stays an array
 
 
 def random_draw(seed: int) -> Draw:
