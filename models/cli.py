@@ -16,6 +16,7 @@ import argparse
 import json
 import math
 import sys
+import warnings
 
 
 def _version() -> str:
@@ -79,7 +80,9 @@ def _verify(args) -> int:
         if untestable:
             args.parser.error(f"op(s) {', '.join(untestable)} have no PyTorch equivalent (random ops); "
                               "they are checked by the statistical tests instead")
-    results = verify.verify(trials=args.trials, seed=args.seed, names=args.ops)
+    with warnings.catch_warnings():  # PyTorch's own deprecation notices say nothing about our ops
+        warnings.filterwarnings("ignore", module=r"torch(\.|$)")
+        results = verify.verify(trials=args.trials, seed=args.seed, names=args.ops)
     failed = [r for r in results if not r.ok]
     if args.json:
         print(json.dumps(_json_report(results, args), indent=2, allow_nan=False))
