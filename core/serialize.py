@@ -194,7 +194,8 @@ def load(path):
 
     NumPy arrays, not Tensors: a file holds data, not graph nodes, and arrays are what
     `Module.load_state_dict` copies from (wrap one with `core.tensor(a)` when you need a Tensor).
-    The file is read whole, so the arrays own their memory and the file may change afterwards.
+    The file is read whole (no memory map), so the arrays are writable and independent of the file,
+    which may be overwritten afterwards.
     """
     return _read(path)[0]
 
