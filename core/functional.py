@@ -98,15 +98,16 @@ class Linear(Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias):
-        if weight.ndim not in (1, 2) or x.ndim == 0 or x.shape[-1] != weight.shape[-1]:
+        if weight.ndim != 2 or x.ndim == 0 or x.shape[-1] != weight.shape[-1]:
             raise ValueError(
                 f"linear: input of shape {x.shape} and weight of shape {weight.shape} do not match "
                 f"(input's last dimension must equal weight's in_features, weight being (out_features, in_features))"
             )
         out = x @ weight.T
         if bias is not None:
-            if np.broadcast_shapes(out.shape, bias.shape) != out.shape:
-                raise ValueError(f"linear: bias of shape {bias.shape} does not fit the output of shape {out.shape}")
+            if bias.shape not in ((weight.shape[0],), (1,), ()):
+                raise ValueError(f"linear: bias of shape {bias.shape} does not fit weight of shape {weight.shape} "
+                                 f"(expected ({weight.shape[0]},))")
             out = out + bias
         ctx.save_for_backward(x, weight)
         return out
@@ -115,18 +116,12 @@ class Linear(Function):
     def backward(ctx, g):
         x, w = ctx.saved_tensors
         gx = gw = gb = None
-        if w.ndim == 1:  # a single output feature: y = x·w, g has x's leading shape
-            if ctx.needs_input_grad[0]:
-                gx = g[..., None] * w
-            if ctx.needs_input_grad[1]:
-                gw = np.tensordot(g, x, axes=g.ndim)
-            return gx, gw, g if ctx.needs_input_grad[2] else None
         if ctx.needs_input_grad[0]:
             gx = g @ w
         if ctx.needs_input_grad[1]:
             gw = g.reshape(-1, g.shape[-1]).T @ x.reshape(-1, x.shape[-1])
         if ctx.needs_input_grad[2]:
-            gb = g.reshape(-1, g.shape[-1]).sum(axis=0) if g.ndim else g  # the engine handles odd bias shapes
+            gb = g.reshape(-1, g.shape[-1]).sum(axis=0)  # the engine sums this down to a () or (1,) bias
         return gx, gw, gb
 
 
@@ -262,8 +257,8 @@ def _nll(op, logp, target, weight, ignore_index, reduction, label_smoothing):
     np.put_along_axis(dlogp, t[..., None], (-(1 - eps) * wt)[..., None], axis=-1)
     if eps:
         with np.errstate(invalid="ignore"):
-            loss = loss - (eps / C) * keep * np.sum(logp * w, axis=-1)
-        dlogp = dlogp - (eps / C) * keep[..., None] * w
+            loss = loss - np.sum(logp * w, axis=-1) * (eps / C) * keep  # (bool * float would be float64)
+        dlogp = dlogp - w * (eps / C) * keep[..., None]
     if reduction == "none":
         return loss, dlogp, None
     if reduction == "sum":
@@ -273,12 +268,14 @@ def _nll(op, logp, target, weight, ignore_index, reduction, label_smoothing):
         return np.asarray(loss.sum() / denom), dlogp, denom
 
 
-def _upstream(g, denom, dlogp):
-    """The upstream gradient broadcast over the class axis (divided by the 'mean' denominator)."""
+def _upstream(g, denom):
+    """The upstream gradient broadcast over the class axis (divided by the 'mean' denominator).
+
+    When every target is ignored the 'mean' is NaN, but its gradient is zero (as in PyTorch).
+    """
     if denom is None:
         return g[..., None] if g.ndim else g
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return g / denom
+    return g / denom if denom != 0 else np.zeros_like(g)
 
 
 class CrossEntropy(Function):
@@ -301,7 +298,7 @@ class CrossEntropy(Function):
     @staticmethod
     def backward(ctx, g):
         logp, dlogp = ctx.saved_tensors
-        G = dlogp * _upstream(g, ctx.denom, dlogp)
+        G = dlogp * _upstream(g, ctx.denom)
         gx = G - np.exp(logp) * np.sum(G, axis=-1, keepdims=True)
         return np.moveaxis(gx, -1, ctx.axis), None, None, None, None, None
 
@@ -321,7 +318,7 @@ class NllLoss(Function):
     @staticmethod
     def backward(ctx, g):
         (dlogp,) = ctx.saved_tensors
-        G = dlogp * _upstream(g, ctx.denom, dlogp)
+        G = dlogp * _upstream(g, ctx.denom)
         return np.moveaxis(G, -1, ctx.axis), None, None, None, None
 
 
@@ -371,21 +368,19 @@ class BCEWithLogits(Function):
                 )
         sp = _softplus(-x)  # -log σ(x)
         lw = 1.0 if pw is None else 1 + (pw - 1) * y
-        raw = (1 - y) * x + lw * sp  # the loss before `weight`
-        ctx.save_for_backward(x, y, w, pw, sp, raw)
-        return raw if w is None else raw * w
+        loss = (1 - y) * x + lw * sp
+        ctx.save_for_backward(x, y, w, pw, sp)
+        return loss if w is None else loss * w
 
     @staticmethod
-    def backward(ctx, g):
-        x, y, w, pw, sp, raw = ctx.saved_tensors
-        gw_ = g if w is None else g * w
+    def backward(ctx, g):  # weight and pos_weight are constants (no gradient, as in PyTorch)
+        x, y, w, pw, sp = ctx.saved_tensors
+        if w is not None:
+            g = g * w
         lw = 1.0 if pw is None else 1 + (pw - 1) * y
-        need = ctx.needs_input_grad
-        gx = gw_ * ((1 - y) - lw * _sigmoid(-x)) if need[0] else None  # d softplus(-x)/dx = -σ(-x)
-        gy = gw_ * (-x + (0.0 if pw is None else (pw - 1) * sp)) if need[1] else None
-        gww = g * raw if need[2] else None
-        gpw = gw_ * y * sp if need[3] else None
-        return gx, gy, gww, gpw
+        gx = g * ((1 - y) - lw * _sigmoid(-x)) if ctx.needs_input_grad[0] else None  # softplus(-x)' = -σ(-x)
+        gy = g * (-x + (0.0 if pw is None else (pw - 1) * sp)) if ctx.needs_input_grad[1] else None
+        return gx, gy, None, None
 
 
 def binary_cross_entropy_with_logits(input, target, weight=None, *, reduction="mean", pos_weight=None):  # noqa: A002
@@ -395,7 +390,7 @@ def binary_cross_entropy_with_logits(input, target, weight=None, *, reduction="m
     class) weighs the positive term, trading recall for precision.
     """
     _check_reduction("binary_cross_entropy_with_logits", reduction)
-    loss = BCEWithLogits.apply(input, target, _weight_array(weight), pos_weight)
+    loss = BCEWithLogits.apply(input, target, _weight_array(weight), _weight_array(pos_weight))
     return _reduce("binary_cross_entropy_with_logits", loss, reduction)
 
 
