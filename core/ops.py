@@ -44,14 +44,24 @@ def _check_broadcast(name, a, b):
         raise ValueError(f"{name}: shapes {np.shape(a)} and {np.shape(b)} cannot be broadcast together") from None
 
 
+def _binary(name, f, a, b):
+    """f(a, b) with broadcasting; a shape mismatch is reported with the op's name and both shapes.
+
+    (Trying first and explaining on failure keeps the common path free of a separate shape check.)"""
+    try:
+        return f(a, b)
+    except ValueError:
+        _check_broadcast(name, a, b)
+        raise
+
+
 # --- binary arithmetic --------------------------------------------------------------------------
 
 
 class Add(Function):
     @staticmethod
     def forward(ctx, a, b):
-        _check_broadcast("add", a, b)
-        return np.add(a, b)
+        return _binary("add", np.add, a, b)
 
     @staticmethod
     def backward(ctx, g):
@@ -61,8 +71,7 @@ class Add(Function):
 class Sub(Function):
     @staticmethod
     def forward(ctx, a, b):
-        _check_broadcast("sub", a, b)
-        return np.subtract(a, b)
+        return _binary("sub", np.subtract, a, b)
 
     @staticmethod
     def backward(ctx, g):
@@ -72,9 +81,8 @@ class Sub(Function):
 class Mul(Function):
     @staticmethod
     def forward(ctx, a, b):
-        _check_broadcast("mul", a, b)
         ctx.save_for_backward(a, b)
-        return np.multiply(a, b)
+        return _binary("mul", np.multiply, a, b)
 
     @staticmethod
     def backward(ctx, g):
@@ -85,9 +93,8 @@ class Mul(Function):
 class Div(Function):
     @staticmethod
     def forward(ctx, a, b):
-        _check_broadcast("div", a, b)
         ctx.save_for_backward(a, b)
-        return np.true_divide(a, b)
+        return _binary("div", np.true_divide, a, b)
 
     @staticmethod
     def backward(ctx, g):
@@ -100,8 +107,7 @@ class Div(Function):
 class Pow(Function):
     @staticmethod
     def forward(ctx, a, b):
-        _check_broadcast("pow", a, b)
-        out = np.power(a, b)
+        out = _binary("pow", np.power, a, b)
         ctx.save_for_backward(a, b, out)
         return out
 

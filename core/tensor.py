@@ -40,7 +40,7 @@ class Tensor:
             data = data.data
         if not (isinstance(data, np.ndarray) or hasattr(data, "__cuda_array_interface__")):
             data = np.asarray(data)  # also turns NumPy scalars from 0-d reductions into 0-d arrays
-        if requires_grad and not np.issubdtype(data.dtype, np.floating):
+        if requires_grad and data.dtype.kind != "f":
             raise RuntimeError(f"only floating point tensors can require gradients, got dtype {data.dtype}")
         self.data = data
         self.grad = None
@@ -350,6 +350,9 @@ class Tensor:
         return ops.Permute.apply(self, tuple(order))
 
     def unsqueeze(self, dim):
+        """A new size-1 dimension at dim (in [-ndim-1, ndim])."""
+        if not -self.ndim - 1 <= dim <= self.ndim:
+            raise IndexError(f"unsqueeze: dim {dim} out of range for a tensor of {self.ndim} dimensions")
         dim = dim + self.ndim + 1 if dim < 0 else dim
         return self.reshape(self.shape[:dim] + (1,) + self.shape[dim:])
 
@@ -357,7 +360,7 @@ class Tensor:
         if dim is None:
             shape = tuple(n for n in self.shape if n != 1)
         else:
-            dims = {d % self.ndim for d in (dim if isinstance(dim, (tuple, list)) else (dim,))}
+            dims = set(ops._axes(dim, self.ndim)) if dim != () else set()
             shape = tuple(n for i, n in enumerate(self.shape) if not (i in dims and n == 1))
         return self.reshape(shape)
 
