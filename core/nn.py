@@ -97,6 +97,7 @@ class Module:
         object.__setattr__(self, "_modules", {})
 
     def forward(self, *args, **kwargs):
+        """What the module computes; every subclass defines it. Call the module, not forward."""
         raise NotImplementedError(f'Module [{type(self).__name__}] is missing the required "forward" function')
 
     def __call__(self, *args, **kwargs):
@@ -220,6 +221,7 @@ class Module:
                 yield from mod.named_modules(memo, prefix + ("." if prefix else "") + name, remove_duplicate)
 
     def modules(self):
+        """This module and every descendant, each once."""
         for _, m in self.named_modules():
             yield m
 
@@ -232,6 +234,7 @@ class Module:
                 yield name, mod
 
     def children(self):
+        """The direct child modules, each once."""
         for _, m in self.named_children():
             yield m
 
@@ -250,13 +253,16 @@ class Module:
         yield from self._named_members("_parameters", prefix, recurse, remove_duplicate)
 
     def parameters(self, recurse=True):
+        """Every Parameter (of the descendants too, unless recurse=False), each once: what optimizers take."""
         for _, p in self.named_parameters(recurse=recurse):
             yield p
 
     def named_buffers(self, prefix="", recurse=True, remove_duplicate=True):
+        """(dotted name, buffer) for every registered buffer, persistent or not."""
         yield from self._named_members("_buffers", prefix, recurse, remove_duplicate)
 
     def buffers(self, recurse=True):
+        """Every registered buffer, each once."""
         for _, b in self.named_buffers(recurse=recurse):
             yield b
 
@@ -331,6 +337,7 @@ class Module:
         return self.train(False)
 
     def requires_grad_(self, requires_grad=True):
+        """Switch gradient tracking of every parameter (freezing a part of a model)."""
         for p in self.parameters():
             p.requires_grad_(requires_grad)
         return self
@@ -386,15 +393,19 @@ class Module:
         return self._apply(convert)
 
     def float(self):
+        """Cast floating parameters and buffers to float32."""
         return self.to(np.float32)
 
     def double(self):
+        """Cast floating parameters and buffers to float64 (what the reference tests use)."""
         return self.to(np.float64)
 
     def cpu(self):
+        """Move parameters and buffers to the CPU (NumPy arrays)."""
         return self.to("cpu")
 
     def cuda(self):
+        """Move parameters and buffers to the GPU (CuPy arrays)."""
         return self.to("cuda")
 
     # --- printing -------------------------------------------------------------------------------
@@ -460,10 +471,12 @@ class Sequential(Module):
         return iter(self._modules.values())
 
     def append(self, module):
+        """Add a module at the end, under the next index."""
         self.add_module(str(len(self)), module)
         return self
 
     def extend(self, modules):
+        """Append each module in turn."""
         for m in modules:
             self.append(m)
         return self
@@ -514,15 +527,18 @@ class ModuleList(Module):
         return self.extend(modules)
 
     def append(self, module):
+        """Add a module at the end, under the next index."""
         self.add_module(str(len(self)), module)
         return self
 
     def extend(self, modules):
+        """Append each module in turn."""
         for m in modules:
             self.append(m)
         return self
 
     def insert(self, index, module):
+        """Insert a module before index; the keys are renumbered 0..n-1."""
         mods = list(self._modules.values())
         mods.insert(index, module)
         self._modules.clear()
@@ -580,11 +596,13 @@ class ModuleDict(Module):
         return self._modules.values()
 
     def pop(self, key):
+        """Remove the module under key and return it."""
         m = self[key]
         del self[key]
         return m
 
     def update(self, modules):
+        """Add (name, module) pairs from a dict or an iterable of pairs."""
         items = modules.items() if hasattr(modules, "items") else modules
         for k, m in items:
             self[k] = m
@@ -904,6 +922,7 @@ class BatchNorm2d(Module):
             self.to(device)
 
     def reset_running_stats(self):
+        """running_mean ← 0, running_var ← 1, num_batches_tracked ← 0."""
         if self.track_running_stats:
             self.running_mean.data[...] = 0
             self.running_var.data[...] = 1
@@ -1106,6 +1125,14 @@ class MultiheadAttention(Module):
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
+        """Attend from query (L, N, E) to key/value (S, N, E) (or batch first, or unbatched).
+
+        key_padding_mask (N, S): True (or −inf) marks keys to ignore; attn_mask (L, S) or (N·H, L, S):
+        True (or −inf) forbids a query-key pair, a float mask is added to the scores; is_causal is a
+        hint that attn_mask is the causal mask (it must still be given, as in PyTorch). With
+        need_weights the scores are formed explicitly so that the weights can be returned;
+        otherwise F.scaled_dot_product_attention does the work.
+        """
         batched = query.ndim == 3
         if batched and self.batch_first:  # work in (L, N, E) like PyTorch
             query, key, value = (x.transpose(0, 1) for x in (query, key, value))

@@ -207,6 +207,7 @@ class SGD(Optimizer):
         super().__init__(params, defaults)
 
     def step(self, closure=None):
+        """One SGD update of every parameter that has a gradient."""
         loss = self._closure(closure)
         for group in self.param_groups:
             lr, mu, damp = group["lr"], group["momentum"], group["dampening"]
@@ -263,6 +264,7 @@ class Adam(Optimizer):
         super().__init__(params, defaults)
 
     def step(self, closure=None):
+        """One Adam(W) update of every parameter that has a gradient."""
         loss = self._closure(closure)
         for group in self.param_groups:
             lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
@@ -389,6 +391,7 @@ class LRScheduler:
         return {k: copy.deepcopy(v) for k, v in self.__dict__.items() if k not in self._unsaved}
 
     def load_state_dict(self, state_dict):
+        """Restore the step count and settings saved by state_dict()."""
         self.__dict__.update(copy.deepcopy(state_dict))
 
 
@@ -490,6 +493,7 @@ class EMA:
         self.backup = None
 
     def state_dict(self):
+        """{"decay", "num_updates", "shadow": {name: ndarray}} (copies)."""
         return {"decay": self.decay, "num_updates": self.num_updates,
                 "shadow": OrderedDict((k, _numpy(v)) for k, v in self.shadow.items())}
 

@@ -440,3 +440,15 @@ def test_small_mlp_trains():
         losses.append(loss.item())
     accuracy = (model(xs).numpy().argmax(1) == y).mean()
     assert losses[-1] < 0.25 * losses[0] and accuracy > 0.9, (losses[0], losses[-1], accuracy)
+
+
+def test_deepcopy_keeps_structure_and_sharing():
+    import copy
+
+    lin = nn.Linear(2, 2)
+    m = nn.Sequential(lin, nn.BatchNorm2d(2), lin)
+    c = copy.deepcopy(m)  # e.g. a frozen EMA copy of a model
+    assert c[0] is c[2] and c[0].weight is not lin.weight and isinstance(c[0].weight, nn.Parameter)
+    assert list(c.state_dict()) == list(m.state_dict())
+    c[0].weight.data[...] = 0
+    assert not np.all(lin.weight.data == 0)
