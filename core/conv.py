@@ -62,37 +62,38 @@ def _out_size(n: int, k: int, stride: int, pad: tuple, dilation: int) -> int:
     return (n + pad[0] + pad[1] - dilation * (k - 1) - 1) // stride + 1
 
 
-def _cols(x, kernel, stride, padding, dilation, groups, out_hw):
-    """im2col: the receptive fields of x as a (groups, N·Ho·Wo, C/groups·kh·kw) matrix (one copy)."""
+def _cols(x, kernel, stride, padding, dilation, out_hw):
+    """im2col: the receptive fields of x as an (N, C·kh·kw, Ho·Wo) array (one copy, Caffe's layout).
+
+    Row (c, i, j) holds, for every output position, the input pixel that tap (i, j) of channel c
+    reads; in this layout both the forward and the gradients are batched matmuls with no transposes.
+    """
     n, c = x.shape[:2]
     (kh, kw), (sh, sw), (dh, dw), (ho, wo) = kernel, stride, dilation, out_hw
     if any(padding[0]) or any(padding[1]):
         x = np.pad(x, ((0, 0), (0, 0), padding[0], padding[1]))
     win = sliding_window_view(x, (dh * (kh - 1) + 1, dw * (kw - 1) + 1), axis=(2, 3))
     win = win[:, :, : sh * (ho - 1) + 1 : sh, : sw * (wo - 1) + 1 : sw, ::dh, ::dw]  # (N, C, Ho, Wo, kh, kw)
-    win = win.reshape(n, groups, c // groups, ho, wo, kh, kw).transpose(1, 0, 3, 4, 2, 5, 6)
-    return win.reshape(groups, n * ho * wo, (c // groups) * kh * kw)
+    return np.ascontiguousarray(win.transpose(0, 1, 4, 5, 2, 3)).reshape(n, c * kh * kw, ho * wo)
 
 
 def _conv2d_forward(x, w, stride, padding, dilation, groups, out_hw=None):
-    """y[n, k] = Σ_c,i,j w[k, c, i, j] · x_padded[n, c, h·s + i·d, w·s + j·d], as one matmul per group.
+    """y[n, k] = Σ_c,i,j w[k, c, i, j] · x_padded[n, c, h·s + i·d, w·s + j·d], a matmul per image and group.
 
     x: (N, C, H, W); w: (K, C/groups, kh, kw); padding: ((top, bottom), (left, right)).
     `out_hw` keeps only the first (Ho, Wo) outputs (conv_transpose2d's backward needs that).
     """
     n = x.shape[0]
-    k, _, kh, kw = w.shape
+    k, cg, kh, kw = w.shape
     if out_hw is None:
         out_hw = tuple(_out_size(x.shape[2 + a], w.shape[2 + a], stride[a], padding[a], dilation[a]) for a in (0, 1))
-    ho, wo = out_hw
-    cols = _cols(x, (kh, kw), stride, padding, dilation, groups, out_hw)
-    out = cols @ w.reshape(groups, k // groups, -1).transpose(0, 2, 1)  # (G, N·Ho·Wo, K/G)
-    out = out.reshape(groups, n, ho, wo, k // groups).transpose(1, 0, 4, 2, 3)
-    return np.ascontiguousarray(out.reshape(n, k, ho, wo))
+    cols = _cols(x, (kh, kw), stride, padding, dilation, out_hw).reshape(n, groups, cg * kh * kw, -1)
+    out = w.reshape(groups, k // groups, cg * kh * kw) @ cols  # (N, G, K/G, Ho·Wo)
+    return out.reshape(n, k, *out_hw)
 
 
 def _conv2d_backward_input(grad, w, x_shape, stride, padding, dilation, groups):
-    """dL/dx of conv2d (col2im of grad · W): also the forward of the transposed convolution.
+    """dL/dx of conv2d (col2im of Wᵀ · grad): also the forward of the transposed convolution.
 
     grad: (N, K, Ho, Wo); returns an array of x_shape (N, C, H, W). Each kernel tap (i, j) adds its
     share back to the strided positions of the padded input it read from: a loop over kh·kw taps,
@@ -102,25 +103,24 @@ def _conv2d_backward_input(grad, w, x_shape, stride, padding, dilation, groups):
     k, cg, kh, kw = w.shape
     ho, wo = grad.shape[2:]
     (sh, sw), (dh, dw), (pt, pb), (pl, pr) = stride, dilation, padding[0], padding[1]
-    g = grad.reshape(n, groups, k // groups, ho, wo).transpose(1, 0, 3, 4, 2).reshape(groups, n * ho * wo, -1)
-    dcols = g @ w.reshape(groups, k // groups, cg * kh * kw)  # (G, N·Ho·Wo, C/G·kh·kw)
-    dcols = np.ascontiguousarray(dcols.reshape(groups, n, ho, wo, cg, kh, kw).transpose(1, 0, 4, 5, 6, 2, 3))
-    dxp = np.zeros((n, groups, cg, h + pt + pb, wd + pl + pr), dtype=np.result_type(grad, w))
+    wt = w.reshape(groups, k // groups, cg * kh * kw).transpose(0, 2, 1)
+    dcols = (wt @ grad.reshape(n, groups, k // groups, ho * wo)).reshape(n, c, kh, kw, ho, wo)
+    dxp = np.zeros((n, c, h + pt + pb, wd + pl + pr), dtype=dcols.dtype)
     for i in range(kh):
         for j in range(kw):
-            dxp[..., i * dh : i * dh + sh * (ho - 1) + 1 : sh, j * dw : j * dw + sw * (wo - 1) + 1 : sw] += dcols[
-                :, :, :, i, j
+            dxp[:, :, i * dh : i * dh + sh * (ho - 1) + 1 : sh, j * dw : j * dw + sw * (wo - 1) + 1 : sw] += dcols[
+                :, :, i, j
             ]
-    return dxp[..., pt : pt + h, pl : pl + wd].reshape(n, c, h, wd)
+    return dxp[:, :, pt : pt + h, pl : pl + wd]
 
 
 def _conv2d_backward_weight(x, grad, w_shape, stride, padding, dilation, groups):
-    """dL/dw of conv2d: Σ over batch and positions of grad ⊗ receptive field, one matmul per group."""
+    """dL/dw of conv2d: Σ over images and positions of grad ⊗ receptive field (a matmul per image and group)."""
     k, cg, kh, kw = w_shape
     n, _, ho, wo = grad.shape
-    cols = _cols(x, (kh, kw), stride, padding, dilation, groups, (ho, wo))
-    g = grad.reshape(n, groups, k // groups, ho, wo).transpose(1, 2, 0, 3, 4).reshape(groups, k // groups, -1)
-    return (g @ cols).reshape(w_shape)
+    cols = _cols(x, (kh, kw), stride, padding, dilation, (ho, wo)).reshape(n, groups, cg * kh * kw, ho * wo)
+    g = grad.reshape(n, groups, k // groups, ho * wo)
+    return (g @ cols.transpose(0, 1, 3, 2)).sum(axis=0).reshape(w_shape)
 
 
 # --- convolution: the Functions ----------------------------------------------------------------
@@ -459,10 +459,6 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
 def _nearest_index(n_in: int, n_out: int, scale_factor):
     """PyTorch's nearest rule: src = min(⌊dst · scale⌋, n_in - 1) in float32, scale = n_in/n_out or 1/scale_factor."""
     dst = np.arange(n_out)
-    if n_out == n_in:
-        return dst
-    if n_out == 2 * n_in:
-        return dst >> 1
     scale = np.float32(1.0 / scale_factor) if scale_factor else np.float32(n_in) / np.float32(n_out)
     return np.minimum(np.floor(dst.astype(np.float32) * scale).astype(np.int64), n_in - 1)
 
