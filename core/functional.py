@@ -231,7 +231,7 @@ def _nll(op, logp, target, weight, ignore_index, reduction, label_smoothing):
         loss_i = (1 - ε) · w[t_i] · (-logp[i, t_i]) + (ε / C) · Σ_c w_c · (-logp[i, c])
     the second term being label smoothing (Szegedy et al. 2016, §7) in PyTorch's weighted form.
     'mean' divides the sum by Σ_i w[t_i] over the kept elements (the count when w is all ones).
-    Returns the loss and dL/dlogp per unit of upstream gradient (before the reduction's scaling).
+    Returns the reduced loss and what `_nll_backward` needs: (t, w[t], kept mask, w) and (ε, 'mean' denominator).
     """
     _check_reduction(op, reduction)
     if not 0.0 <= label_smoothing <= 1.0:
@@ -251,37 +251,39 @@ def _nll(op, logp, target, weight, ignore_index, reduction, label_smoothing):
     t = np.where(keep, target, 0)
     wt = w[t] * keep  # each element's weight, 0 where ignored
     eps = float(label_smoothing)
-    picked = np.take_along_axis(logp, t[..., None], axis=-1)[..., 0]
-    loss = -(1 - eps) * wt * picked
-    dlogp = np.zeros(logp.shape, dtype=logp.dtype)
-    np.put_along_axis(dlogp, t[..., None], (-(1 - eps) * wt)[..., None], axis=-1)
+    loss = -(1 - eps) * wt * np.take_along_axis(logp, t[..., None], axis=-1)[..., 0]
     if eps:
         with np.errstate(invalid="ignore"):
             loss = loss - np.sum(logp * w, axis=-1) * (eps / C) * keep  # (bool * float would be float64)
-        dlogp = dlogp - w * (eps / C) * keep[..., None]
-    if reduction == "none":
-        return loss, dlogp, None
+    saved, denom = (t, wt, keep, w), None
     if reduction == "sum":
-        return np.asarray(loss.sum()), dlogp, None
-    denom = wt.sum()
-    with np.errstate(invalid="ignore", divide="ignore"):  # every element ignored: NaN, as in PyTorch
-        return np.asarray(loss.sum() / denom), dlogp, denom
+        loss = np.asarray(loss.sum())
+    elif reduction == "mean":
+        denom = wt.sum()
+        with np.errstate(invalid="ignore", divide="ignore"):  # every element ignored: NaN, as in PyTorch
+            loss = np.asarray(loss.sum() / denom)
+    return loss, saved, (eps, denom)
 
 
-def _upstream(g, denom):
-    """The upstream gradient broadcast over the class axis (divided by the 'mean' denominator).
-
-    When every target is ignored the 'mean' is NaN, but its gradient is zero (as in PyTorch).
-    """
-    if denom is None:
-        return g[..., None] if g.ndim else g
-    return g / denom if denom != 0 else np.zeros_like(g)
+def _nll_backward(g, saved, consts):
+    """dL/dlogp: -(1 - ε) · w[t_i] at each target class, and -(ε / C) · w_c at every class of a kept
+    element, times the upstream gradient (divided by the 'mean' denominator; zero when every target
+    is ignored, as in PyTorch)."""
+    t, wt, keep, w = saved
+    eps, denom = consts
+    if denom is not None:
+        g = g / denom if denom != 0 else np.zeros_like(g)
+    G = np.zeros(t.shape + w.shape, dtype=w.dtype)
+    np.put_along_axis(G, t[..., None], (-(1 - eps) * wt * g)[..., None], axis=-1)
+    if eps:
+        G -= w * (eps / w.shape[0]) * (keep * g)[..., None]
+    return G
 
 
 class CrossEntropy(Function):
     """Softmax cross-entropy of class-index targets, fused with its log_softmax.
 
-    Backward: with G = dL/dlogp (from `_nll`), dL/dx = G - softmax(x) · Σ_c G.
+    Backward: with G = dL/dlogp (from `_nll_backward`), dL/dx = G - softmax(x) · Σ_c G.
     """
 
     @staticmethod
@@ -290,15 +292,16 @@ class CrossEntropy(Function):
         xl = _classes_last("cross_entropy", x, target)
         with np.errstate(invalid="ignore"):
             logp = _log_softmax(xl, -1)
-        loss, dlogp, denom = _nll("cross_entropy", logp, target, weight, ignore_index, reduction, label_smoothing)
-        ctx.save_for_backward(logp, dlogp)
-        ctx.denom, ctx.axis = denom, (0 if x.ndim == 1 else 1)
+        loss, saved, ctx.consts = _nll("cross_entropy", logp, target, weight, ignore_index, reduction,
+                                       label_smoothing)
+        ctx.save_for_backward(logp, *saved)
+        ctx.axis = 0 if x.ndim == 1 else 1
         return loss
 
     @staticmethod
     def backward(ctx, g):
-        logp, dlogp = ctx.saved_tensors
-        G = dlogp * _upstream(g, ctx.denom)
+        logp, *saved = ctx.saved_tensors
+        G = _nll_backward(g, saved, ctx.consts)
         gx = G - np.exp(logp) * np.sum(G, axis=-1, keepdims=True)
         return np.moveaxis(gx, -1, ctx.axis), None, None, None, None, None
 
@@ -310,15 +313,14 @@ class NllLoss(Function):
     def forward(ctx, logp, target, weight, ignore_index, reduction):
         target = np.asarray(target)
         lp = _classes_last("nll_loss", logp, target)
-        loss, dlogp, denom = _nll("nll_loss", lp, target, weight, ignore_index, reduction, 0.0)
-        ctx.save_for_backward(dlogp)
-        ctx.denom, ctx.axis = denom, (0 if logp.ndim == 1 else 1)
+        loss, saved, ctx.consts = _nll("nll_loss", lp, target, weight, ignore_index, reduction, 0.0)
+        ctx.save_for_backward(*saved)
+        ctx.axis = 0 if logp.ndim == 1 else 1
         return loss
 
     @staticmethod
     def backward(ctx, g):
-        (dlogp,) = ctx.saved_tensors
-        G = dlogp * _upstream(g, ctx.denom)
+        G = _nll_backward(g, ctx.saved_tensors, ctx.consts)
         return np.moveaxis(G, -1, ctx.axis), None, None, None, None
 
 
