@@ -1,0 +1,310 @@
+"""Philox4x32-10: the counter-based random number generator every kernel draws its noise from.
+
+Salmon, Moraes, Dror & Shaw, "Parallel random numbers: as easy as 1, 2, 3" (SC 2011). A counter-based
+generator is a pure function: 128 bits of counter and 64 bits of key go in, 128 random bits come out.
+There is no state to carry from one draw to the next, so every element of an array can draw its own
+number, in any order, on any number of threads, on a CPU or a GPU — and the same (seed, element index)
+always gives the same bits. That is what lets the NumPy spec, the Numba CPU kernel and the CUDA kernel of
+a family draw *bitwise the same* uniforms for the same seed.
+
+The mapping used by every kernel in this project (one Philox call feeds four consecutive elements):
+
+    key     = (seed mod 2^32, seed div 2^32)              the 64-bit seed
+    counter = (b mod 2^32, b div 2^32, 0, 0)              b = i div 4, i = the element's flat (C-order) index
+    word    = output word number (i mod 4)
+    u       = (word + 1/2) / 2^32                         in (0, 1), never 0 or 1, exact in float64
+
+and standard normals by the Box–Muller transform within each block of four words: the pairs of words
+(0, 1) and (2, 3) give (u1, u2), r = sqrt(−2 ln u1), θ = 2π u2, and the even element of the pair takes
+r cos θ, the odd one r sin θ.
+
+This module holds the generator three ways, from one source where the language allows it:
+- `philox4x32_10`, `philox_block` and `to_uniform` are written with operators only, so the very same
+  function runs on NumPy arrays (the reference: all elements at once), is compiled by `numba.njit`
+  (the CPU kernels) and by `numba.cuda.jit(device=True)` (the CUDA kernels);
+- `uniform(seed, index)` / `normal(seed, index)` are the NumPy spec over index arrays;
+- `scalar_functions(jit)` compiles the per-element functions with a given decorator: `cpu` holds them
+  compiled with `numba.njit`, and `cuda_device_functions()` compiles them for CUDA on first use (so that
+  importing this module never imports numba.cuda — the simulator must be chosen before that import).
+"""
+
+from __future__ import annotations
+
+import math
+import types
+
+import numpy as np
+from numba import njit
+
+# The Philox4x32 multipliers and Weyl key increments (Random123, philox.h: PHILOX_M4x32_0/1, PHILOX_W32_0/1;
+# the W are the golden ratio and sqrt(3) - 1 in 0.32 fixed point).
+PHILOX_M0 = np.uint64(0xD2511F53)
+PHILOX_M1 = np.uint64(0xCD9E8D57)
+PHILOX_W0 = np.uint64(0x9E3779B9)
+PHILOX_W1 = np.uint64(0xBB67AE85)
+ROUNDS = 10
+MASK32 = np.uint64(0xFFFFFFFF)
+SHIFT32 = np.uint64(32)
+ZERO = np.uint64(0)
+TWO_POW_M32 = 2.0**-32
+TWO_PI = 2.0 * math.pi
+# Angle reduction for Box–Muller's cos/sin (see cos_sin_2pi) and fdlibm's kernel polynomials for sin and cos
+# on [-π/4, π/4] (__kernel_sin S1..S6, __kernel_cos C1..C6).
+ONE, THREE = np.uint64(1), np.uint64(3)
+OCTANT_SHIFT = np.uint64(29)
+OCTANT_MASK = np.uint64(2**29 - 1)
+OCTANT_SIZE = np.uint64(2**29)
+QUARTER_PI_OVER_OCTANT = (math.pi / 4) * 2.0**-29
+SIN_C = (-1.66666666666666324348e-01, 8.33333333332248946124e-03, -1.98412698298579493134e-04,
+         2.75573137070700676789e-06, -2.50507602534068634195e-08, 1.58969099521155010221e-10)
+COS_C = (4.16666666666666019037e-02, -1.38888888888741095749e-03, 2.48015872894767294178e-05,
+         -2.75573143513906633035e-07, 2.08757232129817482790e-09, -1.13596475577881948265e-11)
+
+
+def philox4x32_10(c0, c1, c2, c3, k0, k1):
+    """Philox4x32 with 10 rounds: counter (c0, c1, c2, c3) and key (k0, k1) → four random 32-bit words.
+
+    Every value is a uint64 holding 32 bits (so the 32×32 → 64-bit product is exact); works on NumPy
+    uint64 arrays and on scalars under numba.njit and numba.cuda alike. One round (Salmon et al., §4.3):
+        (hi0, lo0) = M0 · c0,   (hi1, lo1) = M1 · c2
+        c ← (hi1 ⊕ c1 ⊕ k0,  lo1,  hi0 ⊕ c3 ⊕ k1,  lo0)
+    and the key is bumped by the Weyl constants between rounds.
+    """
+    for _ in range(ROUNDS):
+        p0 = PHILOX_M0 * c0
+        p1 = PHILOX_M1 * c2
+        c0, c1, c2, c3 = (p1 >> SHIFT32) ^ c1 ^ k0, p1 & MASK32, (p0 >> SHIFT32) ^ c3 ^ k1, p0 & MASK32
+        k0 = (k0 + PHILOX_W0) & MASK32
+        k1 = (k1 + PHILOX_W1) & MASK32
+    return c0, c1, c2, c3
+
+
+def philox_block(k0, k1, block):
+    """The four words of Philox block `block` (uint64) under key (k0, k1): counter = (block lo, block hi, 0, 0)."""
+    return philox4x32_10(block & MASK32, block >> SHIFT32, ZERO, ZERO, k0, k1)
+
+
+def to_uniform(word):
+    """A 32-bit word → (word + 1/2) / 2^32, a float64 in (0, 1); never 0 or 1, so −log(−log u) is finite."""
+    return (word + 0.5) * TWO_POW_M32
+
+
+def seed_key(seed):
+    """Split a seed (an int in [0, 2^64)) into the Philox key words (k0, k1), as np.uint64."""
+    seed = int(seed)
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be an int in [0, 2**64), got {seed}")
+    return np.uint64(seed & 0xFFFFFFFF), np.uint64(seed >> 32)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The NumPy spec: all elements at once.
+# ---------------------------------------------------------------------------------------------------------
+def _words(seed, index):
+    """The four Philox words of the block of every index, and the index's lane (index mod 4)."""
+    k0, k1 = seed_key(seed)
+    index = np.asarray(index)
+    if index.size and index.min() < 0:
+        raise ValueError("element indices must be non-negative")
+    index = index.astype(np.uint64)
+    words = np.stack(philox_block(k0, k1, index >> np.uint64(2)))  # (4, *index.shape)
+    return words, (index & np.uint64(3)).astype(np.intp)
+
+
+def uniform(seed, index):
+    """Uniform(0, 1) float64 for each element index (any integer array shape): word (i mod 4) of block i div 4."""
+    words, lane = _words(seed, index)
+    return to_uniform(np.take_along_axis(words, lane[None], axis=0)[0])
+
+
+def normal(seed, index):
+    """Standard normal float64 for each element index, by Box–Muller over the word pairs (0, 1) and (2, 3)."""
+    words, lane = _words(seed, index)
+    first = (lane >> 1) << 1  # the even word of the element's pair
+    u1 = to_uniform(np.take_along_axis(words, first[None], axis=0)[0])
+    u2 = to_uniform(np.take_along_axis(words, first[None] + 1, axis=0)[0])
+    r, theta = np.sqrt(-2.0 * np.log(u1)), TWO_PI * u2
+    return np.where(lane & 1, r * np.sin(theta), r * np.cos(theta))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Per-element functions for the compiled kernels (one source, compiled by numba.njit or numba.cuda).
+# ---------------------------------------------------------------------------------------------------------
+def scalar_functions(jit):
+    """Compile the per-element generator with `jit`; returns a namespace of compiled functions:
+
+    - block(k0, k1, b) → 4 words of block b (b a uint64),
+    - uniform4(k0, k1, b) → the 4 uniforms of elements 4b .. 4b+3,
+    - normal4(k0, k1, b) → the 4 normals of elements 4b .. 4b+3,
+    - uniform_at(k0, k1, i) / normal_at(k0, k1, i) → the number of element i (an int64) alone.
+    A kernel that walks elements in order calls uniform4/normal4 once per four elements.
+    """
+    philox = jit(philox4x32_10)
+    uniform = jit(to_uniform)
+
+    @jit
+    def block(k0, k1, b):  # philox_block, calling the compiled philox
+        return philox(b & MASK32, b >> SHIFT32, ZERO, ZERO, k0, k1)
+
+    @jit
+    def uniform4(k0, k1, b):
+        w0, w1, w2, w3 = block(k0, k1, b)
+        return uniform(w0), uniform(w1), uniform(w2), uniform(w3)
+
+    @jit
+    def sin_poly(x):  # sin x for |x| <= π/4 (fdlibm's __kernel_sin minimax polynomial, error < 1 ulp)
+        z = x * x
+        return x + x * z * (SIN_C[0] + z * (SIN_C[1] + z * (SIN_C[2] + z * (SIN_C[3] + z * (SIN_C[4] + z * SIN_C[5])))))
+
+    @jit
+    def cos_poly(x):  # cos x for |x| <= π/4 (fdlibm's __kernel_cos minimax polynomial)
+        z = x * x
+        r = z * z * (COS_C[0] + z * (COS_C[1] + z * (COS_C[2] + z * (COS_C[3] + z * (COS_C[4] + z * COS_C[5])))))
+        return (1.0 - 0.5 * z) + r
+
+    @jit
+    def cos_sin_2pi(w):
+        """(cos θ, sin θ) for θ = 2π·to_uniform(w), reducing the angle exactly on the integer word.
+
+        The top 3 bits of w pick the octant o of the circle and the low 29 bits the place f in it, so
+        θ = (o + f)·π/4 with no rounding in the reduction. In an even octant θ = Q·π/2 + x with x = f·π/4; in
+        an odd one θ = Q·π/2 − x with x = (1 − f)·π/4 (Q = (o + 1) div 2); then a quarter-turn rotation by Q.
+        """
+        octant = w >> OCTANT_SHIFT
+        m = w & OCTANT_MASK
+        if octant & ONE:
+            x = ((OCTANT_SIZE - m) - 0.5) * QUARTER_PI_OVER_OCTANT  # (1 - f)·π/4
+            c, s = cos_poly(x), -sin_poly(x)
+        else:
+            x = (m + 0.5) * QUARTER_PI_OVER_OCTANT  # f·π/4
+            c, s = cos_poly(x), sin_poly(x)
+        q = ((octant + ONE) >> ONE) & THREE
+        if q == 0:
+            return c, s
+        if q == 1:
+            return -s, c
+        if q == 2:
+            return -c, -s
+        return s, -c
+
+    @jit
+    def normal4(k0, k1, b):
+        w0, w1, w2, w3 = block(k0, k1, b)
+        r0 = math.sqrt(-2.0 * math.log(uniform(w0)))  # Box–Muller: r = sqrt(-2 ln u1), θ = 2π u2
+        c0, s0 = cos_sin_2pi(w1)
+        r1 = math.sqrt(-2.0 * math.log(uniform(w2)))
+        c1, s1 = cos_sin_2pi(w3)
+        return r0 * c0, r0 * s0, r1 * c1, r1 * s1
+
+    @jit
+    def uniform_at(k0, k1, i):
+        w0, w1, w2, w3 = block(k0, k1, np.uint64(i >> 2))
+        lane = i & 3
+        w = w0 if lane == 0 else (w1 if lane == 1 else (w2 if lane == 2 else w3))
+        return uniform(w)
+
+    @jit
+    def normal_at(k0, k1, i):
+        z0, z1, z2, z3 = normal4(k0, k1, np.uint64(i >> 2))
+        lane = i & 3
+        return z0 if lane == 0 else (z1 if lane == 1 else (z2 if lane == 2 else z3))
+
+    return types.SimpleNamespace(block=block, uniform=uniform, uniform4=uniform4, normal4=normal4,
+                                 cos_sin_2pi=cos_sin_2pi, uniform_at=uniform_at, normal_at=normal_at)
+
+
+# inline='always' inlines at Numba's level, which lets LLVM vectorize loops over Philox blocks (~14× faster).
+cpu = scalar_functions(njit(inline="always"))
+
+_cuda = None
+
+
+def cuda_device_functions():
+    """`scalar_functions` compiled as numba.cuda device functions (imports numba.cuda on first call)."""
+    global _cuda
+    if _cuda is None:
+        from numba import cuda
+
+        _cuda = scalar_functions(cuda.jit(device=True))
+    return _cuda
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Vectorizable log and exp for the CPU kernels.
+#
+# Numba calls libm for math.log / math.exp, and a loop with a call in it is never vectorized (Numba has no
+# vector math library unless Intel's SVML is installed). These are fdlibm's algorithms (e_log.c, e_exp.c; error
+# < 1 ulp) written with arithmetic and bit casts only, so that LLVM vectorizes the loops that call them. CPU only
+# (the bit casts are LLVM intrinsics); the CUDA kernels use the GPU's math.log / math.exp.
+# ---------------------------------------------------------------------------------------------------------
+from llvmlite import ir  # noqa: E402
+from numba.core import types as nbtypes  # noqa: E402
+from numba.extending import intrinsic  # noqa: E402
+
+
+@intrinsic
+def f64_bits(typingctx, x):
+    """The IEEE-754 bits of a float64, as an int64 (a bit cast, no conversion)."""
+    if x != nbtypes.float64:
+        return None
+    return nbtypes.int64(nbtypes.float64), lambda context, builder, sig, args: builder.bitcast(args[0], ir.IntType(64))
+
+
+@intrinsic
+def bits_f64(typingctx, x):
+    """The float64 whose IEEE-754 bits are the int64 x."""
+    if x != nbtypes.int64:
+        return None
+    return nbtypes.float64(nbtypes.int64), lambda context, builder, sig, args: builder.bitcast(args[0], ir.DoubleType())
+
+
+LN2_HI, LN2_LO, INV_LN2 = 6.93147180369123816490e-01, 1.90821492927058770002e-10, 1.44269504088896338700e+00
+LG = (6.666666666666735130e-01, 3.999999999940941908e-01, 2.857142874366239149e-01, 2.222219843214978396e-01,
+      1.818357216161805012e-01, 1.531383769920937332e-01, 1.479819860511658591e-01)
+EXP_P = (1.66666666666666019037e-01, -2.77777777770155933842e-03, 6.61375632143793436117e-05,
+         -1.65339022054652515390e-06, 4.13813679705723846039e-08)
+MANTISSA = 0x000FFFFFFFFFFFFF
+EXP_ONE = 0x3FF0000000000000
+
+
+@njit(inline="always")
+def fast_log(x):
+    """log x for a positive, finite, normal float64 x (fdlibm e_log.c; no checks for 0, inf, NaN or subnormals).
+
+    x = 2^k · m with m in [√2/2, √2); f = m − 1, s = f/(2 + f); log m = 2 atanh s = f − f²/2 + s(f²/2 + R(s²)).
+    """
+    bits = f64_bits(x)
+    k = (bits >> 52) - 1023
+    hx = bits & MANTISSA
+    i = (hx + 0x95F6400000000) & 0x10000000000000  # set when the mantissa is ≥ √2: use x/2 and k + 1
+    k += i >> 52
+    f = bits_f64(hx | (i ^ EXP_ONE)) - 1.0
+    s = f / (2.0 + f)
+    z = s * s
+    w = z * z
+    r = z * (LG[0] + w * (LG[2] + w * (LG[4] + w * LG[6]))) + w * (LG[1] + w * (LG[3] + w * LG[5]))
+    hfsq = 0.5 * f * f
+    dk = np.float64(k)
+    return dk * LN2_HI - ((hfsq - (s * (hfsq + r) + dk * LN2_LO)) - f)
+
+
+@njit(inline="always")
+def fast_exp(x):
+    """e^x for x ≤ 709 (fdlibm e_exp.c); 0 below −708 (where e^x is subnormal) and NaN for NaN.
+
+    x = k·ln2 + r with |r| ≤ ln2/2; e^r = 1 + r + r·c/(2 − c), c = r − r²(P1 + r²(P2 + …)); e^x = 2^k e^r.
+    """
+    k = math.floor(x * INV_LN2 + 0.5) if x > -708.0 else 0
+    dk = np.float64(k)
+    hi = x - dk * LN2_HI
+    lo = dk * LN2_LO
+    r = hi - lo
+    t = r * r
+    c = r - t * (EXP_P[0] + t * (EXP_P[1] + t * (EXP_P[2] + t * (EXP_P[3] + t * EXP_P[4]))))
+    y = 1.0 - ((lo - (r * c) / (2.0 - c)) - hi)
+    y = bits_f64(f64_bits(y) + (np.int64(k) << 52))  # · 2^k
+    if x > -708.0:
+        return y
+    if x != x:  # NaN stays NaN
+        return x
+    return 0.0

@@ -1,0 +1,52 @@
+"""Noise schedules and the fused per-element diffusion updates (q_sample, DDPM step, DDIM step).
+
+Each update exists three ways with one signature — `reference` (NumPy, the spec), `cpu` (Numba, one parallel
+pass), `cuda` (numba.cuda) — and the functions here pick the form by the array type (NumPy → cpu, CuPy → cuda),
+or by `form="reference" | "cpu" | "cuda"` (the cuda form also runs on NumPy arrays under the CUDA simulator).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from kernels.schedule.reference import (
+    Schedule,
+    betas_from_alpha_bar,
+    cosine_betas,
+    ddim_sigma,
+    linear_betas,
+    scaled_linear_betas,
+    sigmoid_betas,
+)
+
+FORMS = ("reference", "cpu", "cuda")
+
+
+def _form(form, x):
+    if form is None:
+        form = "cuda" if type(x).__module__.startswith("cupy") else "cpu"
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    return importlib.import_module(f"kernels.schedule.{form}")
+
+
+def q_sample(x0, t, sched: Schedule, *, seed=None, noise=None, form=None):
+    """x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε (DDPM eq. 4), per-sample t, noise drawn in the same pass; returns (x_t, ε)."""
+    return _form(form, x0).q_sample(x0, t, sched, seed=seed, noise=noise)
+
+
+def ddpm_step(x_t, eps_hat, t, sched: Schedule, *, seed=None, noise=None, clip_x0=None, variance="posterior",
+              form=None):
+    """One ancestral DDPM step x_t → x_{t−1} from ε̂ (Algorithm 2, eq. 11; σ² = β̃_t or β_t)."""
+    return _form(form, x_t).ddpm_step(x_t, eps_hat, t, sched, seed=seed, noise=noise, clip_x0=clip_x0,
+                                      variance=variance)
+
+
+def ddim_step(x_t, eps_hat, t, t_prev, sched: Schedule, eta: float = 0.0, *, seed=None, noise=None, clip_x0=None,
+              form=None):
+    """One DDIM step x_t → x_{t_prev} (Song et al. eq. 12, σ(η) from eq. 16)."""
+    return _form(form, x_t).ddim_step(x_t, eps_hat, t, t_prev, sched, eta, seed=seed, noise=noise, clip_x0=clip_x0)
+
+
+__all__ = ["Schedule", "linear_betas", "cosine_betas", "scaled_linear_betas", "sigmoid_betas",
+           "betas_from_alpha_bar", "ddim_sigma", "q_sample", "ddpm_step", "ddim_step", "FORMS"]

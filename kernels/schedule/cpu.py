@@ -1,0 +1,224 @@
+"""Diffusion updates as one fused Numba pass over the elements (the CPU form of kernels.schedule).
+
+The three updates of reference.py are all the same per-element shape once their per-sample coefficients are
+known (O(batch) work, done here in NumPy by `coefficients`):
+
+    x̂_0 = clip(p·x − q·e, ±clip)            (only where A ≠ 0)
+    out = A·x̂_0 + Bx·x + Be·e + S·z          z: the Gaussian noise of element i
+
+    q_sample      x = x_0, no e:   Bx = √ᾱ_t, S = √(1 − ᾱ_t)                                      (eq. 4)
+    ddpm_step     no clip:         Bx = 1/√α_t, Be = −β_t/(√α_t √(1 − ᾱ_t)), S = σ_t             (eq. 11)
+                  clip:            p = 1/√ᾱ_t, q = √(1/ᾱ_t − 1), A = coef1, Bx = coef2, S = σ_t    (eqs. 15, 7)
+    ddim_step                      p, q as above, A = √ᾱ_prev, Be = √(1 − ᾱ_prev − σ²), S = σ      (eq. 12)
+
+so a single kernel, `fused_update`, serves all three: it reads x (and e), draws z from Philox for its flat
+index in the same pass (or reads it), and writes the result (and, for q_sample, the noise). Each thread takes
+chunks of CHUNK elements (a multiple of 4, so every Philox block of four normals belongs to one chunk).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from kernels import philox
+from kernels.schedule.reference import Schedule, ddim_sigma, per_sample_t
+
+CHUNK = 4096
+NO_CLIP = np.inf
+_normal4 = philox.cpu.normal4
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Per-sample coefficients (shared with the CUDA form). Columns: p, q, A, Bx, Be, S.
+# ---------------------------------------------------------------------------------------------------------
+def q_sample_coefficients(sched: Schedule, t) -> np.ndarray:
+    c = np.zeros((len(t), 6))
+    c[:, 3] = sched.sqrt_alphas_cumprod[t]
+    c[:, 5] = sched.sqrt_one_minus_alphas_cumprod[t]
+    return c
+
+
+def ddpm_coefficients(sched: Schedule, t, clip_x0, variance) -> np.ndarray:
+    if variance not in ("posterior", "beta"):
+        raise ValueError(f"variance must be 'posterior' or 'beta', got {variance!r}")
+    var = sched.posterior_variance[t] if variance == "posterior" else sched.betas[t]
+    c = np.zeros((len(t), 6))
+    ab, alpha, beta = sched.alphas_cumprod[t], sched.alphas[t], sched.betas[t]
+    if clip_x0 is None:
+        c[:, 3] = 1.0 / np.sqrt(alpha)
+        c[:, 4] = -beta / (np.sqrt(alpha) * np.sqrt(1.0 - ab))
+    else:
+        c[:, 0], c[:, 1] = np.sqrt(1.0 / ab), np.sqrt(1.0 / ab - 1.0)
+        c[:, 2], c[:, 3] = sched.posterior_mean_coef1[t], sched.posterior_mean_coef2[t]
+    c[:, 5] = np.where(t > 0, np.sqrt(var), 0.0)
+    return c
+
+
+def ddim_coefficients(sched: Schedule, t, t_prev, eta) -> np.ndarray:
+    ab, ab_prev = sched.alpha_bar(t), sched.alpha_bar(t_prev)
+    sigma = ddim_sigma(sched, t, t_prev, eta)
+    c = np.zeros((len(t), 6))
+    c[:, 0], c[:, 1] = np.sqrt(1.0 / ab), np.sqrt(1.0 / ab - 1.0)
+    c[:, 2] = np.sqrt(ab_prev)
+    c[:, 4] = np.sqrt(np.maximum(1.0 - ab_prev - sigma**2, 0.0))
+    c[:, 5] = sigma
+    return c
+
+
+def clip_value(clip_x0) -> float:
+    return NO_CLIP if clip_x0 is None else float(clip_x0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The kernel
+# ---------------------------------------------------------------------------------------------------------
+@njit(parallel=True, cache=True)
+def fused_update(x, e, has_e, coef, per_sample, clip, seeded, k0, k1, z, write_z, z_out, round32, out):
+    """out = A·clip(p·x − q·e) + Bx·x + Be·e + S·z over flat arrays, with per-sample coefficient rows.
+
+    z comes from Philox (seeded: normal of (k0, k1) at the flat index, rounded to float32 when round32, and
+    stored to z_out when write_z) or from the array z.
+    """
+    n = x.size
+    for c in prange((n + CHUNK - 1) // CHUNK):
+        lo = c * CHUNK
+        hi = min(lo + CHUNK, n)
+        s = lo // per_sample  # the sample of element lo, and where the next sample starts
+        next_start = (s + 1) * per_sample
+        zs = (0.0, 0.0, 0.0, 0.0)
+        for b in range(lo, hi, 4):
+            if seeded:
+                zs = _normal4(k0, k1, np.uint64(b >> 2))
+            for lane in range(min(4, hi - b)):
+                i = b + lane
+                while i >= next_start:
+                    s += 1
+                    next_start += per_sample
+                p, q, A, Bx, Be, S = coef[s, 0], coef[s, 1], coef[s, 2], coef[s, 3], coef[s, 4], coef[s, 5]
+                if seeded:
+                    zi = zs[lane]
+                    if round32:
+                        zi = np.float64(np.float32(zi))
+                    if write_z:
+                        z_out[i] = zi
+                else:
+                    zi = np.float64(z[i])
+                xi = np.float64(x[i])
+                acc = Bx * xi + S * zi
+                if has_e:
+                    ei = np.float64(e[i])
+                    acc += Be * ei
+                    if A != 0.0:
+                        x0 = p * xi - q * ei
+                        acc += A * min(max(x0, -clip), clip)
+                out[i] = acc
+
+
+_EMPTY = np.empty(0)
+
+
+def run(x, e, coef, clip, seed, noise, want_noise):
+    """Launch fused_update on NumPy arrays; returns (out, noise or None)."""
+    x = np.ascontiguousarray(x)
+    out = np.empty_like(x)
+    per_sample = max(x.size // max(coef.shape[0], 1), 1)
+    if (seed is None) == (noise is None):
+        raise ValueError("pass exactly one of seed= and noise=")
+    has_e = e is not None
+    e_flat = np.ascontiguousarray(e).reshape(-1) if has_e else x.reshape(-1)
+    if has_e and e_flat.size != x.size:
+        raise ValueError(f"eps_hat shape {np.shape(e)} != x shape {x.shape}")
+    if seed is not None:
+        k0, k1 = philox.seed_key(seed)
+        z_out = np.empty_like(x) if want_noise else _EMPTY.astype(x.dtype)
+        fused_update(x.reshape(-1), e_flat, has_e, coef, per_sample, clip, True, k0, k1, x.reshape(-1),
+                     want_noise, z_out.reshape(-1), x.dtype == np.float32, out.reshape(-1))
+        return out, (z_out if want_noise else None)
+    noise = np.asarray(noise)
+    if noise.shape != x.shape:
+        raise ValueError(f"noise shape {noise.shape} != x shape {x.shape}")
+    zf = np.ascontiguousarray(noise).reshape(-1)
+    fused_update(x.reshape(-1), e_flat, has_e, coef, per_sample, clip, False, np.uint64(0), np.uint64(0), zf,
+                 False, _EMPTY.astype(x.dtype), False, out.reshape(-1))
+    return out, noise
+
+
+def _check_float(x):
+    if x.dtype not in (np.float32, np.float64):
+        raise TypeError(f"expected a float32 or float64 array, got {x.dtype}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The public updates (same signatures as reference.py)
+# ---------------------------------------------------------------------------------------------------------
+def q_sample(x0, t, sched: Schedule, *, seed=None, noise=None):
+    """x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε in one pass (eq. 4); returns (x_t, ε)."""
+    x0 = np.asarray(x0)
+    _check_float(x0)
+    t = per_sample_t(t, x0, sched.T)
+    return run(x0, None, q_sample_coefficients(sched, t), NO_CLIP, seed, noise, want_noise=True)
+
+
+def ddpm_step(x_t, eps_hat, t, sched: Schedule, *, seed=None, noise=None, clip_x0=None, variance="posterior"):
+    """One ancestral DDPM step x_t → x_{t−1} (Algorithm 2; eq. 11, or eqs. 15 + 7 with clip_x0)."""
+    x_t = np.asarray(x_t)
+    _check_float(x_t)
+    t = per_sample_t(t, x_t, sched.T)
+    coef = ddpm_coefficients(sched, t, clip_x0, variance)
+    return run(x_t, eps_hat, coef, clip_value(clip_x0), seed, noise, want_noise=False)[0]
+
+
+def ddim_step(x_t, eps_hat, t, t_prev, sched: Schedule, eta: float = 0.0, *, seed=None, noise=None, clip_x0=None):
+    """One DDIM step x_t → x_{t_prev} (eq. 12, σ from eq. 16)."""
+    x_t = np.asarray(x_t)
+    _check_float(x_t)
+    t = per_sample_t(t, x_t, sched.T)
+    t_prev = per_sample_t(t_prev, x_t, sched.T, lowest=-1)
+    coef = ddim_coefficients(sched, t, t_prev, eta)
+    return run(x_t, eps_hat, coef, clip_value(clip_x0), seed, noise, want_noise=False)[0]
+
+
+def benchmark_q_sample(shape=(64, 3, 64, 64), dtype=np.float32, repeats=10, threads=2, seeded=True):
+    """Time q_sample (this kernel) against the PyTorch eager expression randn_like + √ᾱ·x0 + √(1−ᾱ)·ε.
+
+    Threads are pinned for both (Numba and PyTorch each set to `threads`). Returns median seconds and the
+    effective bandwidth: bytes of x0 read and of x_t and ε written (with explicit noise: ε read instead).
+    """
+    import time
+
+    import numba
+    import torch
+
+    numba.set_num_threads(threads)
+    torch.set_num_threads(threads)
+    sched = Schedule.linear(1000)
+    rng = np.random.default_rng(0)
+    x0 = rng.standard_normal(shape).astype(dtype)
+    t = rng.integers(0, 1000, shape[0])
+    noise = None if seeded else rng.standard_normal(shape).astype(dtype)
+    kw = dict(seed=1) if seeded else dict(noise=noise)
+    x0_t = torch.from_numpy(x0)
+    a = torch.from_numpy(sched.sqrt_alphas_cumprod[t].astype(dtype)).view(-1, *([1] * (x0.ndim - 1)))
+    s = torch.from_numpy(sched.sqrt_one_minus_alphas_cumprod[t].astype(dtype)).view(-1, *([1] * (x0.ndim - 1)))
+    noise_t = None if seeded else torch.from_numpy(noise)
+
+    def torch_q_sample():
+        eps = torch.randn_like(x0_t) if seeded else noise_t
+        return a * x0_t + s * eps, eps
+
+    def median_time(fn):
+        fn()  # warm-up (and compile)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return float(np.median(times))
+
+    ours = median_time(lambda: q_sample(x0, t, sched, **kw))
+    theirs = median_time(torch_q_sample)
+    nbytes = 3 * x0.nbytes
+    return {"shape": shape, "dtype": np.dtype(dtype).name, "threads": threads, "seeded": seeded,
+            "ours_s": ours, "torch_s": theirs, "ours_GBps": nbytes / ours / 1e9, "torch_GBps": nbytes / theirs / 1e9,
+            "speedup": theirs / ours}

@@ -1,0 +1,228 @@
+"""Noise schedules and the per-element diffusion updates — the NumPy specification.
+
+Papers, and the equation numbers cited on the lines below:
+- Ho, Jain & Abbeel 2020, "Denoising Diffusion Probabilistic Models" (DDPM): eq. 4 (q(x_t | x_0)),
+  eqs. 6–7 (the posterior q(x_{t−1} | x_t, x_0)), eq. 11 (the mean from ε̂), eq. 15 (x_0 from ε̂),
+  Algorithm 2 (ancestral sampling).
+- Nichol & Dhariwal 2021, "Improved Denoising Diffusion Probabilistic Models": eq. 17 (cosine schedule).
+- Song, Meng & Ermon 2021, "Denoising Diffusion Implicit Models" (DDIM): eq. 12 (the step), eq. 16 (σ(η)).
+  DDIM writes α_t for what DDPM (and this code) calls ᾱ_t.
+
+Conventions. Timesteps are 0-based: t = 0 … T−1 is the paper's t = 1 … T, so ᾱ_t = Π_{s ≤ t} (1 − β_s) and the
+"previous" of t = 0 is ᾱ = 1 (clean data); in `ddim_step`, t_prev = −1 means that clean end. All tables are
+float64. `t` is an int or an integer array with one entry per sample (the leading axis of x).
+
+Noise. Every update draws its Gaussian noise in the same pass, from `kernels.philox.normal(seed, i)` for the
+flat (C-order) index i of each element, rounded to the array's dtype — or takes it from `noise=` so that tests
+(and callers) can compare exactly. The arithmetic is float64 and the result is rounded to the input dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from kernels import philox
+
+
+# ---------------------------------------------------------------------------------------------------------
+# β schedules
+# ---------------------------------------------------------------------------------------------------------
+def linear_betas(T: int, start: float = 1e-4, end: float = 0.02) -> np.ndarray:
+    """DDPM's schedule (Ho et al. §4): β rises linearly from 1e-4 to 0.02 over T = 1000 steps."""
+    return np.linspace(start, end, T, dtype=np.float64)
+
+
+def scaled_linear_betas(T: int, start: float = 0.00085, end: float = 0.012) -> np.ndarray:
+    """Latent/Stable Diffusion's schedule: √β linear from √start to √end (squared), for T = 1000."""
+    return np.linspace(start**0.5, end**0.5, T, dtype=np.float64) ** 2
+
+
+def betas_from_alpha_bar(alpha_bar, T: int, max_beta: float = 0.999) -> np.ndarray:
+    """β_t = 1 − ᾱ(t+1/T)/ᾱ(t/T) for a continuous ᾱ(τ) on [0, 1], capped at max_beta (Nichol & Dhariwal §3.2)."""
+    tau = np.arange(T + 1, dtype=np.float64) / T
+    ab = alpha_bar(tau)
+    return np.minimum(1.0 - ab[1:] / ab[:-1], max_beta)
+
+
+def cosine_betas(T: int, s: float = 0.008, max_beta: float = 0.999) -> np.ndarray:
+    """Improved DDPM's cosine schedule (eq. 17): ᾱ(τ) = f(τ)/f(0), f(τ) = cos²(π/2 · (τ + s)/(1 + s)), β ≤ 0.999.
+
+    The cap stops the singularity at τ = 1, where ᾱ reaches 0 and β would be exactly 1.
+    """
+    f = lambda tau: np.cos((tau + s) / (1 + s) * np.pi / 2) ** 2
+    return betas_from_alpha_bar(lambda tau: f(tau) / f(0.0), T, max_beta)
+
+
+def sigmoid_betas(T: int, start: float = -3.0, end: float = 3.0, tau: float = 1.0, max_beta: float = 0.999):
+    """The sigmoid schedule of Chen 2023 ("On the importance of noise scheduling", Alg. 1), as in common use:
+    ᾱ(τ) ∝ sigmoid(end/τ_) − sigmoid((τ(end − start) + start)/τ_), normalized so ᾱ(0) = 1."""
+    sig = lambda z: 1.0 / (1.0 + np.exp(-z))
+    v_start, v_end = sig(start / tau), sig(end / tau)
+    ab = lambda t: (v_end - sig((t * (end - start) + start) / tau)) / (v_end - v_start)
+    return np.clip(betas_from_alpha_bar(lambda t: ab(t) / ab(0.0), T, max_beta), 0.0, max_beta)
+
+
+@dataclass(frozen=True, eq=False)
+class Schedule:
+    """Everything the updates need, precomputed in float64 from β (names as in the DDPM/improved-DDPM code)."""
+
+    betas: np.ndarray
+    alphas: np.ndarray  # α_t = 1 − β_t
+    alphas_cumprod: np.ndarray  # ᾱ_t = Π_{s≤t} α_s
+    alphas_cumprod_prev: np.ndarray  # ᾱ_{t−1}, with ᾱ_{−1} = 1
+    sqrt_alphas_cumprod: np.ndarray  # √ᾱ_t            (eq. 4)
+    sqrt_one_minus_alphas_cumprod: np.ndarray  # √(1 − ᾱ_t)
+    posterior_variance: np.ndarray  # β̃_t = (1 − ᾱ_{t−1})/(1 − ᾱ_t) · β_t  (eq. 7)
+    posterior_log_variance_clipped: np.ndarray  # log β̃_t, with β̃_0 = 0 replaced by β̃_1
+    posterior_mean_coef1: np.ndarray  # μ̃ = coef1 · x_0 + coef2 · x_t  (eq. 7)
+    posterior_mean_coef2: np.ndarray
+
+    @classmethod
+    def from_betas(cls, betas) -> Schedule:
+        betas = np.asarray(betas, dtype=np.float64)
+        if betas.ndim != 1 or not ((betas > 0) & (betas <= 1)).all():
+            raise ValueError("betas must be a 1-D array in (0, 1]")
+        alphas = 1.0 - betas
+        ab = np.cumprod(alphas)
+        ab_prev = np.concatenate([[1.0], ab[:-1]])
+        post_var = betas * (1.0 - ab_prev) / (1.0 - ab)
+        # β̃_0 = 0 (x_0 is known exactly given x_1); its log is clipped to β̃_1 as in improved DDPM.
+        post_log_var = np.log(np.concatenate([post_var[1:2], post_var[1:]])) if len(betas) > 1 else np.log(betas)
+        return cls(
+            betas=betas,
+            alphas=alphas,
+            alphas_cumprod=ab,
+            alphas_cumprod_prev=ab_prev,
+            sqrt_alphas_cumprod=np.sqrt(ab),
+            sqrt_one_minus_alphas_cumprod=np.sqrt(1.0 - ab),
+            posterior_variance=post_var,
+            posterior_log_variance_clipped=post_log_var,
+            posterior_mean_coef1=betas * np.sqrt(ab_prev) / (1.0 - ab),
+            posterior_mean_coef2=(1.0 - ab_prev) * np.sqrt(alphas) / (1.0 - ab),
+        )
+
+    @classmethod
+    def linear(cls, T: int = 1000, **kw) -> Schedule:
+        return cls.from_betas(linear_betas(T, **kw))
+
+    @classmethod
+    def cosine(cls, T: int = 1000, **kw) -> Schedule:
+        return cls.from_betas(cosine_betas(T, **kw))
+
+    @property
+    def T(self) -> int:
+        return len(self.betas)
+
+    def alpha_bar(self, t):
+        """ᾱ_t for 0-based t, with ᾱ_{−1} = 1 (so DDIM's last step lands on x_0)."""
+        t = np.asarray(t)
+        return np.where(t >= 0, self.alphas_cumprod[np.maximum(t, 0)], 1.0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Per-sample coefficients (O(batch) work, shared by every form; the kernels do the O(elements) part)
+# ---------------------------------------------------------------------------------------------------------
+def per_sample_t(t, x, T: int, lowest: int = 0) -> np.ndarray:
+    """t as an int64 array with one entry per sample (x.shape[0]), range-checked."""
+    batch = x.shape[0] if x.ndim else 1
+    t = np.broadcast_to(np.asarray(t, dtype=np.int64), (batch,))
+    if t.size and (t.min() < lowest or t.max() >= T):
+        raise ValueError(f"timesteps must lie in [{lowest}, {T}), got {t.min()}..{t.max()}")
+    return t
+
+
+def ddim_sigma(sched: Schedule, t, t_prev, eta: float) -> np.ndarray:
+    """DDIM eq. 16: σ = η · √((1 − ᾱ_prev)/(1 − ᾱ_t)) · √(1 − ᾱ_t/ᾱ_prev); η = 1 gives DDPM's β̃ when t_prev = t − 1."""
+    ab, ab_prev = sched.alpha_bar(t), sched.alpha_bar(t_prev)
+    if eta == 0:
+        return np.zeros(np.shape(ab))
+    if np.any(np.asarray(t_prev) >= np.asarray(t)):
+        raise ValueError("ddim_step with eta > 0 needs t_prev < t (inversion, t_prev > t, is deterministic: eta=0)")
+    return eta * np.sqrt((1.0 - ab_prev) / (1.0 - ab) * (1.0 - ab / ab_prev))
+
+
+def _expand(v, x):
+    """A per-sample vector shaped to broadcast against x (B, ...)."""
+    return np.asarray(v).reshape((-1,) + (1,) * (x.ndim - 1))
+
+
+def _noise(x, seed, noise):
+    """The Gaussian noise of an update: given, or drawn from Philox for (seed, flat index) and rounded to x's dtype."""
+    if (seed is None) == (noise is None):
+        raise ValueError("pass exactly one of seed= and noise=")
+    if noise is not None:
+        noise = np.asarray(noise)
+        if noise.shape != x.shape:
+            raise ValueError(f"noise shape {noise.shape} != x shape {x.shape}")
+        return noise
+    return philox.normal(seed, np.arange(x.size)).reshape(x.shape).astype(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The updates
+# ---------------------------------------------------------------------------------------------------------
+def q_sample(x0, t, sched: Schedule, *, seed=None, noise=None):
+    """Diffuse x_0 to step t in one jump (eq. 4): x_t = √ᾱ_t · x_0 + √(1 − ᾱ_t) · ε, ε ~ N(0, I).
+
+    Returns (x_t, ε) — the noise is the regression target of L_simple, so the training step needs it back.
+    """
+    x0 = np.asarray(x0)
+    t = per_sample_t(t, x0, sched.T)
+    eps = _noise(x0, seed, noise)
+    a = _expand(sched.sqrt_alphas_cumprod[t], x0)
+    s = _expand(sched.sqrt_one_minus_alphas_cumprod[t], x0)
+    return (a * x0 + s * eps).astype(x0.dtype), eps
+
+
+def predict_x0(x_t, eps_hat, ab, clip_x0=None):
+    """x̂_0 = (x_t − √(1 − ᾱ_t) ε̂)/√ᾱ_t (eq. 4 solved for x_0, DDPM eq. 15), optionally clipped to ±clip_x0."""
+    x0 = np.sqrt(1.0 / ab) * x_t - np.sqrt(1.0 / ab - 1.0) * eps_hat
+    return x0 if clip_x0 is None else np.clip(x0, -clip_x0, clip_x0)
+
+
+def ddpm_step(x_t, eps_hat, t, sched: Schedule, *, seed=None, noise=None, clip_x0=None, variance="posterior"):
+    """One ancestral step x_t → x_{t−1} from the predicted noise ε̂ (DDPM Algorithm 2, line 4):
+
+        x_{t−1} = μ_θ(x_t, t) + σ_t z,   z ~ N(0, I), and z = 0 at the last step (t = 0)
+        μ_θ = (x_t − β_t/√(1 − ᾱ_t) · ε̂)/√α_t                         (eq. 11)
+    or, with clip_x0 = c, through the clipped prediction x̂_0 = clip((x_t − √(1 − ᾱ_t) ε̂)/√ᾱ_t, ±c) (eq. 15)
+    and the posterior mean μ̃ = coef1 · x̂_0 + coef2 · x_t (eq. 7) — the same mean when nothing is clipped.
+    σ_t² = β̃_t (variance="posterior", the lower bound of §3.2) or β_t (variance="beta", the upper bound).
+    """
+    x_t, eps_hat = np.asarray(x_t), np.asarray(eps_hat)
+    t = per_sample_t(t, x_t, sched.T)
+    z = _noise(x_t, seed, noise)
+    if variance == "posterior":
+        var = sched.posterior_variance[t]
+    elif variance == "beta":
+        var = sched.betas[t]
+    else:
+        raise ValueError(f"variance must be 'posterior' or 'beta', got {variance!r}")
+    sigma = _expand(np.where(t > 0, np.sqrt(var), 0.0), x_t)
+    if clip_x0 is None:
+        beta, alpha, ab = (_expand(v[t], x_t) for v in (sched.betas, sched.alphas, sched.alphas_cumprod))
+        mean = (x_t - beta / np.sqrt(1.0 - ab) * eps_hat) / np.sqrt(alpha)
+    else:
+        x0 = predict_x0(x_t, eps_hat, _expand(sched.alphas_cumprod[t], x_t), clip_x0)
+        mean = _expand(sched.posterior_mean_coef1[t], x_t) * x0 + _expand(sched.posterior_mean_coef2[t], x_t) * x_t
+    return (mean + sigma * z).astype(x_t.dtype)
+
+
+def ddim_step(x_t, eps_hat, t, t_prev, sched: Schedule, eta: float = 0.0, *, seed=None, noise=None, clip_x0=None):
+    """One DDIM step x_t → x_{t_prev} (Song et al. eq. 12, their α = our ᾱ):
+
+        x_prev = √ᾱ_prev · x̂_0 + √(1 − ᾱ_prev − σ²) · ε̂ + σ z,   x̂_0 = (x_t − √(1 − ᾱ_t) ε̂)/√ᾱ_t
+    with σ from eq. 16 (η = 0: deterministic; η = 1: DDPM's posterior variance). t_prev may skip steps
+    (strided sampling), be −1 (land on x_0), or, with η = 0, exceed t (DDIM inversion, x_t → x_{t_next}).
+    """
+    x_t, eps_hat = np.asarray(x_t), np.asarray(eps_hat)
+    t = per_sample_t(t, x_t, sched.T)
+    t_prev = per_sample_t(t_prev, x_t, sched.T, lowest=-1)
+    z = _noise(x_t, seed, noise)
+    ab, ab_prev = sched.alpha_bar(t), sched.alpha_bar(t_prev)
+    sigma = ddim_sigma(sched, t, t_prev, eta)
+    x0 = predict_x0(x_t, eps_hat, _expand(ab, x_t), clip_x0)
+    direction = _expand(np.sqrt(np.maximum(1.0 - ab_prev - sigma**2, 0.0)), x_t) * eps_hat  # "direction to x_t"
+    return (_expand(np.sqrt(ab_prev), x_t) * x0 + direction + _expand(sigma, x_t) * z).astype(x_t.dtype)

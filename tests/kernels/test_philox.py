@@ -1,0 +1,130 @@
+"""kernels.philox: the Random123 known answers, one stream on every form, and the distributions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from numba import cuda, njit
+from scipy import stats
+
+from kernels import philox
+
+# Random123's tests/kat_vectors, philox4x32 with 10 rounds: counter (4 words), key (2 words) → output (4 words).
+KAT = [
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+]
+u64 = np.uint64
+
+
+@pytest.mark.parametrize("ctr,key,want", KAT)
+def test_known_answers_numpy_and_njit(ctr, key, want):
+    args = [u64(v) for v in ctr + key]
+    assert tuple(int(w) for w in philox.philox4x32_10(*args)) == want
+    assert tuple(int(w) for w in njit(philox.philox4x32_10)(*args)) == want
+    # vectorized over NumPy arrays: the same function, all counters at once
+    arrays = [np.full(3, v, dtype=np.uint64) for v in args]
+    assert all((w == np.uint64(x)).all() for w, x in zip(philox.philox4x32_10(*arrays), want))
+
+
+def test_element_mapping_uses_all_four_words():
+    k0, k1 = philox.seed_key(2**40 + 7)
+    assert (int(k0), int(k1)) == (7, 256)
+    words = philox.philox_block(k0, k1, u64(5))  # elements 20..23
+    u = philox.uniform(2**40 + 7, np.arange(20, 24))
+    np.testing.assert_array_equal(u, [(int(w) + 0.5) / 2**32 for w in words])
+
+
+def test_uniform_open_interval_at_the_extremes():
+    assert 0.0 < philox.to_uniform(u64(0)) < 1e-9
+    assert philox.to_uniform(u64(0xFFFFFFFF)) < 1.0
+    assert np.isfinite(-np.log(-np.log(philox.to_uniform(np.array([0, 0xFFFFFFFF], dtype=np.uint64))))).all()
+
+
+def test_seed_validation_and_streams_differ():
+    with pytest.raises(ValueError):
+        philox.seed_key(-1)
+    with pytest.raises(ValueError):
+        philox.seed_key(2**64)
+    a, b = philox.uniform(1, np.arange(64)), philox.uniform(2, np.arange(64))
+    assert not np.any(a == b)
+    np.testing.assert_array_equal(a, philox.uniform(1, np.arange(64)))
+
+
+def test_cpu_scalar_functions_draw_the_reference_stream():
+    k0, k1 = philox.seed_key(12345)
+    idx = np.arange(41)
+    u = np.array([philox.cpu.uniform_at(k0, k1, i) for i in idx])
+    z = np.array([philox.cpu.normal_at(k0, k1, i) for i in idx])
+    np.testing.assert_array_equal(u, philox.uniform(12345, idx))  # bitwise
+    np.testing.assert_allclose(z, philox.normal(12345, idx), rtol=1e-14, atol=1e-14)
+    np.testing.assert_array_equal(np.array(philox.cpu.uniform4(k0, k1, u64(3))), u[12:16])
+
+
+def test_uniform_is_uniform_ks():
+    u = philox.uniform(2024, np.arange(200_000))
+    assert stats.kstest(u, "uniform").pvalue > 1e-3
+    # consecutive elements (same Philox block, then across blocks) are uncorrelated
+    assert abs(np.corrcoef(u[:-1], u[1:])[0, 1]) < 0.01
+
+
+def test_normal_is_standard_normal_ks():
+    z = philox.normal(7, np.arange(200_000))
+    assert stats.kstest(z, "norm").pvalue > 1e-3
+    assert abs(z.mean()) < 0.01 and abs(z.std() - 1) < 0.01
+    assert abs(np.corrcoef(z[0::2], z[1::2])[0, 1]) < 0.01  # the two halves of each Box–Muller pair
+
+
+def test_cos_sin_2pi_matches_libm():
+    w = np.random.default_rng(0).integers(0, 2**32, 20_000).astype(np.uint64)
+    w = np.concatenate([w, np.array([0, 2**29 - 1, 2**29, 2**30, 3 * 2**30 + 5, 2**32 - 1], dtype=np.uint64)])
+    theta = 2 * np.pi * philox.to_uniform(w)
+    cs = np.array([philox.cpu.cos_sin_2pi(x) for x in w])
+    np.testing.assert_allclose(cs[:, 0], np.cos(theta), rtol=0, atol=2e-15)
+    np.testing.assert_allclose(cs[:, 1], np.sin(theta), rtol=0, atol=2e-15)
+
+
+@njit(error_model="numpy")
+def _apply_log_exp(x, y_log, y_exp):
+    for i in range(x.size):
+        y_log[i] = philox.fast_log(x[i])
+        y_exp[i] = philox.fast_exp(-x[i])
+
+
+def test_fast_log_exp_within_one_ulp():
+    rng = np.random.default_rng(1)
+    x = np.concatenate([rng.uniform(2**-33, 1, 100_000), 1 - rng.uniform(0, 1e-7, 10_000),
+                        np.exp(rng.uniform(-700, 700, 10_000)), [1.0, 2.0, 0.5, 2**-33, 1 - 2**-33, 707.0]])
+    y_log, y_exp = np.empty_like(x), np.empty_like(x)
+    _apply_log_exp(x, y_log, y_exp)
+    ulps = lambda got, want: np.abs(got - want) / np.spacing(np.abs(want))
+    ok = np.log(x) != 0
+    assert ulps(y_log[ok], np.log(x)[ok]).max() <= 1.0
+    assert y_log[x == 1.0][0] == 0.0
+    ref = np.exp(-x)
+    normal = ref > 1e-300
+    assert ulps(y_exp[normal], ref[normal]).max() <= 1.0
+    assert (y_exp[-x < -708] == 0).all()
+
+
+def test_fast_exp_special_values():
+    x = np.array([-np.inf, np.nan, -708.0, -1e300])
+    y_log, y_exp = np.empty_like(x), np.empty_like(x)
+    _apply_log_exp(-x, y_log, y_exp)  # _apply_log_exp computes exp(-input)
+    assert y_exp[0] == 0 and np.isnan(y_exp[1]) and y_exp[2] == 0 and y_exp[3] == 0
+
+
+_normal_at = philox.cuda_device_functions().normal_at
+
+
+def _philox_kernel(out, k0, k1):
+    i = cuda.grid(1)
+    if i < out.size:
+        out[i] = _normal_at(k0, k1, i)
+
+
+def test_device_functions_compile_to_ptx(ptx_sm90):
+    ptx = ptx_sm90(_philox_kernel, "void(float64[::1], uint64, uint64)")
+    assert "mul.wide.u32" in ptx or "mul.hi.u32" in ptx or "mul.lo.s64" in ptx

@@ -1,0 +1,194 @@
+"""kernels.schedule: known schedule values, DDIM ↔ DDPM, each form equal to the reference, the noise stream."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kernels import philox, schedule
+from kernels.schedule import cpu, cuda
+from kernels.schedule import reference as ref
+
+LINEAR = ref.Schedule.linear(1000)
+COSINE = ref.Schedule.cosine(1000)
+TOL = {np.float32: dict(rtol=2e-6, atol=2e-6), np.float64: dict(rtol=1e-12, atol=1e-12)}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Schedules
+# ---------------------------------------------------------------------------------------------------------
+def test_linear_known_values():
+    assert LINEAR.betas[0] == 1e-4 and LINEAR.betas[-1] == 0.02
+    assert LINEAR.alphas_cumprod[999] == pytest.approx(4.0358e-5, rel=1e-4)
+    assert LINEAR.posterior_variance[487] == pytest.approx(0.0097916, rel=1e-5)
+    assert LINEAR.posterior_variance[0] == 0.0
+    assert LINEAR.posterior_log_variance_clipped[0] == LINEAR.posterior_log_variance_clipped[1]
+
+
+def test_cosine_known_values():
+    assert COSINE.betas[999] == 0.999
+    assert (COSINE.betas <= 0.999).all() and (COSINE.betas > 0).all()
+    f = lambda t: np.cos((t / 1000 + 0.008) / 1.008 * np.pi / 2) ** 2  # eq. 17
+    np.testing.assert_allclose(COSINE.alphas_cumprod[:990], f(np.arange(1, 991)) / f(0), rtol=1e-12)
+
+
+@pytest.mark.parametrize("fn", [ref.linear_betas, ref.cosine_betas, ref.sigmoid_betas, ref.scaled_linear_betas])
+def test_schedules_are_valid(fn):
+    betas = fn(1000)
+    assert betas.dtype == np.float64 and betas.shape == (1000,)
+    assert (betas > 0).all() and (betas <= 0.999).all()
+    ab = np.cumprod(1 - betas)
+    assert (np.diff(ab) < 0).all() and ab[-1] < 0.01  # noise grows to (almost) pure noise
+
+
+def test_scaled_linear_is_stable_diffusions():
+    b = ref.scaled_linear_betas(1000)
+    assert b[0] == pytest.approx(0.00085) and b[-1] == pytest.approx(0.012)
+    np.testing.assert_allclose(np.diff(np.sqrt(b)), np.diff(np.sqrt(b))[0], rtol=1e-9)
+
+
+def test_posterior_matches_bayes():
+    # eq. 7 against the product of Gaussians q(x_t | x_{t-1}) q(x_{t-1} | x_0) written out directly
+    t = np.arange(1, 1000)
+    ab_prev, beta = LINEAR.alphas_cumprod[t - 1], LINEAR.betas[t]
+    precision = 1 / beta * (1 - beta) + 1 / (1 - ab_prev)
+    np.testing.assert_allclose(LINEAR.posterior_variance[t], 1 / precision, rtol=1e-10)
+    np.testing.assert_allclose(LINEAR.posterior_mean_coef2[t], np.sqrt(1 - beta) / beta / precision, rtol=1e-10)
+    np.testing.assert_allclose(LINEAR.posterior_mean_coef1[t], np.sqrt(ab_prev) / (1 - ab_prev) / precision,
+                               rtol=1e-10)
+
+
+@pytest.mark.parametrize("sched", [LINEAR, COSINE])
+def test_ddim_eta_one_is_ddpm_posterior_variance(sched):
+    t = np.arange(1, sched.T)
+    np.testing.assert_allclose(ref.ddim_sigma(sched, t, t - 1, 1.0) ** 2, sched.posterior_variance[t], rtol=1e-9)
+
+
+def test_ddim_eta_one_step_equals_ddpm_step():
+    rng = np.random.default_rng(3)
+    x, e, z = (rng.standard_normal((4, 3, 5)) for _ in range(3))
+    t = np.array([1, 10, 500, 999])
+    a = ref.ddim_step(x, e, t, t - 1, LINEAR, 1.0, noise=z)
+    b = ref.ddpm_step(x, e, t, LINEAR, noise=z)
+    np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-9)
+
+
+def test_ddim_deterministic_inversion_round_trip():
+    rng = np.random.default_rng(4)
+    x, e = rng.standard_normal((2, 6)), rng.standard_normal((2, 6))
+    zeros = np.zeros_like(x)
+    up = ref.ddim_step(x, e, 100, 150, LINEAR, 0.0, noise=zeros)  # inversion: x_100 → x_150
+    back = ref.ddim_step(up, e, 150, 100, LINEAR, 0.0, noise=zeros)
+    np.testing.assert_allclose(back, x, rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError):
+        ref.ddim_step(x, e, 100, 150, LINEAR, 0.5, noise=zeros)
+
+
+def test_ddpm_last_step_has_no_noise_and_clip_equals_eq11_when_nothing_clips():
+    rng = np.random.default_rng(5)
+    x, e = rng.standard_normal((3, 4)) * 0.1, rng.standard_normal((3, 4)) * 0.1
+    a = ref.ddpm_step(x, e, 0, LINEAR, noise=rng.standard_normal((3, 4)), variance="beta")
+    b = ref.ddpm_step(x, e, 0, LINEAR, noise=np.zeros((3, 4)), variance="beta")
+    np.testing.assert_array_equal(a, b)
+    z = rng.standard_normal((3, 4))
+    np.testing.assert_allclose(ref.ddpm_step(x, e, 5, LINEAR, noise=z, clip_x0=1e6),
+                               ref.ddpm_step(x, e, 5, LINEAR, noise=z), rtol=1e-9, atol=1e-12)
+
+
+def test_q_sample_statistics():
+    x0 = np.full((8, 20_000), 0.7)
+    t = np.arange(0, 1000, 125)
+    xt, eps = ref.q_sample(x0, t, LINEAR, seed=99)
+    a, s = LINEAR.sqrt_alphas_cumprod[t], LINEAR.sqrt_one_minus_alphas_cumprod[t]
+    n = x0.shape[1]
+    assert np.all(np.abs(xt.mean(1) - 0.7 * a) < 5 * s / np.sqrt(n))  # mean √ᾱ x0, 5 standard errors
+    assert np.all(np.abs(xt.var(1) / s**2 - 1) < 5 * np.sqrt(2 / n))  # variance 1 − ᾱ
+    np.testing.assert_allclose(eps, philox.normal(99, np.arange(x0.size)).reshape(x0.shape))
+
+
+def test_argument_checks():
+    x = np.zeros((2, 3))
+    with pytest.raises(ValueError):
+        ref.q_sample(x, 0, LINEAR)
+    with pytest.raises(ValueError):
+        cpu.q_sample(x, 0, LINEAR, seed=1, noise=x)
+    with pytest.raises(ValueError):
+        cpu.q_sample(x, 1000, LINEAR, seed=1)
+    with pytest.raises(ValueError):
+        cpu.ddpm_step(x, x, 3, LINEAR, seed=1, variance="huge")
+    with pytest.raises(ValueError):
+        schedule.q_sample(x, 0, LINEAR, seed=1, form="tpu")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The CPU form equals the reference
+# ---------------------------------------------------------------------------------------------------------
+shapes = st.lists(st.integers(1, 9), min_size=1, max_size=4).map(tuple)
+
+
+def _case(data, shape, dtype):
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    x = (rng.standard_normal(shape) * 1.5).astype(dtype)
+    e = rng.standard_normal(shape).astype(dtype)
+    z = rng.standard_normal(shape).astype(dtype)
+    t = rng.integers(0, 1000, shape[0])
+    return rng, x, e, z, t
+
+
+@settings(max_examples=30, deadline=None)
+@given(data=st.data(), shape=shapes, dtype=st.sampled_from([np.float32, np.float64]),
+       seeded=st.booleans(), sched=st.sampled_from([LINEAR, COSINE]))
+def test_cpu_equals_reference(data, shape, dtype, seeded, sched):
+    rng, x, e, z, t = _case(data, shape, dtype)
+    noise = dict(seed=int(rng.integers(0, 2**63))) if seeded else dict(noise=z)
+    tol = TOL[dtype]
+    for got, want in zip(schedule.q_sample(x, t, sched, **noise), ref.q_sample(x, t, sched, **noise)):
+        assert got.dtype == dtype and got.shape == shape
+        np.testing.assert_allclose(got, want, **tol)
+    clip = data.draw(st.sampled_from([None, 1.0]))
+    var = data.draw(st.sampled_from(["posterior", "beta"]))
+    np.testing.assert_allclose(schedule.ddpm_step(x, e, t, sched, clip_x0=clip, variance=var, **noise),
+                               ref.ddpm_step(x, e, t, sched, clip_x0=clip, variance=var, **noise), **tol)
+    t_prev = t - rng.integers(1, 50, shape[0])  # strided; -1 and below land on x_0
+    t_prev = np.maximum(t_prev, -1)
+    eta = data.draw(st.sampled_from([0.0, 0.5, 1.0]))
+    np.testing.assert_allclose(schedule.ddim_step(x, e, t, t_prev, sched, eta, clip_x0=clip, **noise),
+                               ref.ddim_step(x, e, t, t_prev, sched, eta, clip_x0=clip, **noise), **tol)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_cpu_noise_is_the_reference_noise(dtype):
+    x = np.zeros((3, 5, 7), dtype=dtype)  # 105 elements: not a multiple of 4, nor of a chunk
+    _, eps_cpu = cpu.q_sample(x, [1, 2, 3], LINEAR, seed=2**33 + 5)
+    _, eps_ref = ref.q_sample(x, [1, 2, 3], LINEAR, seed=2**33 + 5)
+    np.testing.assert_allclose(eps_cpu, eps_ref, rtol=1e-13 if dtype == np.float64 else 1e-7, atol=1e-13)
+    # and across a chunk boundary of the parallel loop, with t per sample
+    x = np.zeros((3, cpu.CHUNK + 3))
+    xt, eps = cpu.q_sample(x, [0, 999, 5], LINEAR, seed=1)
+    np.testing.assert_allclose(eps, philox.normal(1, np.arange(x.size)).reshape(x.shape), rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(xt, LINEAR.sqrt_one_minus_alphas_cumprod[[0, 999, 5], None] * eps, rtol=1e-13)
+
+
+def test_seeded_noise_round_trips_through_explicit_noise():
+    x = np.random.default_rng(0).standard_normal((4, 9)).astype(np.float32)
+    xt, eps = cpu.q_sample(x, [3, 30, 300, 999], LINEAR, seed=8)
+    xt2, _ = cpu.q_sample(x, [3, 30, 300, 999], LINEAR, noise=eps)
+    np.testing.assert_array_equal(xt, xt2)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The CUDA form: PTX for sm_90 here; the simulator runs it in tests/kernels/cudasim
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(cuda.SIGNATURES))
+def test_cuda_kernels_compile_for_sm90(ptx_sm90, name):
+    kernel, signature = cuda.SIGNATURES[name]
+    ptx = ptx_sm90(kernel, signature)
+    assert ".entry" in ptx
+
+
+def test_benchmark_helper_runs():
+    result = cpu.benchmark_q_sample(shape=(4, 3, 16, 16), repeats=2, threads=1)
+    assert set(result) >= {"ours_s", "torch_s", "ours_GBps", "torch_GBps", "speedup"}
+    assert result["ours_s"] > 0 and result["torch_s"] > 0
