@@ -457,7 +457,7 @@ class LayerNorm(Function):
     @staticmethod
     def forward(ctx, x, weight, bias, normalized_shape, eps):
         k = len(normalized_shape)
-        if k == 0 or x.shape[x.ndim - k :] != normalized_shape or k > x.ndim:
+        if k == 0 or k > x.ndim or x.shape[x.ndim - k :] != normalized_shape:
             raise ValueError(
                 f"layer_norm: normalized_shape {normalized_shape} does not match the trailing dimensions "
                 f"of input of shape {x.shape}"
