@@ -13,6 +13,7 @@ import numpy as np
 
 from . import random as _random
 from .autograd import Function
+from .tensor import Tensor
 
 # --- scaled dot-product attention --------------------------------------------------------------------
 
@@ -155,7 +156,7 @@ def _gumbel_softmax_forward(logits, g, tau, hard, axis):
 class GumbelSoftmax(Function):
     @staticmethod
     def forward(ctx, logits, g, *, tau, hard, axis):
-        out, y_soft = _gumbel_softmax_forward(logits, g, tau, hard, axis)
+        out, y_soft = _gumbel_softmax_forward(logits, g.astype(logits.dtype, copy=False), tau, hard, axis)
         ctx.save_for_backward(y_soft)
         ctx.args = (tau, axis)
         return out
@@ -189,10 +190,10 @@ def gumbel_softmax(logits, tau=1.0, hard=False, eps=1e-10, dim=-1, *, generator=
     if noise is None:
         gen = generator if generator is not None else _random.default_generator
         noise = _gumbel_noise(logits.shape, eps, gen, logits.dtype)
-    elif tuple(noise.shape) != tuple(logits.shape):
-        raise ValueError(f"{op}: noise of shape {tuple(noise.shape)} must have the logits' shape {logits.shape}")
-    if isinstance(noise, np.ndarray):
-        noise = noise.astype(logits.dtype, copy=False)
+    else:
+        noise = noise if isinstance(noise, Tensor) else np.asarray(noise)
+        if tuple(noise.shape) != tuple(logits.shape):
+            raise ValueError(f"{op}: noise of shape {tuple(noise.shape)} must have the logits' shape {logits.shape}")
     axis = dim % logits.ndim
     return GumbelSoftmax.apply(logits, noise, tau=float(tau), hard=bool(hard), axis=axis)
 

@@ -108,9 +108,9 @@ def _conv2d_backward_input(grad, w, x_shape, stride, padding, dilation, groups):
     dxp = np.zeros((n, c, h + pt + pb, wd + pl + pr), dtype=dcols.dtype)
     for i in range(kh):
         for j in range(kw):
-            dxp[:, :, i * dh : i * dh + sh * (ho - 1) + 1 : sh, j * dw : j * dw + sw * (wo - 1) + 1 : sw] += dcols[
-                :, :, i, j
-            ]
+            rows = slice(i * dh, i * dh + sh * (ho - 1) + 1, sh)  # the rows tap i read, one per output row
+            cols = slice(j * dw, j * dw + sw * (wo - 1) + 1, sw)
+            dxp[:, :, rows, cols] += dcols[:, :, i, j]
     return dxp[:, :, pt : pt + h, pl : pl + wd]
 
 
