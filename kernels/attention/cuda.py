@@ -1,0 +1,312 @@
+"""Tiled attention as numba.cuda kernels: shared-memory tiles, FlashAttention's online softmax, patterns in-kernel.
+
+The same algorithm as ``cpu.py``, in the shape of a GPU kernel (plain features only: shared memory and
+``syncthreads``):
+
+- ``forward``: one block per (query tile, batch·head), one thread per query row. The block loads its queries
+  into shared memory once, then for each key tile that the pattern does not rule out (a block-uniform test, so
+  every thread reaches every barrier) loads K_j and V_j into shared memory; each thread computes its row of
+  scores, updates its running max m and sum l and rescales its output row (Dao et al. 2022, algorithm 1).
+- the backward (Dao 2023, algorithm 2) in three kernels, so that no two threads ever write the same output:
+  ``backward_rowdot`` computes D = rowsum(dO ∘ O); ``backward_dq``, one thread per query row, walks the key
+  tiles and accumulates dQ_i = Σ_j dS K_j · scale; ``backward_dkdv``, one thread per key row, walks the query
+  tiles and accumulates dK_j = Σ_i dSᵀ Q_i · scale and dV_j = Σ_i Pᵀ dO_i. P and dS are recomputed in each
+  (FlashAttention-2 uses atomic adds on dQ instead; two passes keep the result deterministic).
+
+Every kernel exists for float32 and float64 (``KERNELS[dtype]``); the launch wrappers take NumPy arrays
+(under the Numba CUDA simulator, ``NUMBA_ENABLE_CUDASIM=1``) or CuPy arrays (on a GPU).
+The shared memory is dynamic: (BQ + BK) · (D + Dv) values, 32 KiB at D = Dv = 64 in float32.
+"""
+
+import math
+
+import numpy as np
+from numba import cuda, float32, float64
+
+from . import patterns
+
+BQ = 32  # queries per tile = threads per block of forward and backward_dq
+BK = 32  # keys per tile = threads per block of backward_dkdv
+
+_visible = cuda.jit(device=True)(patterns.visible)
+_tile_may_attend = cuda.jit(device=True)(patterns.tile_may_attend)
+
+
+def _build(ftype):
+    """The four kernels for one floating type (the local and shared arrays need the type at compile time)."""
+    ninf = ftype(-math.inf)
+
+    @cuda.jit(device=True)
+    def _score(s, scale, mask, has_mask, b, h, qi, kj, kind, T, W, r, P, causal):
+        """The masked score: s · scale, plus the dense mask, or −inf where the pattern (or causality) blocks."""
+        if (causal and kj > qi) or not _visible(kind, T, W, r, P, qi, kj):
+            return ninf
+        x = s * scale
+        if has_mask:  # each mask axis is full or of length 1 (broadcast)
+            x += mask[
+                min(b, mask.shape[0] - 1),
+                min(h, mask.shape[1] - 1),
+                min(qi, mask.shape[2] - 1),
+                min(kj, mask.shape[3] - 1),
+            ]
+        return x
+
+    @cuda.jit
+    def forward_kernel(q, k, v, mask, has_mask, H, kind, T, W, r, P, causal, scale, out, lse):
+        L, D = q.shape[1], q.shape[2]
+        S, Dv = k.shape[1], v.shape[2]
+        a = cuda.threadIdx.x
+        i0 = cuda.blockIdx.x * BQ
+        bh = cuda.blockIdx.y
+        b, h = bh // H, bh % H
+        qi = i0 + a
+        active = qi < L
+        i1 = min(i0 + BQ, L)
+        smem = cuda.shared.array(0, dtype=ftype)
+        sQ = smem[: BQ * D]  # the query tile, row a at a·D
+        sO = smem[BQ * D : BQ * (D + Dv)]  # the unnormalized output rows
+        sK = smem[BQ * (D + Dv) : BQ * (D + Dv) + BK * D]
+        sV = smem[BQ * (D + Dv) + BK * D : BQ * (D + Dv) + BK * (D + Dv)]
+        p = cuda.local.array(BK, dtype=ftype)  # this row's scores, then probabilities, for one key tile
+        if active:
+            for d in range(D):
+                sQ[a * D + d] = q[bh, qi, d]
+            for d in range(Dv):
+                sO[a * Dv + d] = 0.0
+        m = ninf
+        lsum = ftype(0.0)
+        for j0 in range(0, S, BK):
+            j1 = min(j0 + BK, S)
+            nk = j1 - j0
+            if (causal and j0 > i1 - 1) or not _tile_may_attend(kind, T, W, r, P, i0, i1, j0, j1):
+                continue  # the same decision in every thread of the block
+            cuda.syncthreads()  # the previous tile's K, V are no longer read
+            for idx in range(a, nk * D, BQ):
+                sK[idx] = k[bh, j0 + idx // D, idx % D]
+            for idx in range(a, nk * Dv, BQ):
+                sV[idx] = v[bh, j0 + idx // Dv, idx % Dv]
+            cuda.syncthreads()
+            if active:
+                mx = m
+                for c in range(nk):
+                    s = ftype(0.0)
+                    for d in range(D):
+                        s += sQ[a * D + d] * sK[c * D + d]
+                    x = _score(s, scale, mask, has_mask, b, h, qi, j0 + c, kind, T, W, r, P, causal)
+                    p[c] = x
+                    mx = max(mx, x)
+                if mx != ninf:
+                    alpha = math.exp(m - mx)  # exp(m − m'), 0 while m = −inf
+                    total = ftype(0.0)
+                    for c in range(nk):
+                        e = math.exp(p[c] - mx)
+                        p[c] = e
+                        total += e
+                    lsum = alpha * lsum + total
+                    m = mx
+                    for d in range(Dv):
+                        o = alpha * sO[a * Dv + d]
+                        for c in range(nk):
+                            o += p[c] * sV[c * Dv + d]
+                        sO[a * Dv + d] = o
+        if active:
+            if lsum > 0.0:
+                for d in range(Dv):
+                    out[bh, qi, d] = sO[a * Dv + d] / lsum
+                lse[bh, qi] = m + math.log(lsum)
+            else:  # a fully blocked row
+                for d in range(Dv):
+                    out[bh, qi, d] = 0.0
+                lse[bh, qi] = ninf
+
+    @cuda.jit
+    def rowdot_kernel(out, dout, Drow):
+        """D = rowsum(dO ∘ O), one thread per (batch·head, row)."""
+        t = cuda.grid(1)
+        L, Dv = out.shape[1], out.shape[2]
+        if t < out.shape[0] * L:
+            bh, i = t // L, t % L
+            acc = ftype(0.0)
+            for d in range(Dv):
+                acc += dout[bh, i, d] * out[bh, i, d]
+            Drow[bh, i] = acc
+
+    @cuda.jit
+    def dq_kernel(q, k, v, lse, dout, Drow, mask, has_mask, H, kind, T, W, r, P, causal, scale, dq):
+        L, D = q.shape[1], q.shape[2]
+        S, Dv = k.shape[1], v.shape[2]
+        a = cuda.threadIdx.x
+        i0 = cuda.blockIdx.x * BQ
+        bh = cuda.blockIdx.y
+        b, h = bh // H, bh % H
+        qi = i0 + a
+        active = qi < L
+        i1 = min(i0 + BQ, L)
+        smem = cuda.shared.array(0, dtype=ftype)
+        sQ = smem[: BQ * D]
+        sdO = smem[BQ * D : BQ * (D + Dv)]
+        sK = smem[BQ * (D + Dv) : BQ * (D + Dv) + BK * D]
+        sV = smem[BQ * (D + Dv) + BK * D : BQ * (D + Dv) + BK * (D + Dv)]
+        la = ninf
+        Da = ftype(0.0)
+        if active:
+            for d in range(D):
+                sQ[a * D + d] = q[bh, qi, d]
+                dq[bh, qi, d] = 0.0
+            for d in range(Dv):
+                sdO[a * Dv + d] = dout[bh, qi, d]
+            la = lse[bh, qi]
+            Da = Drow[bh, qi]
+        for j0 in range(0, S, BK):
+            j1 = min(j0 + BK, S)
+            nk = j1 - j0
+            if (causal and j0 > i1 - 1) or not _tile_may_attend(kind, T, W, r, P, i0, i1, j0, j1):
+                continue
+            cuda.syncthreads()
+            for idx in range(a, nk * D, BQ):
+                sK[idx] = k[bh, j0 + idx // D, idx % D]
+            for idx in range(a, nk * Dv, BQ):
+                sV[idx] = v[bh, j0 + idx // Dv, idx % Dv]
+            cuda.syncthreads()
+            if active and la != ninf:
+                for c in range(nk):
+                    s = ftype(0.0)
+                    for d in range(D):
+                        s += sQ[a * D + d] * sK[c * D + d]
+                    x = _score(s, scale, mask, has_mask, b, h, qi, j0 + c, kind, T, W, r, P, causal)
+                    pc = math.exp(x - la)  # P = exp(s − lse)
+                    dp = ftype(0.0)
+                    for d in range(Dv):
+                        dp += sdO[a * Dv + d] * sV[c * Dv + d]
+                    ds = pc * (dp - Da) * scale  # dS = P ∘ (dP − D), times scale
+                    for d in range(D):
+                        dq[bh, qi, d] += ds * sK[c * D + d]
+
+    @cuda.jit
+    def dkdv_kernel(q, k, v, lse, dout, Drow, mask, has_mask, H, kind, T, W, r, P, causal, scale, dk, dv):
+        L, D = q.shape[1], q.shape[2]
+        S, Dv = k.shape[1], v.shape[2]
+        c = cuda.threadIdx.x
+        j0 = cuda.blockIdx.x * BK
+        bh = cuda.blockIdx.y
+        b, h = bh // H, bh % H
+        kj = j0 + c
+        active = kj < S
+        j1 = min(j0 + BK, S)
+        smem = cuda.shared.array(0, dtype=ftype)
+        sQ = smem[: BQ * D]
+        sdO = smem[BQ * D : BQ * (D + Dv)]
+        sL = smem[BQ * (D + Dv) : BQ * (D + Dv) + BQ]  # lse of the tile's rows
+        sD = smem[BQ * (D + Dv) + BQ : BQ * (D + Dv) + 2 * BQ]  # D of the tile's rows
+        if active:
+            for d in range(D):
+                dk[bh, kj, d] = 0.0
+            for d in range(Dv):
+                dv[bh, kj, d] = 0.0
+        i_start = j0 // BQ * BQ if causal else 0
+        for i0 in range(i_start, L, BQ):
+            i1 = min(i0 + BQ, L)
+            nq = i1 - i0
+            if not _tile_may_attend(kind, T, W, r, P, i0, i1, j0, j1):
+                continue
+            cuda.syncthreads()
+            for idx in range(c, nq * D, BK):
+                sQ[idx] = q[bh, i0 + idx // D, idx % D]
+            for idx in range(c, nq * Dv, BK):
+                sdO[idx] = dout[bh, i0 + idx // Dv, idx % Dv]
+            for idx in range(c, nq, BK):
+                sL[idx] = lse[bh, i0 + idx]
+                sD[idx] = Drow[bh, i0 + idx]
+            cuda.syncthreads()
+            if active:
+                for a in range(nq):
+                    if sL[a] == ninf:
+                        continue  # a fully blocked row contributes nothing
+                    s = ftype(0.0)
+                    for d in range(D):
+                        s += sQ[a * D + d] * k[bh, kj, d]
+                    x = _score(s, scale, mask, has_mask, b, h, i0 + a, kj, kind, T, W, r, P, causal)
+                    pc = math.exp(x - sL[a])
+                    dp = ftype(0.0)
+                    for d in range(Dv):
+                        dp += sdO[a * Dv + d] * v[bh, kj, d]
+                        dv[bh, kj, d] += pc * sdO[a * Dv + d]  # dV_j += Pᵀ dO_i
+                    ds = pc * (dp - sD[a]) * scale
+                    for d in range(D):
+                        dk[bh, kj, d] += ds * sQ[a * D + d]  # dK_j += dSᵀ Q_i
+
+    return {"forward": forward_kernel, "rowdot": rowdot_kernel, "dq": dq_kernel, "dkdv": dkdv_kernel}
+
+
+KERNELS = {np.dtype(np.float32): _build(float32), np.dtype(np.float64): _build(float64)}
+
+
+def signatures(dtype):
+    """Explicit Numba signatures of every kernel for one dtype (for ``numba.cuda.compile_ptx`` checks)."""
+    f = "float32" if np.dtype(dtype) == np.float32 else "float64"
+    a3, a2, a4 = f"{f}[:, :, ::1]", f"{f}[:, ::1]", f"{f}[:, :, :, ::1]"
+    pat = "boolean, int64, int64, int64, int64, int64, int64, boolean"  # has_mask, H, kind, T, W, r, P, causal
+    return {
+        "forward": f"void({a3}, {a3}, {a3}, {a4}, {pat}, {f}, {a3}, {a2})",
+        "rowdot": f"void({a3}, {a3}, {a2})",
+        "dq": f"void({a3}, {a3}, {a3}, {a2}, {a3}, {a2}, {a4}, {pat}, {f}, {a3})",
+        "dkdv": f"void({a3}, {a3}, {a3}, {a2}, {a3}, {a2}, {a4}, {pat}, {f}, {a3}, {a3})",
+    }
+
+
+def _smem(dtype, D, Dv, rows_a, rows_b):
+    return (rows_a * (D + Dv) + rows_b) * np.dtype(dtype).itemsize
+
+
+def _on_device(host, *arrays):
+    """The arrays as device arrays: CuPy arrays pass as they are; NumPy arrays (the simulator, or a GPU fed from
+    the host) are copied over, and ``host`` collects the (device, numpy) output pairs to copy back."""
+    result = []
+    for a in arrays:
+        if isinstance(a, np.ndarray):
+            d = cuda.to_device(a)
+            host.append((d, a))
+            result.append(d)
+        else:
+            result.append(a)
+    return result
+
+
+def _copy_back(host, outputs):
+    for d, a in host:
+        if any(a is o for o in outputs):
+            d.copy_to_host(a)
+
+
+def forward(q, k, v, mask, has_mask, H, kind, T, W, r, P, causal, scale, out, lse):
+    """Launch the forward kernel (arguments as in ``cpu.forward``; CuPy arrays, or NumPy arrays copied over)."""
+    BH, L, D = q.shape
+    Dv = v.shape[2]
+    kern = KERNELS[np.dtype(q.dtype)]["forward"]
+    grid = ((L + BQ - 1) // BQ, BH)
+    smem = _smem(q.dtype, D, Dv, BQ, BK * (D + Dv))
+    sc = np.dtype(q.dtype).type(scale)
+    host = []
+    dq, dk, dv, dm, do, dl = _on_device(host, q, k, v, mask, out, lse)
+    kern[grid, BQ, 0, smem](dq, dk, dv, dm, has_mask, H, kind, T, W, r, P, causal, sc, do, dl)
+    _copy_back(host, (out, lse))
+
+
+def backward(q, k, v, out, lse, dout, mask, has_mask, H, kind, T, W, r, P, causal, scale, dq, dk, dv, Drow):
+    """Launch the three backward kernels; ``Drow`` is (BH, L) scratch for D = rowsum(dO ∘ O)."""
+    BH, L, D = q.shape
+    S, Dv = k.shape[1], v.shape[2]
+    ks = KERNELS[np.dtype(q.dtype)]
+    sc = np.dtype(q.dtype).type(scale)
+    host = []
+    q_, k_, v_, o_, l_, do_, m_, dq_, dk_, dv_, D_ = _on_device(host, q, k, v, out, lse, dout, mask, dq, dk, dv, Drow)
+    pat = (m_, has_mask, H, kind, T, W, r, P, causal, sc)
+    ks["rowdot"][(BH * L + 127) // 128, 128](o_, do_, D_)
+    smem = _smem(q.dtype, D, Dv, BQ, BK * (D + Dv))
+    ks["dq"][((L + BQ - 1) // BQ, BH), BQ, 0, smem](q_, k_, v_, l_, do_, D_, *pat, dq_)
+    smem = _smem(q.dtype, D, Dv, BQ, 2 * BQ)
+    ks["dkdv"][((S + BK - 1) // BK, BH), BK, 0, smem](q_, k_, v_, l_, do_, D_, *pat, dk_, dv_)
+    _copy_back(host, (dq, dk, dv))
+
+
+__all__ = ["forward", "backward", "KERNELS", "signatures", "BQ", "BK"]

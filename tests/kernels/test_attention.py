@@ -1,0 +1,325 @@
+"""Attention kernels: the patterns follow the issue's words, the NumPy reference equals PyTorch's SDPA, and the
+Numba CPU kernel equals the reference (forward and backward, every mask kind, fully blocked rows included).
+
+The CUDA kernels are checked in ``test_attention_cuda.py`` (simulator and PTX compile, in subprocesses).
+"""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kernels.attention import attention_backward, attention_forward, patterns, reference
+from kernels.attention.patterns import Causal, Column, Conv, PrefixLM, Row
+
+SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Patterns: each rule against a loop over (q, k) written from the issue's definitions.
+
+
+def brute_force(pattern, n):
+    """The mask of the issue's words: text queries (q < T) see k ≤ q; image queries see every text key and,
+    among image keys, only k ≤ q and the pattern's rule; PrefixLM: k < P for all, else k ≤ q."""
+    m = np.zeros((n, n), dtype=bool)
+    for q in range(n):
+        for k in range(n):
+            if isinstance(pattern, Causal):
+                ok = k <= q
+            elif isinstance(pattern, PrefixLM):
+                ok = k < pattern.prefix_len or k <= q
+            else:
+                T, W = pattern.text_len, pattern.width
+                if q < T:
+                    ok = k <= q
+                elif k < T:
+                    ok = True
+                elif k > q:
+                    ok = False
+                elif isinstance(pattern, Row):
+                    ok = q - k <= W
+                elif isinstance(pattern, Column):
+                    ok = (q - k) % W == 0
+                else:  # Conv
+                    r = pattern.kernel // 2
+                    row_q, col_q = divmod(q - T, W)
+                    row_k, col_k = divmod(k - T, W)
+                    dc = abs(col_q - col_k)
+                    ok = row_q - row_k <= r and min(dc, W - dc) <= r
+            m[q, k] = ok
+    return m
+
+
+@st.composite
+def any_pattern(draw):
+    kind = draw(st.sampled_from(["causal", "row", "column", "conv", "prefix"]))
+    T, W = draw(st.integers(0, 6)), draw(st.integers(1, 6))
+    if kind == "causal":
+        return Causal()
+    if kind == "row":
+        return Row(text_len=T, width=W)
+    if kind == "column":
+        return Column(text_len=T, width=W)
+    if kind == "conv":
+        return Conv(text_len=T, width=W, kernel=draw(st.sampled_from([1, 3, 5])))
+    return PrefixLM(prefix_len=draw(st.integers(0, 12)))
+
+
+def pattern_size(pattern, extra):
+    """n covering the text and the whole grid, plus ``extra`` (a partial last row, or more)."""
+    if isinstance(pattern, (Row, Column, Conv)):
+        return pattern.text_len + pattern.width**2 + extra
+    return 1 + extra
+
+
+@SETTINGS
+@given(any_pattern(), st.integers(0, 12))
+def test_pattern_mask_matches_the_issue(pattern, extra):
+    n = pattern_size(pattern, extra)
+    expected = brute_force(pattern, n)
+    np.testing.assert_array_equal(pattern.mask(n), expected)
+    scalar = np.array([[pattern.visible(q, k) for k in range(n)] for q in range(n)])  # the in-kernel rule
+    np.testing.assert_array_equal(scalar, expected)
+
+
+def test_pattern_examples():
+    # DALL·E's row pattern at T = 1, W = 3: query 7 (grid row 1, column 2) sees the text, then 4..7.
+    row = Row(text_len=1, width=3).mask(10)
+    assert row[7].nonzero()[0].tolist() == [0, 4, 5, 6, 7]
+    col = Column(text_len=1, width=3).mask(10)
+    assert col[7].nonzero()[0].tolist() == [0, 1, 4, 7]
+    # Conv 3×3 on a 4-wide grid, query at row 2, column 0: rows 1..2, columns 3, 0, 1 (wrapping), causal.
+    conv = Conv(text_len=0, width=4, kernel=3).mask(16)
+    assert conv[8].nonzero()[0].tolist() == [4, 5, 7, 8]
+    assert PrefixLM(prefix_len=3).mask(5)[0].tolist() == [True, True, True, False, False]
+    np.testing.assert_array_equal(Causal().mask(4), np.tril(np.ones((4, 4), dtype=bool)))
+
+
+@st.composite
+def tile(draw, n):
+    q0, k0 = draw(st.integers(0, n - 1)), draw(st.integers(0, n - 1))
+    return q0, draw(st.integers(q0 + 1, n)), k0, draw(st.integers(k0 + 1, n))
+
+
+@SETTINGS
+@given(any_pattern(), st.integers(0, 8), st.data())
+def test_tile_rules_are_safe(pattern, extra, data):
+    """A skipped tile holds no visible pair (exact for all but Conv, which may keep an empty tile);
+    a tile declared all-visible has no blocked pair."""
+    n = pattern_size(pattern, extra)
+    m = pattern.mask(n)
+    for _ in range(20):
+        q0, q1, k0, k1 = data.draw(tile(n))
+        any_visible = bool(m[q0:q1, k0:k1].any())
+        may = pattern.tile_may_attend(q0, q1, k0, k1)
+        if not isinstance(pattern, Conv):
+            assert may == any_visible, (q0, q1, k0, k1)
+        assert may or not any_visible, (q0, q1, k0, k1)
+        if patterns.tile_all_visible(*pattern.params, q0, q1, k0, k1):
+            assert m[q0:q1, k0:k1].all(), (q0, q1, k0, k1)
+
+
+def test_tile_skipping_prunes_the_dalle_shape():
+    """At T = 64 with a 32×32 grid and 64×64 tiles, Row and Conv leave most tiles out (that is the speed-up)."""
+    n, b = 64 + 32 * 32, 64
+    for pattern, most in [(Causal(), 0.55), (Row(text_len=64, width=32), 0.35), (Conv(64, 32, 11), 0.45)]:
+        tiles = [(i, min(i + b, n), j, min(j + b, n)) for i in range(0, n, b) for j in range(0, n, b)]
+        kept = [pattern.tile_may_attend(*t) for t in tiles]
+        assert np.mean(kept) < most, (pattern, np.mean(kept))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shared strategies for the kernel tests.
+
+
+@st.composite
+def attention_case(draw, max_len=80, max_dim=12, dtypes=(np.float32, np.float64)):
+    """Random q, k, v, dout with odd sizes, L ≠ S, D ≠ Dv, and a mask kind: none, causal, pattern, bool, additive
+    (broadcast over heads and/or batch), possibly with fully blocked rows."""
+    dtype = draw(st.sampled_from(dtypes))
+    B, H = draw(st.integers(1, 2)), draw(st.integers(1, 3))
+    L, S = draw(st.integers(1, max_len)), draw(st.integers(1, max_len))
+    D, Dv = draw(st.integers(1, max_dim)), draw(st.integers(1, max_dim))
+    kind = draw(st.sampled_from(["none", "causal", "pattern", "bool", "additive", "pattern+bool"]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    rng = np.random.default_rng(seed)
+    kw = {"scale": draw(st.sampled_from([None, 0.1, 1 / np.sqrt(D), 1.7])), "causal": False}
+    if kind == "causal":
+        kw["causal"] = True
+    if kind.startswith("pattern"):
+        pattern = draw(any_pattern())
+        S = L  # patterns are over one sequence (self-attention)
+        kw["pattern"] = pattern
+        kw["causal"] = draw(st.booleans())
+    if kind in ("bool", "additive", "pattern+bool"):
+        shape = draw(st.sampled_from([(B, H, L, S), (B, 1, L, S), (1, H, L, S), (L, S), (S,), (B, 1, 1, S)]))
+        if kind == "additive":
+            mask = rng.standard_normal(shape)
+            mask = np.where(rng.random(shape) < 0.3, -np.inf, mask)  # blocked entries, maybe whole rows
+        else:
+            mask = rng.random(shape) < draw(st.sampled_from([0.3, 0.7, 0.95]))
+            if draw(st.booleans()) and len(shape) >= 2:
+                mask[..., 0, :] = False  # a fully blocked row
+        kw["mask"] = mask
+    q = rng.standard_normal((B, H, L, D)).astype(dtype)
+    k = rng.standard_normal((B, H, S, D)).astype(dtype)
+    v = rng.standard_normal((B, H, S, Dv)).astype(dtype)
+    dout = rng.standard_normal((B, H, L, Dv)).astype(dtype)
+    return q, k, v, dout, kw
+
+
+def tolerances(dtype):
+    return {"rtol": 2e-4, "atol": 2e-5} if dtype == np.float32 else {"rtol": 1e-10, "atol": 1e-12}
+
+
+def assert_same(form, q, k, v, dout, kw):
+    """``form`` equals the reference: out, lse (−inf in the same places), dq, dk, dv; all finite."""
+    tol = tolerances(q.dtype)
+    out_r, lse_r = attention_forward(q, k, v, form="reference", **kw)
+    out, lse = attention_forward(q, k, v, form=form, **kw)
+    assert out.shape == out_r.shape and out.dtype == q.dtype and lse.dtype == q.dtype
+    np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(lse_r))
+    assert np.isfinite(out).all() and not np.isnan(lse).any()
+    np.testing.assert_allclose(out, out_r, **tol)
+    finite = np.isfinite(lse_r)
+    np.testing.assert_allclose(lse[finite], lse_r[finite], **tol)
+    grads_r = attention_backward(q, k, v, out_r, lse_r, dout, form="reference", **kw)
+    grads = attention_backward(q, k, v, out, lse, dout, form=form, **kw)
+    for name, g, g_r in zip(("dq", "dk", "dv"), grads, grads_r):
+        assert g.shape == g_r.shape and g.dtype == q.dtype and np.isfinite(g).all(), name
+        scale = max(1.0, float(np.abs(g_r).max()))
+        np.testing.assert_allclose(g, g_r, rtol=tol["rtol"], atol=tol["atol"] * scale, err_msg=name)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The reference equals PyTorch (float64, forward and backward).
+
+
+def torch_sdpa(q, k, v, dout, kw):
+    """PyTorch's SDPA on the same inputs, the pattern given as a dense boolean attn_mask."""
+    allowed = reference.pattern_mask(q.shape[-2], k.shape[-2], False, kw.get("pattern"))
+    mask = kw.get("mask")
+    attn_mask = None
+    if mask is not None:
+        attn_mask = torch.from_numpy(np.ascontiguousarray(mask).reshape((1,) * (mask.ndim < 2) + mask.shape))
+    if allowed is not None:
+        a = torch.from_numpy(allowed)
+        if attn_mask is None:
+            attn_mask = a
+        elif attn_mask.dtype == torch.bool:
+            attn_mask = attn_mask & a
+        else:
+            attn_mask = attn_mask.masked_fill(~a, -np.inf)
+    causal = kw.get("causal", False)
+    if causal and attn_mask is not None:  # torch refuses attn_mask together with is_causal
+        tril = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool).tril()
+        attn_mask = attn_mask & tril if attn_mask.dtype == torch.bool else attn_mask.masked_fill(~tril, -np.inf)
+        causal = False
+    tq, tk, tv = (torch.from_numpy(x).requires_grad_() for x in (q, k, v))
+    out = torch.nn.functional.scaled_dot_product_attention(
+        tq, tk, tv, attn_mask=attn_mask, is_causal=causal, scale=kw.get("scale")
+    )
+    out.backward(torch.from_numpy(dout))
+    return out.detach().numpy(), tq.grad.numpy(), tk.grad.numpy(), tv.grad.numpy()
+
+
+@SETTINGS
+@given(attention_case(max_len=40, dtypes=(np.float64,)))
+def test_reference_equals_pytorch(case):
+    q, k, v, dout, kw = case
+    out, lse = reference.attention_forward(q, k, v, **{**kw, "scale": kw["scale"] or 1 / np.sqrt(q.shape[-1])})
+    grads = reference.attention_backward(
+        q, k, v, out, lse, dout, **{**kw, "scale": kw["scale"] or 1 / np.sqrt(q.shape[-1])}
+    )
+    t_out, t_dq, t_dk, t_dv = torch_sdpa(q, k, v, dout, kw)
+    live = np.isfinite(lse)  # rows with something to attend to
+    np.testing.assert_allclose(out[live], t_out[live], rtol=1e-10, atol=1e-12)
+    # A fully blocked row: ours gives out = 0 and no gradient; PyTorch gives 0 (this version) or NaN (some).
+    assert (out[~live] == 0).all() and (grads[0][~live] == 0).all()
+    torch_defined = np.isfinite(t_out).all() and all(np.isfinite(g).all() for g in (t_dq, t_dk, t_dv))
+    if torch_defined:
+        np.testing.assert_array_equal(t_out[~live], 0.0)
+        for g, tg in zip(grads, (t_dq, t_dk, t_dv)):
+            np.testing.assert_allclose(g, tg, rtol=1e-9, atol=1e-11)
+    else:  # NaN from the blocked rows may reach every key's gradient: compare what it cannot reach
+        np.testing.assert_allclose(grads[0][live], t_dq[live], rtol=1e-9, atol=1e-11)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The Numba CPU kernel equals the reference.
+
+
+@SETTINGS
+@given(attention_case(max_len=150))
+def test_cpu_equals_reference(case):
+    q, k, v, dout, kw = case
+    assert_same("cpu", q, k, v, dout, kw)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(
+    "pattern",
+    [
+        Causal(),
+        Row(text_len=5, width=9),
+        Column(text_len=3, width=11),
+        Conv(text_len=7, width=10, kernel=5),
+        PrefixLM(prefix_len=70),
+    ],
+    ids=repr,
+)
+def test_cpu_patterns_across_many_tiles(pattern, dtype):
+    """Sequences spanning several tiles with partial ones at the end, so skipped and partial tiles both occur."""
+    rng = np.random.default_rng(0)
+    L = 131 if not isinstance(pattern, (Row, Column, Conv)) else pattern.text_len + pattern.width**2 + 3
+    q, k = (rng.standard_normal((2, 2, L, 8)).astype(dtype) for _ in range(2))
+    v, dout = (rng.standard_normal((2, 2, L, 5)).astype(dtype) for _ in range(2))
+    assert_same("cpu", q, k, v, dout, {"scale": 0.4, "pattern": pattern})
+
+
+def test_cpu_three_dim_inputs_and_default_scale():
+    rng = np.random.default_rng(1)
+    q, k, v = rng.standard_normal((3, 17, 6)), rng.standard_normal((3, 70, 6)), rng.standard_normal((3, 70, 4))
+    mask = rng.random((3, 1, 70)) < 0.5  # broadcast over queries: key padding per sequence
+    out, lse = attention_forward(q, k, v, mask=mask)
+    out_r, lse_r = reference.attention_forward(q, k, v, scale=1 / np.sqrt(6), mask=mask)
+    np.testing.assert_allclose(out, out_r, rtol=1e-10, atol=1e-12)
+    assert out.shape == (3, 17, 4) and lse.shape == (3, 17)
+    dq, dk, dv = attention_backward(q, k, v, out, lse, np.ones_like(out), mask=mask)
+    assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fully_blocked_rows_give_zeros_not_nan(dtype):
+    rng = np.random.default_rng(2)
+    q, k, v, dout = (rng.standard_normal((1, 2, 70, 4)).astype(dtype) for _ in range(4))
+    mask = np.ones((70, 70), dtype=bool)
+    mask[[0, 5, 69]] = False
+    additive = np.where(mask, 0.0, -np.inf)
+    for m in (mask, additive):
+        for form in ("reference", "cpu"):
+            out, lse = attention_forward(q, k, v, scale=0.5, mask=m, form=form)
+            assert (out[:, :, [0, 5, 69]] == 0).all() and np.isneginf(lse[:, :, [0, 5, 69]]).all()
+            assert np.isfinite(out).all() and np.isfinite(lse[:, :, 1:5]).all()
+            dq, dk, dv = attention_backward(q, k, v, out, lse, dout, scale=0.5, mask=m, form=form)
+            assert (dq[:, :, [0, 5, 69]] == 0).all()
+            assert np.isfinite(dq).all() and np.isfinite(dk).all() and np.isfinite(dv).all()
+    # every row blocked: everything zero
+    out, lse = attention_forward(q, k, v, scale=0.5, mask=np.zeros((70, 70), dtype=bool))
+    assert (out == 0).all() and np.isneginf(lse).all()
+    grads = attention_backward(q, k, v, out, lse, dout, scale=0.5, mask=np.zeros((70, 70), dtype=bool))
+    assert all((g == 0).all() for g in grads)
+
+
+def test_arguments_are_checked():
+    q = np.zeros((1, 1, 4, 3))
+    with pytest.raises(ValueError):
+        attention_forward(q, q, np.zeros((1, 1, 5, 3)), scale=1.0)
+    with pytest.raises(TypeError):
+        attention_forward(q, q.astype(np.float32), q, scale=1.0)
+    with pytest.raises(ValueError):
+        attention_forward(q, q, q, scale=1.0, mask=np.ones((2, 4), dtype=bool))
+    with pytest.raises(TypeError):
+        attention_forward(q, q, q, scale=1.0, pattern="causal")
