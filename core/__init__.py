@@ -4,7 +4,7 @@
     from core import nn, optim, functional as F
 """
 
-from . import random
+from . import random  # noqa: I001 - random first: tensor factories draw from it
 from .autograd import Context, Function, detect_anomaly, enable_grad, is_grad_enabled, no_grad, set_grad_enabled, trace
 from .ops import cat, einsum, stack, where
 from .random import manual_seed
@@ -22,6 +22,10 @@ from .tensor import (
     zeros_like,
 )
 
+from . import functional, init, nn, optim, serialize  # noqa: E402
+from .gradcheck import gradcheck  # noqa: E402
+
+F = functional
 float32, float64, int64, int32, bool_ = "float32", "float64", "int64", "int32", "bool"
 
 
@@ -48,6 +52,7 @@ def clamp(x, min=None, max=None):  # noqa: A002
 
 
 __all__ = [
+    "F", "functional", "gradcheck", "init", "nn", "optim", "serialize",
     "Context", "Function", "Tensor", "arange", "cat", "detect_anomaly", "einsum", "enable_grad", "full",
     "is_grad_enabled", "manual_seed", "no_grad", "ones", "ones_like", "rand", "randint", "randn", "random",
     "set_grad_enabled", "stack", "tensor", "trace", "where", "zeros", "zeros_like",
