@@ -1,0 +1,74 @@
+"""Gumbel-softmax, forward and backward — the NumPy specification.
+
+Jang, Gu & Poole 2017 ("Categorical reparameterization with Gumbel-softmax") and Maddison, Mnih & Teh 2017
+("The Concrete distribution"), as used by DALL·E's dVAE (Ramesh et al. 2021, §2.1):
+
+    g_i = −log(−log u_i),  u_i ~ Uniform(0, 1)             Gumbel(0, 1) noise (inverse CDF)
+    y_soft = softmax((logits + g)/τ)                        (Jang et al. eq. 2)
+    y_hard = one_hot(argmax y_soft)                         (Gumbel-max: argmax(logits + g) ~ softmax(logits))
+    y = y_hard − sg[y_soft] + y_soft  if hard  else  y_soft  (straight-through, PyTorch's F.gumbel_softmax)
+
+Backward (through y_soft in both cases, since the straight-through y has y_soft's gradient):
+    ∂L/∂logits = y_soft ∘ (g_y − ⟨g_y, y_soft⟩)/τ,   g_y = ∂L/∂y, ⟨·,·⟩ summed over `dim`.
+
+Noise: u_i = kernels.philox.uniform(seed, i) for the flat (C-order) index i of each logit — whatever `dim` is —
+so every form draws the same u for the same seed; g is computed in float64 and rounded to the logits' dtype.
+Or `noise=` gives g itself (PyTorch's `gumbels`), so tests compare exactly. The softmax is computed in float64
+and rounded to the dtype; the hard index is the first maximum of (logits + g)/τ.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kernels import philox
+
+
+def gumbel_noise(seed, shape, dtype=np.float64) -> np.ndarray:
+    """g = −log(−log u) with u = philox.uniform(seed, flat index), rounded to dtype."""
+    n = int(np.prod(shape, dtype=np.int64))
+    u = philox.uniform(seed, np.arange(n))
+    return (-np.log(-np.log(u))).reshape(shape).astype(dtype)
+
+
+def _noise(logits, seed, noise):
+    if (seed is None) == (noise is None):
+        raise ValueError("pass exactly one of seed= and noise=")
+    if noise is None:
+        return gumbel_noise(seed, logits.shape, logits.dtype)
+    noise = np.asarray(noise)
+    if noise.shape != logits.shape:
+        raise ValueError(f"noise shape {noise.shape} != logits shape {logits.shape}")
+    return noise
+
+
+def gumbel_softmax_forward(logits, tau=1.0, hard=False, *, seed=None, noise=None, dim=-1):
+    """Sample y ~ Gumbel-softmax(logits, τ) along `dim`; returns (y, y_soft) — y_soft is what backward needs.
+
+    With hard=True, y is the one-hot of the sample (forward value of PyTorch's y_hard − sg[y_soft] + y_soft).
+    """
+    logits = np.asarray(logits)
+    if logits.dtype not in (np.float32, np.float64):
+        raise TypeError(f"expected float32 or float64 logits, got {logits.dtype}")
+    if tau <= 0:
+        raise ValueError(f"tau must be positive, got {tau}")
+    g = _noise(logits, seed, noise)
+    z = (logits.astype(np.float64) + g) / tau
+    z_max = z.max(axis=dim, keepdims=True)
+    e = np.exp(z - z_max)
+    y_soft = (e / e.sum(axis=dim, keepdims=True)).astype(logits.dtype)
+    if not hard:
+        return y_soft, y_soft
+    index = np.expand_dims(np.argmax(z, axis=dim), dim)
+    y_hard = np.zeros_like(y_soft)
+    np.put_along_axis(y_hard, index, 1, axis=dim)
+    return y_hard, y_soft
+
+
+def gumbel_softmax_backward(grad_y, y_soft, tau=1.0, *, dim=-1):
+    """∂L/∂logits = y_soft ∘ (g_y − Σ_dim g_y y_soft)/τ — the softmax Jacobian-vector product, scaled by 1/τ."""
+    grad_y, y_soft = np.asarray(grad_y), np.asarray(y_soft)
+    g = grad_y.astype(np.float64)
+    y = y_soft.astype(np.float64)
+    dot = (g * y).sum(axis=dim, keepdims=True)
+    return (y * (g - dot) / tau).astype(y_soft.dtype)

@@ -1,0 +1,136 @@
+"""kernels.gumbel: forms equal the reference, the reference equals PyTorch, Gumbel-max sampling, stability."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import stats
+
+from kernels import gumbel, philox
+from kernels.gumbel import cpu, cuda
+from kernels.gumbel import reference as ref
+
+TOL = {np.float32: dict(rtol=2e-6, atol=1e-7), np.float64: dict(rtol=1e-12, atol=1e-15)}
+
+
+@settings(max_examples=30, deadline=None)
+@given(data=st.data(), shape=st.lists(st.integers(1, 11), min_size=1, max_size=3).map(tuple),
+       dtype=st.sampled_from([np.float32, np.float64]), hard=st.booleans(), seeded=st.booleans(),
+       tau=st.sampled_from([1.0, 0.5, 1 / 16, 3.0]))
+def test_cpu_equals_reference(data, shape, dtype, hard, seeded, tau):
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    dim = data.draw(st.integers(-len(shape), len(shape) - 1))
+    logits = (rng.standard_normal(shape) * 3).astype(dtype)
+    kw = dict(seed=int(rng.integers(0, 2**63))) if seeded else dict(noise=rng.gumbel(size=shape).astype(dtype))
+    y, y_soft = gumbel.gumbel_softmax_forward(logits, tau, hard, dim=dim, **kw)
+    y_ref, y_soft_ref = ref.gumbel_softmax_forward(logits, tau, hard, dim=dim, **kw)
+    assert y.dtype == dtype and y.shape == shape
+    np.testing.assert_allclose(y_soft, y_soft_ref, **TOL[dtype])
+    np.testing.assert_array_equal(y, y_ref) if hard else np.testing.assert_allclose(y, y_ref, **TOL[dtype])
+    grad = rng.standard_normal(shape).astype(dtype)
+    np.testing.assert_allclose(gumbel.gumbel_softmax_backward(grad, y_soft_ref, tau, dim=dim),
+                               ref.gumbel_softmax_backward(grad, y_soft_ref, tau, dim=dim), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(3, 1001), (2, 4097), (5, 7, 3)])
+def test_cpu_noise_is_the_reference_noise(dtype, shape):
+    g = cpu.gumbel_noise(77, shape, dtype)
+    exact32 = dtype == np.float32  # float64 g agrees to an ulp of log; rounded to float32 it is identical here
+    np.testing.assert_allclose(g, ref.gumbel_noise(77, shape, dtype), rtol=0 if exact32 else 1e-14,
+                               atol=0 if exact32 else 1e-14)
+    # the fused kernel draws it too: softmax of zeros + g is softmax(g) (rows start mid Philox block: n odd)
+    y, _ = cpu.gumbel_softmax_forward(np.zeros(shape, dtype), 1.0, seed=77)
+    np.testing.assert_allclose(y, torch.softmax(torch.from_numpy(g.astype(np.float64)), -1).numpy(),
+                               **TOL[dtype])
+
+
+@pytest.mark.parametrize("hard", [False, True])
+@pytest.mark.parametrize("dim", [-1, 0])
+def test_reference_equals_pytorch_formula(hard, dim):
+    rng = np.random.default_rng(0)
+    logits, g, grad = (rng.standard_normal((6, 9)) for _ in range(3))
+    tau = 0.7
+    lt = torch.tensor(logits, requires_grad=True)
+    y_soft_t = torch.softmax((lt + torch.tensor(g)) / tau, dim)  # PyTorch's F.gumbel_softmax, given its gumbels
+    if hard:
+        index = y_soft_t.max(dim, keepdim=True)[1]
+        y_t = torch.zeros_like(y_soft_t).scatter_(dim, index, 1.0) - y_soft_t.detach() + y_soft_t
+    else:
+        y_t = y_soft_t
+    y_t.backward(torch.tensor(grad))
+    y, y_soft = ref.gumbel_softmax_forward(logits, tau, hard, noise=g, dim=dim)
+    np.testing.assert_allclose(y, y_t.detach().numpy(), rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(y_soft, y_soft_t.detach().numpy(), rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(ref.gumbel_softmax_backward(grad, y_soft, tau, dim=dim), lt.grad.numpy(),
+                               rtol=1e-10, atol=1e-14)
+
+
+def test_pytorch_gumbel_softmax_statistics_match():
+    # torch's own F.gumbel_softmax draws other noise; its hard samples and ours follow the same law
+    logits = np.array([1.0, 0.0, -1.0, 2.0], dtype=np.float32)
+    n = 20_000
+    ours = cpu.gumbel_softmax_forward(np.tile(logits, (n, 1)), 1.0, True, seed=5)[0].sum(0)
+    torch.manual_seed(0)
+    theirs = torch.nn.functional.gumbel_softmax(torch.from_numpy(np.tile(logits, (n, 1))), 1.0, hard=True).sum(0)
+    assert stats.chi2_contingency(np.stack([ours, theirs.numpy()])).pvalue > 1e-3
+
+
+@pytest.mark.parametrize("form", ["reference", "cpu"])
+def test_gumbel_max_follows_softmax_chi2(form):
+    k, n = 7, 50_000
+    logits = np.array([2.0, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0])
+    y, _ = gumbel.gumbel_softmax_forward(np.tile(logits, (n, 1)), 1.0, True, seed=2024, form=form)
+    counts = y.sum(0)
+    p = np.exp(logits) / np.exp(logits).sum()
+    assert counts.sum() == n and y.max() == 1
+    assert stats.chisquare(counts, p * n).pvalue > 1e-3
+    # a wrong law is rejected by the same test (the test can fail)
+    assert stats.chisquare(counts, np.full(k, n / k)).pvalue < 1e-6
+
+
+@pytest.mark.parametrize("form", ["reference", "cpu"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_stable_for_huge_logits(form, dtype):
+    logits = np.array([[1e4, -1e4, 0.0, 1e4 - 1.0], [-1e4, -1e4, -1e4, -1e4]], dtype=dtype)
+    y, y_soft = gumbel.gumbel_softmax_forward(logits, 0.1, True, seed=3, form=form)
+    assert np.isfinite(y_soft).all()
+    np.testing.assert_allclose(y_soft.sum(-1), 1.0, rtol=1e-6)
+    assert y_soft[0, 1] == 0 and y_soft[0, 2] == 0  # 1e4 below the max: exactly underflows
+    assert y.sum() == 2 and y[0, 1] == 0
+    grad = np.ones_like(logits)
+    assert np.isfinite(gumbel.gumbel_softmax_backward(grad, y_soft, 0.1, form=form)).all()
+
+
+def test_argument_checks():
+    x = np.zeros((2, 3), np.float32)
+    for form in ("reference", "cpu"):
+        with pytest.raises(ValueError):
+            gumbel.gumbel_softmax_forward(x, 1.0, seed=1, noise=x, form=form)
+        with pytest.raises(ValueError):
+            gumbel.gumbel_softmax_forward(x, 0.0, seed=1, form=form)
+        with pytest.raises(TypeError):
+            gumbel.gumbel_softmax_forward(x.astype(np.int32), 1.0, seed=1, form=form)
+    with pytest.raises(ValueError):
+        gumbel.gumbel_softmax_forward(x, 1.0, seed=1, form="tpu")
+
+
+def test_uniform_source_is_philox():
+    g = ref.gumbel_noise(9, (4, 5))
+    np.testing.assert_array_equal(g, -np.log(-np.log(philox.uniform(9, np.arange(20)))).reshape(4, 5))
+
+
+@pytest.mark.parametrize("name", sorted(cuda.SIGNATURES))
+def test_cuda_kernels_compile_for_sm90(ptx_sm90, name):
+    kernel, signature = cuda.SIGNATURES[name]
+    ptx = ptx_sm90(kernel, signature)
+    if name.startswith(("forward", "backward")):
+        assert ".shared" in ptx and "bar.sync" in ptx  # the shared-memory reductions survived compilation
+
+
+def test_benchmark_helper_runs():
+    result = cpu.benchmark_gumbel_softmax(shape=(8, 64), repeats=2, threads=1)
+    assert result["ours_s"] > 0 and result["torch_s"] > 0 and result["speedup"] > 0
