@@ -111,6 +111,11 @@ class Tensor:
     def zero_grad(self):
         self.grad = None
 
+    def __array__(self, dtype=None, copy=None):
+        """np.asarray(t) gives the data (as for PyTorch tensors); no graph is recorded."""
+        a = self.numpy()
+        return a if dtype is None else a.astype(dtype, copy=False)
+
     def numpy(self):
         """The data as a NumPy array (copied from the GPU if needed)."""
         return self.data if isinstance(self.data, np.ndarray) else self.data.get()
@@ -130,6 +135,8 @@ class Tensor:
             if target == self.device:
                 return self
             return ops.ToDevice.apply(self, target)
+        if np.dtype(target) == self.dtype:  # as in PyTorch, no copy when nothing changes
+            return self
         return ops.Cast.apply(self, np.dtype(target))
 
     def type(self, dtype):
@@ -499,11 +506,16 @@ def rand(*size, dtype=None, requires_grad=False, generator=None):
     return Tensor(g.uniform(_shape(size)).astype(dtype or DEFAULT_DTYPE), requires_grad)
 
 
-def randint(low, high, size, generator=None):
+def randint(low, high=None, size=None, *, generator=None, dtype=None):
+    """Uniform integers in [low, high); like torch.randint, also callable as randint(high, size)."""
     from . import random
 
+    if size is None:
+        if high is None:
+            raise TypeError("randint: expected (high, size) or (low, high, size)")
+        low, high, size = 0, low, high
     g = generator or random.default_generator
-    return Tensor(g.integers(low, high, _shape((size,))).astype(np.int64))
+    return Tensor(g.integers(low, high, _shape((size,))).astype(dtype or np.int64))
 
 
 from . import ops  # noqa: E402  (ops needs Tensor defined)

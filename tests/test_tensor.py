@@ -1,0 +1,231 @@
+"""Tensor as a container: factories and the dtypes PyTorch infers, conversions, repr, comparisons,
+in-place assignment rules, dtype casts with gradients, and size queries."""
+
+import operator
+
+import numpy as np
+import pytest
+import torch
+
+import core
+
+# --- factories and inferred dtypes ---------------------------------------------------------------------
+
+FACTORIES = [
+    ("L.tensor([1., 2.])", "float32", (2,)),
+    ("L.tensor(3.5)", "float32", ()),
+    ("L.tensor([1, 2.5])", "float32", (2,)),
+    ("L.tensor([1, 2])", "int64", (2,)),
+    ("L.tensor(3)", "int64", ()),
+    ("L.tensor([True, False])", "bool", (2,)),
+    ("L.tensor([])", "float32", (0,)),
+    ("L.tensor(np.ones((2, 3)))", "float64", (2, 3)),
+    ("L.tensor(np.ones(2, np.float32))", "float32", (2,)),
+    ("L.tensor(np.arange(3, dtype=np.int32))", "int32", (3,)),
+    ("L.tensor(np.float64(2.0))", "float64", ()),
+    ("L.tensor([[1, 2], [3, 4]], dtype=L.float64)", "float64", (2, 2)),
+    ("L.zeros(2, 3)", "float32", (2, 3)),
+    ("L.zeros((2, 3), dtype=L.float64)", "float64", (2, 3)),
+    ("L.ones(())", "float32", ()),
+    ("L.ones(4, dtype=L.int64)", "int64", (4,)),
+    ("L.full((2,), 1.5)", "float32", (2,)),
+    ("L.full((2, 1), 3)", "int64", (2, 1)),
+    ("L.full((2,), True)", "bool", (2,)),
+    ("L.arange(5)", "int64", (5,)),
+    ("L.arange(1, 7, 2)", "int64", (3,)),
+    ("L.arange(5.0)", "float32", (5,)),
+    ("L.arange(0, 1, 0.25)", "float32", (4,)),
+    ("L.zeros_like(L.ones(2, dtype=L.float64))", "float64", (2,)),
+    ("L.ones_like(L.ones(3, 1))", "float32", (3, 1)),
+    ("L.randn(2, 3)", "float32", (2, 3)),
+    ("L.rand((4,))", "float32", (4,)),
+    ("L.randint(0, 5, (3,))", "int64", (3,)),
+    ("L.randint(5, (3, 2))", "int64", (3, 2)),
+]
+
+
+@pytest.mark.parametrize("expr, dtype, shape", FACTORIES, ids=[f[0] for f in FACTORIES])
+def test_factories_infer_pytorchs_dtypes(expr, dtype, shape):
+    ours = eval(expr, {"L": core, "np": np})  # the same expression in both libraries
+    ref = eval(expr, {"L": torch, "np": np})
+    assert ours.dtype == np.dtype(dtype) and ours.shape == shape
+    assert str(ref.dtype) == f"torch.{dtype}" and tuple(ref.shape) == shape  # the table itself is PyTorch's
+    assert not ours.requires_grad and ours.is_leaf and ours.grad is None
+
+
+def test_factory_values():
+    np.testing.assert_array_equal(core.arange(1, 7, 2).numpy(), [1, 3, 5])
+    np.testing.assert_array_equal(core.arange(0, 1, 0.25).numpy(), [0, 0.25, 0.5, 0.75])
+    np.testing.assert_array_equal(core.full((2,), 1.5).numpy(), [1.5, 1.5])
+    np.testing.assert_array_equal(core.zeros(2).numpy(), [0, 0])
+    np.testing.assert_array_equal(core.ones_like(core.zeros(2)).numpy(), [1, 1])
+    assert core.ones(2, requires_grad=True).requires_grad
+
+
+def test_tensor_copies_its_data_but_Tensor_wraps_it():
+    a = np.ones(3)
+    t = core.tensor(a)
+    a[0] = 5.0
+    assert t.data[0] == 1.0
+    u = core.tensor(t)  # from a Tensor: a copy too
+    t.data[1] = 7.0
+    assert u.data[1] == 1.0
+    w = core.Tensor(a)  # the raw wrapper shares memory, as torch.from_numpy
+    a[2] = 9.0
+    assert w.data[2] == 9.0
+
+
+def test_tensor_of_zero_dim_tensors_and_array_protocol():
+    t = core.tensor([core.tensor(1.0), core.tensor(2.5)])
+    assert t.dtype == np.float32 and t.tolist() == [1.0, 2.5]
+    np.testing.assert_array_equal(np.asarray(core.tensor([[1, 2]])), [[1, 2]])
+
+
+# --- conversions ---------------------------------------------------------------------------------------
+
+
+def test_item_numpy_tolist_detach():
+    x = core.tensor([[1.5, -2.0], [3.0, 4.0]], requires_grad=True)
+    assert x[0, 0].item() == 1.5 and isinstance(x[0, 0].item(), float)
+    assert core.tensor(3).item() == 3 and isinstance(core.tensor(3).item(), int)
+    assert core.tensor([True]).item() is True
+    assert core.tensor([[2.5]]).item() == 2.5  # any one-element tensor
+    with pytest.raises(ValueError, match="4 elements cannot be converted to a scalar"):
+        x.item()
+    assert x.tolist() == [[1.5, -2.0], [3.0, 4.0]] and core.tensor(2.5).tolist() == 2.5
+    a = x.numpy()
+    assert isinstance(a, np.ndarray) and a.dtype == np.float32 and a.shape == (2, 2)
+    d = (x * 2).detach()
+    assert not d.requires_grad and d.is_leaf and d.grad_fn is None
+    np.testing.assert_array_equal(d.numpy(), [[3, -4], [6, 8]])
+    assert float(core.tensor([2.0])) == 2.0 and int(core.tensor(3)) == 3
+    assert [10, 20, 30][core.tensor(1)] == 20  # __index__ for integer tensors
+    with pytest.raises(TypeError, match="only integer tensors"):
+        [1, 2][core.tensor(1.0)]
+
+
+def test_bool_of_a_tensor():
+    assert bool(core.tensor([1.0])) and not bool(core.tensor(0))
+    with pytest.raises(RuntimeError, match="ambiguous"):
+        bool(core.tensor([1.0, 2.0]))
+
+
+def test_repr_looks_like_pytorchs():
+    assert repr(core.tensor([1.0, 2.0])) == "tensor([1., 2.])"
+    assert repr(core.tensor([1, 2])) == "tensor([1, 2])"
+    assert repr(core.tensor(3.5)) == "tensor(3.5)"
+    assert repr(core.tensor([True, False])) == "tensor([ True, False])"
+    assert repr(core.tensor(np.ones(2))) == "tensor([1., 1.], dtype=float64)"
+    assert repr(core.tensor([1.0], requires_grad=True)) == "tensor([1.], requires_grad=True)"
+    x = core.tensor([1.0], requires_grad=True)
+    assert repr(x * 2) == "tensor([2.], grad_fn=<Mul>)"
+    assert repr(core.zeros(2, 2)) == "tensor([[0., 0.],\n        [0., 0.]])"  # rows aligned under "tensor("
+
+
+# --- comparisons -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("op", [operator.lt, operator.le, operator.gt, operator.ge, operator.eq, operator.ne],
+                         ids=lambda f: f.__name__)
+def test_comparisons_return_bool_tensors_without_grad(op):
+    a = core.tensor([1.0, 2.0, 3.0], requires_grad=True)
+    b = core.tensor([[2.0], [3.0]])
+    for out, ref in [(op(a, b), op(a.data, b.data)), (op(a, 2.0), op(a.data, 2.0)), (op(2.0, a), op(2.0, a.data))]:
+        assert isinstance(out, core.Tensor) and out.dtype == np.bool_ and not out.requires_grad
+        np.testing.assert_array_equal(out.numpy(), ref)
+
+
+def test_logical_operators_and_named_comparisons():
+    a = core.tensor([1.0, 2.0, 3.0])
+    np.testing.assert_array_equal(((a > 1) & (a < 3)).numpy(), [False, True, False])
+    np.testing.assert_array_equal(((a < 2) | (a > 2)).numpy(), [True, False, True])
+    np.testing.assert_array_equal((~(a > 1)).numpy(), [True, False, False])
+    np.testing.assert_array_equal(a.eq(2.0).numpy(), [False, True, False])
+    np.testing.assert_array_equal(a.ge(core.tensor([3.0, 2.0, 1.0])).numpy(), [False, True, True])
+
+
+def test_tensors_hash_by_identity():
+    a, b = core.tensor([1.0]), core.tensor([1.0])
+    assert len({a, b}) == 2 and {a: 1}[a] == 1
+
+
+# --- in-place assignment ------------------------------------------------------------------------------
+
+
+def test_setitem_writes_values_with_pytorchs_indexing():
+    x = core.zeros(3, 4)
+    x[0] = 1.0
+    x[1, 1:3] = core.tensor([2.0, 3.0])
+    x[x > 2.5] = -1.0  # a bool tensor index
+    x[core.tensor([2, 2]), core.tensor([0, 3])] = 7.0  # integer tensor indices
+    x[:, -1:] = core.tensor([[5.0], [6.0], [8.0]])
+    np.testing.assert_array_equal(x.numpy(), [[1, 1, 1, 5], [0, 2, -1, 6], [7, 0, 0, 8]])
+    assert x.dtype == np.float32
+    i = core.zeros(2, dtype=core.int64)
+    i[0] = 3.7  # the tensor keeps its dtype, as in PyTorch
+    assert i.dtype == np.int64 and i.tolist() == [3, 0]
+
+
+def test_setitem_on_a_tensor_that_requires_grad_is_refused_outside_no_grad():
+    w = core.tensor([1.0, 2.0], requires_grad=True)
+    with pytest.raises(RuntimeError, match="in-place assignment to a tensor that requires grad"):
+        w[0] = 5.0
+    with core.no_grad():
+        w[0] = 5.0  # how an optimizer or an initializer writes parameters
+    assert w.tolist() == [5.0, 2.0] and w.requires_grad
+
+
+def test_setitem_shape_errors():
+    x = core.zeros(2, 3)
+    with pytest.raises(ValueError):
+        x[0] = core.ones(4)
+    with pytest.raises(IndexError):
+        x[5] = 1.0
+
+
+# --- dtype casts ---------------------------------------------------------------------------------------
+
+
+def test_to_dtype_lets_the_gradient_flow_back_in_the_source_dtype():
+    x = core.tensor([1.0, 2.0, 3.0], requires_grad=True)  # float32
+    y = x.to(core.float64)
+    assert y.dtype == np.float64 and y.requires_grad and y.grad_fn == "Cast"
+    (y * y).sum().backward()
+    assert x.grad.dtype == np.float32
+    np.testing.assert_array_equal(x.grad, [2.0, 4.0, 6.0])
+    z = core.tensor([0.5], dtype=core.float64, requires_grad=True)
+    (z.float() * 4).sum().backward()
+    assert z.grad.dtype == np.float64 and z.grad.tolist() == [4.0]
+
+
+def test_casts_to_integer_and_bool_cut_the_graph():
+    x = core.tensor([1.7, -2.2, 0.0], requires_grad=True)
+    assert x.long().dtype == np.int64 and x.long().tolist() == [1, -2, 0]  # truncation toward zero
+    assert x.int().dtype == np.int32 and not x.long().requires_grad
+    assert x.bool().tolist() == [True, True, False]
+    assert x.double().dtype == np.float64 and x.type(core.float64).dtype == np.float64
+    assert x.to(core.float32) is x  # nothing to do: the same tensor, as in PyTorch
+    assert x.to("cpu") is x and x.cpu() is x
+
+
+# --- sizes -----------------------------------------------------------------------------------------------
+
+
+def test_size_numel_len_and_friends():
+    x = core.zeros(2, 3, 4)
+    assert x.size() == (2, 3, 4) and x.shape == (2, 3, 4)
+    assert x.size(-1) == 4 and x.size(0) == 2
+    assert x.numel() == 24 and len(x) == 2 and x.dim() == 3 and x.ndim == 3
+    assert x.device == "cpu"
+    assert core.zeros(0, 5).numel() == 0 and len(core.zeros(0, 5)) == 0
+    with pytest.raises(TypeError, match="0-d"):
+        len(core.tensor(1.0))
+    assert core.tensor(1.0).numel() == 1 and core.tensor(1.0).size() == ()
+
+
+def test_is_leaf_and_grad_fn():
+    x = core.tensor([1.0], requires_grad=True)
+    y = x * 2
+    assert x.is_leaf and x.grad_fn is None
+    assert not y.is_leaf and y.grad_fn == "Mul"
+    assert core.tensor([1.0]).is_leaf
