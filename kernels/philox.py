@@ -34,7 +34,10 @@ import math
 import types
 
 import numpy as np
+from llvmlite import ir
 from numba import njit
+from numba.core import types as nbtypes
+from numba.extending import intrinsic
 
 # The Philox4x32 multipliers and Weyl key increments (Random123, philox.h: PHILOX_M4x32_0/1, PHILOX_W32_0/1;
 # the W are the golden ratio and sqrt(3) - 1 in 0.32 fixed point).
@@ -130,8 +133,9 @@ def normal(seed, index):
 # ---------------------------------------------------------------------------------------------------------
 # Per-element functions for the compiled kernels (one source, compiled by numba.njit or numba.cuda).
 # ---------------------------------------------------------------------------------------------------------
-def scalar_functions(jit):
-    """Compile the per-element generator with `jit`; returns a namespace of compiled functions:
+def scalar_functions(jit, log=math.log):
+    """Compile the per-element generator with `jit` (and `log`, the natural log Box–Muller uses); returns a
+    namespace of compiled functions:
 
     - block(k0, k1, b) → 4 words of block b (b a uint64),
     - uniform4(k0, k1, b) → the 4 uniforms of elements 4b .. 4b+3,
@@ -171,28 +175,25 @@ def scalar_functions(jit):
         an odd one θ = Q·π/2 − x with x = (1 − f)·π/4 (Q = (o + 1) div 2); then a quarter-turn rotation by Q.
         """
         octant = w >> OCTANT_SHIFT
-        m = w & OCTANT_MASK
-        if octant & ONE:
-            x = ((OCTANT_SIZE - m) - 0.5) * QUARTER_PI_OVER_OCTANT  # (1 - f)·π/4
-            c, s = cos_poly(x), -sin_poly(x)
-        else:
-            x = (m + 0.5) * QUARTER_PI_OVER_OCTANT  # f·π/4
-            c, s = cos_poly(x), sin_poly(x)
+        odd = octant & ONE
+        mf = (w & OCTANT_MASK) + 0.5
+        x = (mf if odd == 0 else OCTANT_SIZE - mf) * QUARTER_PI_OVER_OCTANT
+        c = cos_poly(x)
+        s = sin_poly(x) * (1.0 - 2.0 * odd)  # odd octants measure the angle back from the upper edge
         q = ((octant + ONE) >> ONE) & THREE
-        if q == 0:
-            return c, s
-        if q == 1:
-            return -s, c
-        if q == 2:
-            return -c, -s
-        return s, -c
+        # rotate by q quarter turns: (c, s) → (c, s), (−s, c), (−c, −s), (s, −c); written with a select and
+        # exact ±1 factors instead of branches, so that loops over it vectorize
+        swap = q & ONE
+        cos_t = (c if swap == 0 else s) * (1.0 - 2.0 * ((q ^ (q >> ONE)) & ONE))
+        sin_t = (s if swap == 0 else c) * (1.0 - 2.0 * (q >> ONE))
+        return cos_t, sin_t
 
     @jit
     def normal4(k0, k1, b):
         w0, w1, w2, w3 = block(k0, k1, b)
-        r0 = math.sqrt(-2.0 * math.log(uniform(w0)))  # Box–Muller: r = sqrt(-2 ln u1), θ = 2π u2
+        r0 = math.sqrt(-2.0 * log(uniform(w0)))  # Box–Muller: r = sqrt(-2 ln u1), θ = 2π u2
         c0, s0 = cos_sin_2pi(w1)
-        r1 = math.sqrt(-2.0 * math.log(uniform(w2)))
+        r1 = math.sqrt(-2.0 * log(uniform(w2)))
         c1, s1 = cos_sin_2pi(w3)
         return r0 * c0, r0 * s0, r1 * c1, r1 * s1
 
@@ -213,22 +214,6 @@ def scalar_functions(jit):
                                  cos_sin_2pi=cos_sin_2pi, uniform_at=uniform_at, normal_at=normal_at)
 
 
-# inline='always' inlines at Numba's level, which lets LLVM vectorize loops over Philox blocks (~14× faster).
-cpu = scalar_functions(njit(inline="always"))
-
-_cuda = None
-
-
-def cuda_device_functions():
-    """`scalar_functions` compiled as numba.cuda device functions (imports numba.cuda on first call)."""
-    global _cuda
-    if _cuda is None:
-        from numba import cuda
-
-        _cuda = scalar_functions(cuda.jit(device=True))
-    return _cuda
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Vectorizable log and exp for the CPU kernels.
 #
@@ -237,9 +222,6 @@ def cuda_device_functions():
 # < 1 ulp) written with arithmetic and bit casts only, so that LLVM vectorizes the loops that call them. CPU only
 # (the bit casts are LLVM intrinsics); the CUDA kernels use the GPU's math.log / math.exp.
 # ---------------------------------------------------------------------------------------------------------
-from llvmlite import ir  # noqa: E402
-from numba.core import types as nbtypes  # noqa: E402
-from numba.extending import intrinsic  # noqa: E402
 
 
 @intrinsic
@@ -308,3 +290,22 @@ def fast_exp(x):
     if x != x:  # NaN stays NaN
         return x
     return 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The compiled generators
+# ---------------------------------------------------------------------------------------------------------
+# inline='always' inlines at Numba's level, which lets LLVM vectorize loops over Philox blocks (~14× faster).
+cpu = scalar_functions(njit(inline="always"), log=fast_log)
+
+_cuda = None
+
+
+def cuda_device_functions():
+    """`scalar_functions` compiled as numba.cuda device functions (imports numba.cuda on first call)."""
+    global _cuda
+    if _cuda is None:
+        from numba import cuda
+
+        _cuda = scalar_functions(cuda.jit(device=True))
+    return _cuda

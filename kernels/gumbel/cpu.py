@@ -25,7 +25,7 @@ ROWS_PER_TASK = 4
 _uniform4 = philox.cpu.uniform4
 fast_log, fast_exp = philox.fast_log, philox.fast_exp
 # error_model="numpy": no ZeroDivisionError checks on float division, which would stop LLVM vectorizing.
-_jit = dict(parallel=True, cache=True, error_model="numpy")
+_jit = dict(parallel=True, error_model="numpy")
 
 
 @njit(inline="always")
@@ -70,13 +70,14 @@ def forward_rows(l2, tau, hard, seeded, k0, k1, g2, round32, y2, ys2):
                 base = r * n
                 off = base & 3
                 _fill_uniforms(k0, k1, base, n, ubuf)
+                us = ubuf[off:off + n]  # indexed from 0, so Numba emits no negative-index wraparound
                 if round32:
                     for j in range(n):
-                        g = np.float64(np.float32(-fast_log(-fast_log(ubuf[off + j]))))
+                        g = np.float64(np.float32(-fast_log(-fast_log(us[j]))))
                         zbuf[j] = (np.float64(lrow[j]) + g) / tau
                 else:
                     for j in range(n):
-                        zbuf[j] = (np.float64(lrow[j]) - fast_log(-fast_log(ubuf[off + j]))) / tau
+                        zbuf[j] = (np.float64(lrow[j]) - fast_log(-fast_log(us[j]))) / tau
             else:
                 grow = g2[r]
                 for j in range(n):

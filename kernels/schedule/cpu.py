@@ -73,46 +73,60 @@ def clip_value(clip_x0) -> float:
 # ---------------------------------------------------------------------------------------------------------
 # The kernel
 # ---------------------------------------------------------------------------------------------------------
-@njit(parallel=True, cache=True)
+@njit(parallel=True, error_model="numpy")
 def fused_update(x, e, has_e, coef, per_sample, clip, seeded, k0, k1, z, write_z, z_out, round32, out):
     """out = A·clip(p·x − q·e) + Bx·x + Be·e + S·z over flat arrays, with per-sample coefficient rows.
 
     z comes from Philox (seeded: normal of (k0, k1) at the flat index, rounded to float32 when round32, and
-    stored to z_out when write_z) or from the array z.
+    stored to z_out when write_z) or from the array z. Each task takes a chunk of CHUNK elements: first the
+    chunk's normals into a scratch buffer (whole Philox blocks, a vectorized loop), then one loop per sample the
+    chunk overlaps, whose coefficients are constants there — so that loop vectorizes too.
+    (error_model="numpy" drops the ZeroDivisionError checks that would stop the vectorizer.)
     """
     n = x.size
     for c in prange((n + CHUNK - 1) // CHUNK):
         lo = c * CHUNK
         hi = min(lo + CHUNK, n)
-        s = lo // per_sample  # the sample of element lo, and where the next sample starts
-        next_start = (s + 1) * per_sample
-        zs = (0.0, 0.0, 0.0, 0.0)
-        for b in range(lo, hi, 4):
-            if seeded:
-                zs = _normal4(k0, k1, np.uint64(b >> 2))
-            for lane in range(min(4, hi - b)):
-                i = b + lane
-                while i >= next_start:
-                    s += 1
-                    next_start += per_sample
-                p, q, A, Bx, Be, S = coef[s, 0], coef[s, 1], coef[s, 2], coef[s, 3], coef[s, 4], coef[s, 5]
-                if seeded:
-                    zi = zs[lane]
-                    if round32:
-                        zi = np.float64(np.float32(zi))
-                    if write_z:
-                        z_out[i] = zi
-                else:
-                    zi = np.float64(z[i])
-                xi = np.float64(x[i])
-                acc = Bx * xi + S * zi
-                if has_e:
-                    ei = np.float64(e[i])
-                    acc += Be * ei
-                    if A != 0.0:
-                        x0 = p * xi - q * ei
-                        acc += A * min(max(x0, -clip), clip)
-                out[i] = acc
+        m = hi - lo
+        zbuf = np.empty(CHUNK)
+        if seeded:
+            for b in range((m + 3) >> 2):
+                z0, z1, z2, z3 = _normal4(k0, k1, np.uint64((lo >> 2) + b))
+                zbuf[4 * b] = z0
+                zbuf[4 * b + 1] = z1
+                zbuf[4 * b + 2] = z2
+                zbuf[4 * b + 3] = z3
+            if round32:
+                for j in range(m):
+                    zbuf[j] = np.float64(np.float32(zbuf[j]))
+            if write_z:
+                zo = z_out[lo:hi]
+                for j in range(m):
+                    zo[j] = zbuf[j]
+        else:
+            zi = z[lo:hi]
+            for j in range(m):
+                zbuf[j] = zi[j]
+        start = lo
+        while start < hi:  # one run of elements per sample
+            s = start // per_sample
+            stop = min(hi, (s + 1) * per_sample)
+            p, q, A, Bx, Be, S = coef[s, 0], coef[s, 1], coef[s, 2], coef[s, 3], coef[s, 4], coef[s, 5]
+            # slices indexed from 0: Numba then knows the indices are not negative (no wraparound code)
+            xs, zs, os = x[start:stop], zbuf[start - lo:stop - lo], out[start:stop]
+            es = e[start:stop]
+            if not has_e:
+                for i in range(stop - start):
+                    os[i] = Bx * np.float64(xs[i]) + S * zs[i]
+            elif A == 0.0:
+                for i in range(stop - start):
+                    os[i] = Bx * np.float64(xs[i]) + Be * np.float64(es[i]) + S * zs[i]
+            else:
+                for i in range(stop - start):
+                    xi, ei = np.float64(xs[i]), np.float64(es[i])
+                    x0 = min(max(p * xi - q * ei, -clip), clip)
+                    os[i] = A * x0 + Bx * xi + Be * ei + S * zs[i]
+            start = stop
 
 
 _EMPTY = np.empty(0)
