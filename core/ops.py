@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from .autograd import Function
-from .tensor import Tensor
+from .tensor import DEFAULT_DTYPE, Tensor
 
 
 def _arr(x):
@@ -44,15 +44,37 @@ def _check_broadcast(name, a, b):
         raise ValueError(f"{name}: shapes {np.shape(a)} and {np.shape(b)} cannot be broadcast together") from None
 
 
-def _binary(name, f, a, b):
-    """f(a, b) with broadcasting; a shape mismatch is reported with the op's name and both shapes.
+def _floating(a):
+    """Integer and bool inputs of float-valued math become the default float dtype (torch.exp(int) is float32)."""
+    return a if a.dtype.kind in "fc" else a.astype(DEFAULT_DTYPE)
 
-    (Trying first and explaining on failure keeps the common path free of a separate shape check.)"""
+
+def _promote(out, a, b):
+    """Give a float result PyTorch's dtype where NumPy's differs.
+
+    PyTorch ranks operands: tensors with dimensions, then 0-d tensors, then Python numbers; a float
+    result takes the float dtype of the highest-ranked float operands, and the default float32 when
+    the floats come only from Python numbers or from dividing integers. NumPy would make float64 of
+    `arange(n) * 0.1` or of `x32 * tensor(np.float64(2))`, silently turning a float32 model into float64.
+    """
+    if out.dtype.kind != "f" or (type(a) is np.ndarray and type(b) is np.ndarray and a.dtype == b.dtype == out.dtype):
+        return out
+    ranked = [x for x in (a, b) if isinstance(x, np.ndarray) and x.dtype.kind == "f"]
+    dims = [x.dtype for x in ranked if x.ndim]
+    want = np.result_type(*dims) if dims else np.result_type(*(x.dtype for x in ranked)) if ranked else DEFAULT_DTYPE
+    return out if out.dtype == want else out.astype(want)
+
+
+def _binary(name, f, a, b):
+    """f(a, b) with broadcasting and PyTorch's type promotion (`_promote`); a shape mismatch is
+    reported with the op's name and both shapes. (Trying first and explaining on failure keeps the
+    common path free of a separate shape check.)"""
     try:
-        return f(a, b)
+        out = f(a, b)
     except ValueError:
         _check_broadcast(name, a, b)
         raise
+    return _promote(out, a, b)
 
 
 # --- binary arithmetic --------------------------------------------------------------------------
@@ -115,8 +137,9 @@ class Pow(Function):
     def backward(ctx, g):
         a, b, out = ctx.saved_tensors
         ga = gb = None
-        if ctx.needs_input_grad[0]:
-            ga = g * b * np.power(a, np.subtract(b, 1))
+        if ctx.needs_input_grad[0]:  # b·a^(b-1), taken as 0 where b == 0 (so 0^0 has gradient 0, as PyTorch)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ga = g * np.where(np.equal(b, 0), 0, b * np.power(a, np.subtract(b, 1)))
         if ctx.needs_input_grad[1]:  # d(a^b)/db = a^b log a, taken as 0 where a == 0 (as PyTorch)
             with np.errstate(divide="ignore", invalid="ignore"):
                 ga_log = np.where(np.asarray(a) == 0, 0.0, np.log(np.where(np.asarray(a) == 0, 1.0, a)))
@@ -168,6 +191,7 @@ class Neg(Function):
 class Exp(Function):
     @staticmethod
     def forward(ctx, a):
+        a = _floating(a)
         out = np.exp(a)
         ctx.save_for_backward(out)
         return out
@@ -181,6 +205,7 @@ class Exp(Function):
 class Log(Function):
     @staticmethod
     def forward(ctx, a):
+        a = _floating(a)
         ctx.save_for_backward(a)
         with np.errstate(divide="ignore", invalid="ignore"):
             return np.log(a)
@@ -194,6 +219,7 @@ class Log(Function):
 class Log1p(Function):
     @staticmethod
     def forward(ctx, a):
+        a = _floating(a)
         ctx.save_for_backward(a)
         return np.log1p(a)
 
@@ -206,6 +232,7 @@ class Log1p(Function):
 class Sqrt(Function):
     @staticmethod
     def forward(ctx, a):
+        a = _floating(a)
         out = np.sqrt(a)
         ctx.save_for_backward(out)
         return out
@@ -219,6 +246,7 @@ class Sqrt(Function):
 class Sin(Function):
     @staticmethod
     def forward(ctx, a):
+        a = _floating(a)
         ctx.save_for_backward(a)
         return np.sin(a)
 
@@ -231,6 +259,7 @@ class Sin(Function):
 class Cos(Function):
     @staticmethod
     def forward(ctx, a):
+        a = _floating(a)
         ctx.save_for_backward(a)
         return np.cos(a)
 
@@ -243,6 +272,7 @@ class Cos(Function):
 class Tanh(Function):
     @staticmethod
     def forward(ctx, a):
+        a = _floating(a)
         out = np.tanh(a)
         ctx.save_for_backward(out)
         return out
@@ -262,6 +292,7 @@ def _sigmoid(a):
 class Sigmoid(Function):
     @staticmethod
     def forward(ctx, a):
+        a = _floating(a)
         out = _sigmoid(a)
         ctx.save_for_backward(out)
         return out
@@ -494,8 +525,8 @@ class Gather(Function):
         if any(i != d and m > n for i, (m, n) in enumerate(zip(index.shape, a.shape))):
             raise ValueError(f"gather: index of shape {index.shape} is larger than input {a.shape} outside dim {dim}")
         n = a.shape[d] if a.ndim else 1
-        if index.size and (index.min() < -n or index.max() >= n):
-            raise IndexError(f"gather: index out of range for dim {dim} of size {n}")
+        if index.size and (index.min() < 0 or index.max() >= n):  # no negative indices, as in PyTorch
+            raise IndexError(f"gather: index out of range [0, {n}) for dim {dim}: min {index.min()}, max {index.max()}")
         ctx.shape, ctx.d = a.shape, d
         ctx.index = index  # integer arrays are not differentiated; plain attributes are freed too
         view = a[tuple(slice(None) if i == d else slice(0, m) for i, m in enumerate(index.shape))]
@@ -608,6 +639,14 @@ def _is_basic(index):
     return all(isinstance(p, (int, np.integer, slice, type(None), type(Ellipsis))) for p in parts)
 
 
+def _no_repeats(index):
+    """True when an index can select no element twice: basic parts plus one boolean mask."""
+    parts = index if isinstance(index, tuple) else (index,)
+    masks = [p for p in parts if isinstance(p, np.ndarray) and p.dtype == np.bool_]
+    others = [p for p in parts if isinstance(p, np.ndarray) and p.dtype != np.bool_]
+    return len(masks) == 1 and not others
+
+
 class GetItem(Function):
     @staticmethod
     def forward(ctx, a, index):
@@ -621,9 +660,9 @@ class GetItem(Function):
     @staticmethod
     def backward(ctx, g):
         out = np.zeros(ctx.shape, dtype=g.dtype)
-        if _is_basic(ctx.index):
+        if _is_basic(ctx.index) or _no_repeats(ctx.index):
             out[ctx.index] = g
-        else:  # advanced indexing: repeated indices must accumulate
+        else:  # integer arrays may repeat an index: those gradients must add up
             np.add.at(out, ctx.index, g)
         return out, None
 
@@ -669,7 +708,7 @@ class Stack(Function):
 
     @staticmethod
     def backward(ctx, g):
-        return (None, *(np.take(g, i, axis=ctx.d) for i in range(g.shape[ctx.d])))
+        return (None, *np.moveaxis(g, ctx.d, 0))  # views, one per stacked input
 
 
 def where(condition, input, other):  # noqa: A002 - PyTorch's name

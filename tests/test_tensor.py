@@ -229,3 +229,49 @@ def test_is_leaf_and_grad_fn():
     assert x.is_leaf and x.grad_fn is None
     assert not y.is_leaf and y.grad_fn == "Mul"
     assert core.tensor([1.0]).is_leaf
+
+
+# --- type promotion -------------------------------------------------------------------------------------
+
+PROMOTIONS = [
+    "L.arange(4) * 0.1",  # integers with a Python float: the default float, not NumPy's float64
+    "L.arange(4) / 2",
+    "L.tensor([1, 2]) / L.tensor([2, 4])",
+    "L.tensor(3) / L.tensor(2)",
+    "L.tensor([True, False]) + 1.5",
+    "L.tensor([1, 2]) ** 0.5",
+    "2.0 ** L.tensor([1, 2])",
+    "L.tensor([1, 2]) * 2",
+    "2 ** L.tensor([1, 2])",
+    "L.ones(2) + L.tensor([1, 2])",
+    "L.ones(2, dtype=L.float64) * L.tensor([1, 2])",
+    "L.ones(2) * L.tensor(2.0, dtype=L.float64)",  # a 0-d tensor does not promote a float32 tensor
+    "L.tensor(2.0, dtype=L.float64) / L.ones(2)",
+    "L.tensor([1, 2]) * L.tensor(2.0, dtype=L.float64)",
+    "L.tensor(1.0) - L.tensor(2.0, dtype=L.float64)",
+    "L.ones(2) * np.float64(2.0)",
+    "L.ones(2, dtype=L.float64) + L.ones(2)",
+    "L.tensor([1, 2]).exp()",
+    "L.tensor([1, 2]).sqrt()",
+    "L.tensor([1, 2]).sigmoid()",
+    "L.tensor([1, 2]).tanh()",
+    "L.tensor([1, 2]).log()",
+]
+
+
+@pytest.mark.parametrize("expr", PROMOTIONS)
+def test_type_promotion_matches_pytorch(expr):
+    ours = eval(expr, {"L": core, "np": np})
+    ref = eval(expr, {"L": torch, "np": np})
+    assert f"torch.{ours.dtype}" == str(ref.dtype)
+    np.testing.assert_allclose(ours.numpy(), ref.numpy(), rtol=1e-6)
+
+
+def test_a_float32_model_stays_float32_next_to_integer_and_double_constants():
+    w = core.randn(4, 3, requires_grad=True)
+    pos = core.arange(4) * 0.5  # float32, as in PyTorch
+    scale = core.tensor(np.sqrt(3.0))  # a 0-d float64 tensor from a NumPy scalar
+    y = ((pos.unsqueeze(1) + w) * scale / 2).sum()
+    assert y.dtype == np.float32
+    y.backward()
+    assert w.grad.dtype == np.float32

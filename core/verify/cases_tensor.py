@@ -287,6 +287,20 @@ def _pow_scalar(d):
     return _one(d, lo, 2.0), {"p": p}
 
 
+def _zero_base(d):
+    """Exact zeros raised to 0, 1, 2, 3: the gradient of 0^0 is 0 and of 0^1 is 1, as in PyTorch."""
+    s = d.shape(0, 2)
+    return [np.where(d.bools(s), 0.0, d.array(s))], {"p": d.choice([0, 1, 2, 3])}
+
+
+def _gather(d):
+    """An index tensor as large as the input or smaller outside dim, with repeats along dim."""
+    x = d.array(d.shape(1, 3))
+    dim = d.int(-x.ndim, x.ndim - 1)
+    shape = tuple(d.int(1, 4) if i == dim % x.ndim else d.int(1, n) for i, n in enumerate(x.shape))
+    return [x, d.ints(shape, 0, x.shape[dim])], {"dim": dim}
+
+
 def _masked_fill(d):
     x = d.array(d.shape(0, 3))
     return [x, d.bools(d.broadcastable(x.shape))], {"value": d.choice([0.0, -1e4, 2.5])}
@@ -332,6 +346,7 @@ _ARITH = [
     Case("div_negative", lambda lib, F, a, b: a / (-b), lambda d: _pair(d, 0.5, 2.0)),
     Case("pow", lambda lib, F, a, b: a**b, lambda d: _pair(d, 0.5, 2.0)),
     Case("pow_scalar", lambda lib, F, a, p: a**p, _pow_scalar),
+    Case("pow_zero_base", lambda lib, F, a, p: a**p, _zero_base),
     Case("rpow_scalar", lambda lib, F, a, base: base**a, lambda d: (_one(d), {"base": d.choice([2.0, 0.5, 3])})),
     Case("add_scalar", lambda lib, F, a: (a + 1.5) + (2 + a), _one),
     Case("sub_scalar", lambda lib, F, a: (a - 0.5) * (3 - a), _one),
@@ -435,6 +450,7 @@ _INDEX = [
     Case("getitem_int_array", lambda lib, F, a, i: a[i], _getitem_ints),
     Case("getitem_two_int_arrays", lambda lib, F, a, i, j: a[i, j], _getitem_two_ints),
     Case("getitem_bool_mask", lambda lib, F, a, m: a[m], _getitem_mask),
+    Case("gather", lambda lib, F, a, i, dim: a.gather(dim, i), _gather),
     Case("getitem_mixed", lambda lib, F, a, i, form: _mixed_index(a, i, form), _getitem_mixed),
 ]
 
