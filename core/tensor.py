@@ -387,6 +387,8 @@ class Tensor:
         lead = len(sizes) - self.ndim
         if lead < 0:
             raise RuntimeError(f"expand: target {sizes} has fewer dimensions than tensor {self.shape}")
+        if any(n == -1 for n in sizes[:lead]):
+            raise ValueError(f"expand: -1 is not allowed for a new leading dimension, got {sizes} for {self.shape}")
         shape = tuple(self.shape[i - lead] if n == -1 else n for i, n in enumerate(sizes))
         return ops.Expand.apply(self, shape)
 
@@ -397,16 +399,24 @@ class Tensor:
         return ops.Repeat.apply(self, _dims(sizes))
 
     def chunk(self, chunks, dim=0):
+        """At most `chunks` pieces of equal size ceil(n / chunks) along dim, the last maybe smaller."""
+        if chunks < 1:
+            raise ValueError(f"chunk: chunks must be at least 1, got {chunks}")
         n = self.shape[dim]
         step = -(-n // chunks)
         return self.split(step, dim)
 
     def split(self, size, dim=0):
+        """Pieces along dim: of `size` each (the last maybe smaller), or of the sizes in a list."""
         n = self.shape[dim]
         bounds = []
         if isinstance(size, int):
+            if size < 1:
+                raise ValueError(f"split: split_size must be positive, got {size}")
             bounds = [(s, min(s + size, n)) for s in range(0, n, size)]
         else:
+            if sum(size) != n or any(s < 0 for s in size):
+                raise ValueError(f"split: sizes {list(size)} must be non-negative and sum to {n} (dim {dim})")
             start = 0
             for s in size:
                 bounds.append((start, start + s))

@@ -282,6 +282,12 @@ def test_reduction_and_shape_errors_are_clear():
         x.unsqueeze(3)
     with pytest.raises(ValueError, match=r"expand: tensor of shape \(2, 3\) cannot be expanded to \(4, 3\)"):
         x.expand(4, 3)
+    with pytest.raises(ValueError, match="expand: -1 is not allowed"):
+        x.expand(-1, 2, 3)
+    with pytest.raises(ValueError, match=r"split: sizes \[1, 1\] must be non-negative and sum to 3"):
+        x.split([1, 1], dim=1)
+    with pytest.raises(ValueError, match="chunk"):
+        x.chunk(0)
     with pytest.raises(IndexError, match=r"getitem: .*\(tensor of shape \(2, 3\)\)"):
         x[5]
     with pytest.raises(ValueError, match="cat: shapes"):
