@@ -110,8 +110,9 @@ def test_tile_rules_are_safe(pattern, extra, data):
     a tile declared all-visible has no blocked pair."""
     n = pattern_size(pattern, extra)
     m = pattern.mask(n)
-    for _ in range(20):
-        q0, q1, k0, k1 = data.draw(tile(n))
+    # every tile of the grids of 1×1 ... 4×4 tiles, and some arbitrary tiles
+    grid = [(i, min(i + b, n), j, min(j + b, n)) for b in range(1, 5) for i in range(0, n, b) for j in range(0, n, b)]
+    for q0, q1, k0, k1 in grid + [data.draw(tile(n)) for _ in range(20)]:
         any_visible = bool(m[q0:q1, k0:k1].any())
         may = pattern.tile_may_attend(q0, q1, k0, k1)
         if not isinstance(pattern, Conv):
@@ -135,12 +136,14 @@ def test_tile_skipping_prunes_the_dalle_shape():
 
 
 @st.composite
-def attention_case(draw, max_len=80, max_dim=12, dtypes=(np.float32, np.float64)):
+def attention_case(draw, max_len=80, max_dim=12, dtypes=(np.float32, np.float64), tile=64):
     """Random q, k, v, dout with odd sizes, L ≠ S, D ≠ Dv, and a mask kind: none, causal, pattern, bool, additive
-    (broadcast over heads and/or batch), possibly with fully blocked rows."""
+    (broadcast over heads and/or batch), possibly with fully blocked rows. Lengths favour the tile edges."""
     dtype = draw(st.sampled_from(dtypes))
     B, H = draw(st.integers(1, 2)), draw(st.integers(1, 3))
-    L, S = draw(st.integers(1, max_len)), draw(st.integers(1, max_len))
+    edges = [n for t in range(tile, max_len + 2, tile) for n in (t - 1, t, t + 1) if n <= max_len]
+    length = st.one_of(st.integers(1, max_len), st.sampled_from([1] + edges))
+    L, S = draw(length), draw(length)
     D, Dv = draw(st.integers(1, max_dim)), draw(st.integers(1, max_dim))
     kind = draw(st.sampled_from(["none", "causal", "pattern", "bool", "additive", "pattern+bool"]))
     seed = draw(st.integers(0, 2**31 - 1))
@@ -251,11 +254,36 @@ def test_reference_equals_pytorch(case):
 # The Numba CPU kernel equals the reference.
 
 
-@SETTINGS
+@settings(SETTINGS, max_examples=60)
 @given(attention_case(max_len=150))
 def test_cpu_equals_reference(case):
     q, k, v, dout, kw = case
     assert_same("cpu", q, k, v, dout, kw)
+
+
+def tile_edge_cases(tile):
+    """Deterministic cases at the tile edges (one query or key past a tile, exactly full tiles), causal and
+    every pattern with the extra causal flag, where an off-by-one in the tile loops would show."""
+    rng = np.random.default_rng(3)
+    for n in (1, tile - 1, tile, tile + 1, 2 * tile + 1):
+        for kw in [
+            {"causal": True},
+            {"pattern": Row(text_len=3, width=5), "causal": True},
+            {"pattern": Column(text_len=2, width=4), "causal": True},
+            {"pattern": Conv(text_len=1, width=6, kernel=3), "causal": True},
+            {"pattern": PrefixLM(prefix_len=n // 2), "causal": True},
+            {"pattern": PrefixLM(prefix_len=n // 2), "mask": rng.random(n) < 0.8},
+        ]:
+            q, k = (rng.standard_normal((1, 2, n, 3)) for _ in range(2))
+            v, dout = (rng.standard_normal((1, 2, n, 2)) for _ in range(2))
+            yield q, k, v, dout, {"scale": 0.7, **kw}
+
+
+def test_cpu_at_tile_edges():
+    from kernels.attention import cpu
+
+    for q, k, v, dout, kw in tile_edge_cases(cpu.BQ):
+        assert_same("cpu", q, k, v, dout, kw)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
