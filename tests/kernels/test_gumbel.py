@@ -31,8 +31,11 @@ def test_cpu_equals_reference(data, shape, dtype, hard, seeded, tau):
     np.testing.assert_allclose(y_soft, y_soft_ref, **TOL[dtype])
     np.testing.assert_array_equal(y, y_ref) if hard else np.testing.assert_allclose(y, y_ref, **TOL[dtype])
     grad = rng.standard_normal(shape).astype(dtype)
+    # dlogits = y ∘ (g − Σ g y)/τ: the cancellation inside leaves an absolute error of about ε·max|g|/τ,
+    # so the absolute tolerance is scaled by that magnitude (near-zero entries cannot meet rtol alone)
+    tol = dict(TOL[dtype], atol=TOL[dtype]["atol"] * float(np.abs(grad).max()) / min(tau, 1.0))
     np.testing.assert_allclose(gumbel.gumbel_softmax_backward(grad, y_soft_ref, tau, dim=dim),
-                               ref.gumbel_softmax_backward(grad, y_soft_ref, tau, dim=dim), **TOL[dtype])
+                               ref.gumbel_softmax_backward(grad, y_soft_ref, tau, dim=dim), **tol)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
