@@ -24,7 +24,11 @@ additive array, broadcast against (B, H, L, S) by its index arithmetic (never ma
 scores.
 """
 
+import contextlib
+import ctypes
+import glob
 import math
+import os
 
 import numba
 import numpy as np
@@ -39,6 +43,48 @@ BK = 64  # keys per tile
 # fastmath without 'nnan'/'ninf': −inf is how a blocked score is written, and it must stay −inf.
 # 'reassoc' lets LLVM vectorize the row sums and maxima; 'contract' allows fused multiply-adds.
 FASTMATH = {"nsz", "arcp", "contract", "reassoc"}
+
+# The tiles' np.dot calls go to the BLAS that SciPy ships (OpenBLAS). Above m·n·k = 262144 OpenBLAS would
+# start its own threads inside ours (oversubscription, and a hang warning under the OpenMP layer: with
+# D = 128 a 64×64 tile crosses that line and runs 20× slower), so the kernels run with BLAS on one thread.
+
+
+def _openblas_thread_control():
+    """(get, set) of the thread count of SciPy's bundled OpenBLAS (the BLAS Numba calls), or None."""
+    import scipy
+
+    libs = glob.glob(os.path.join(os.path.dirname(scipy.__file__), os.pardir, "scipy.libs", "*openblas*"))
+    for path in libs:
+        lib = ctypes.CDLL(path)  # already loaded by SciPy: the same handle
+        for prefix in ("scipy_openblas", "openblas"):
+            get = getattr(lib, prefix + "_get_num_threads", None)
+            set_ = getattr(lib, prefix + "_set_num_threads", None)
+            if get is not None and set_ is not None:
+                get.restype, set_.argtypes = ctypes.c_int, [ctypes.c_int]
+                return get, set_
+    return None
+
+
+_BLAS_THREADS = None
+
+
+@contextlib.contextmanager
+def _single_threaded_blas():
+    """Run the block with SciPy's OpenBLAS on one thread (our own threads parallelize over tiles)."""
+    global _BLAS_THREADS
+    if _BLAS_THREADS is None:
+        _BLAS_THREADS = _openblas_thread_control() or False
+    if not _BLAS_THREADS:  # another BLAS (e.g. MKL runs sequentially inside a parallel region by itself)
+        yield
+        return
+    get, set_ = _BLAS_THREADS
+    before = get()
+    set_(1)
+    try:
+        yield
+    finally:
+        set_(before)
+
 
 _visible = njit(patterns.visible)
 _tile_may_attend = njit(patterns.tile_may_attend)
@@ -103,13 +149,27 @@ def _masked_scores(s, scale, mask, has_mask, b, h, i0, j0, kind, T, W, r, P, cau
             s[a, c] = x
 
 
-@njit(parallel=True, cache=True)
 def forward(q, k, v, mask, has_mask, H, kind, T, W, r, P, causal, scale, out, lse):
     """out (BH, L, Dv) and lse (BH, L) of attention over q (BH, L, D), k (BH, S, D), v (BH, S, Dv).
 
     ``mask`` is additive, 4-d, each axis of length 1 or of (B, H, L, S) (read only if ``has_mask``), with
-    b = bh // H and h = bh % H;
-    (kind, T, W, r, P) is the pattern (``patterns.visible``), ``causal`` an extra k ≤ q condition.
+    b = bh // H and h = bh % H; (kind, T, W, r, P) is the pattern (``patterns.visible``), ``causal`` an extra
+    k ≤ q condition. The kernel writes ``out`` and ``lse``.
+    """
+    with _single_threaded_blas():
+        _forward(q, k, v, mask, has_mask, H, kind, T, W, r, P, causal, scale, out, lse)
+
+
+def backward(q, k, v, out, lse, dout, mask, has_mask, H, kind, T, W, r, P, causal, scale, dq, dk, dv):
+    """dq, dk, dv of attention (arguments as in ``forward``), from the saved out and lse and dout = ∂loss/∂out."""
+    with _single_threaded_blas():
+        _backward(q, k, v, out, lse, dout, mask, has_mask, H, kind, T, W, r, P, causal, scale, dq, dk, dv)
+
+
+@njit(parallel=True, cache=True)
+def _forward(q, k, v, mask, has_mask, H, kind, T, W, r, P, causal, scale, out, lse):
+    """The forward kernel: out (BH, L, Dv) and lse (BH, L) (arguments as in ``forward``).
+
     One task per (batch·head, query block).
     """
     BH, L = q.shape[0], q.shape[1]
@@ -181,11 +241,8 @@ def _forward_block(q, k, v, mask, has_mask, H, kind, T, W, r, P, causal, scale, 
 
 
 @njit(parallel=True, cache=True)
-def backward(q, k, v, out, lse, dout, mask, has_mask, H, kind, T, W, r, P, causal, scale, dq, dk, dv):
-    """dq, dk, dv of attention (arguments as in ``forward``), from the saved out and lse and dout = ∂loss/∂out.
-
-    One task per (batch·head).
-    """
+def _backward(q, k, v, out, lse, dout, mask, has_mask, H, kind, T, W, r, P, causal, scale, dq, dk, dv):
+    """The backward kernel: dq, dk, dv (arguments as in ``backward``). One task per (batch·head)."""
     for bh in prange(q.shape[0]):
         _backward_head(q, k, v, out, lse, dout, mask, has_mask, H, kind, T, W, r, P, causal, scale, dq, dk, dv, bh)
 

@@ -351,3 +351,18 @@ def test_arguments_are_checked():
         attention_forward(q, q, q, scale=1.0, mask=np.ones((2, 4), dtype=bool))
     with pytest.raises(TypeError):
         attention_forward(q, q, q, scale=1.0, pattern="causal")
+
+
+def test_cpu_kernels_keep_openblas_on_one_thread():
+    """Tiles with m·n·k > 262144 (e.g. D = 128) would make OpenBLAS start threads inside the kernel's threads
+    (20× slower, or a hang under OpenMP): the CPU kernels run with SciPy's OpenBLAS set to one thread."""
+    from kernels.attention import cpu
+
+    control = cpu._openblas_thread_control()
+    if control is None:
+        pytest.skip("SciPy's BLAS is not a bundled OpenBLAS here")
+    get, set_ = control
+    before = get()
+    with cpu._single_threaded_blas():
+        assert get() == 1
+    assert get() == before
