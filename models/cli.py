@@ -2,6 +2,7 @@
 
     t2i --version
     t2i verify [--trials N] [--seed S] [--op NAME ...] [--json]
+    t2i bench [family ...] [--device cpu|cuda] [--threads N] [--quick] [--full] [--json] [--out DIR]
 
 Each subcommand is one `_add_<name>(subparsers)` function that declares its arguments and sets
 `run=<function(args) -> exit code>`; `main` parses and dispatches. To add a command, write the pair
@@ -129,9 +130,33 @@ def _table(results) -> str:
     return "\n".join([line(header), rule, *(line(r) for r in rows)])
 
 
+# --- t2i bench --------------------------------------------------------------------------------
+
+
+def _add_bench(sub):
+    p = sub.add_parser(
+        "bench",
+        help="benchmark the kernels against NumPy, PyTorch and this machine's peak",
+        description="Time each kernel family (attention, conv, gumbel, schedule) over a sweep of sizes: our "
+        "kernel, the NumPy reference, the engine op and PyTorch, with GFLOP/s or GB/s, the fraction of this "
+        "machine's measured peak, the ratio to PyTorch and the peak memory. Prints a table and writes "
+        "<device>-<date>.json and PNG plots (default: bench/results/).",
+    )
+    from bench.cli import add_arguments  # argparse only: the benchmarks import numba/torch when they run
+
+    add_arguments(p)
+    p.set_defaults(run=_bench)
+
+
+def _bench(args) -> int:
+    from bench.cli import run
+
+    return run(args)
+
+
 # --- entry point ------------------------------------------------------------------------------
 
-COMMANDS = [_add_verify]
+COMMANDS = [_add_verify, _add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:

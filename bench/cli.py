@@ -1,0 +1,207 @@
+"""`t2i bench`: run the kernel benchmarks, print a table, save JSON and PNG plots.
+
+    t2i bench [family ...] [--device cpu|cuda] [--threads N] [--quick] [--full] [--json] [--out DIR]
+
+Order of work: pin the thread pools, record the machine, measure its peak (sgemm GFLOP/s, copy GB/s), then
+each family's cases, each implementation in turn (its inputs built, timed, its peak memory probed, freed).
+A family whose kernels cannot be imported yet is reported as unavailable; an implementation that fails
+is reported with its error, and the others still run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib
+import json
+import os
+import sys
+from pathlib import Path
+
+from bench import harness
+
+FAMILIES = ("attention", "conv", "gumbel", "schedule")
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Declare `t2i bench`'s arguments on p."""
+    p.add_argument("families", nargs="*", metavar="family", help=f"families to run (default: all of {FAMILIES})")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default: cpu)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="threads for Numba, PyTorch and BLAS alike (default: the usable cores)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="tiny sizes: checks that everything runs (seconds)")
+    size.add_argument("--full", action="store_true", help="add the largest sizes (attention N = 2048, 4096)")
+    p.add_argument("--repeats", type=int, default=None, metavar="R",
+                   help="timed calls per measurement after one warm-up (default: 5; 2 with --quick)")
+    p.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
+    p.add_argument("--out", type=Path, default=None, metavar="DIR",
+                   help=f"where to write the JSON and PNGs (default: {RESULTS_DIR})")
+
+
+def run(args) -> int:
+    """Run the benchmarks `args` selects; 0 on success, 1 if the device is missing or an implementation errored."""
+    unknown = [f for f in args.families if f not in FAMILIES]
+    if unknown:
+        print(f"unknown family {', '.join(unknown)}; known: {', '.join(FAMILIES)}", file=sys.stderr)
+        return 2
+    if args.threads is not None and args.threads < 1:
+        print("--threads must be positive", file=sys.stderr)
+        return 2
+    families = list(dict.fromkeys(args.families)) or list(FAMILIES)
+    threads = args.threads or usable_cores()
+    repeats = args.repeats or (2 if args.quick else 5)
+    try:
+        backend = harness.Backend(args.device)
+    except (harness.UnavailableError, ImportError) as e:
+        print(f"t2i bench --device {args.device}: {e}", file=sys.stderr)
+        return 1
+    report = run_benchmarks(backend, families, threads=threads, quick=args.quick, full=args.full, repeats=repeats,
+                            log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    out_dir = args.out or RESULTS_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = result_stem(args.device, report["machine"]["date"][:10], families, args.quick, args.full)
+    json_path = out_dir / f"{stem}.json"
+    from bench.plot import plot_report
+
+    report["plots"] = [p.name for p in plot_report(report, out_dir, stem)]
+    json_path.write_text(json.dumps(report, indent=1, allow_nan=False) + "\n")
+    if args.json:
+        print(json.dumps(report, indent=1, allow_nan=False))
+    else:
+        print(format_table(report["results"], report["peak"]))
+        print(f"\nratio = our time / PyTorch's (below 1: faster). Peak: {report['peak']['GFLOP/s']:.1f} GFLOP/s "
+              f"(sgemm), {report['peak']['GB/s']:.1f} GB/s (copy). {threads} threads. Load average at start "
+              f"{_load(report['machine'])}, at end {_load(report['machine_end'])}.")
+        print(f"wrote {json_path} and {len(report['plots'])} plot(s) in {out_dir}")
+    errors = [r for r in report["results"] if r.get("status") == "error"]
+    return 1 if errors else 0
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _load(machine):
+    la = machine.get("load_average")
+    return "/".join(f"{x:.1f}" for x in la) if la else "?"
+
+
+def result_stem(device, date, families, quick=False, full=False) -> str:
+    """<device>-<date>, with -quick/-full and the families appended when not the default run of all of them."""
+    stem = f"{device}-{date}"
+    if quick:
+        stem += "-quick"
+    if full:
+        stem += "-full"
+    if list(families) != list(FAMILIES):
+        stem += "-" + "-".join(families)
+    return stem
+
+
+def run_benchmarks(backend, families, *, threads, quick=False, full=False, repeats=5, budget_s=3.0,
+                   clock=None, log=print) -> dict:
+    """Measure every case of every family; returns the report (machine, settings, peak, results)."""
+    pinned = harness.pin_threads(threads)
+    machine = harness.machine_info(backend.device)
+    settings = dict(device=backend.device, threads=threads, pinned=pinned, quick=quick, full=full, repeats=repeats,
+                    budget_s=budget_s, families=families, command="t2i bench " + " ".join(sys.argv[2:]))
+    log(f"measuring peak on {machine['cpu_model']} ({threads} threads, load {_load(machine)})")
+    from bench.peak import measure_peak
+
+    peak = measure_peak(backend.device, quick=quick)
+    log(f"peak: {peak['GFLOP/s']:.1f} GFLOP/s sgemm, {peak['GB/s']:.1f} GB/s copy")
+    timing_kw = dict(repeats=repeats, budget_s=budget_s, sync=backend.sync)
+    if clock is not None:
+        timing_kw["clock"] = clock
+    results, status = [], {}
+    for family in families:
+        module = importlib.import_module(f"bench.{family}")
+        try:
+            cases = module.cases(backend, quick=quick, full=full)
+        except (harness.UnavailableError, ImportError) as e:
+            status[family] = f"unavailable: {e}"
+            results.append({"family": family, "case": "*", "impl": "*", "status": "unavailable", "reason": str(e)})
+            log(f"{family}: unavailable ({e})")
+            continue
+        status[family] = "ok"
+        for case in cases:
+            timings, memory = {}, {}
+            for impl in case.impls:
+                timings[impl.name], mem = _measure_impl(impl, backend, threads, timing_kw)
+                if mem:
+                    memory[impl.name] = mem
+            rows = harness.summarize(case, timings, peak, memory)
+            for row in rows:
+                if isinstance(timings.get(row["impl"]), str) and timings[row["impl"]].startswith("error"):
+                    row["status"] = "error"
+            results.extend(rows)
+            log(f"{family} | {case.name} | " + ", ".join(
+                f"{r['impl']} {r['median_ms']:.3g} ms" if r["status"] == "ok" else f"{r['impl']} {r['status']}"
+                for r in rows))
+    return {"schema": 1, "machine": machine, "settings": settings, "peak": peak, "families": status,
+            "results": results, "machine_end": {"load_average": list(os.getloadavg())}}
+
+
+def _measure_impl(impl, backend, threads, timing_kw):
+    """(Timing or the reason it did not run, memory dict or None) for one implementation of one case."""
+    harness.pin_threads(threads)
+    try:
+        fn = impl.setup()
+    except harness.UnavailableError as e:
+        return f"unavailable: {e}", None
+    except Exception as e:  # a broken implementation is reported, the run goes on
+        return f"error: {type(e).__name__}: {e}", None
+    try:
+        timing = harness.measure(fn, **timing_kw)
+        memory = harness.memory_peak(fn, backend.device)
+    except Exception as e:  # likewise
+        return f"error: {type(e).__name__}: {e}", None
+    finally:
+        del fn
+        gc.collect()
+    return timing, memory
+
+
+# --- the table ------------------------------------------------------------------------------------
+
+COLUMNS = ("family", "case", "impl", "ours ms", "torch ms", "ratio", "GFLOP/s or GB/s", "% of peak", "peak MiB")
+
+
+def _fmt(x, spec):
+    return "-" if x is None else format(x, spec)
+
+
+def format_table(rows, peak=None) -> str:
+    """The results as aligned text columns; implementations that did not run show their reason."""
+    lines = []
+    for r in rows:
+        if r.get("status") != "ok":
+            lines.append((r["family"], r["case"], r["impl"], r.get("status", "?"), "", "", "",
+                          "", (r.get("reason") or "")[:60]))
+            continue
+        frac = r.get("fraction_of_peak")
+        lines.append((r["family"], r["case"], r["impl"], _fmt(r["median_ms"], ".4g"), _fmt(r.get("torch_ms"), ".4g"),
+                      _fmt(r.get("ratio_to_torch"), ".2f"), f"{r['rate']:.3g} {r['unit']}",
+                      _fmt(None if frac is None else 100 * frac, ".1f"), _fmt(r.get("peak_mib"), ".1f")))
+    widths = [max(len(str(x)) for x in col) for col in zip(COLUMNS, *lines)]
+    numeric = {3, 4, 5, 6, 7, 8}
+
+    def line(cells):
+        return " | ".join(str(c).rjust(w) if i in numeric else str(c).ljust(w)
+                          for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    return "\n".join([line(COLUMNS), "-+-".join("-" * w for w in widths), *(line(x) for x in lines)])
+
+
+def main(argv=None) -> int:
+    """`python -m bench.cli ...`: the same as `t2i bench ...`."""
+    p = argparse.ArgumentParser(prog="t2i bench", description=__doc__.splitlines()[0])
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,405 @@
+"""The measuring machinery every benchmark family shares: timing, peak memory, thread pinning, machine info.
+
+A benchmark is a list of `Case`s. A case is one workload (say, causal attention forward+backward at N = 1024)
+with an explicit amount of work — floating-point operations or bytes moved, counted once from the problem
+size, the same count for every implementation — and one `Impl` per implementation of it: our CPU kernel, the
+NumPy reference, the engine op, PyTorch (or, on a GPU, our CUDA kernel and PyTorch CUDA). An `Impl` is a
+*setup* function returning the zero-argument callable to time, so that inputs are built outside the timed
+region and only while that implementation is measured.
+
+For each implementation the harness records:
+
+- time: the median of `repeats` calls after `warmup` untimed calls (the warm-up also triggers Numba's
+  compilation), read with `time.perf_counter`; the median, not the mean, because a loaded machine adds
+  one-sided outliers;
+- rate: work / time, as GFLOP/s or GB/s, and its fraction of this machine's peak measured at start
+  (`bench.peak`: float32 GEMM for FLOPs, a large copy for bytes);
+- ratio: our time / PyTorch's time in the same run (below 1: faster than PyTorch);
+- peak memory: bytes allocated during one extra call at their peak, outputs included. Two probes, the
+  larger reported: `tracemalloc` sees NumPy's allocations and Numba's (its runtime reports to tracemalloc
+  too), not PyTorch's; the resident-set high-water mark (`VmHWM`, reset through /proc/self/clear_refs)
+  sees everything the process touches, PyTorch included, but misses memory reused from the allocator's free
+  lists. On a GPU: the CuPy pool's and PyTorch's allocator's peaks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import tracemalloc
+from collections.abc import Callable
+from typing import Any
+
+MiB = 2**20
+
+TORCH = "torch"  # the name of the implementation every other one is compared with
+
+
+class UnavailableError(Exception):
+    """Raised by a setup function when its implementation cannot run here (kernel missing, no GPU, ...)."""
+
+
+@dataclasses.dataclass
+class Impl:
+    """One implementation of a case: `setup()` builds the inputs and returns the callable to time."""
+
+    name: str
+    setup: Callable[[], Callable[[], Any]]
+
+
+@dataclasses.dataclass
+class Case:
+    """One workload measured in several implementations.
+
+    work: FLOPs (unit "GFLOP/s") or bytes (unit "GB/s") of one call, counted from the problem size.
+    plot: where the case goes in its family's figure, or None: a dict (or a list of them) with "panel" (the
+    subplot's title), "series" (line label; the implementation's name is appended), "x" and "xlabel", and
+    optionally "metric" (the result's field on the y axis: "median_ms", the default, or "peak_mib").
+    """
+
+    family: str
+    name: str
+    work: float
+    unit: str
+    impls: list[Impl]
+    params: dict = dataclasses.field(default_factory=dict)
+    plot: dict | list | None = None
+
+
+@dataclasses.dataclass
+class Timing:
+    """The repeat times of one implementation (seconds) and their median."""
+
+    times: list[float]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times)
+
+
+def measure(fn, *, repeats=5, warmup=1, budget_s=float("inf"), min_repeats=3, clock=time.perf_counter,
+            sync=None) -> Timing:
+    """Time `fn()`: `warmup` untimed calls, then up to `repeats` timed ones.
+
+    Stops early once the timed calls have taken `budget_s` in all and at least `min_repeats` were made (a
+    slow reference need not run five times to be known slow). `sync` (e.g. a CUDA synchronize) runs after
+    every call, inside the timed region, so asynchronous work is counted.
+    """
+    sync = sync or (lambda: None)
+    for _ in range(warmup):
+        fn()
+        sync()
+    times = []
+    for _ in range(repeats):
+        start = clock()
+        fn()
+        sync()
+        times.append(clock() - start)
+        if sum(times) >= budget_s and len(times) >= min_repeats:
+            break
+    return Timing(times)
+
+
+def rate(work: float, seconds: float) -> float:
+    """Work per second in units of 10⁹ (GFLOP/s or GB/s)."""
+    return work / seconds / 1e9
+
+
+def summarize(case: Case, timings: dict, peak: dict, memory: dict | None = None) -> list[dict]:
+    """One result row per implementation of `case`: time, rate, fraction of peak, ratio to PyTorch, memory.
+
+    timings maps an implementation's name to its `Timing`, or to a string saying why it did not run.
+    peak holds the machine's measured "GFLOP/s" and "GB/s". memory maps names to `memory_peak` results.
+    """
+    memory = memory or {}
+    torch_t = timings.get(TORCH)
+    torch_s = torch_t.median if isinstance(torch_t, Timing) else None
+    rows = []
+    for impl in case.impls:
+        t = timings.get(impl.name, "not run")
+        row = {"family": case.family, "case": case.name, "impl": impl.name, "params": case.params,
+               "work": case.work, "unit": case.unit, "plot": case.plot}
+        if not isinstance(t, Timing):
+            row.update(status="unavailable", reason=str(t))
+            rows.append(row)
+            continue
+        r = rate(case.work, t.median)
+        machine = peak.get(case.unit)
+        row.update(
+            status="ok",
+            median_ms=t.median * 1e3,
+            times_ms=[x * 1e3 for x in t.times],
+            rate=r,
+            fraction_of_peak=r / machine if machine else None,
+            torch_ms=torch_s * 1e3 if torch_s is not None else None,
+            ratio_to_torch=t.median / torch_s if torch_s and impl.name != TORCH else None,
+        )
+        row.update(memory.get(impl.name, {}))
+        rows.append(row)
+    return rows
+
+
+# --- memory -------------------------------------------------------------------------------------
+
+
+def _proc_status_mib(key):
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return None
+
+
+def _reset_rss_peak() -> bool:
+    """Reset the resident-set high-water mark (Linux ≥ 4.0: write 5 to /proc/self/clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def memory_peak(fn, device="cpu") -> dict:
+    """Peak memory (MiB) allocated during one call of fn, by every probe available; "peak_mib" is the largest."""
+    if device == "cuda":
+        return _cuda_memory_peak(fn)
+    out = {}
+    rss_ok = _reset_rss_peak()
+    rss0 = _proc_status_mib("VmRSS") if rss_ok else None
+    was_tracing = tracemalloc.is_tracing()
+    if not was_tracing:
+        tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    tracemalloc.reset_peak()
+    fn()
+    out["traced_mib"] = (tracemalloc.get_traced_memory()[1] - before) / MiB
+    if not was_tracing:
+        tracemalloc.stop()
+    hwm = _proc_status_mib("VmHWM") if rss_ok else None
+    if rss0 is not None and hwm is not None:
+        out["rss_mib"] = max(hwm - rss0, 0.0)
+    out["peak_mib"] = max(out.values())
+    return out
+
+
+def _cuda_memory_peak(fn) -> dict:
+    """Peak device memory of one call: CuPy's default pool (tracked through a counting allocator) and PyTorch's."""
+    out = {}
+    import cupy
+
+    pool = cupy.get_default_memory_pool()
+    base = pool.used_bytes()
+    top = [base]
+
+    def malloc(size):
+        mem = pool.malloc(size)
+        top[0] = max(top[0], pool.used_bytes())
+        return mem
+
+    cupy.cuda.set_allocator(malloc)
+    torch = _try_import("torch")
+    if torch is not None:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        torch_base = torch.cuda.memory_allocated()
+    try:
+        fn()
+        cupy.cuda.Device().synchronize()
+    finally:
+        cupy.cuda.set_allocator(pool.malloc)
+    out["cupy_mib"] = (top[0] - base) / MiB
+    if torch is not None:
+        torch.cuda.synchronize()
+        out["torch_cuda_mib"] = (torch.cuda.max_memory_allocated() - torch_base) / MiB
+    out["peak_mib"] = max(out.values())
+    return out
+
+
+# --- threads and the machine ---------------------------------------------------------------------
+
+
+def _try_import(name):
+    try:
+        return __import__(name)
+    except ImportError:
+        return None
+
+
+_BLAS_LIMITS = []  # keeps the threadpoolctl limiter alive (it lifts the limit when collected)
+
+
+def pin_threads(n: int) -> dict:
+    """Set every thread pool the kernels touch to n threads: Numba's, PyTorch's, and BLAS (via threadpoolctl).
+
+    Numba and PyTorch may share an OpenMP runtime and each sets its thread count at will, so this is called
+    before every measurement, not once.
+    """
+    import numba
+
+    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    torch = _try_import("torch")
+    if torch is not None:
+        torch.set_num_threads(n)
+    tpc = _try_import("threadpoolctl")
+    if tpc is not None and not _BLAS_LIMITS:
+        _BLAS_LIMITS.append(tpc.threadpool_limits(limits=n))
+    return {"numba": numba.get_num_threads(), "torch": torch.get_num_threads() if torch else None}
+
+
+ENV_FLAGS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_CORETYPE", "NUMBA_NUM_THREADS",
+             "NUMBA_THREADING_LAYER", "NUMBA_OPT", "NUMBA_DISABLE_JIT", "NUMBA_ENABLE_CUDASIM", "KMP_AFFINITY",
+             "OMP_PROC_BIND", "CUDA_VISIBLE_DEVICES")
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_commit():
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def machine_info(device="cpu") -> dict:
+    """What a reader needs to reproduce or discount the numbers: CPU, cores, load, library versions, env flags."""
+    import numba
+    import numpy
+
+    info = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "device": device,
+        "cpu_model": _cpu_model(),
+        "logical_cores": os.cpu_count(),
+        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "numpy": numpy.__version__,
+        "numba": numba.__version__,
+        "numba_threading_layer": _numba_layer(),
+        "git_commit": _git_commit(),
+        "env": {k: os.environ[k] for k in ENV_FLAGS if k in os.environ},
+    }
+    torch = _try_import("torch")
+    info["torch"] = torch.__version__ if torch else None
+    if torch is not None:
+        info["torch_threads"] = torch.get_num_threads()
+        info["torch_mkldnn"] = bool(torch.backends.mkldnn.is_available())
+    tpc = _try_import("threadpoolctl")
+    if tpc is not None:
+        info["threadpoolctl"] = [
+            {k: p.get(k) for k in ("user_api", "internal_api", "version", "num_threads", "architecture")}
+            for p in tpc.threadpool_info()
+        ]
+    if device == "cuda":
+        info.update(_cuda_info(torch))
+    return info
+
+
+def _numba_layer():
+    """The threading layer Numba chose (known only after a parallel function has run once)."""
+    import numba
+    import numpy as np
+
+    @numba.njit(parallel=True)
+    def touch(a):
+        for i in numba.prange(a.size):
+            a[i] += 1.0
+
+    touch(np.zeros(4))
+    try:
+        return numba.threading_layer()
+    except ValueError:
+        return None
+
+
+def _cuda_info(torch):
+    info = {}
+    cupy = _try_import("cupy")
+    if cupy is not None:
+        info["cupy"] = cupy.__version__
+        try:
+            props = cupy.cuda.runtime.getDeviceProperties(0)
+            info["gpu"] = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+            info["cuda_runtime"] = cupy.cuda.runtime.runtimeGetVersion()
+        except Exception as e:  # report, do not crash, on a machine without a usable GPU
+            info["gpu_error"] = repr(e)
+    if torch is not None and torch.cuda.is_available():
+        info["torch_gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+# --- devices -------------------------------------------------------------------------------------
+
+
+class Backend:
+    """Where a benchmark runs: the array module for our kernels, PyTorch's device, and the synchronize to time with.
+
+    `device` is "cpu" (NumPy arrays, our Numba kernels, PyTorch CPU) or "cuda" (CuPy arrays, our numba.cuda
+    kernels, PyTorch CUDA). Inputs are drawn once in NumPy and copied, so every implementation sees the same
+    numbers.
+    """
+
+    def __init__(self, device="cpu"):
+        if device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+        self.device = device
+        self.ours = "cpu" if device == "cpu" else "cuda"  # the name of our kernels' form on this device
+        if device == "cuda":
+            import cupy
+
+            if not cupy.is_available():
+                raise UnavailableError("no CUDA device (cupy.is_available() is False)")
+            self.xp = cupy
+        else:
+            import numpy
+
+            self.xp = numpy
+
+    def array(self, a):
+        """A NumPy array on this device (a CuPy copy on cuda)."""
+        return a if self.device == "cpu" else self.xp.asarray(a)
+
+    def torch(self):
+        """The torch module, or UnavailableError; on cuda, UnavailableError unless PyTorch sees the GPU."""
+        torch = _try_import("torch")
+        if torch is None:
+            raise UnavailableError("PyTorch is not installed (pip install -e '.[test]')")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise UnavailableError("this PyTorch build has no CUDA device")
+        return torch
+
+    def tensor(self, a, requires_grad=False):
+        """A PyTorch tensor holding a copy of the NumPy array a, on this device."""
+        torch = self.torch()
+        t = torch.from_numpy(a.copy()).to(self.device)
+        return t.requires_grad_(requires_grad)
+
+    def sync(self):
+        """Wait for queued GPU work (a no-op on the CPU), so it is counted in the time."""
+        if self.device == "cuda":
+            self.xp.cuda.Device().synchronize()
+            torch = _try_import("torch")
+            if torch is not None and torch.cuda.is_available():
+                torch.cuda.synchronize()

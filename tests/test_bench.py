@@ -1,0 +1,155 @@
+"""The benchmark suite: `t2i bench --quick` runs end to end, and its arithmetic is right on a fake clock.
+
+No assertion here is about speed: the machine running the tests may be loaded, and the numbers are the
+benchmark's output, not its correctness.
+"""
+
+import json
+import math
+
+import pytest
+
+from bench import attention, cli, conv, gumbel, harness, schedule
+from models.cli import main
+
+
+class FakeClock:
+    """perf_counter stand-in: returns the given instants in turn."""
+
+    def __init__(self, instants):
+        self.instants = list(instants)
+
+    def __call__(self):
+        return self.instants.pop(0)
+
+
+def test_measure_takes_the_median_after_warmup():
+    calls = []
+    clock = FakeClock([0.0, 1.0, 1.0, 4.0, 4.0, 6.0])  # three timed calls: 1 s, 3 s, 2 s
+    t = harness.measure(lambda: calls.append(1), repeats=3, warmup=2, clock=clock)
+    assert len(calls) == 5  # two warm-up calls, untimed, then three timed
+    assert t.times == [1.0, 3.0, 2.0]
+    assert t.median == 2.0
+
+
+def test_measure_stops_at_the_budget_but_not_before_min_repeats():
+    clock = FakeClock([0.0, 10.0, 10.0, 20.0, 20.0, 30.0, 30.0, 40.0])
+    t = harness.measure(lambda: None, repeats=10, warmup=0, budget_s=5.0, min_repeats=3, clock=clock)
+    assert t.times == [10.0, 10.0, 10.0]
+
+
+def test_summary_arithmetic():
+    """rate = work/time, fraction = rate/peak, ratio = ours/torch, for a known workload on known times."""
+    case = harness.Case("fam", "c", work=6e9, unit="GFLOP/s",
+                        impls=[harness.Impl("cpu", None), harness.Impl("ref", None), harness.Impl("torch", None)])
+    timings = {"cpu": harness.Timing([0.5, 0.2, 0.3]),  # median 0.3 s
+               "torch": harness.Timing([0.1]),
+               "ref": "unavailable: not here"}
+    rows = {r["impl"]: r for r in harness.summarize(case, timings, {"GFLOP/s": 40.0, "GB/s": 10.0},
+                                                    {"cpu": {"peak_mib": 3.0}})}
+    cpu = rows["cpu"]
+    assert cpu["median_ms"] == pytest.approx(300.0)
+    assert cpu["rate"] == pytest.approx(20.0)  # 6e9 FLOPs in 0.3 s = 20 GFLOP/s
+    assert cpu["fraction_of_peak"] == pytest.approx(0.5)  # of 40 GFLOP/s
+    assert cpu["ratio_to_torch"] == pytest.approx(3.0)  # 0.3 s / 0.1 s
+    assert cpu["torch_ms"] == pytest.approx(100.0)
+    assert cpu["peak_mib"] == 3.0
+    assert rows["torch"]["ratio_to_torch"] is None and rows["torch"]["rate"] == pytest.approx(60.0)
+    assert rows["ref"]["status"] == "unavailable" and "not here" in rows["ref"]["reason"]
+
+
+def test_work_counts():
+    # causal attention: n(n+1)/2 visible pairs; 4·D FLOPs per pair forward, 14·D forward+backward
+    assert attention.visible_pairs(4) == 10
+    assert attention.flops(2, 3, 8, 10, backward=False) == 2 * 3 * 10 * 4 * 8
+    assert attention.flops(2, 3, 8, 10, backward=True) == 2 * 3 * 10 * 14 * 8
+    from kernels.attention.patterns import Row
+
+    row = Row(text_len=2, width=3)
+    assert attention.visible_pairs(11, row) == row.mask(11).sum() < attention.visible_pairs(11)
+    # conv 3×3 pad 1 keeps the size: 2·N·K·C·9·H·W, three times with both gradients
+    assert conv.flops(64, 64, 64, 16, 16) == 2 * 64 * 64 * 64 * 9 * 256
+    assert conv.flops(64, 64, 64, 16, 16, backward=True) == 3 * conv.flops(64, 64, 64, 16, 16)
+    assert gumbel.nbytes_moved(4096, 8192, 4, backward=False) == 2 * 4096 * 8192 * 4
+    assert schedule.nbytes_moved((2, 3, 4, 4)) == 3 * 96 * 4
+
+
+def test_memory_peak_sees_numpy_allocations():
+    import numpy as np
+
+    m = harness.memory_peak(lambda: np.ones(4 * 2**20, dtype=np.uint8))  # 4 MiB, freed on return
+    assert 3.9 < m["peak_mib"] < 64
+    assert m["traced_mib"] == pytest.approx(4.0, abs=0.1)
+
+
+def test_table_formats_every_row():
+    rows = [{"family": "f", "case": "c", "impl": "cpu", "status": "ok", "median_ms": 1.5, "torch_ms": 3.0,
+             "ratio_to_torch": 0.5, "rate": 12.0, "unit": "GB/s", "fraction_of_peak": 0.25, "peak_mib": 2.0},
+            {"family": "f", "case": "c", "impl": "reference", "status": "unavailable", "reason": "missing"}]
+    lines = cli.format_table(rows).splitlines()
+    assert lines[0].split(" | ")[0].strip() == "family" and len(lines) == 4
+    assert "0.50" in lines[2] and "12 GB/s" in lines[2] and "25.0" in lines[2]
+    assert "unavailable" in lines[3] and "missing" in lines[3]
+
+
+def test_result_names():
+    assert cli.result_stem("cpu", "2026-01-02", cli.FAMILIES) == "cpu-2026-01-02"
+    assert cli.result_stem("cuda", "2026-01-02", ["gumbel"], quick=True) == "cuda-2026-01-02-quick-gumbel"
+
+
+def _finite_numbers(x):
+    if isinstance(x, dict):
+        return all(_finite_numbers(v) for v in x.values())
+    if isinstance(x, list):
+        return all(_finite_numbers(v) for v in x)
+    return not isinstance(x, float) or math.isfinite(x)
+
+
+def test_quick_bench_writes_json_and_plots(tmp_path, capsys):
+    code = main(["bench", "--quick", "--threads", "2", "--repeats", "1", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    files = sorted(p.name for p in tmp_path.iterdir())
+    json_files = [f for f in files if f.endswith(".json")]
+    assert len(json_files) == 1 and json_files[0].startswith("cpu-") and json_files[0].endswith("-quick.json")
+    report = json.loads((tmp_path / json_files[0]).read_text())
+    assert _finite_numbers(report)
+    assert report["settings"]["threads"] == 2 and report["peak"]["GFLOP/s"] > 0 and report["peak"]["GB/s"] > 0
+    assert report["machine"]["cpu_model"] and report["machine"]["numpy"]
+    assert set(report["families"]) == set(cli.FAMILIES)
+    ok = [r for r in report["results"] if r["status"] == "ok"]
+    assert {r["family"] for r in ok} == {f for f, s in report["families"].items() if s == "ok"}
+    assert all(r["status"] != "error" for r in report["results"]), [r for r in report["results"] if "error" in r]
+    for r in ok:  # the stored rate is the stored work over the stored median
+        assert r["rate"] == pytest.approx(r["work"] / (r["median_ms"] / 1e3) / 1e9)
+        assert r["peak_mib"] >= 0
+    pngs = [f for f in files if f.endswith(".png")]
+    assert pngs and set(pngs) == set(report["plots"])
+    for name in pngs:
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "family" in out and "ratio" in out and "wrote" in out
+
+
+def test_missing_kernels_are_reported_unavailable(monkeypatch, tmp_path, capsys):
+    def missing(*args):
+        raise harness.UnavailableError("kernels.gumbel is not importable: test")
+
+    monkeypatch.setattr(gumbel, "_kernels", missing)
+    code = main(["bench", "gumbel", "--quick", "--repeats", "1", "--json", "--out", str(tmp_path)])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert report["families"]["gumbel"].startswith("unavailable")
+    assert [r["status"] for r in report["results"]] == ["unavailable"]
+
+
+def test_cuda_without_a_gpu_says_so(capsys):
+    cupy = pytest.importorskip("cupy")
+    if cupy.is_available():
+        pytest.skip("a GPU is present")
+    assert main(["bench", "--device", "cuda", "--quick"]) == 1
+    assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_bad_family_is_refused(capsys):
+    assert main(["bench", "nonsense"]) == 2
+    assert "unknown family" in capsys.readouterr().err
