@@ -3,6 +3,9 @@
     t2i --version
     t2i verify [--trials N] [--seed S] [--op NAME ...] [--json]
     t2i bench [family ...] [--device cpu|cuda] [--threads N] [--quick] [--full] [--json] [--out DIR]
+    t2i train MODEL --data digits|shapes [--steps N] [--seed S] [--batch-size B] --out CKPT
+    t2i sample MODEL --ckpt CKPT [--n 64] [--label K] [--guidance S] [--steps N] [--seed S] -o grid.png
+    t2i eval MODEL --ckpt CKPT [--json]
 
 Each subcommand is one `_add_<name>(subparsers)` function that declares its arguments and sets
 `run=<function(args) -> exit code>`; `main` parses and dispatches. To add a command, write the pair
@@ -154,9 +157,161 @@ def _bench(args) -> int:
     return run(args)
 
 
+# --- t2i train / sample / eval (the image generators of models/registry.py) ---------------------
+
+_MODELS = ("gan", "vae", "glow", "ddpm")  # = models.registry.MODELS (not imported: --help stays fast)
+
+
+def _positive_float(text):
+    x = float(text)
+    if not (x > 0 and math.isfinite(x)):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return x
+
+
+def _key_value(text):
+    """KEY=VALUE with VALUE parsed as JSON when it can be (numbers, true/false, null), else a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def _add_model_argument(p):
+    p.add_argument("model", choices=_MODELS, metavar="MODEL", help=f"one of: {', '.join(_MODELS)}")
+
+
+def _load(args):
+    """(module, model, cfg) of `args.model` from `args.ckpt`; a missing or foreign file is a usage error."""
+    import os
+
+    from models import registry
+    from models.train import read_checkpoint
+
+    module = registry.get(args.model)
+    if not os.path.exists(args.ckpt):
+        raise registry.UsageError(f"--ckpt {args.ckpt}: no such file")
+    saved = read_checkpoint(args.ckpt)["model"]
+    if saved != args.model:
+        raise registry.UsageError(f"--ckpt {args.ckpt} holds a {saved!r} model, not {args.model!r}")
+    model, cfg = module.load(args.ckpt)
+    return module, model, cfg
+
+
+def _usage_errors(run):
+    """Run `run(args)`, turning a UsageError (or a core.serialize error about the file) into exit code 2."""
+
+    def wrapped(args):
+        from core.serialize import SerializationError
+        from models.registry import UsageError
+
+        try:
+            return run(args)
+        except (UsageError, SerializationError) as e:
+            args.parser.error(str(e))
+
+    return wrapped
+
+
+def _add_train(sub):
+    p = sub.add_parser(
+        "train",
+        help="train an image generator (gan, vae, glow, ddpm) on digits or shapes",
+        description="Train MODEL from scratch with its default (measured) configuration, showing a progress "
+        "bar with the loss and speed. The checkpoint --out is written atomically every few hundred steps and "
+        "at the end; running the same command again resumes from it (a resumed run equals an uninterrupted "
+        "one), and a larger --steps continues training.",
+    )
+    _add_model_argument(p)
+    p.add_argument("--data", choices=("digits", "shapes"), default="digits", help="dataset (default: digits)")
+    p.add_argument("--steps", type=_positive_int, metavar="N", help="training steps (default: the model's)")
+    p.add_argument("--seed", type=_non_negative_int, metavar="S", help="seed of weights, noise and batches")
+    p.add_argument("--batch-size", type=_positive_int, metavar="B", help="batch size (default: the model's)")
+    p.add_argument("--lr", type=_positive_float, metavar="LR", help="learning rate (default: the model's)")
+    p.add_argument("--set", type=_key_value, action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="any other field of the model's Config, e.g. --set conditional=false (repeatable)")
+    p.add_argument("--out", required=True, metavar="CKPT", help="checkpoint path, e.g. gan.safetensors")
+    p.add_argument("--no-resume", action="store_true", help="start from scratch even if --out exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=_usage_errors(_train), parser=p)
+
+
+def _train(args) -> int:
+    from models import registry
+
+    module = registry.get(args.model)
+    overrides = dict(args.overrides, steps=args.steps, seed=args.seed, batch_size=args.batch_size, lr=args.lr)
+    try:
+        cfg = registry.config(module, args.data, **overrides)
+    except (TypeError, ValueError) as e:
+        raise registry.UsageError(str(e)) from None
+    summary = module.train(cfg, args.out, resume=not args.no_resume, progress=not args.quiet)
+    speed = f", {summary['it_per_s']:.2f} steps/s" if summary.get("it_per_s") else ""
+    losses = ", ".join(f"{k} {v:.4f}" for k, v in summary.get("loss", {}).items())
+    print(f"{args.model} on {cfg.data}: steps {summary['start']}->{summary['steps']} in "
+          f"{summary['seconds'] / 60:.1f} min{speed}; {losses or 'no new steps'}; checkpoint {args.out}")
+    return 0
+
+
+def _add_sample(sub):
+    p = sub.add_parser(
+        "sample",
+        help="draw samples from a trained generator into a PNG grid",
+        description="Load MODEL from --ckpt, draw --n samples (for a conditional model: of class --label, or "
+        "all classes in turn) and write them as one PNG grid.",
+    )
+    _add_model_argument(p)
+    p.add_argument("--ckpt", required=True, metavar="PATH", help="checkpoint written by t2i train")
+    p.add_argument("--n", type=_positive_int, default=64, metavar="N", help="number of samples (default: 64)")
+    p.add_argument("--label", type=_non_negative_int, metavar="K", help="class of every sample (conditional models)")
+    p.add_argument("--guidance", type=float, metavar="S", help="classifier-free guidance scale (diffusion)")
+    p.add_argument("--steps", type=_positive_int, metavar="N", help="sampling steps (diffusion)")
+    p.add_argument("--seed", type=_non_negative_int, default=0, metavar="S", help="seed of the noise (default: 0)")
+    p.add_argument("--nrow", type=_positive_int, metavar="K", help="images per row (default: about √n)")
+    p.add_argument("-o", "--output", required=True, metavar="PNG", help="where to write the grid")
+    p.set_defaults(run=_usage_errors(_sample), parser=p)
+
+
+def _sample(args) -> int:
+    from models.train import save_grid
+
+    module, model, cfg = _load(args)
+    images = module.sample(model, cfg, args.n, label=args.label, guidance=args.guidance, steps=args.steps,
+                           seed=args.seed)
+    save_grid(images, args.output, nrow=args.nrow or math.ceil(math.sqrt(args.n)))
+    print(f"{args.n} samples of {args.model} ({cfg.data}) -> {args.output}")
+    return 0
+
+
+def _add_eval(sub):
+    p = sub.add_parser(
+        "eval",
+        help="measure a trained generator beside baselines measured in the same run",
+        description="Load MODEL from --ckpt and print its figures (FD-classifier, class agreement, ELBO, "
+        "bits/dim, ... whichever the model has), each beside its baselines measured in the same run.",
+    )
+    _add_model_argument(p)
+    p.add_argument("--ckpt", required=True, metavar="PATH", help="checkpoint written by t2i train")
+    p.add_argument("--seed", type=_non_negative_int, default=0, metavar="S", help="seed of the samples (default: 0)")
+    p.add_argument("--json", action="store_true", help="print machine-readable results instead of a table")
+    p.set_defaults(run=_usage_errors(_eval), parser=p)
+
+
+def _eval(args) -> int:
+    from models.train import format_figures
+
+    module, model, cfg = _load(args)
+    result = module.evaluate(model, cfg, seed=args.seed)
+    print(json.dumps(result, indent=2) if args.json else format_figures(result))
+    return 0
+
+
 # --- entry point ------------------------------------------------------------------------------
 
-COMMANDS = [_add_verify, _add_bench]
+COMMANDS = [_add_verify, _add_bench, _add_train, _add_sample, _add_eval]
 
 
 def build_parser() -> argparse.ArgumentParser:
