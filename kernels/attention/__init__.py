@@ -78,8 +78,8 @@ class _Prepared:
         self.mask = xp.ascontiguousarray(m)
 
     def flat(self, a):
-        """a as a C-contiguous (B·H, rows, cols) array."""
-        return self.xp.ascontiguousarray(a.reshape((-1,) + a.shape[-2:]))
+        """a as a C-contiguous (B·H, rows, cols) array of the inputs' dtype (a copy only where needed)."""
+        return self.xp.ascontiguousarray(a.reshape((-1,) + a.shape[-2:]), dtype=self.dtype)
 
     def shaped(self, a, ndim):
         """A (B·H, ...) result back in the caller's layout (4-d, or 3-d without the head axis)."""
@@ -124,7 +124,7 @@ def attention_backward(q, k, v, out, lse, dout, *, scale=None, mask=None, causal
     xp = p.xp
     qf, kf, vf = p.flat(q), p.flat(k), p.flat(v)
     of, dof = p.flat(out), p.flat(dout)
-    lf = xp.ascontiguousarray(lse.reshape(-1, p.L))
+    lf = xp.ascontiguousarray(lse.reshape(-1, p.L), dtype=p.dtype)
     dq, dk, dv = xp.empty_like(qf), xp.empty_like(kf), xp.empty_like(vf)
     m = p.args()
     if form == "cpu":

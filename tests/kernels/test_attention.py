@@ -319,6 +319,17 @@ def test_cpu_three_dim_inputs_and_default_scale():
     assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
 
 
+def test_cpu_non_contiguous_inputs():
+    """Views in another memory order (heads after the sequence, as a (B, L, H, D) projection gives them)."""
+    rng = np.random.default_rng(4)
+    q, k, v = (rng.standard_normal((2, 67, 3, 8)).transpose(0, 2, 1, 3) for _ in range(3))
+    dout = rng.standard_normal((2, 67, 3, 8)).transpose(0, 2, 1, 3)
+    assert not q.flags.c_contiguous
+    assert_same("cpu", q, k, v, dout, {"scale": 0.3, "pattern": Conv(text_len=3, width=8, kernel=3)})
+    strided = [x[..., ::2, :] for x in (q, k, v, dout)]  # every other position
+    assert_same("cpu", *strided, {"scale": 0.3, "causal": True})
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_fully_blocked_rows_give_zeros_not_nan(dtype):
     rng = np.random.default_rng(2)
