@@ -1,0 +1,492 @@
+"""The tensor-core attention kernel (kernels/attention/flash_tc.cu and its CuPy wrapper cuda_tc.py).
+
+CI has no GPU, so the kernel is checked three ways:
+
+1. it compiles for sm_90 with NVRTC from the ``nvidia-cuda-nvrtc`` wheel (installed by the project's test extra
+   through ``numba-cuda[cu13]``), and the PTX multiplies on tensor cores (``mma.sync`` m16n8k16, f16 and bf16) and
+   stages tiles in ``.shared`` memory. This test fails, never skips, when the source does not compile; nvcc, when
+   a toolkit is installed, is a second compiler;
+2. it computes attention: the same source, built for the CPU by g++ with the CUDA built-ins it uses replaced by
+   an emulation (one std::thread per CUDA thread, barriers for ``__syncthreads``/``__syncwarp``, the warp shuffle,
+   and ``mma.sync`` reassembling its operands from the 32 lanes' registers by the PTX ISA's fragment tables),
+   equals the NumPy reference in fp16 and bf16 — every pattern, masks, causal, sizes off the tile;
+3. on a GPU (marker ``gpu``), the real kernel launched through CuPy equals the reference.
+
+Tolerances follow from half-precision rounding (unit roundoff u = 2⁻¹¹ for fp16, 2⁻⁸ for bf16), with the inputs
+already rounded to the half type so that the reference (float64) sees exactly what the kernel sees. The kernel
+rounds P = exp(S − m) to the half type before P V (the mma takes 16-bit inputs) while l sums the unrounded P, and
+rounds the output: |out − ref| ≤ u · max|V| + u · |out| + O(fp32) ≤ 2u · max|V| + 1e-6. The lse is computed in
+fp32 throughout: |Δlse| ≤ 1e-4 at these sizes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kernels.attention import cuda_tc, reference
+from kernels.attention.patterns import Causal, Column, Conv, PrefixLM, Row
+
+ROUNDOFF = {"float16": 2.0**-11, "bfloat16": 2.0**-8}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1. Compilation for sm_90
+
+
+def nvrtc_compile(names, arch="compute_90", extra=()):
+    """Compile flash_tc.cu with NVRTC (the pip wheel) for the kernels ``names``: (ptx, cubin or None, log)."""
+    from cuda.bindings import nvrtc
+
+    def check(result, what):
+        err = result[0] if isinstance(result, tuple) else result
+        assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS, f"{what}: {err}"
+        return result[1:] if isinstance(result, tuple) else ()
+
+    (prog,) = check(nvrtc.nvrtcCreateProgram(cuda_tc.source().encode(), b"flash_tc.cu", 0, [], []), "create")
+    for name in names:
+        check(nvrtc.nvrtcAddNameExpression(prog, name.encode()), "name")
+    opts = [o.encode() for o in (*cuda_tc.compile_options(), f"-arch={arch}", *extra)]
+    status = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
+    (size,) = check(nvrtc.nvrtcGetProgramLogSize(prog), "log size")
+    log = b" " * size
+    check(nvrtc.nvrtcGetProgramLog(prog, log), "log")
+    log = log.decode(errors="replace")
+    assert status[0] == nvrtc.nvrtcResult.NVRTC_SUCCESS, f"flash_tc.cu does not compile:\n{log}"
+    for name in names:
+        (lowered,) = check(nvrtc.nvrtcGetLoweredName(prog, name.encode()), "lowered name")
+        assert lowered.startswith(b"_Z13flash_forward"), lowered
+    (size,) = check(nvrtc.nvrtcGetPTXSize(prog), "ptx size")
+    ptx = b" " * size
+    check(nvrtc.nvrtcGetPTX(prog, ptx), "ptx")
+    cubin = None
+    if arch.startswith("sm_"):
+        (size,) = check(nvrtc.nvrtcGetCUBINSize(prog), "cubin size")
+        cubin = b" " * size
+        check(nvrtc.nvrtcGetCUBIN(prog, cubin), "cubin")
+    check(nvrtc.nvrtcDestroyProgram(prog), "destroy")
+    return ptx.decode().rstrip("\x00 "), cubin, log
+
+
+def assert_tensor_core_ptx(ptx, elements):
+    assert ".target sm_90" in ptx
+    for element in elements:
+        ptx_type = {"float16": "f16", "bfloat16": "bf16"}[element]
+        assert f"mma.sync.aligned.m16n8k16.row.col.f32.{ptx_type}.{ptx_type}.f32" in ptx, element
+    assert ".shared" in ptx and "ld.shared" in ptx and "st.shared" in ptx
+    assert "bar.sync" in ptx  # __syncthreads between the shared tiles' writes and reads
+    assert "shfl.sync.bfly" in ptx  # the row max and sum over the 4 lanes of a group
+
+
+def test_compiles_to_tensor_core_ptx_for_sm90_with_nvrtc():
+    names = [cuda_tc.kernel_name(e, 64) for e in cuda_tc.ELEMENTS]
+    ptx, _, _ = nvrtc_compile(names)
+    assert_tensor_core_ptx(ptx, cuda_tc.ELEMENTS)
+    assert ptx.count(".entry") == len(names)
+
+
+@pytest.mark.slow
+def test_every_instantiation_assembles_for_sm90_without_spills():
+    """All (element, head dim) kernels through ptxas for sm_90 (a minute on 2 cores): no register spills."""
+    names = [cuda_tc.kernel_name(e, d) for e in cuda_tc.ELEMENTS for d in cuda_tc.HEAD_DIMS]
+    ptx, cubin, log = nvrtc_compile(names, arch="sm_90", extra=("-Xptxas=-v",))
+    assert_tensor_core_ptx(ptx, cuda_tc.ELEMENTS)
+    assert cubin and cubin[:4] == b"\x7fELF"
+    assert log.count("0 bytes spill stores, 0 bytes spill loads") == len(names), log
+
+
+@pytest.mark.slow
+def test_compiles_with_nvcc(tmp_path):
+    """The second compiler, where a CUDA toolkit is installed (the NVRTC test above is the one CI requires)."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("no CUDA toolkit (nvcc)")
+    unit = tmp_path / "one.cu"
+    unit.write_text(f'#include "{cuda_tc.SOURCE}"\nFLASH_TC_INSTANTIATE(__half, 64)\n')
+    proc = subprocess.run(
+        [nvcc, "-std=c++17", "-arch=sm_90", "-ptx", str(unit), "-o", str(tmp_path / "one.ptx")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    ptx = (tmp_path / "one.ptx").read_text()
+    assert "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in ptx and ".shared" in ptx
+
+
+def test_prepare_checks_its_arguments():
+    f16 = np.zeros((1, 2, 8, 64), np.float16)
+    with pytest.raises(TypeError, match="float16 or bfloat16"):
+        cuda_tc.prepare(f16.astype(np.float32), f16.astype(np.float32), f16.astype(np.float32))
+    with pytest.raises(ValueError, match="head dimension"):
+        cuda_tc.prepare(f16[..., :48], f16[..., :48], f16[..., :48])
+    with pytest.raises(ValueError, match="head dimension"):
+        cuda_tc.prepare(f16, f16, f16[..., :32])
+    with pytest.raises(ValueError, match="broadcast"):
+        cuda_tc.prepare(f16, f16, f16, mask=np.ones((3, 8), bool))
+    with pytest.raises(TypeError, match="CuPy"):
+        cuda_tc.attention_forward(f16, f16, f16)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2. The kernel's arithmetic, emulated on the CPU
+
+EMULATION = r"""
+// CPU stand-ins for the CUDA built-ins flash_tc.cu uses. Blocks run one after another; the threads of a block
+// run as std::threads, so __shared__ arrays can be plain statics.
+#include <algorithm>
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+#define FLASH_TC_HOST_EMULATION
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __launch_bounds__(n)
+#define __restrict__ __restrict
+#define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
+using std::max;
+using std::min;
+
+struct Dim3 { unsigned x = 0, y = 0, z = 0; };
+static thread_local Dim3 threadIdx;
+static Dim3 blockIdx;
+
+struct uint4 { unsigned x, y, z, w; };
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
+inline float __int_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
+
+// fp16 through the compiler's _Float16 (IEEE binary16, round to nearest even); bf16 by rounding the fp32 bits.
+struct __half { unsigned short x; };
+struct __nv_bfloat16 { unsigned short x; };
+inline float __half2float(__half h) { _Float16 f; std::memcpy(&f, &h.x, 2); return float(f); }
+inline __half __float2half_rn(float x) { _Float16 f = (_Float16)x; __half h; std::memcpy(&h.x, &f, 2); return h; }
+inline unsigned short __half_as_ushort(__half h) { return h.x; }
+inline float __bfloat162float(__nv_bfloat16 b) {
+    unsigned u = unsigned(b.x) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+inline __nv_bfloat16 __float2bfloat16_rn(float x) {
+    unsigned u; std::memcpy(&u, &x, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return {(unsigned short)((u >> 16) | 0x40)};  // NaN stays NaN
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return {(unsigned short)(u >> 16)};
+}
+inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 b) { return b.x; }
+
+constexpr int EMU_WARPS = 4;
+static std::unique_ptr<std::barrier<>> block_barrier;
+static std::unique_ptr<std::barrier<>> warp_barrier[EMU_WARPS];
+inline void __syncthreads() { block_barrier->arrive_and_wait(); }
+inline void __syncwarp() { warp_barrier[threadIdx.x / 32]->arrive_and_wait(); }
+
+// Warp exchanges go through per-warp slots, double-buffered: a lane writes the other buffer next time, and cannot
+// come back to this one before every lane has passed the next barrier, i.e. has finished reading this one.
+static thread_local int parity;
+static float shfl_slot[2][EMU_WARPS][32];
+inline float __shfl_xor_sync(unsigned, float value, int lane_mask) {
+    const int w = threadIdx.x / 32, lane = threadIdx.x % 32, p = parity ^= 1;
+    shfl_slot[p][w][lane] = value;
+    __syncwarp();
+    return shfl_slot[p][w][lane ^ lane_mask];
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}: every lane posts its registers, then rebuilds A (16×16) and
+// B (16×8) with the PTX ISA's tables (section "Matrix Fragments for mma.m16n8k16 with floating point type"):
+//   groupID = lane >> 2, threadID_in_group = lane % 4;
+//   A: a_i row = groupID for i in {0,1,4,5}, else groupID + 8; col = threadID_in_group * 2 + (i & 1) (+ 8 if i >= 4)
+//   B: b_i row = threadID_in_group * 2 + (i & 1) (+ 8 if i >= 2); col = groupID
+//   C: c_i row = groupID for i < 2, else groupID + 8; col = threadID_in_group * 2 + (i & 1)
+// element i of a register pair list sits in register i / 2, low half first.
+static unsigned a_slot[2][EMU_WARPS][32][4], b_slot[2][EMU_WARPS][32][2];
+
+template <typename Elem> inline float half_bits_to_float(unsigned short bits);
+template <> inline float half_bits_to_float<__half>(unsigned short bits) { return __half2float({bits}); }
+template <> inline float half_bits_to_float<__nv_bfloat16>(unsigned short bits) { return __bfloat162float({bits}); }
+
+template <typename Elem>
+inline float element(const unsigned* regs, int i) {
+    return half_bits_to_float<Elem>((unsigned short)(regs[i / 2] >> (16 * (i % 2))));
+}
+
+template <typename Elem>
+void mma_16x8x16(float (&c)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
+    const int w = threadIdx.x / 32, lane = threadIdx.x % 32, p = parity ^= 1;
+    std::memcpy(a_slot[p][w][lane], a, sizeof a);
+    std::memcpy(b_slot[p][w][lane], b, sizeof b);
+    __syncwarp();
+    float A[16][16], B[16][8];
+    for (int l = 0; l < 32; ++l) {
+        const int group = l >> 2, tig = l % 4;
+        for (int i = 0; i < 8; ++i) {
+            const int row = (i < 2 || (i >= 4 && i < 6)) ? group : group + 8;
+            const int col = tig * 2 + (i & 1) + (i >= 4 ? 8 : 0);
+            A[row][col] = element<Elem>(a_slot[p][w][l], i);
+        }
+        for (int i = 0; i < 4; ++i) B[tig * 2 + (i & 1) + (i >= 2 ? 8 : 0)][group] = element<Elem>(b_slot[p][w][l], i);
+    }
+    const int group = lane >> 2, tig = lane % 4;
+    for (int i = 0; i < 4; ++i) {
+        const int row = i < 2 ? group : group + 8, col = tig * 2 + (i & 1);
+        float acc = 0.0f;
+        for (int kk = 0; kk < 16; ++kk) acc += A[row][kk] * B[kk][col];
+        c[i] += acc;
+    }
+}
+
+#include "flash_tc.cu"
+
+template <typename Elem, int D>
+void run_blocks(int grid_x, int grid_y, const void* q, const void* k, const void* v, void* out, float* lse, int L,
+                int S, int H, float scale, const float* mask, long long msb, long long msh, long long msi,
+                long long msj, int has_mask, int kind, int T, int W, int r, int P, int causal) {
+    for (int by = 0; by < grid_y; ++by)
+        for (int bx = 0; bx < grid_x; ++bx) {
+            blockIdx.x = bx;
+            blockIdx.y = by;
+            block_barrier = std::make_unique<std::barrier<>>(THREADS);
+            for (auto& wb : warp_barrier) wb = std::make_unique<std::barrier<>>(32);
+            std::vector<std::thread> threads;
+            for (unsigned tid = 0; tid < THREADS; ++tid)
+                threads.emplace_back([=] {
+                    threadIdx.x = tid;
+                    flash_forward<Elem, D>((const Elem*)q, (const Elem*)k, (const Elem*)v, (Elem*)out, lse, L, S,
+                                           H, scale, mask, msb, msh, msi, msj, has_mask, kind, T, W, r, P, causal);
+                });
+            for (auto& th : threads) th.join();
+        }
+}
+
+template <typename Elem, int D>
+void launch(int grid_x, int grid_y, const void* q, const void* k, const void* v, void* out, float* lse, int L,
+            int S, int H, float scale, const float* mask, long long msb, long long msh, long long msi,
+            long long msj, int has_mask, int kind, int T, int W, int r, int P, int causal) {
+    // First one block on a full tile of NaN inputs: it leaves NaN in every shared-memory entry (as uninitialized
+    // shared memory on a GPU may hold), so a kernel that read tile entries it did not write would return NaN.
+    const unsigned short nan_bits = std::is_same<Elem, __half>::value ? 0x7e00 : 0x7fc0;
+    std::vector<Elem> nan(BK * D, Elem{nan_bits}), nan_out(BK * D);
+    std::vector<float> nan_lse(BK);
+    run_blocks<Elem, D>(1, 1, nan.data(), nan.data(), nan.data(), nan_out.data(), nan_lse.data(), BK, BK, 1, 1.0f,
+                        mask, 0, 0, 0, 0, 0, NONE, 0, 1, 0, 0, 0);
+    run_blocks<Elem, D>(grid_x, grid_y, q, k, v, out, lse, L, S, H, scale, mask, msb, msh, msi, msj, has_mask, kind,
+                        T, W, r, P, causal);
+}
+
+// The pattern rules of the kernel, over a whole grid, for comparison with kernels/attention/patterns.py.
+extern "C" void pattern_grid(int kind, int T, int W, int r, int P, int causal, int n, int bq, int bk,
+                             unsigned char* visible_out, unsigned char* tile_out) {
+    const Pattern pat = {kind, T, W, r, P, causal != 0};
+    for (int q = 0; q < n; ++q)
+        for (int k = 0; k < n; ++k) visible_out[q * n + k] = visible(pat, q, k);
+    const int nq = (n + bq - 1) / bq, nk = (n + bk - 1) / bk;
+    for (int i = 0; i < nq; ++i)
+        for (int j = 0; j < nk; ++j)
+            tile_out[i * nk + j] = tile_may_attend(pat, i * bq, min(i * bq + bq, n), j * bk, min(j * bk + bk, n));
+}
+
+#define EMU_CASE(E, ELEM, DIM) \
+    if (element == E && D == DIM) return launch<ELEM, DIM>(gx, gy, q, k, v, out, lse, L, S, H, scale, mask, msb, \
+                                                          msh, msi, msj, has_mask, kind, T, W, r, P, causal), 0;
+
+extern "C" int emulate(int element, int D, int gx, int gy, const void* q, const void* k, const void* v, void* out,
+                       float* lse, int L, int S, int H, float scale, const float* mask, long long msb,
+                       long long msh, long long msi, long long msj, int has_mask, int kind, int T, int W, int r,
+                       int P, int causal) {
+    static_assert(WARPS == EMU_WARPS, "one barrier per warp");
+    EMU_CASE(0, __half, 32) EMU_CASE(0, __half, 64) EMU_CASE(0, __half, 128)
+    EMU_CASE(1, __nv_bfloat16, 32) EMU_CASE(1, __nv_bfloat16, 64) EMU_CASE(1, __nv_bfloat16, 128)
+    return 1;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory):
+    """flash_tc.cu built for the CPU with the emulation above, as a ctypes function taking a ``Launch``."""
+    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler to build the CPU emulation of the kernel")
+    d = tmp_path_factory.mktemp("flash_tc_emulation")
+    (d / "emulate.cpp").write_text(EMULATION)
+    lib = d / "libflash_tc_emulation.so"
+    cmd = [cxx, "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-fno-strict-aliasing",
+           f"-I{cuda_tc.SOURCE.parent}", str(d / "emulate.cpp"), "-o", str(lib)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"the CPU emulation of flash_tc.cu does not build:\n{proc.stderr}"
+    fn = ctypes.CDLL(str(lib)).emulate
+    fn.restype = ctypes.c_int
+    vp, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong
+    fn.argtypes = [i32, i32, i32, i32, vp, vp, vp, vp, vp, i32, i32, i32, ctypes.c_float, vp, i64, i64, i64, i64,
+                   i32, i32, i32, i32, i32, i32, i32]  # fmt: skip
+
+    def run(launch):
+        a = launch.args
+        ptr = [x.ctypes.data for x in a[:5]]
+        status = fn(list(cuda_tc.ELEMENTS).index(launch.element), launch.head_dim, *launch.grid, *ptr,
+                    *(int(x) for x in a[5:8]), float(a[8]), a[9].ctypes.data, *(int(x) for x in a[10:]))  # fmt: skip
+        assert status == 0
+        return launch.results()
+
+    run.pattern_grid = ctypes.CDLL(str(lib)).pattern_grid
+    return run
+
+
+def to_half(x, element):
+    """x rounded to the half type: (the values as float64, the array the kernel takes)."""
+    if element == "float16":
+        h = x.astype(np.float16)
+        return h.astype(np.float64), h
+    bits = x.astype(np.float32).view(np.uint32)
+    bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)  # round to nearest even
+    return (bits.astype(np.uint32) << 16).view(np.float32).astype(np.float64), bits
+
+
+def from_half(a, element):
+    if element == "float16":
+        return a.astype(np.float64)
+    return (a.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+
+
+def check_against_reference(run, shape_q, S, element="float16", D=64, seed=0, **kw):
+    rng = np.random.default_rng(seed)
+    lead, L = shape_q[:-1], shape_q[-1]
+    q64, qh = to_half(rng.standard_normal(lead + (L, D)), element)
+    k64, kh = to_half(rng.standard_normal(lead + (S, D)), element)
+    v64, vh = to_half(rng.standard_normal(lead + (S, D)), element)
+    scale = kw.pop("scale", 1.0 / np.sqrt(D))
+    out, lse = run(cuda_tc.prepare(qh, kh, vh, scale=scale, element=element, **kw))
+    out_r, lse_r = reference.attention_forward(q64, k64, v64, scale=scale, **kw)
+    u = ROUNDOFF[element]
+    np.testing.assert_allclose(from_half(out, element), out_r, rtol=0, atol=2 * u * np.abs(v64).max() + 1e-6)
+    assert lse.dtype == np.float32
+    np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(lse_r))  # fully masked rows, exactly
+    finite = np.isfinite(lse_r)
+    np.testing.assert_allclose(lse[finite], lse_r[finite], rtol=0, atol=1e-4)
+    return out, lse
+
+
+PATTERNS = [
+    Causal(),
+    Row(text_len=5, width=7),
+    Column(text_len=5, width=7),
+    Conv(text_len=5, width=7, kernel=3),
+    Conv(text_len=0, width=9, kernel=5),
+    PrefixLM(prefix_len=40),
+    PrefixLM(prefix_len=100),  # a bidirectional prefix longer than a tile: key tiles above the diagonal
+]
+
+
+@pytest.mark.parametrize("pattern", [None, *PATTERNS, Row(0, 1), Column(3, 1), Conv(2, 4, 3), Conv(7, 5, 5)], ids=repr)
+@pytest.mark.parametrize("causal", [False, True])
+def test_kernel_pattern_rules_equal_patterns_module(emulator, pattern, causal):
+    """flash_tc.cu's visible / tile_may_attend (C++) are patterns.py's, on every pair and every tile of a grid."""
+    from kernels.attention import patterns
+
+    params, extra = patterns.resolve(pattern, causal)
+    n = 41
+    q, k = np.arange(n)[:, None], np.arange(n)[None, :]
+    expected = np.ones((n, n), bool) if pattern is None else pattern.mask(n)
+    expected &= (k <= q) | (not causal)
+    for bq, bk in [(1, 1), (4, 6), (7, 3), (16, 16)]:
+        nq, nk = -(-n // bq), -(-n // bk)
+        vis, tiles = np.zeros((n, n), np.uint8), np.zeros((nq, nk), np.uint8)
+        emulator.pattern_grid(*(ctypes.c_int(x) for x in (*params, extra, n, bq, bk)),
+                              vis.ctypes.data_as(ctypes.c_void_p), tiles.ctypes.data_as(ctypes.c_void_p))  # fmt: skip
+        np.testing.assert_array_equal(vis.astype(bool), expected)
+        for i in range(nq):
+            for j in range(nk):
+                q0, q1, k0, k1 = i * bq, min(i * bq + bq, n), j * bk, min(j * bk + bk, n)
+                want = patterns.tile_may_attend(*params, q0, q1, k0, k1) and not (extra and k0 > q1 - 1)
+                assert bool(tiles[i, j]) == want, (q0, q1, k0, k1)
+                if not want:  # a skipped tile really has no visible pair
+                    assert not expected[q0:q1, k0:k1].any()
+
+
+@pytest.mark.parametrize("element", ["float16", "bfloat16"])
+def test_emulated_kernel_equals_reference_dense(emulator, element):
+    check_against_reference(emulator, (2, 1, 70), 100, element=element)
+
+
+@pytest.mark.parametrize("pattern", PATTERNS, ids=repr)
+def test_emulated_kernel_equals_reference_patterns(emulator, pattern):
+    # L = S = 135 = 2 full tiles and a partial one: skipped, partial and full tiles for every pattern
+    check_against_reference(emulator, (1, 135), 135, pattern=pattern)
+
+
+def test_emulated_kernel_causal_rectangular_and_masks(emulator):
+    rng = np.random.default_rng(1)
+    check_against_reference(emulator, (1, 2, 80), 150, causal=True)  # top-left aligned, L < S
+    check_against_reference(emulator, (1, 1, 150), 20, causal=True)  # L > S
+    # Row's tile rule at its edge: queries [128, 140) against keys [64, 122) reach q − k = 7 = W exactly
+    check_against_reference(emulator, (1, 140), 122, pattern=Row(text_len=5, width=7))
+    mask = rng.random((80, 90)) < 0.5
+    mask[3] = False  # a fully masked row: out 0, lse −inf
+    check_against_reference(emulator, (2, 2, 80), 90, mask=mask)
+    additive = rng.standard_normal((2, 1, 1, 90)) * 3  # broadcast over heads and queries
+    check_against_reference(emulator, (2, 2, 80), 90, mask=additive, pattern=Row(text_len=10, width=8))
+    out, lse = check_against_reference(emulator, (1, 1, 20), 20, mask=np.zeros((20, 20), bool))
+    assert not out.any() and np.isneginf(lse).all()
+
+
+@pytest.mark.parametrize("D", [32, 128])
+def test_emulated_kernel_other_head_dims(emulator, D):
+    check_against_reference(emulator, (1, 1, 70), 70, D=D, causal=True, element="bfloat16")
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    L=st.integers(1, 140),
+    S=st.integers(1, 140),
+    heads=st.integers(1, 2),
+    pattern=st.sampled_from([None, *PATTERNS]),
+    causal=st.booleans(),
+    element=st.sampled_from(["float16", "bfloat16"]),
+    seed=st.integers(0, 2**16),
+)
+def test_emulated_kernel_equals_reference_drawn_shapes(emulator, L, S, heads, pattern, causal, element, seed):
+    check_against_reference(emulator, (1, heads, L), S, element=element, seed=seed, pattern=pattern, causal=causal)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 3. On a GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kw", [{}, {"causal": True}, {"pattern": Conv(text_len=16, width=16, kernel=5)}], ids=str)
+def test_gpu_kernel_equals_reference(kw):
+    cupy = pytest.importorskip("cupy")
+    if not cupy.is_available():
+        pytest.skip("no CUDA GPU")
+    rng = np.random.default_rng(0)
+    q64, q = to_half(rng.standard_normal((2, 4, 272, 64)), "float16")
+    k64, k = to_half(rng.standard_normal((2, 4, 272, 64)), "float16")
+    v64, v = to_half(rng.standard_normal((2, 4, 272, 64)), "float16")
+    out, lse = cuda_tc.attention_forward(cupy.asarray(q), cupy.asarray(k), cupy.asarray(v), scale=0.125, **kw)
+    out_r, lse_r = reference.attention_forward(q64, k64, v64, scale=0.125, **kw)
+    assert out.dtype == cupy.float16 and lse.dtype == cupy.float32
+    tol = 2 * ROUNDOFF["float16"] * np.abs(v64).max() + 1e-6
+    np.testing.assert_allclose(cupy.asnumpy(out).astype(np.float64), out_r, rtol=0, atol=tol)
+    np.testing.assert_allclose(cupy.asnumpy(lse), lse_r, rtol=0, atol=1e-4)
+    # bf16 through its bits (CuPy has no bfloat16 dtype without ml_dtypes): the same launch path
+    kb = {"element": "bfloat16"}
+    arrays = [to_half(x, "bfloat16") for x in (q64, k64, v64)]
+    launch = cuda_tc.prepare(*(cupy.asarray(h) for _, h in arrays), scale=0.125, **kb, **kw)
+    cuda_tc._kernel(launch.element, launch.head_dim)(launch.grid, launch.block, launch.args)
+    out_r, _ = reference.attention_forward(*(x for x, _ in arrays), scale=0.125, **kw)
+    out = from_half(cupy.asnumpy(launch.out).reshape(out_r.shape), "bfloat16")
+    np.testing.assert_allclose(out, out_r, rtol=0, atol=2 * ROUNDOFF["bfloat16"] * np.abs(arrays[2][0]).max() + 1e-6)
