@@ -36,6 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=None, metavar="R",
                    help="timed calls per measurement after one warm-up (default: 5; 2 with --quick)")
     p.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
+    p.add_argument("--markdown", action="store_true", help="print the table as Markdown (for the README)")
     p.add_argument("--out", type=Path, default=None, metavar="DIR",
                    help=f"where to write the JSON and PNGs (default: {RESULTS_DIR})")
 
@@ -64,13 +65,16 @@ def run(args) -> int:
     stem = result_stem(args.device, report["machine"]["date"][:10], families, args.quick, args.full)
     json_path = out_dir / f"{stem}.json"
     from bench.plot import plot_report
+    from bench.targets import check, format_targets
 
+    report["targets"] = check(report)
     report["plots"] = [p.name for p in plot_report(report, out_dir, stem)]
     json_path.write_text(json.dumps(report, indent=1, allow_nan=False) + "\n")
     if args.json:
         print(json.dumps(report, indent=1, allow_nan=False))
     else:
-        print(format_table(report["results"], report["peak"]))
+        print(format_table(report["results"], markdown=args.markdown))
+        print("\ntargets (kernels issue):\n" + format_targets(report["targets"]))
         print(f"\nratio = our time / PyTorch's (below 1: faster). Peak: {report['peak']['GFLOP/s']:.1f} GFLOP/s "
               f"(sgemm), {report['peak']['GB/s']:.1f} GB/s (copy). {threads} threads. Load average at start "
               f"{_load(report['machine'])}, at end {_load(report['machine_end'])}.")
@@ -174,8 +178,8 @@ def _fmt(x, spec):
     return "-" if x is None else format(x, spec)
 
 
-def format_table(rows, peak=None) -> str:
-    """The results as aligned text columns; implementations that did not run show their reason."""
+def format_table(rows, markdown=False) -> str:
+    """The results as aligned text columns (or a Markdown table); implementations that did not run show why."""
     lines = []
     for r in rows:
         if r.get("status") != "ok":
@@ -190,10 +194,16 @@ def format_table(rows, peak=None) -> str:
     numeric = {3, 4, 5, 6, 7, 8}
 
     def line(cells):
-        return " | ".join(str(c).rjust(w) if i in numeric else str(c).ljust(w)
-                          for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+        text = " | ".join(str(c).rjust(w) if i in numeric else str(c).ljust(w)
+                          for i, (c, w) in enumerate(zip(cells, widths)))
+        return f"| {text} |" if markdown else text.rstrip()
 
-    return "\n".join([line(COLUMNS), "-+-".join("-" * w for w in widths), *(line(x) for x in lines)])
+    if markdown:
+        rule = "|" + "|".join(("-" * (w + 1) + ":") if i in numeric else ("-" * (w + 2))
+                              for i, w in enumerate(widths)) + "|"
+    else:
+        rule = "-+-".join("-" * w for w in widths)
+    return "\n".join([line(COLUMNS), rule, *(line(x) for x in lines)])
 
 
 def main(argv=None) -> int:

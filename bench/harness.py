@@ -309,7 +309,8 @@ def machine_info(device="cpu") -> dict:
     tpc = _try_import("threadpoolctl")
     if tpc is not None:
         info["threadpoolctl"] = [
-            {k: p.get(k) for k in ("user_api", "internal_api", "version", "num_threads", "architecture")}
+            {**{k: p.get(k) for k in ("user_api", "internal_api", "prefix", "version", "num_threads", "architecture")},
+             "file": os.path.basename(p.get("filepath") or "")}
             for p in tpc.threadpool_info()
         ]
     if device == "cuda":

@@ -97,6 +97,29 @@ def test_result_names():
     assert cli.result_stem("cuda", "2026-01-02", ["gumbel"], quick=True) == "cuda-2026-01-02-quick-gumbel"
 
 
+def test_targets_are_met_missed_or_not_measured():
+    from bench import targets
+
+    results = [{"family": "attention", "case": "fwd+bwd causal N=1024", "impl": "cpu", "status": "ok",
+                "ratio_to_torch": 1.5},
+               {"family": "gumbel", "case": "fwd 4096x8192", "impl": "cpu", "status": "ok", "ratio_to_torch": 0.5},
+               {"family": "conv", "case": "fwd+bwd N=64 C=K=64 16x16 3x3 pad1", "impl": "cpu", "status": "unavailable"}]
+    checks = targets.check({"settings": {"device": "cpu"}, "results": results})
+    verdict = {(c["family"], c["case"]): c["verdict"] for c in checks}
+    assert verdict[("attention", "fwd+bwd causal N=1024")] == "met"  # 1.5 ≤ 2
+    assert verdict[("gumbel", "fwd 4096x8192")] == "missed"  # 0.5 > 0.2
+    assert verdict[("conv", "fwd+bwd N=64 C=K=64 16x16 3x3 pad1")] == "not measured"
+    assert "missed" in targets.format_targets(checks)
+
+
+def test_markdown_table():
+    rows = [{"family": "f", "case": "c", "impl": "cpu", "status": "ok", "median_ms": 1.5, "torch_ms": None,
+             "ratio_to_torch": None, "rate": 12.0, "unit": "GB/s", "fraction_of_peak": None, "peak_mib": 2.0}]
+    lines = cli.format_table(rows, markdown=True).splitlines()
+    assert all(line.startswith("| ") and line.endswith(" |") for line in (lines[0], lines[2]))
+    assert set(lines[1]) <= set("|-:")
+
+
 def _finite_numbers(x):
     if isinstance(x, dict):
         return all(_finite_numbers(v) for v in x.values())

@@ -1,0 +1,77 @@
+"""The kernels issue's performance targets, checked against a benchmark report (met, missed, or not measured).
+
+Targets on the CPU (ratio = our time / PyTorch's in the same run):
+- attention fwd+bwd, dense causal, B=4 H=8 N=1024 D=64: ratio ≤ 2 (parity is the aim);
+- attention fwd+bwd with Row / Conv patterns at T = 64 + a 32×32 grid: faster than PyTorch with the dense mask;
+- attention extra memory at N = 4096: far under one N×N float32 matrix (here: under a quarter of it);
+- conv2d fwd+bwd, N=64 C=K=64 16×16 3×3 pad 1: ratio ≤ 2;
+- gumbel_softmax 4096×8192: at least 5× faster than PyTorch (ratio ≤ 0.2);
+- q_sample / DDPM / DDIM steps (largest size): ≥ 70% of the measured copy bandwidth and ≥ 3× faster than
+  PyTorch eager.
+On a GPU: attention ratio ≤ 2 (≥ 0.5× PyTorch's fp32 SDPA speed) and elementwise kernels ≥ 70% of the measured
+copy bandwidth.
+"""
+
+from __future__ import annotations
+
+SCHEDULE_CASES = [f"{op} 64x3x256x256" for op in ("q_sample", "ddpm_step", "ddim_step")]
+
+
+def _cpu_targets(ours):
+    t = [
+        ("attention", "fwd+bwd causal N=1024", ours, "ratio_to_torch", "<=", 2.0,
+         "attention fwd+bwd dense causal B=4 H=8 N=1024 D=64: ≤ 2× PyTorch's time"),
+        ("attention", "fwd+bwd row T=64 32x32 (N=1088)", ours, "ratio_to_torch", "<", 1.0,
+         "attention fwd+bwd Row pattern, T=64 + 32×32: faster than PyTorch with the dense bool mask"),
+        ("attention", "fwd+bwd conv11 T=64 32x32 (N=1088)", ours, "ratio_to_torch", "<", 1.0,
+         "attention fwd+bwd Conv(11) pattern, T=64 + 32×32: faster than PyTorch with the dense bool mask"),
+        ("attention", "memory fwd+bwd causal N=4096 (B=1 H=2)", ours, "peak_mib", "<", 16.0,
+         "attention fwd+bwd N=4096, B=1 H=2: peak memory < 16 MiB (a quarter of one 64 MiB N×N fp32 matrix)"),
+        ("conv", "fwd+bwd N=64 C=K=64 16x16 3x3 pad1", ours, "ratio_to_torch", "<=", 2.0,
+         "conv2d fwd+bwd N=64 C=K=64 16×16 3×3 pad 1: ≤ 2× PyTorch's time"),
+        ("gumbel", "fwd 4096x8192", ours, "ratio_to_torch", "<=", 0.2,
+         "gumbel_softmax 4096×8192: ≥ 5× faster than PyTorch"),
+    ]
+    for case in SCHEDULE_CASES:
+        op = case.split()[0]
+        t.append(("schedule", case, ours, "fraction_of_peak", ">=", 0.7, f"{op} (64,3,256,256): ≥ 70% of copy GB/s"))
+        t.append(("schedule", case, ours, "ratio_to_torch", "<=", 1 / 3, f"{op} (64,3,256,256): ≥ 3× faster than "
+                  "PyTorch eager"))
+    return t
+
+
+def _cuda_targets(ours):
+    t = [("attention", "fwd+bwd causal N=1024", ours, "ratio_to_torch", "<=", 2.0,
+          "attention fwd+bwd dense causal N=1024: ≥ 0.5× PyTorch fp32 SDPA speed")]
+    t += [("schedule", case, ours, "fraction_of_peak", ">=", 0.7, f"{case.split()[0]}: ≥ 70% of copy bandwidth")
+          for case in SCHEDULE_CASES]
+    t.append(("gumbel", "fwd 4096x8192", ours, "fraction_of_peak", ">=", 0.7,
+              "gumbel_softmax 4096×8192: ≥ 70% of copy bandwidth"))
+    return t
+
+
+OPS = {"<=": lambda a, b: a <= b, "<": lambda a, b: a < b, ">=": lambda a, b: a >= b}
+
+
+def check(report) -> list[dict]:
+    """One entry per target: its description, the measured value, and "met", "missed" or "not measured"."""
+    device = report["settings"]["device"]
+    ours = "cpu" if device == "cpu" else "cuda"
+    index = {(r["family"], r["case"], r["impl"]): r for r in report["results"]}
+    out = []
+    for family, case, impl, field, op, bound, text in (_cpu_targets if device == "cpu" else _cuda_targets)(ours):
+        row = index.get((family, case, impl))
+        value = row.get(field) if row and row.get("status") == "ok" else None
+        verdict = "not measured" if value is None else ("met" if OPS[op](value, bound) else "missed")
+        out.append({"target": text, "family": family, "case": case, "field": field, "bound": f"{op} {bound:.3g}",
+                    "value": value, "verdict": verdict})
+    return out
+
+
+def format_targets(checks) -> str:
+    """Targets as text lines: verdict, measured value, description."""
+    lines = []
+    for c in checks:
+        value = "-" if c["value"] is None else f"{c['value']:.3g}"
+        lines.append(f"{c['verdict']:>12} | {c['field']} = {value} (target {c['bound']}) | {c['target']}")
+    return "\n".join(lines)
