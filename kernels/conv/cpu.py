@@ -1,0 +1,302 @@
+"""2-D convolution on the CPU with Numba: im2col into a per-thread buffer, then one BLAS GEMM per tile.
+
+For one image n, group g and a tile of output rows, im2col copies the receptive fields into a matrix
+cols (R = C/G·kh·kw rows, one per tap (c, i, j); one column per output position; Chellapilla et al. 2006),
+and the three products of convolution are GEMMs with the weights W_g (K/G, R) (equations of reference.py):
+
+    forward (1):          Y[n, g]   = W_g · cols                       (K/G × R) · (R × P)
+    input gradient (3):   dcols     = W_gᵀ · dY[n, g],  then col2im    (R × K/G) · (K/G × P)
+    weight gradient (4):  dW_g     += dY[n, g] · colsᵀ                 (K/G × P) · (P × R)
+
+col2im is the adjoint of im2col: it adds every entry of dcols back onto the input pixel it was copied from.
+The buffer is sized to stay in the L2 cache (a tile of output rows is taken when a whole image would not fit),
+so im2col writes it and the GEMM reads it back from cache rather than from memory.
+
+Parallelism: the (image, group, row tile) tasks are split into one contiguous range per thread (prange over the
+threads, so each thread allocates its buffers once). The input gradient runs whole (image, group) tasks, since
+neighbouring row tiles add into the same input rows; the weight gradient keeps one partial sum per thread and adds
+them at the end (no atomics, a fixed order: the result does not depend on timing).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+# Elements of the im2col buffer (per thread): 1 MiB in float32, inside a 2 MiB L2 with room for the GEMM's panels.
+COLS_BUDGET = 1 << 18
+
+
+@njit(cache=True, inline="always")
+def _valid_range(n_out, start, step, size):
+    """The outputs o in [lo, hi) whose input coordinate start + o·step lies in [0, size)."""
+    lo = 0
+    if start < 0:
+        lo = (-start + step - 1) // step
+    hi = 0
+    if size - 1 - start >= 0:
+        hi = (size - 1 - start) // step + 1
+    hi = min(hi, n_out)
+    return lo, max(lo, hi)
+
+
+@njit(cache=True)
+def _im2col(x, n, c0, cg, kh, kw, sh, sw, pt, pl, dh, dw, oh0, oh1, wo, cols):
+    """cols[(c·kh + i)·kw + j, (oh − oh0)·Wo + ow] = x[n, c0 + c, oh·sh − pt + i·dh, ow·sw − pl + j·dw] (0 outside)."""
+    h_in, w_in = x.shape[2], x.shape[3]
+    for c in range(cg):
+        for i in range(kh):
+            for j in range(kw):
+                crow = cols[(c * kh + i) * kw + j]  # 1-D row views: LLVM then vectorizes the copies
+                col0 = j * dw - pl  # input column read at ow = 0
+                lo, hi = _valid_range(wo, col0, sw, w_in)
+                for oh in range(oh0, oh1):
+                    h = oh * sh - pt + i * dh
+                    p = (oh - oh0) * wo
+                    if h < 0 or h >= h_in:
+                        crow[p : p + wo] = 0
+                        continue
+                    xrow = x[n, c0 + c, h]
+                    crow[p : p + lo] = 0
+                    for ow in range(lo, hi):
+                        crow[p + ow] = xrow[col0 + ow * sw]
+                    crow[p + hi : p + wo] = 0
+
+
+@njit(cache=True)
+def _col2im(dcols, dx, n, c0, cg, kh, kw, sh, sw, pt, pl, dh, dw, oh0, oh1, wo):
+    """The adjoint of _im2col: dx[n, c0 + c, h, w] += dcols[row, p] for every tap that read (h, w)."""
+    h_in, w_in = dx.shape[2], dx.shape[3]
+    for c in range(cg):
+        for i in range(kh):
+            for j in range(kw):
+                drow = dcols[(c * kh + i) * kw + j]
+                col0 = j * dw - pl
+                lo, hi = _valid_range(wo, col0, sw, w_in)
+                for oh in range(oh0, oh1):
+                    h = oh * sh - pt + i * dh
+                    if h < 0 or h >= h_in:
+                        continue
+                    p = (oh - oh0) * wo
+                    xrow = dx[n, c0 + c, h]
+                    for ow in range(lo, hi):
+                        xrow[col0 + ow * sw] += drow[p + ow]
+
+
+def tile_rows(r, ho, wo):
+    """Output rows per im2col tile: as many as keep R × (rows·Wo) within COLS_BUDGET (at least one)."""
+    return max(1, min(ho, COLS_BUDGET // max(1, r * wo)))
+
+
+@njit(cache=True, inline="always")
+def _task(task, groups, tiles):
+    n, rest = divmod(task, groups * tiles)
+    g, tile = divmod(rest, tiles)
+    return n, g, tile
+
+
+@njit(cache=True)
+def _forward_tasks(x, w3, y, kh, kw, sh, sw, pt, pl, dh, dw, ho, wo, rows, task0, task1):
+    """Tasks [task0, task1) of the forward, each an (image, group, row tile): im2col, then one GEMM."""
+    c = x.shape[1]
+    groups, kg, r = w3.shape
+    cg = c // groups
+    tiles = (ho + rows - 1) // rows
+    buf = np.empty(r * rows * wo, dtype=x.dtype)
+    out = np.empty(kg * rows * wo, dtype=x.dtype)
+    for task in range(task0, task1):
+        n, g, tile = _task(task, groups, tiles)
+        oh0 = tile * rows
+        oh1 = min(ho, oh0 + rows)
+        p0, p = oh0 * wo, (oh1 - oh0) * wo
+        cols = buf[: r * p].reshape(r, p)
+        _im2col(x, n, g * cg, cg, kh, kw, sh, sw, pt, pl, dh, dw, oh0, oh1, wo, cols)
+        if tiles == 1:  # the whole image: the GEMM writes straight into y
+            np.dot(w3[g], cols, y[n, g * kg : (g + 1) * kg])
+        else:
+            o = out[: kg * p].reshape(kg, p)
+            np.dot(w3[g], cols, o)
+            y[n, g * kg : (g + 1) * kg, p0 : p0 + p] = o
+
+
+@njit(parallel=True, cache=True)
+def _forward(x, w3, y, kh, kw, sh, sw, pt, pl, dh, dw, ho, wo, rows, threads):
+    """y (N, K, Ho·Wo) = conv2d(x, w) with w3 = w as (G, K/G, R): one contiguous range of tasks per thread."""
+    tasks = x.shape[0] * w3.shape[0] * ((ho + rows - 1) // rows)
+    threads = max(1, min(threads, tasks))
+    for t in prange(threads):
+        _forward_tasks(x, w3, y, kh, kw, sh, sw, pt, pl, dh, dw, ho, wo, rows,
+                       t * tasks // threads, (t + 1) * tasks // threads)
+
+
+@njit(cache=True)
+def _backward_input_tasks(gy, w3t, dx, kh, kw, sh, sw, pt, pl, dh, dw, rows, task0, task1):
+    """Tasks [task0, task1) of the input gradient, each a whole (image, group): GEMM, then col2im, per row tile."""
+    c = dx.shape[1]
+    groups, r, kg = w3t.shape
+    ho, wo = gy.shape[2], gy.shape[3]
+    cg = c // groups
+    tiles = (ho + rows - 1) // rows
+    buf = np.empty(r * rows * wo, dtype=dx.dtype)
+    gbuf = np.empty(kg * rows * wo, dtype=dx.dtype)
+    for task in range(task0, task1):
+        n, g = divmod(task, groups)
+        for tile in range(tiles):
+            oh0 = tile * rows
+            oh1 = min(ho, oh0 + rows)
+            p0, p = oh0 * wo, (oh1 - oh0) * wo
+            dcols = buf[: r * p].reshape(r, p)
+            if tiles == 1:
+                np.dot(w3t[g], gy[n, g * kg : (g + 1) * kg].reshape(kg, p), dcols)
+            else:
+                gt = gbuf[: kg * p].reshape(kg, p)
+                gt[:] = gy[n, g * kg : (g + 1) * kg].reshape(kg, ho * wo)[:, p0 : p0 + p]
+                np.dot(w3t[g], gt, dcols)
+            _col2im(dcols, dx, n, g * cg, cg, kh, kw, sh, sw, pt, pl, dh, dw, oh0, oh1, wo)
+
+
+@njit(parallel=True, cache=True)
+def _backward_input(gy, w3t, dx, kh, kw, sh, sw, pt, pl, dh, dw, rows, threads):
+    """dx (N, C, H, W, zeroed) += col2im(W_gᵀ · gy) with w3t = w as (G, R, K/G); tasks are (image, group)."""
+    tasks = dx.shape[0] * w3t.shape[0]
+    threads = max(1, min(threads, tasks))
+    for t in prange(threads):
+        _backward_input_tasks(gy, w3t, dx, kh, kw, sh, sw, pt, pl, dh, dw, rows,
+                              t * tasks // threads, (t + 1) * tasks // threads)
+
+
+@njit(cache=True)
+def _backward_weight_tasks(x, gy, dw3, kh, kw, sh, sw, pt, pl, dh, dw, rows, task0, task1):
+    """dw3 (G, K/G, R) += Σ over tasks [task0, task1) (image, group, row tile) of gy-tile · colsᵀ."""
+    c = x.shape[1]
+    groups, kg, r = dw3.shape
+    ho, wo = gy.shape[2], gy.shape[3]
+    cg = c // groups
+    tiles = (ho + rows - 1) // rows
+    buf = np.empty(r * rows * wo, dtype=x.dtype)
+    gbuf = np.empty(kg * rows * wo, dtype=x.dtype)
+    prod = np.empty((kg, r), dtype=x.dtype)
+    for task in range(task0, task1):
+        n, g, tile = _task(task, groups, tiles)
+        oh0 = tile * rows
+        oh1 = min(ho, oh0 + rows)
+        p0, p = oh0 * wo, (oh1 - oh0) * wo
+        cols = buf[: r * p].reshape(r, p)
+        _im2col(x, n, g * cg, cg, kh, kw, sh, sw, pt, pl, dh, dw, oh0, oh1, wo, cols)
+        if tiles == 1:
+            np.dot(gy[n, g * kg : (g + 1) * kg].reshape(kg, p), cols.T, prod)
+        else:
+            gt = gbuf[: kg * p].reshape(kg, p)
+            gt[:] = gy[n, g * kg : (g + 1) * kg].reshape(kg, ho * wo)[:, p0 : p0 + p]
+            np.dot(gt, cols.T, prod)
+        dw3[g] += prod
+
+
+@njit(parallel=True, cache=True)
+def _backward_weight(x, gy, dw3, kh, kw, sh, sw, pt, pl, dh, dw, rows, threads):
+    """dw3 (G, K/G, R) = Σ_n gy[n, g] · colsᵀ; one partial sum per thread, added in thread order at the end."""
+    tasks = x.shape[0] * dw3.shape[0] * ((gy.shape[2] + rows - 1) // rows)
+    threads = max(1, min(threads, tasks))
+    partial = np.zeros((threads,) + dw3.shape, dtype=dw3.dtype)
+    for t in prange(threads):
+        _backward_weight_tasks(x, gy, partial[t], kh, kw, sh, sw, pt, pl, dh, dw, rows,
+                               t * tasks // threads, (t + 1) * tasks // threads)
+    dw3[:] = partial[0]
+    for t in range(1, threads):
+        dw3 += partial[t]
+
+
+# --- the public signature (raw NumPy arrays, NCHW) ------------------------------------------------------------
+
+_blas = None
+
+
+def _one_blas_thread():
+    """A context in which BLAS runs single-threaded, since our own threads each call it on their own tile.
+
+    A multithreaded BLAS called from several threads at once oversubscribes the cores (and OpenBLAS built for
+    pthreads, called inside Numba's OpenMP loop, serializes the calls and warns that it "may hang"). The limit
+    is set through threadpoolctl (a dependency of scikit-learn) for the call and restored after it.
+    """
+    global _blas
+    if _blas is None:
+        try:
+            import scipy.linalg.cython_blas  # noqa: F401 - the BLAS Numba's np.dot calls, loaded so it is found
+            from threadpoolctl import ThreadpoolController
+
+            _blas = ThreadpoolController().select(user_api="blas")
+        except ImportError:
+            _blas = False
+    return _blas.limit(limits=1) if _blas else contextlib.nullcontext()
+
+
+
+def _pads(padding):
+    from .reference import pair_padding
+
+    return pair_padding(padding)
+
+
+def _out_hw(x_hw, w_hw, stride, pads, dilation):
+    return tuple((x_hw[a] + pads[a][0] + pads[a][1] - dilation[a] * (w_hw[a] - 1) - 1) // stride[a] + 1
+                 for a in (0, 1))
+
+
+def _check_dtype(*arrays):
+    dtype = arrays[0].dtype
+    if dtype not in (np.float32, np.float64) or any(a.dtype != dtype for a in arrays):
+        raise TypeError(f"conv kernels take float32 or float64 arrays of one dtype, got {[a.dtype for a in arrays]}")
+
+
+def conv2d_forward(x, w, *, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1, bias=None):
+    """y = conv2d(x, w) (+ bias): x (N, C, H, W), w (K, C/groups, kh, kw) -> (N, K, Ho, Wo), as reference."""
+    _check_dtype(x, w)
+    x = np.ascontiguousarray(x)
+    (pt, pb), (pl, pr) = pads = _pads(padding)
+    k, cg, kh, kw = w.shape
+    ho, wo = _out_hw(x.shape[2:], (kh, kw), stride, pads, dilation)
+    r = cg * kh * kw
+    y = np.empty((x.shape[0], k, ho * wo), dtype=x.dtype)
+    if y.size:
+        w3 = np.ascontiguousarray(w).reshape(groups, k // groups, r)
+        with _one_blas_thread():
+            _forward(x, w3, y, kh, kw, stride[0], stride[1], pt, pl, dilation[0], dilation[1], ho, wo,
+                     tile_rows(r, ho, wo), numba.get_num_threads())
+    y = y.reshape(x.shape[0], k, ho, wo)
+    if bias is not None:
+        y += bias.reshape(1, k, 1, 1)
+    return y
+
+
+def conv2d_backward_input(gy, w, x_shape, *, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1):
+    """dL/dx of conv2d (also conv_transpose2d's forward): gy (N, K, Ho, Wo) -> an array of x_shape, as reference."""
+    _check_dtype(gy, w)
+    gy = np.ascontiguousarray(gy)
+    (pt, _), (pl, _) = _pads(padding)
+    k, cg, kh, kw = w.shape
+    r = cg * kh * kw
+    dx = np.zeros(x_shape, dtype=gy.dtype)
+    if dx.size and gy.size:
+        w3t = np.ascontiguousarray(np.ascontiguousarray(w).reshape(groups, k // groups, r).transpose(0, 2, 1))
+        with _one_blas_thread():
+            _backward_input(gy, w3t, dx, kh, kw, stride[0], stride[1], pt, pl, dilation[0], dilation[1],
+                            tile_rows(r, *gy.shape[2:]), numba.get_num_threads())
+    return dx
+
+
+def conv2d_backward_weight(x, gy, w_shape, *, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1):
+    """dL/dw of conv2d, summed over the images and gy's positions: an array of w_shape, as reference."""
+    _check_dtype(x, gy)
+    x, gy = np.ascontiguousarray(x), np.ascontiguousarray(gy)
+    (pt, _), (pl, _) = _pads(padding)
+    k, cg, kh, kw = w_shape
+    r = cg * kh * kw
+    dw3 = np.zeros((groups, k // groups, r), dtype=x.dtype)
+    if x.size and gy.size:
+        with _one_blas_thread():
+            _backward_weight(x, gy, dw3, kh, kw, stride[0], stride[1], pt, pl, dilation[0], dilation[1],
+                             tile_rows(r, *gy.shape[2:]), numba.get_num_threads())
+    return dw3.reshape(w_shape)

@@ -1,0 +1,199 @@
+"""kernels.conv: the cpu form equals the reference on drawn configurations, and the reference equals PyTorch.
+
+The cuda form is tested under the CUDA simulator and compiled to PTX in test_conv_cuda.py.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as TF
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kernels import conv
+from kernels.conv import cpu
+from kernels.conv import reference as ref
+
+TOL = {np.float32: dict(rtol=1e-5, atol=1e-4), np.float64: dict(rtol=1e-12, atol=1e-12)}
+
+
+@st.composite
+def conv_case(draw, max_batch=3, max_channels=3, max_side=9, dtypes=(np.float32, np.float64)):
+    """A conv2d configuration (x, w, gy and keyword args): odd and non-square sizes, every option, N = 1 included."""
+    groups = draw(st.integers(1, 3))
+    cg, kg = draw(st.integers(1, max_channels)), draw(st.integers(1, max_channels))
+    kh, kw = draw(st.sampled_from([1, 2, 3, 5])), draw(st.sampled_from([1, 2, 3, 5]))
+    stride = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    if draw(st.booleans()):
+        pads = ((draw(st.integers(0, 2)),) * 2, (draw(st.integers(0, 2)),) * 2)
+        padding = (pads[0][0], pads[1][0])  # PyTorch's symmetric (ph, pw)
+    else:
+        pads = padding = tuple((draw(st.integers(0, 2)), draw(st.integers(0, 2))) for _ in range(2))
+    eff = (dilation[0] * (kh - 1) + 1, dilation[1] * (kw - 1) + 1)
+    h = max(1, eff[0] - sum(pads[0]) + draw(st.integers(0, max_side - 1)))
+    w = max(1, eff[1] - sum(pads[1]) + draw(st.integers(0, max_side - 1)))
+    n = draw(st.integers(1, max_batch))
+    dtype = draw(st.sampled_from(dtypes))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    x = rng.standard_normal((n, cg * groups, h, w)).astype(dtype)
+    wt = rng.standard_normal((kg * groups, cg, kh, kw)).astype(dtype)
+    kwargs = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    ho, wo = (ref.out_size((h, w)[a], (kh, kw)[a], stride[a], pads[a], dilation[a]) for a in (0, 1))
+    gy = rng.standard_normal((n, kg * groups, ho, wo)).astype(dtype)
+    return x, wt, gy, kwargs
+
+
+def assert_form_equals_reference(form, x, w, gy, kwargs):
+    tol = TOL[x.dtype.type]
+    y = conv.conv2d_forward(x, w, form=form, **kwargs)
+    assert y.dtype == x.dtype and y.shape == gy.shape
+    np.testing.assert_allclose(y, ref.conv2d_forward(x, w, **kwargs), **tol)
+    dx = conv.conv2d_backward_input(gy, w, x.shape, form=form, **kwargs)
+    assert dx.dtype == x.dtype and dx.shape == x.shape
+    np.testing.assert_allclose(dx, ref.conv2d_backward_input(gy, w, x.shape, **kwargs), **tol)
+    dw = conv.conv2d_backward_weight(x, gy, w.shape, form=form, **kwargs)
+    assert dw.dtype == x.dtype and dw.shape == w.shape
+    np.testing.assert_allclose(dw, ref.conv2d_backward_weight(x, gy, w.shape, **kwargs), **tol)
+
+
+@settings(max_examples=60, deadline=None)
+@given(conv_case())
+def test_cpu_equals_reference(case):
+    assert_form_equals_reference("cpu", *case)
+
+
+@settings(max_examples=15, deadline=None)
+@given(conv_case(max_side=12, dtypes=(np.float64,)), st.integers(1, 3))
+def test_cpu_row_tiles_equal_reference(case, rows):
+    """A small im2col budget forces tiles of a few output rows (the path large images take)."""
+    x, w, gy, kwargs = case
+    r, wo = w[0].size, gy.shape[3]
+    budget = cpu.COLS_BUDGET
+    try:
+        cpu.COLS_BUDGET = rows * r * wo
+        assert cpu.tile_rows(r, gy.shape[2], wo) == min(rows, gy.shape[2])
+        assert_form_equals_reference("cpu", *case)
+    finally:
+        cpu.COLS_BUDGET = budget
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_cpu_does_not_depend_on_the_thread_count(dtype):
+    """Tasks are split per thread and the weight gradient's partial sums are added in a fixed order."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((5, 4, 9, 7)).astype(dtype)
+    w = rng.standard_normal((6, 2, 3, 3)).astype(dtype)
+    gy = rng.standard_normal((5, 6, 5, 7)).astype(dtype)
+    kwargs = dict(stride=(2, 1), padding=(2, 1), dilation=(1, 1), groups=2)
+    before = numba.get_num_threads()
+    results = []
+    try:
+        for threads in {1, min(2, numba.config.NUMBA_NUM_THREADS)}:
+            numba.set_num_threads(threads)
+            results.append((cpu.conv2d_forward(x, w, **kwargs), cpu.conv2d_backward_input(gy, w, x.shape, **kwargs),
+                            cpu.conv2d_backward_weight(x, gy, w.shape, **kwargs)))
+    finally:
+        numba.set_num_threads(before)
+    for a, b in zip(results[0], results[-1]):
+        np.testing.assert_allclose(a, b, rtol=1e-6 if dtype == np.float32 else 1e-14, atol=1e-6)
+
+
+def test_cpu_takes_non_contiguous_inputs_and_bias():
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((3, 9, 6, 2)).transpose(0, 3, 1, 2)  # (3, 2, 9, 6), not contiguous
+    w = rng.standard_normal((3, 4, 2, 3))[:, ::2]  # (3, 2, 2, 3), not contiguous
+    b = rng.standard_normal(3)
+    kwargs = dict(stride=(1, 2), padding=((1, 0), (0, 2)), dilation=(2, 1), groups=1)
+    np.testing.assert_allclose(conv.conv2d_forward(x, w, bias=b, **kwargs),
+                               ref.conv2d_forward(x, w, bias=b, **kwargs), rtol=1e-12, atol=1e-12)
+
+
+# --- the reference equals PyTorch ---------------------------------------------------------------------------------
+
+
+@settings(max_examples=40, deadline=None)
+@given(conv_case(dtypes=(np.float64,)))
+def test_reference_equals_torch_conv2d_and_its_gradients(case):
+    x, w, gy, kwargs = case
+    (pt, pb), (pl, pr) = ref.pair_padding(kwargs["padding"])
+    xt, wt = torch.tensor(x, requires_grad=True), torch.tensor(w, requires_grad=True)
+    # PyTorch pads symmetrically; an asymmetric padding is an explicit F.pad first
+    yt = TF.conv2d(TF.pad(xt, (pl, pr, pt, pb)), wt, stride=kwargs["stride"], dilation=kwargs["dilation"],
+                   groups=kwargs["groups"])
+    yt.backward(torch.tensor(gy))
+    np.testing.assert_allclose(ref.conv2d_forward(x, w, **kwargs), yt.detach().numpy(), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(ref.conv2d_backward_input(gy, w, x.shape, **kwargs), xt.grad.numpy(),
+                               rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(ref.conv2d_backward_weight(x, gy, w.shape, **kwargs), wt.grad.numpy(),
+                               rtol=1e-12, atol=1e-12)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.data())
+def test_backward_input_is_torch_conv_transpose2d(data):
+    """conv_transpose2d(x_t, w) = conv2d_backward_input(x_t, w, out_shape); output_padding is the extra in out_shape.
+
+    Its gradients are conv2d's forward (cropped to x_t: with dilation > output_padding ≥ stride the conv2d of the
+    gradient has more rows than x_t) and conv2d's weight gradient with the roles of input and gradient swapped.
+    """
+    draw = data.draw
+    groups, cin_g, cout_g = draw(st.integers(1, 2)), draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    k = (draw(st.sampled_from([1, 2, 3, 5])), draw(st.sampled_from([1, 3])))
+    s = (draw(st.integers(1, 3)), draw(st.integers(1, 2)))
+    d = (draw(st.integers(1, 3)), draw(st.integers(1, 2)))
+    p = (draw(st.integers(0, 2)), draw(st.integers(0, 1)))
+    op = tuple(draw(st.integers(0, max(s[a], d[a]) - 1)) for a in (0, 1))
+    n, h, w = draw(st.integers(1, 2)), draw(st.integers(1, 6)), draw(st.integers(1, 6))
+    out_hw = tuple((((h, w)[a] - 1) * s[a] - 2 * p[a] + d[a] * (k[a] - 1) + op[a] + 1) for a in (0, 1))
+    if min(out_hw) < 1:
+        return
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    x = rng.standard_normal((n, cin_g * groups, h, w))
+    wt = rng.standard_normal((cin_g * groups, cout_g, *k))
+    g = rng.standard_normal((n, cout_g * groups, *out_hw))
+    xt, wtt = torch.tensor(x, requires_grad=True), torch.tensor(wt, requires_grad=True)
+    yt = TF.conv_transpose2d(xt, wtt, stride=s, padding=p, output_padding=op, groups=groups, dilation=d)
+    yt.backward(torch.tensor(g))
+    kwargs = dict(stride=s, padding=p, dilation=d, groups=groups)
+    for form in ("reference", "cpu"):
+        y = conv.conv2d_backward_input(x, wt, (n, cout_g * groups, *out_hw), form=form, **kwargs)
+        np.testing.assert_allclose(y, yt.detach().numpy(), rtol=1e-12, atol=1e-12)
+        dx = conv.conv2d_forward(g, wt, form=form, **kwargs)[:, :, :h, :w]
+        np.testing.assert_allclose(dx, xt.grad.numpy(), rtol=1e-12, atol=1e-12)
+        dw = conv.conv2d_backward_weight(g, x, wt.shape, form=form, **kwargs)
+        np.testing.assert_allclose(dw, wtt.grad.numpy(), rtol=1e-12, atol=1e-12)
+
+
+def test_output_size_is_convolution_arithmetic():
+    # Dumoulin & Visin's examples: 5×5 input, 3×3 kernel: no padding -> 3, "half" padding 1 -> 5, stride 2 -> 2
+    assert [ref.out_size(5, 3, s, (p, p), 1) for s, p in ((1, 0), (1, 1), (2, 0), (2, 1))] == [3, 5, 2, 3]
+    assert ref.out_size(7, 3, 1, (0, 0), 2) == 3  # dilation 2: the kernel spans 5
+    assert ref.pair_padding((1, 2)) == ((1, 1), (2, 2)) and ref.pair_padding(((0, 1), (2, 3))) == ((0, 1), (2, 3))
+
+
+# --- dispatch and errors ------------------------------------------------------------------------------------------
+
+
+def test_numpy_arrays_dispatch_to_cpu(monkeypatch):
+    calls = []
+    monkeypatch.setattr(cpu, "conv2d_forward", lambda *a, **k: calls.append(k) or "cpu")
+    assert conv.conv2d_forward(np.zeros((1, 1, 3, 3)), np.zeros((1, 1, 1, 1)), padding=1) == "cpu"
+    assert calls == [dict(bias=None, stride=(1, 1), padding=((1, 1), (1, 1)), dilation=(1, 1), groups=1)]
+
+
+def test_errors():
+    x, w = np.zeros((1, 4, 5, 5)), np.zeros((3, 2, 3, 3))
+    with pytest.raises(ValueError, match="form must be one of"):
+        conv.conv2d_forward(x, np.zeros((2, 4, 3, 3)), form="gpu")
+    with pytest.raises(ValueError, match="groups=2"):
+        conv.conv2d_forward(x, w, groups=2)
+    with pytest.raises(ValueError, match="4-D"):
+        conv.conv2d_forward(x[0], w)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        conv.conv2d_forward(x.astype(np.float32), np.zeros((2, 4, 3, 3)))
+    with pytest.raises(TypeError, match="float32 or float64"):
+        conv.conv2d_backward_weight(x.astype(np.int64), np.zeros((1, 2, 3, 3), np.int64), (2, 4, 3, 3))
