@@ -254,8 +254,18 @@ def signatures(dtype):
     }
 
 
+SMEM_LIMIT = 48 * 1024  # dynamic shared memory a block gets without an opt-in attribute
+
+
 def _smem(dtype, D, Dv, rows_a, rows_b):
-    return (rows_a * (D + Dv) + rows_b) * np.dtype(dtype).itemsize
+    """Bytes of dynamic shared memory for rows_a rows of (D + Dv) values plus rows_b values."""
+    nbytes = (rows_a * (D + Dv) + rows_b) * np.dtype(dtype).itemsize
+    if nbytes > SMEM_LIMIT:
+        raise ValueError(
+            f"head dims D={D}, Dv={Dv} in {np.dtype(dtype).name} need {nbytes} bytes of shared memory per block, "
+            f"over the {SMEM_LIMIT} a launch gets by default (float32 fits D + Dv <= 192, float64 D + Dv <= 96)"
+        )
+    return nbytes
 
 
 def _on_device(host, *arrays):

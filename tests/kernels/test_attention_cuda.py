@@ -92,6 +92,16 @@ def check_simulator():
     for n, (q, k, v, dout, kw) in enumerate(tile_edge_cases(attention_cuda.BQ)):
         if n % 2 == 0 or q.shape[2] <= attention_cuda.BQ + 1:  # keep the simulator's time down
             assert_same("cuda", q, k, v, dout, kw)
+    # Head dims beyond the default 48 KiB of shared memory are refused up front (a GPU launch would fail).
+    from kernels.attention import attention_forward
+
+    big = np.zeros((1, 1, 2, 128), dtype=np.float32)
+    try:
+        attention_forward(big, big, big, form="cuda")
+    except ValueError as e:
+        assert "shared memory" in str(e)
+    else:
+        raise AssertionError("D = Dv = 128 in float32 should not fit")
     print("simulator cases passed")
 
 
