@@ -173,6 +173,8 @@ def prepare(q, k, v, *, scale=None, mask=None, causal=False, pattern=None, eleme
     BH = qf.shape[0]
     if L == 0 or BH == 0:
         raise ValueError(f"cuda_tc needs at least one query, got q of shape {q.shape}")
+    if BH > 65535:  # the grid's y dimension
+        raise ValueError(f"cuda_tc launches one grid row per (batch, head): at most 65535, got {BH}")
     out = xp.empty((BH, L, D), dtype=q.dtype)
     lse = xp.empty((BH, L), dtype=np.float32)
     m, mask_strides, has_mask = _mask_arg(xp, mask, (B, H, L, S), q.ndim)

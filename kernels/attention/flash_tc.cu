@@ -4,8 +4,8 @@
 // queries per thread block, following FlashAttention-2 (Dao 2023), Algorithm 1:
 //
 //   load Q_i into registers                                                     (line 4)
-//   for each key tile j that the pattern does not rule out:
-//       load K_j, V_j into shared memory                                        (line 6)
+//   for each key tile j that the pattern does not rule out:                    (line 6)
+//       load K_j, V_j into shared memory                                        (line 7)
 //       S = Q_i K_jᵀ                        on tensor cores, fp32 accumulators  (line 8)
 //       m_new = max(m, rowmax(S));  P = exp(S − m_new)                          (line 9)
 //       l = exp(m − m_new) · l + rowsum(P)
@@ -14,10 +14,10 @@
 //
 // so the L×S score matrix never exists: each warp keeps its 16 rows of S, P and O in registers.
 //
-// Tensor cores are reached through the PTX instruction mma.sync.aligned.m16n8k16 (PTX ISA 9.7.14.5.14): one warp
+// Tensor cores are reached through the PTX instruction mma.sync.aligned.m16n8k16 (PTX ISA, "mma"): one warp
 // multiplies a 16×16 A by a 16×8 B and adds a 16×8 fp32 C. Its operands live in registers, spread over the 32
-// lanes in a documented layout (PTX ISA 9.7.14.5.8, "Matrix Fragments for mma.m16n8k16 with floating point
-// type"). With g = lane / 4 (the "groupID") and t = lane % 4 ("threadID_in_group"), each lane holds
+// lanes in a documented layout (PTX ISA, "Matrix Fragments for mma.m16n8k16 with floating point type"). With
+// g = lane / 4 (the "groupID") and t = lane % 4 ("threadID_in_group"), each lane holds
 //
 //   A (16×16, row-major)  4 registers of 2 halves:  A[g][2t..2t+1]    A[g+8][2t..2t+1]
 //                                                   A[g][2t+8..2t+9]  A[g+8][2t+8..2t+9]
@@ -55,21 +55,19 @@ constexpr int PAD = 8;             // extra halves per shared row: the 32 lanes'
 #define NEG_INF __int_as_float(0xff800000)  // −∞ as an IEEE-754 single (NVRTC has no <cmath> INFINITY)
 
 // ------------------------------------------------------------------------------------------------------------
-// Element types: fp16 or bf16 storage, fp32 arithmetic.
+// Element types: fp16 or bf16 storage, fp32 arithmetic (the mma reads the 16-bit values; we only round to them).
 
 template <typename Elem>
 struct Half;
 
 template <>
 struct Half<__half> {
-    static __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
     static __device__ __forceinline__ __half from_float(float x) { return __float2half_rn(x); }
     static __device__ __forceinline__ unsigned short bits(__half x) { return __half_as_ushort(x); }
 };
 
 template <>
 struct Half<__nv_bfloat16> {
-    static __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
     static __device__ __forceinline__ __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
     static __device__ __forceinline__ unsigned short bits(__nv_bfloat16 x) { return __bfloat16_as_ushort(x); }
 };
@@ -245,7 +243,7 @@ flash_forward(const Elem* __restrict__ q, const Elem* __restrict__ k, const Elem
         const int j1 = min(j0 + BK, S);
         if (!tile_may_attend(pat, i0, i1, j0, j1)) continue;  // the same decision in the whole block
 
-        // Line 6: K_j and V_j into shared memory (after everyone is done with the previous tile, and with Q).
+        // Line 7: K_j and V_j into shared memory (after everyone is done with the previous tile, and with Q).
         __syncthreads();
         load_tile<Elem, D>(sK, LDK, k, j0, S);
         load_tile_transposed<Elem, D>(sVt, LDV, v, j0, S);
@@ -323,7 +321,7 @@ flash_forward(const Elem* __restrict__ q, const Elem* __restrict__ k, const Elem
         }
     }
 
-    // Lines 12-13: out = O / l and lse = m + log(l), with l summed over the 4 lanes of the group.
+    // Lines 12-15: out = O / l and lse = m + log(l), with l summed over the 4 lanes of the group.
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);

@@ -54,7 +54,7 @@ def nvrtc_compile(names, arch="compute_90", extra=()):
     (prog,) = check(nvrtc.nvrtcCreateProgram(cuda_tc.source().encode(), b"flash_tc.cu", 0, [], []), "create")
     for name in names:
         check(nvrtc.nvrtcAddNameExpression(prog, name.encode()), "name")
-    opts = [o.encode() for o in (*cuda_tc.compile_options(), f"-arch={arch}", *extra)]
+    opts = [o.encode() for o in (*cuda_tc.compile_options(), "-ftz=true", f"-arch={arch}", *extra)]  # -ftz: as CuPy
     status = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
     (size,) = check(nvrtc.nvrtcGetProgramLogSize(prog), "log size")
     log = b" " * size
