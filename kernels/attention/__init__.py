@@ -36,9 +36,12 @@ def _xp(a):
 
 def _form(q, form):
     if form is None:
-        return "cpu" if isinstance(q, np.ndarray) else "cuda"
-    if form not in ("reference", "cpu", "cuda"):
-        raise ValueError(f"form must be 'reference', 'cpu' or 'cuda', got {form!r}")
+        if isinstance(q, np.ndarray):
+            return "cpu"
+        # half precision on a GPU goes to the tensor-core kernel (CUDA C++: numba.cuda cannot reach mma.sync)
+        return "cuda_tc" if str(q.dtype) in ("float16", "bfloat16") else "cuda"
+    if form not in ("reference", "cpu", "cuda", "cuda_tc"):
+        raise ValueError(f"form must be 'reference', 'cpu', 'cuda' or 'cuda_tc', got {form!r}")
     return form
 
 
@@ -94,6 +97,10 @@ class _Prepared:
 def attention_forward(q, k, v, *, scale=None, mask=None, causal=False, pattern=None, form=None):
     """(out, lse): softmax(Q Kᵀ · scale + mask) V and the row log-sum-exp, through the chosen form."""
     form = _form(q, form)
+    if form == "cuda_tc":
+        from . import cuda_tc
+
+        return cuda_tc.attention_forward(q, k, v, scale=scale, mask=mask, causal=causal, pattern=pattern)
     if form == "reference":
         _check(q, k, v)
         sc = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
@@ -114,6 +121,11 @@ def attention_forward(q, k, v, *, scale=None, mask=None, causal=False, pattern=N
 def attention_backward(q, k, v, out, lse, dout, *, scale=None, mask=None, causal=False, pattern=None, form=None):
     """(dq, dk, dv) given dout = ∂loss/∂out and the forward's out and lse, through the chosen form."""
     form = _form(q, form)
+    if form == "cuda_tc":
+        raise NotImplementedError(
+            "attention_backward: the tensor-core (float16/bfloat16) kernel has no backward yet; "
+            "cast q, k, v to float32 for training"
+        )
     if form == "reference":
         _check(q, k, v)
         sc = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
