@@ -88,7 +88,8 @@ def _conv2d_forward(x, w, stride, padding, dilation, groups, out_hw=None):
     if out_hw is None:
         out_hw = tuple(_out_size(x.shape[2 + a], w.shape[2 + a], stride[a], padding[a], dilation[a]) for a in (0, 1))
     cols = _cols(x, (kh, kw), stride, padding, dilation, out_hw).reshape(n, groups, cg * kh * kw, -1)
-    out = w.reshape(groups, k // groups, cg * kh * kw) @ cols  # (N, G, K/G, Ho·Wo)
+    # einsum hands the contraction to BLAS; a stacked matmul broadcasting w over the images was 10-40x slower
+    out = np.einsum("gkc,ngcp->ngkp", w.reshape(groups, k // groups, cg * kh * kw), cols, optimize=True)
     return out.reshape(n, k, *out_hw)
 
 
@@ -104,7 +105,8 @@ def _conv2d_backward_input(grad, w, x_shape, stride, padding, dilation, groups):
     ho, wo = grad.shape[2:]
     (sh, sw), (dh, dw), (pt, pb), (pl, pr) = stride, dilation, padding[0], padding[1]
     wt = w.reshape(groups, k // groups, cg * kh * kw).transpose(0, 2, 1)
-    dcols = (wt @ grad.reshape(n, groups, k // groups, ho * wo)).reshape(n, c, kh, kw, ho, wo)
+    dcols = np.einsum("gck,ngkp->ngcp", wt, grad.reshape(n, groups, k // groups, ho * wo), optimize=True)  # as above
+    dcols = dcols.reshape(n, c, kh, kw, ho, wo)
     dxp = np.zeros((n, c, h + pt + pb, wd + pl + pr), dtype=dcols.dtype)
     for i in range(kh):
         for j in range(kw):
