@@ -1,0 +1,163 @@
+"""The shared model framework (models/registry.py, models/train.py) and `t2i train/sample/eval`,
+in-process on tiny configs; bad arguments exit with code 2."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from models import cli, gan, registry
+from models import train as loop
+from models.registry import UsageError
+
+TINY_GAN = ["--steps", "2", "--batch-size", "8", "--set", "nz=4", "--set", "ngf=4", "--set", "ndf=4",
+            "--set", "embed_dim=2", "--set", "eval_samples=40"]
+
+
+# --- registry -------------------------------------------------------------------------------------
+
+
+def test_registry_names_every_model_and_rejects_unknown_ones():
+    assert set(registry.MODELS) == {"gan", "vae", "glow", "ddpm"}
+    assert registry.get("gan") is gan
+    with pytest.raises(UsageError, match="unknown model 'nope'; known models: gan, vae, glow, ddpm"):
+        registry.get("nope")
+
+
+def test_config_applies_preset_then_overrides_and_rejects_unknown_fields():
+    assert registry.config(gan, "digits") == gan.Config()
+    c = registry.config(gan, "shapes", steps=7, seed=None)
+    assert (c.data, c.resolution, c.steps, c.seed) == ("shapes", gan.PRESETS["shapes"]["resolution"], 7, 0)
+    with pytest.raises(UsageError, match="no field.*colour"):
+        registry.config(gan, "digits", colour=1)
+    with pytest.raises(UsageError, match="unknown dataset 'mnist'"):
+        registry.config(gan, "mnist")
+    with pytest.raises(ValueError, match="resolution"):
+        registry.config(gan, "digits", resolution=12)
+    assert registry.from_dict(gan.Config, loop.config_dict(c)) == c
+    with pytest.raises(ValueError, match="unknown field"):
+        registry.from_dict(gan.Config, {"bogus": 1})
+
+
+# --- train.py pieces ------------------------------------------------------------------------------
+
+
+def test_stream_is_a_function_of_the_step_and_visits_each_image_once_per_epoch():
+    x, y = np.arange(10).reshape(10, 1) * 1.0, np.arange(10)
+    s = loop.Stream(x, y, batch_size=3, seed=4)
+    assert s.per_epoch == 3  # the short last batch is dropped
+    epoch0 = np.concatenate([s.batch(t)[1] for t in range(3)])
+    assert len(set(epoch0)) == 9
+    again = loop.Stream(x, y, batch_size=3, seed=4)
+    for t in (5, 0, 4):  # any order: no state carried between steps
+        np.testing.assert_array_equal(s.batch(t)[1], again.batch(t)[1])
+    assert not np.array_equal(epoch0, np.concatenate([s.batch(t)[1] for t in range(3, 6)]))
+
+
+def test_dataset_labels_and_read_only():
+    x, y = loop.dataset("digits", 8, "test")
+    assert x.shape == (360, 1, 8, 8) and set(y) == set(range(10))
+    with pytest.raises(ValueError):
+        x[0, 0, 0, 0] = 0
+    with pytest.raises(ValueError, match="unknown dataset"):
+        loop.dataset("mnist", 8)
+
+
+def test_save_grid_writes_a_png_of_the_expected_size(tmp_path):
+    images = np.zeros((10, 3, 4, 4))
+    images[0], images[1, 0] = -1, 1  # image 0 black, image 1 red
+    loop.save_grid(images, tmp_path / "sub" / "g.png", nrow=4, scale=2, pad=1)
+    im = Image.open(tmp_path / "sub" / "g.png")
+    assert im.size == ((4 * 5 + 1) * 2, (3 * 5 + 1) * 2) and im.mode == "RGB"
+    px = np.asarray(im)
+    assert px[2, 2].tolist() == [0, 0, 0] and px[0, 0].tolist() == [128, 128, 128]  # padding: mid-gray
+    assert px[2, 2 + 5 * 2].tolist() == [255, 128, 128]  # image 1, one cell (4 pixels + 1 pad) to the right
+    with pytest.raises(ValueError, match="save_grid"):
+        loop.save_grid(np.zeros((2, 2, 4, 4)), tmp_path / "bad.png")
+
+
+def test_labels_for():
+    np.testing.assert_array_equal(loop.labels_for(12, 10), [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1])
+    np.testing.assert_array_equal(loop.labels_for(3, 10, 7), [7, 7, 7])
+    with pytest.raises(UsageError, match="0..9"):
+        loop.labels_for(3, 10, 12)
+
+
+def test_fit_refuses_to_resume_another_config(tmp_path):
+    out = str(tmp_path / "g.safetensors")
+    cfg = registry.config(gan, steps=1, batch_size=8, nz=4, ngf=4, ndf=4, embed_dim=2)
+    gan.train(cfg, out, progress=False)
+    with pytest.raises(UsageError, match="config differs in lr"):
+        gan.train(registry.config(gan, steps=2, batch_size=8, nz=4, ngf=4, ndf=4, embed_dim=2, lr=1e-3), out,
+                  progress=False)
+    assert gan.train(registry.config(gan, steps=2, batch_size=8, nz=4, ngf=4, ndf=4, embed_dim=2), out,
+                     resume=False, progress=False)["start"] == 0
+
+
+def test_format_figures_lines_up_value_and_baselines():
+    text = loop.format_figures({"figures": [loop.figure("FD-classifier", 1.5, better="lower", gaussian=30.0,
+                                                        real_train=0.2)], "note": [1, 2]})
+    assert "FD-classifier" in text and "gaussian 30" in text and "real train 0.2" in text and 'note: [1, 2]' in text
+    with pytest.raises(ValueError, match="better"):
+        loop.figure("x", 1, better="up")
+
+
+# --- the CLI --------------------------------------------------------------------------------------
+
+
+def test_cli_train_sample_eval_in_process(tmp_path, capsys):
+    ckpt, png = str(tmp_path / "g.safetensors"), str(tmp_path / "grid.png")
+    assert cli.main(["train", "gan", "--data", "digits", *TINY_GAN, "--out", ckpt, "--quiet"]) == 0
+    assert "steps 0->2" in capsys.readouterr().out
+    assert cli.main(["train", "gan", "--data", "digits", *TINY_GAN, "--out", ckpt, "--quiet"]) == 0
+    assert "no new steps" in capsys.readouterr().out  # resumed at its end: nothing left to do
+    assert cli.main(["sample", "gan", "--ckpt", ckpt, "--n", "10", "--label", "3", "-o", png]) == 0
+    assert Image.open(png).size[0] > 0 and "10 samples" in capsys.readouterr().out
+    assert cli.main(["eval", "gan", "--ckpt", ckpt, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    names = [f["name"] for f in result["figures"]]
+    assert names[0] == "FD-classifier" and "class agreement" in names
+    assert set(result["figures"][0]["baselines"]) == {"gaussian", "real_train"}
+    assert cli.main(["eval", "gan", "--ckpt", ckpt]) == 0
+    assert "FD-classifier" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["train", "nope", "--out", "x"], "invalid choice: 'nope'"),
+    (["train", "gan", "--data", "mnist", "--out", "x"], "invalid choice: 'mnist'"),
+    (["train", "gan", "--steps", "0", "--out", "x"], "must be a positive integer"),
+    (["train", "gan", "--lr", "-1", "--out", "x"], "must be a positive number"),
+    (["train", "gan", "--set", "colour=1", "--out", "x"], "no field"),
+    (["train", "gan", "--set", "resolution=12", "--out", "x"], "resolution"),
+    (["train", "gan", "--set", "oops", "--out", "x"], "KEY=VALUE"),
+    (["train", "gan"], "--out"),
+    (["sample", "gan", "--ckpt", "/nonexistent.safetensors", "-o", "x.png"], "no such file"),
+    (["eval", "gan"], "--ckpt"),
+])
+def test_bad_arguments_exit_2_with_a_message(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_sample_arguments_the_model_does_not_take_exit_2(tmp_path, capsys):
+    ckpt = str(tmp_path / "g.safetensors")
+    assert cli.main(["train", "gan", *TINY_GAN, "--out", ckpt, "--quiet"]) == 0
+    for extra, message in [(["--guidance", "3"], "guidance"), (["--label", "11"], "label must be in 0..9")]:
+        with pytest.raises(SystemExit) as e:
+            cli.main(["sample", "gan", "--ckpt", ckpt, "-o", str(tmp_path / "s.png"), *extra])
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # a GAN checkpoint is not a VAE
+        cli.main(["sample", "vae", "--ckpt", ckpt, "-o", str(tmp_path / "s.png")])
+    assert e.value.code == 2 and "holds a 'gan' model" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "s.png")
+
+
+def test_every_command_has_help(capsys):
+    for cmd in ("train", "sample", "eval"):
+        with pytest.raises(SystemExit) as e:
+            cli.main([cmd, "--help"])
+        assert e.value.code == 0 and "MODEL" in capsys.readouterr().out
