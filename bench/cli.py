@@ -50,6 +50,7 @@ def run(args) -> int:
     if args.threads is not None and args.threads < 1:
         print("--threads must be positive", file=sys.stderr)
         return 2
+    openmp = passive_openmp()
     families = list(dict.fromkeys(args.families)) or list(FAMILIES)
     threads = args.threads or usable_cores()
     repeats = args.repeats or (2 if args.quick else 5)
@@ -60,6 +61,7 @@ def run(args) -> int:
         return 1
     report = run_benchmarks(backend, families, threads=threads, quick=args.quick, full=args.full, repeats=repeats,
                             log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    report["settings"]["openmp"] = openmp
     out_dir = args.out or RESULTS_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = result_stem(args.device, report["machine"]["date"][:10], families, args.quick, args.full)
@@ -81,6 +83,24 @@ def run(args) -> int:
         print(f"wrote {json_path} and {len(report['plots'])} plot(s) in {out_dir}")
     errors = [r for r in report["results"] if r.get("status") == "error"]
     return 1 if errors else 0
+
+
+def passive_openmp() -> dict:
+    """Make OpenMP threads sleep, not spin, while they wait (OMP_WAIT_POLICY=PASSIVE), unless the user chose.
+
+    One process holds two OpenMP runtimes (Numba's and PyTorch's own libgomp) besides OpenBLAS's threads. By
+    default a libgomp thread spins for a while at every barrier; when the cores are shared — by the other
+    runtime, or by other processes on a loaded machine — the spinning threads eat the time slices of the
+    threads being waited for, and every parallel region can cost a scheduler slice. Measured here under load,
+    PyTorch's attention forward+backward ran 3-10x slower with spinning, our kernels about 1.2x. The policy is
+    read when a runtime is loaded, so it only takes effect for runtimes not loaded yet (the JSON says which).
+    """
+    chosen = "OMP_WAIT_POLICY" in os.environ
+    loaded = [m for m in ("torch", "numba.np.ufunc.omppool") if m in sys.modules]
+    if not chosen:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    return {"OMP_WAIT_POLICY": os.environ["OMP_WAIT_POLICY"], "set_by": "user" if chosen else "t2i bench",
+            "runtimes_loaded_before": loaded}
 
 
 def usable_cores() -> int:
@@ -111,7 +131,7 @@ def run_benchmarks(backend, families, *, threads, quick=False, full=False, repea
     pinned = harness.pin_threads(threads)
     machine = harness.machine_info(backend.device)
     settings = dict(device=backend.device, threads=threads, pinned=pinned, quick=quick, full=full, repeats=repeats,
-                    budget_s=budget_s, families=families, command="t2i bench " + " ".join(sys.argv[2:]))
+                    budget_s=budget_s, families=families, argv=sys.argv)
     log(f"measuring peak on {machine['cpu_model']} ({threads} threads, load {_load(machine)})")
     from bench.peak import measure_peak
 

@@ -24,8 +24,9 @@ def parallel_copy(src, dst):
         dst[i] = src[i]
 
 
-def measure_peak(device="cpu", *, quick=False, repeats=5) -> dict:
+def measure_peak(device="cpu", *, quick=False, repeats=None) -> dict:
     """{"GFLOP/s": best sgemm rate, "GB/s": best copy rate, "details": every probe's rate}."""
+    repeats = repeats or (2 if quick else 5)
     n = 512 if quick else 2048  # sgemm size: 2048³ is 17 GFLOP, long enough to reach the BLAS's plateau
     elems = (4 if quick else 64) * 2**20  # copy size: 256 MiB of float32 by default, far beyond any cache
     if device == "cuda":

@@ -6,6 +6,7 @@ benchmark's output, not its correctness.
 
 import json
 import math
+import os
 
 import pytest
 
@@ -128,7 +129,18 @@ def _finite_numbers(x):
     return not isinstance(x, float) or math.isfinite(x)
 
 
-def test_quick_bench_writes_json_and_plots(tmp_path, capsys):
+def test_passive_openmp_unless_the_user_chose(monkeypatch):
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert cli.passive_openmp()["set_by"] == "user"
+    assert cli.passive_openmp()["OMP_WAIT_POLICY"] == "ACTIVE"
+    monkeypatch.delenv("OMP_WAIT_POLICY")  # recorded, so the variable is restored after the test
+    info = cli.passive_openmp()
+    assert info["set_by"] == "t2i bench" and info["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+
+
+def test_quick_bench_writes_json_and_plots(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # what t2i bench would set; restored after the test
     code = main(["bench", "--quick", "--threads", "2", "--repeats", "1", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert code == 0, out
