@@ -81,6 +81,25 @@ def test_cpu_row_tiles_equal_reference(case, rows):
         cpu.COLS_BUDGET = budget
 
 
+@pytest.mark.parametrize("rows", [1, 2, 64])
+@pytest.mark.parametrize("k, d, pads", [(3, 1, ((1, 1), (1, 1))), (3, 2, ((2, 2), (2, 2))), (5, 1, ((2, 2), (2, 2))),
+                                        (2, 1, ((0, 1), (1, 0))), (1, 1, ((0, 0), (0, 0))), (3, 1, ((0, 3), (1, 1)))])
+def test_cpu_same_convolutions_equal_reference(k, d, pads, rows):
+    """Unit strides with Wo = W take im2col's flat fast path (one shifted copy per tap, wrapped entries zeroed)."""
+    rng = np.random.default_rng(k * 10 + d)
+    x = rng.standard_normal((2, 4, 7, 6))
+    w = rng.standard_normal((4, 2, k, k))
+    kwargs = dict(stride=(1, 1), padding=pads, dilation=(d, d), groups=2)
+    gy = rng.standard_normal(ref.conv2d_forward(x, w, **kwargs).shape)
+    assert gy.shape[3] == x.shape[3]
+    budget = cpu.COLS_BUDGET
+    try:
+        cpu.COLS_BUDGET = rows * w[0].size * gy.shape[3]
+        assert_form_equals_reference("cpu", x, w, gy, kwargs)
+    finally:
+        cpu.COLS_BUDGET = budget
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_cpu_does_not_depend_on_the_thread_count(dtype):
     """Tasks are split per thread and the weight gradient's partial sums are added in a fixed order."""
