@@ -90,6 +90,33 @@ def _torch(backend, B, H, N, D, pattern, backward):
     return setup
 
 
+def _tensor_cores(backend, B, H, N, D):
+    """Our FlashAttention-2 forward on tensor cores (CUDA C++, float16) against PyTorch's float16 SDPA."""
+
+    def setup():
+        from kernels.attention import cuda_tc
+
+        q, k, v = (backend.array(a.astype(np.float16)) for a in _inputs(B, H, N, D)[:3])
+        return lambda: cuda_tc.attention_forward(q, k, v, causal=True)
+
+    return setup
+
+
+def _torch_half(backend, B, H, N, D):
+    def setup():
+        torch = backend.torch()
+        q, k, v = (backend.tensor(a).half() for a in _inputs(B, H, N, D)[:3])
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+
+        def run():
+            with torch.no_grad():
+                return sdpa(q, k, v, is_causal=True)
+
+        return run
+
+    return setup
+
+
 def _core(B, H, N, D, pattern, backward):
     """The engine op core.functional.scaled_dot_product_attention (autograd over NumPy), CPU only."""
 
@@ -148,6 +175,14 @@ def cases(backend, *, quick=False, full=False) -> list[Case]:
                              reference=n <= ref_cap, core=n <= ref_cap,
                              plot=dict(panel=f"dense causal {direction}, B={B} H={H} D={D}", series="",
                                        x=n, xlabel="sequence length N")))
+    if backend.device == "cuda":  # half precision on tensor cores (forward only), against PyTorch's fp16 SDPA
+        for n in ns:
+            impls = [Impl("cuda_tc", _tensor_cores(backend, B, H, n, D)), Impl(TORCH, _torch_half(backend, B, H, n, D))]
+            out.append(Case(FAMILY, f"fwd causal fp16 N={n}", flops(B, H, D, visible_pairs(n), False),
+                            "GFLOP/s fp16", impls, dict(B=B, H=H, N=n, D=D, dtype="float16", pattern="causal",
+                                                        direction="fwd"),
+                            dict(panel=f"dense causal fwd fp16 (tensor cores), B={B} H={H} D={D}", series="", x=n,
+                                 xlabel="sequence length N")))
     # 2. DALL·E's patterns at T text tokens + a W×W grid (forward+backward), against PyTorch with a dense mask
     T = 8 if quick else 64
     widths = [4] if quick else [16, 24, 32] + ([48, 64] if full else [])

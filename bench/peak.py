@@ -6,7 +6,8 @@
   thread), a parallel Numba loop and PyTorch's copy_ (both with the pinned thread count); the fastest. The
   array is far larger than the caches, so this is the DRAM bandwidth the elementwise kernels are bound by.
 
-On a GPU the same two numbers come from PyTorch CUDA (torch.mm with TF32 off, copy_) and CuPy.
+On a GPU the same two numbers come from PyTorch CUDA (torch.mm with TF32 off, copy_) and CuPy, plus the
+float16 GEMM rate on tensor cores ("GFLOP/s fp16"), the yardstick of the half-precision attention kernel.
 """
 
 from __future__ import annotations
@@ -62,6 +63,8 @@ def _peak_cuda(n, elems, repeats):
     a = torch.randn(n, n, device="cuda")
     b = torch.randn(n, n, device="cuda")
     details["sgemm_torch"] = rate(2 * n**3, measure(lambda: torch.mm(a, b), repeats=repeats, sync=sync).median)
+    ah, bh = a.half(), b.half()
+    hgemm = rate(2 * n**3, measure(lambda: torch.mm(ah, bh), repeats=repeats, sync=sync).median)
     src = torch.ones(elems, device="cuda")
     dst = torch.empty_like(src)
     copy_bytes = 2 * src.numel() * 4
@@ -69,7 +72,7 @@ def _peak_cuda(n, elems, repeats):
     cs, cd = cupy.ones(elems, dtype=cupy.float32), cupy.empty(elems, dtype=cupy.float32)
     details["copy_cupy"] = rate(copy_bytes, measure(lambda: cupy.copyto(cd, cs), repeats=repeats,
                                                     sync=cupy.cuda.Device().synchronize).median)
-    return _best(details, {"sgemm_n": n, "copy_mib": elems * 4 / 2**20})
+    return _best(details, {"sgemm_n": n, "copy_mib": elems * 4 / 2**20, "GFLOP/s fp16": hgemm})
 
 
 def _best(details, sizes):

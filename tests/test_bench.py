@@ -185,6 +185,22 @@ def test_cuda_without_a_gpu_says_so(capsys):
     assert "no CUDA device" in capsys.readouterr().err
 
 
+def test_cuda_cases_are_built_without_a_gpu():
+    """The CUDA path cannot run here; at least its cases must build: our cuda form against torch, no CPU-only forms."""
+    from types import SimpleNamespace
+
+    fake = SimpleNamespace(device="cuda", ours="cuda")
+    for family in (attention, conv, gumbel, schedule):
+        cases = family.cases(fake, quick=True)
+        assert cases
+        for case in cases:
+            names = [impl.name for impl in case.impls]
+            assert names[-1] == "torch" and names[0] in ("cuda", "cuda_tc")
+            assert not {"reference", "core", "cpu"} & set(names)
+            assert case.work > 0
+    assert any(c.name.startswith("fwd causal fp16") for c in attention.cases(fake, quick=True))
+
+
 def test_bad_family_is_refused(capsys):
     assert main(["bench", "nonsense"]) == 2
     assert "unknown family" in capsys.readouterr().err
