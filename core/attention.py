@@ -1,8 +1,16 @@
-"""Attention and Gumbel-softmax ops of core.functional (the kernel issue swaps their insides).
+"""Attention and Gumbel-softmax ops of core.functional, as Functions that call the kernels of `kernels/`.
 
-Each op is ONE `Function` whose forward and backward call NumPy helpers on raw arrays
-(`_sdpa_forward`, `_sdpa_backward`, `_gumbel_softmax_forward`, `_softmax_backward`), the
-specification that the Numba/CUDA kernels of `kernels/` reproduce one for one.
+- `scaled_dot_product_attention` runs ONE Function, `Attention`, whose forward is
+  `kernels.attention.attention_forward` (tiled, online softmax: it saves the output and the row
+  log-sum-exp, never the L×S probabilities) and whose backward is `kernels.attention.attention_backward`
+  (which recomputes the probabilities tile by tile). The dense NumPy Function `ScaledDotProductAttention`
+  (`_sdpa_forward`, `_sdpa_backward`) remains for dropout on the attention weights and for an additive
+  mask that requires a gradient (and for inputs the kernels do not take; see `_needs_dense`).
+- `gumbel_softmax` runs `GumbelSoftmax`, whose forward and backward are the fused kernels of
+  `kernels.gumbel` (noise, softmax and one-hot in one pass per row).
+
+The kernels pick their form by array type (NumPy → the Numba CPU kernels). The structured attention
+patterns (`Causal`, `Row`, `Column`, `Conv`, `PrefixLM`) are re-exported here as `core.attention.patterns`.
 """
 
 from __future__ import annotations
@@ -11,9 +19,18 @@ import math
 
 import numpy as np
 
+# the kernels are called as module attributes (_attention_kernels.attention_forward), so tests can wrap them
+import kernels.attention as _attention_kernels
+import kernels.gumbel as _gumbel_kernels
+from kernels.attention import patterns
+from kernels.attention.patterns import Causal, Column, Conv, Pattern, PrefixLM, Row
+
 from . import random as _random
-from .autograd import Function
+from .autograd import Function, is_grad_enabled
 from .tensor import Tensor
+
+__all__ = ["scaled_dot_product_attention", "gumbel_softmax", "patterns", "Causal", "Row", "Column", "Conv",
+           "PrefixLM"]
 
 # --- scaled dot-product attention --------------------------------------------------------------------
 
@@ -39,16 +56,18 @@ def _dropout(p, keep, dropout_p):
     return p * keep / (1.0 - dropout_p) if dropout_p < 1 else np.zeros_like(p)
 
 
-def _sdpa_forward(q, k, v, mask, is_causal, scale, keep, dropout_p):
+def _sdpa_forward(q, k, v, mask, is_causal, pattern, scale, keep, dropout_p):
     """softmax(Q Kᵀ · scale + mask) V (Vaswani et al. 2017, eq. 1), with optional inverted dropout on P.
 
     q: (..., L, E), k: (..., S, E), v: (..., S, Ev); mask: None, bool (True = may attend) or additive
-    float, broadcastable to (..., L, S); keep: None or the bool dropout mask on P. Returns the output
-    and P (the attention weights before dropout), which the backward needs.
+    float, broadcastable to (..., L, S); is_causal and pattern block more pairs (the same rules as the
+    kernels: kernels.attention.reference.pattern_mask); keep: None or the bool dropout mask on P.
+    Returns the output and P (the attention weights before dropout), which the backward needs.
     """
     s = (q @ np.swapaxes(k, -1, -2)) * scale
-    if is_causal:  # top-left aligned: query i sees keys j <= i, as torch.ones(L, S).tril()
-        s = np.where(np.tri(s.shape[-2], s.shape[-1], dtype=bool), s, -np.inf)
+    allowed = _attention_kernels.reference.pattern_mask(s.shape[-2], s.shape[-1], is_causal, pattern)  # top-left causal
+    if allowed is not None:
+        s = np.where(allowed, s, -np.inf)
     if mask is not None:
         s = np.where(mask, s, -np.inf) if mask.dtype == np.bool_ else s + mask
     p = _softmax(s)
@@ -66,9 +85,11 @@ def _sdpa_backward(grad, q, k, v, p, keep, dropout_p, scale):
 
 
 class ScaledDotProductAttention(Function):
+    """The dense form: saves the L×S weights P. Used only for dropout and for a mask that needs a gradient."""
+
     @staticmethod
-    def forward(ctx, q, k, v, mask, *, is_causal, scale, keep, dropout_p):
-        out, p = _sdpa_forward(q, k, v, mask, is_causal, scale, keep, dropout_p)
+    def forward(ctx, q, k, v, mask, *, is_causal, pattern, scale, keep, dropout_p):
+        out, p = _sdpa_forward(q, k, v, mask, is_causal, pattern, scale, keep, dropout_p)
         ctx.save_for_backward(q, k, v, p, keep)
         ctx.args = (dropout_p, scale)
         return out
@@ -80,8 +101,58 @@ class ScaledDotProductAttention(Function):
         return dq, dk, dv, ds if ctx.needs_input_grad[3] else None
 
 
+def _heads(a, batch):
+    """a (..., n, d) broadcast to the batch dims and viewed as the kernels' 4-d (B, H, n, d).
+
+    The batch dims (b₁, …, bₘ) become B = b₁⋯bₘ₋₁ and H = bₘ (1 and 1 when there are none).
+    """
+    a = np.broadcast_to(a, (*batch, *a.shape[-2:]))
+    return a.reshape(math.prod(batch[:-1]), batch[-1] if batch else 1, *a.shape[-2:])
+
+
+def _mask_heads(mask, batch):
+    """The mask as the kernels' 4-d (B or 1, H or 1, L or 1, S or 1), its batch dims grouped like `_heads`'.
+
+    The kernels broadcast a size-1 dim by index arithmetic, so the mask is not expanded to the scores'
+    shape; only when the dims merged into B are partly broadcast (a (1, b₂, ·, ·, ·) mask against batch
+    (b₁, b₂, ·)) are they expanded, since a merged dim can only be whole or 1.
+    """
+    mask = mask.reshape((1,) * (len(batch) + 2 - mask.ndim) + mask.shape)  # one dim per batch dim, then L, S
+    if not batch:
+        return mask.reshape(1, 1, *mask.shape)
+    if all(n == 1 for n in mask.shape[:-3]):  # the same for every b: B = 1
+        return mask.reshape(1, *mask.shape[-3:])
+    mask = np.broadcast_to(mask, (*batch[:-1], *mask.shape[-3:]))  # a view unless partly broadcast
+    return mask.reshape(-1, *mask.shape[-3:])
+
+
+class Attention(Function):
+    """softmax(Q Kᵀ · scale + mask) V through the tiled kernels of kernels.attention (FlashAttention-2).
+
+    The forward saves the output O and the row log-sum-exp (O(L) extra memory per head, never the L×S
+    weights); the backward recomputes the weights tile by tile from them (Dao 2023, algorithm 2).
+    Inputs are broadcast over their batch dims here; the engine sums the gradients back.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, *, batch, mask, causal, pattern, scale):
+        q4, k4, v4 = (_heads(a, batch) for a in (q, k, v))
+        mask4 = None if mask is None else _mask_heads(mask, batch)
+        ctx.args = dict(scale=scale, mask=mask4, causal=causal, pattern=pattern)
+        out, lse = _attention_kernels.attention_forward(q4, k4, v4, **ctx.args)
+        ctx.save_for_backward(q4, k4, v4, out, lse)
+        ctx.batch = batch
+        return out.reshape(*batch, *out.shape[-2:])
+
+    @staticmethod
+    def backward(ctx, grad):
+        q4, k4, v4, out, lse = ctx.saved_tensors
+        grads = _attention_kernels.attention_backward(q4, k4, v4, out, lse, grad.reshape(out.shape), **ctx.args)
+        return tuple(d.reshape(*ctx.batch, *d.shape[-2:]) for d in grads)
+
+
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, *,
-                                 generator=None, pattern=None):
+                                 pattern=None, generator=None):
     """softmax(Q Kᵀ · scale + mask) V over the last two dims, with PyTorch's arguments and semantics.
 
     query (..., L, E), key (..., S, E), value (..., S, Ev) → (..., L, Ev); leading dims broadcast.
@@ -91,11 +162,17 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     weights (kept ones scaled by 1/(1-p)) with `generator` — like PyTorch it applies whenever
     dropout_p > 0, so pass dropout_p only in training. A fully masked query row returns zeros and
     passes zero gradient (PyTorch 2.13 returns zeros too, for bool and -inf masks alike).
-    `pattern` (keyword-only) is reserved for the structured sparse masks of the kernels issue.
+
+    pattern (keyword-only, not in PyTorch): one of `core.attention.patterns` — Causal(), Row(T, W),
+    Column(T, W), Conv(T, W, kernel), PrefixLM(P) — a structured mask evaluated inside the kernels
+    (never materialized; tiles it blocks entirely are skipped). It combines with attn_mask and with
+    is_causal as AND: a pair is attended only if every one of them allows it. Query q and key k are
+    the flat positions 0…L−1 and 0…S−1, so for L = S = n it equals attn_mask=pattern.mask(n).
     """
     op = "scaled_dot_product_attention"
-    if pattern is not None:
-        raise NotImplementedError(f"{op}: pattern={pattern!r} (structured attention masks) is not implemented yet")
+    if pattern is not None and not isinstance(pattern, Pattern):
+        raise TypeError(f"{op}: pattern must be one of core.attention.patterns (Causal, Row, Column, Conv, "
+                        f"PrefixLM), got {pattern!r}")
     q, k, v = query, key, value
     if min(q.ndim, k.ndim, v.ndim) < 2:
         raise ValueError(f"{op}: query, key and value need at least 2 dims, got {q.shape}, {k.shape}, {v.shape}")
@@ -126,48 +203,68 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     if not 0.0 <= dropout_p <= 1.0:
         raise ValueError(f"{op}: dropout_p must be in [0, 1], got {dropout_p}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    keep = None
-    if dropout_p > 0:
-        gen = generator if generator is not None else _random.default_generator
-        keep = gen.bernoulli(1.0 - dropout_p, scores)
-    return ScaledDotProductAttention.apply(q, k, v, attn_mask, is_causal=bool(is_causal), scale=scale, keep=keep,
-                                           dropout_p=float(dropout_p))
+    if _needs_dense(q, k, v, attn_mask, dropout_p):
+        keep = None
+        if dropout_p > 0:
+            gen = generator if generator is not None else _random.default_generator
+            keep = gen.bernoulli(1.0 - dropout_p, scores)
+        return ScaledDotProductAttention.apply(q, k, v, attn_mask, is_causal=bool(is_causal), pattern=pattern,
+                                               scale=scale, keep=keep, dropout_p=float(dropout_p))
+    mask = attn_mask.data if isinstance(attn_mask, Tensor) else attn_mask  # a constant: no gradient flows to it
+    return Attention.apply(q, k, v, batch=tuple(batch), mask=mask, causal=bool(is_causal), pattern=pattern,
+                           scale=scale)
+
+
+def _needs_dense(q, k, v, attn_mask, dropout_p):
+    """Whether attention must take the dense NumPy Function instead of the tiled kernels.
+
+    - dropout_p > 0: the kernels have no dropout (its keep mask is an L×S array anyway);
+    - an additive attn_mask that requires a gradient: that gradient is dS, the full L×S matrix of score
+      gradients, which the tiled backward never forms;
+    - dtypes other than float32/float64, and empty inputs, which the kernels do not take.
+    """
+    mask_grad = isinstance(attn_mask, Tensor) and attn_mask.requires_grad and is_grad_enabled()
+    kernel_dtype = q.dtype in (np.float32, np.float64)
+    empty = 0 in (*q.shape, *k.shape, *v.shape)
+    return dropout_p > 0 or mask_grad or not kernel_dtype or empty
 
 
 # --- Gumbel-softmax ------------------------------------------------------------------------------------
 
 
+def _seed(generator):
+    """A 63-bit seed for the kernels' counter-based (Philox) noise, drawn from `generator` or the default one."""
+    gen = generator if generator is not None else _random.default_generator
+    return int(gen.integers(0, 2**63, ()))
+
+
 def _gumbel_noise(shape, eps, generator, dtype):
-    """Standard Gumbel noise g = −log(−log u), u ~ U(0, 1); eps keeps both logs finite."""
-    u = generator.uniform(shape)
-    return (-np.log(-np.log(u + eps) + eps)).astype(dtype, copy=False)
+    """The standard Gumbel noise g = −log(−log u) that gumbel_softmax draws with `generator`, as an array.
 
-
-def _gumbel_softmax_forward(logits, g, tau, hard, axis):
-    """y_soft = softmax((logits + g) / τ) and the returned value: y_soft, or its one-hot argmax if hard."""
-    y = _softmax((logits + g) / tau, axis=axis)
-    if not hard:
-        return y, y
-    y_hard = np.zeros_like(y)
-    np.put_along_axis(y_hard, np.expand_dims(np.argmax(y, axis=axis), axis), 1.0, axis=axis)  # first max on ties
-    return y_hard, y
+    It is kernels.gumbel's noise for the seed drawn from the generator (the fused kernel draws the same
+    values inside its pass). eps is unused, as in PyTorch: the kernels' uniforms lie strictly inside
+    (0, 1) (k + ½ over 2³²), so both logs are finite.
+    """
+    return _gumbel_kernels.gumbel_noise(_seed(generator), shape, dtype)
 
 
 class GumbelSoftmax(Function):
+    """The fused Gumbel-softmax kernel (noise, softmax and the one-hot in one pass per row) and its backward."""
+
     @staticmethod
-    def forward(ctx, logits, g, *, tau, hard, axis):
-        out, y_soft = _gumbel_softmax_forward(logits, g.astype(logits.dtype, copy=False), tau, hard, axis)
+    def forward(ctx, logits, noise, *, tau, hard, axis, seed):
+        y, y_soft = _gumbel_kernels.gumbel_softmax_forward(logits, tau, hard, seed=seed, noise=noise, dim=axis)
         ctx.save_for_backward(y_soft)
         ctx.args = (tau, axis)
-        return out
+        return y
 
     @staticmethod
     def backward(ctx, grad):
         # hard: the straight-through estimator y_hard − sg[y_soft] + y_soft passes y_soft's gradient
-        (y,) = ctx.saved_tensors
+        (y_soft,) = ctx.saved_tensors
         tau, axis = ctx.args
-        d = _softmax_backward(y, grad, axis=axis) / tau
-        return d, d  # logits and noise enter only through their sum
+        d = _gumbel_kernels.gumbel_softmax_backward(grad, y_soft, tau, dim=axis)
+        return d, d if ctx.needs_input_grad[1] else None  # logits and noise enter only through their sum
 
 
 def gumbel_softmax(logits, tau=1.0, hard=False, eps=1e-10, dim=-1, *, generator=None, noise=None):
@@ -176,24 +273,27 @@ def gumbel_softmax(logits, tau=1.0, hard=False, eps=1e-10, dim=-1, *, generator=
     y = softmax((logits + g) / τ), g = −log(−log u) (Jang et al. 2017, eq. 2; Maddison et al. 2017).
     As τ → 0 it approaches the one-hot sample argmax(logits + g). hard=True returns that one-hot
     in the forward with y_soft's gradient in the backward (straight-through: y_hard − sg[y_soft] +
-    y_soft, PyTorch's semantics; the value is exactly one-hot here). `noise` injects g (same shape
-    as logits) instead of drawing it from `generator` (or the default generator), so a test can
-    reproduce a draw exactly. eps guards the logs of u (PyTorch ignores it).
+    y_soft, PyTorch's semantics; the value is exactly one-hot here).
+
+    The noise comes from the fused kernel's counter-based generator, keyed by a seed drawn from
+    `generator` (or the default generator), so core.manual_seed makes a draw reproducible. `noise`
+    injects g itself (same shape as logits, rounded to their dtype) instead, so a test can reproduce a
+    draw exactly. eps is unused, as in PyTorch (where it is deprecated). logits: float32 or float64.
     """
     op = "gumbel_softmax"
-    if not np.issubdtype(logits.dtype, np.floating):
-        raise TypeError(f"{op}: logits must be floating point, got {logits.dtype}")
+    if logits.dtype not in (np.float32, np.float64):
+        raise TypeError(f"{op}: logits must be float32 or float64, got {logits.dtype}")
     if not -logits.ndim <= dim < logits.ndim:
         raise IndexError(f"{op}: dim {dim} out of range for logits of shape {logits.shape}")
     if not tau > 0:
         raise ValueError(f"{op}: tau must be positive, got {tau}")
+    seed = None
     if noise is None:
-        gen = generator if generator is not None else _random.default_generator
-        noise = _gumbel_noise(logits.shape, eps, gen, logits.dtype)
+        seed = _seed(generator)
     else:
         noise = noise if isinstance(noise, Tensor) else np.asarray(noise)
         if tuple(noise.shape) != tuple(logits.shape):
             raise ValueError(f"{op}: noise of shape {tuple(noise.shape)} must have the logits' shape {logits.shape}")
-    axis = dim % logits.ndim
-    return GumbelSoftmax.apply(logits, noise, tau=float(tau), hard=bool(hard), axis=axis)
-
+        if noise.dtype != logits.dtype:
+            noise = noise.to(logits.dtype) if isinstance(noise, Tensor) else noise.astype(logits.dtype)
+    return GumbelSoftmax.apply(logits, noise, tau=float(tau), hard=bool(hard), axis=dim % logits.ndim, seed=seed)

@@ -86,7 +86,7 @@ def test_unimplemented_options_say_so():
     with pytest.raises(NotImplementedError, match="interpolate: mode 'bilinear'"):
         F.interpolate(T(rnd(1, 1, 4, 4)), scale_factor=2, mode="bilinear")
     q = T(rnd(3, 4))
-    with pytest.raises(NotImplementedError, match="pattern"):
+    with pytest.raises(TypeError, match="pattern must be one of core.attention.patterns"):  # patterns are objects
         F.scaled_dot_product_attention(q, q, q, pattern="row")
 
 

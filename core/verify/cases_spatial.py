@@ -224,3 +224,60 @@ CASES = [
     # the straight-through estimator by design, so only the comparison with PyTorch applies
     Case("gumbel_softmax_hard", _gumbel, lambda d: _gumbel_inputs(d, hard=True), gradcheck=False),
 ]
+
+
+# --- attention with structured patterns (kernels.attention.patterns) ---------------------------------------
+
+
+def _sdpa_pattern_fn(lib, F, q, k, v, *mask, pattern, is_causal=False, **kwargs):
+    """core: the pattern evaluated inside the kernels, ANDed with attn_mask or is_causal. torch: the same
+    rule as one dense bool attn_mask, pattern.mask(n) cut to (L, S) (query q and key k are flat positions)."""
+    if lib.__name__ != "torch":
+        return F.scaled_dot_product_attention(q, k, v, *mask, is_causal=is_causal, pattern=pattern, **kwargs)
+    length, source = q.shape[-2], k.shape[-2]
+    allowed = lib.from_numpy(pattern.mask(max(length, source))[:length, :source])
+    if is_causal:
+        allowed = allowed & lib.ones(length, source, dtype=lib.bool).tril()
+    if mask:
+        allowed = allowed & mask[0]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, **kwargs)
+
+
+def _sdpa_pattern(kind):
+    """Inputs for one pattern kind: sequences around T text tokens + a W×W grid, mostly L = S."""
+
+    def make(d):
+        from kernels.attention import patterns
+
+        text, width = d.int(0, 3), d.int(1, 3)
+        pattern = {
+            "causal": lambda: patterns.Causal(),
+            "row": lambda: patterns.Row(text, width),
+            "column": lambda: patterns.Column(text, width),
+            "conv": lambda: patterns.Conv(text, width, kernel=d.choice([1, 3, 5])),
+            "prefix_lm": lambda: patterns.PrefixLM(d.int(0, 4)),
+        }[kind]()
+        n = max(1, text + width * width - d.int(0, 2))
+        source = n if d.int(0, 3) else d.int(1, n + 2)  # sometimes L ≠ S
+        batch = d.shape(0, 2, 1, 2)
+        e, ev = d.int(1, 4), d.int(1, 3)
+        q = d.array((*batch, n, e))
+        k = d.array((*d.broadcastable(batch), source, e))
+        v = d.array((*k.shape[:-2], source, ev))
+        arrays, kwargs = [q, k, v], {"pattern": pattern}
+        extra = d.choice(["none", "bool", "causal"])  # each ANDed with the pattern
+        if extra == "bool":  # with the pattern, some rows are fully masked: zeros, as in PyTorch
+            arrays.append(d.bools((*d.broadcastable(batch), n, source), p=0.8))
+        elif extra == "causal":
+            kwargs["is_causal"] = True
+        if d.bool():
+            kwargs["scale"] = d.choice([0.5, 2.0])
+        return arrays, kwargs
+
+    return make
+
+
+CASES += [
+    Case(f"scaled_dot_product_attention_pattern_{kind}", _sdpa_pattern_fn, _sdpa_pattern(kind))
+    for kind in ("causal", "row", "column", "conv", "prefix_lm")
+]
