@@ -1,8 +1,9 @@
 """Spatial ops of core.functional: convolution, transposed convolution, pooling, interpolation, padding.
 
-Each op is ONE `Function` whose forward and backward call plain NumPy helpers on raw arrays
-(`_conv2d_forward`, `_conv2d_backward_input`, `_conv2d_backward_weight`, ...). The kernels issue
-replaces those helpers one for one with Numba/CUDA kernels; the Functions stay as they are.
+Each op is ONE `Function` whose forward and backward call helpers on raw arrays
+(`_conv2d_forward`, `_conv2d_backward_input`, `_conv2d_backward_weight`, ...). The three conv helpers
+hand float32/float64 arrays to the kernels of `kernels.conv` (Numba on NumPy arrays, numba.cuda on
+CuPy arrays); the NumPy code below them stays as the path for any other dtype.
 
 Convolution is computed as im2col + matrix multiply: every receptive field of the padded input is
 viewed (no copy) with `sliding_window_view`, laid out as the rows of a matrix, and multiplied by the
@@ -17,6 +18,9 @@ import math
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
+
+# called as a module attribute (_conv_kernels.conv2d_forward), so tests can wrap the kernels
+import kernels.conv as _conv_kernels
 
 from .autograd import Function
 from .tensor import Tensor
@@ -77,12 +81,22 @@ def _cols(x, kernel, stride, padding, dilation, out_hw):
     return np.ascontiguousarray(win.transpose(0, 1, 4, 5, 2, 3)).reshape(n, c * kh * kw, ho * wo)
 
 
+def _use_kernels(*arrays) -> bool:
+    """kernels.conv takes float32 and float64 arrays (NumPy: the Numba form; CuPy: the CUDA form)."""
+    return all(a.dtype in (np.float32, np.float64) for a in arrays)
+
+
 def _conv2d_forward(x, w, stride, padding, dilation, groups, out_hw=None):
     """y[n, k] = Σ_c,i,j w[k, c, i, j] · x_padded[n, c, h·s + i·d, w·s + j·d], a matmul per image and group.
 
     x: (N, C, H, W); w: (K, C/groups, kh, kw); padding: ((top, bottom), (left, right)).
     `out_hw` keeps only the first (Ho, Wo) outputs (conv_transpose2d's backward needs that).
     """
+    if _use_kernels(x, w):
+        y = _conv_kernels.conv2d_forward(x, w, stride=stride, padding=padding, dilation=dilation, groups=groups)
+        if out_hw is not None and tuple(y.shape[2:]) != tuple(out_hw):
+            y = y[:, :, : out_hw[0], : out_hw[1]].copy()
+        return y
     n = x.shape[0]
     k, cg, kh, kw = w.shape
     if out_hw is None:
@@ -100,6 +114,9 @@ def _conv2d_backward_input(grad, w, x_shape, stride, padding, dilation, groups):
     share back to the strided positions of the padded input it read from: a loop over kh·kw taps,
     never over pixels.
     """
+    if _use_kernels(grad, w):
+        return _conv_kernels.conv2d_backward_input(grad, w, x_shape, stride=stride, padding=padding, dilation=dilation,
+                                                   groups=groups)
     n, c, h, wd = x_shape
     k, cg, kh, kw = w.shape
     ho, wo = grad.shape[2:]
@@ -118,6 +135,9 @@ def _conv2d_backward_input(grad, w, x_shape, stride, padding, dilation, groups):
 
 def _conv2d_backward_weight(x, grad, w_shape, stride, padding, dilation, groups):
     """dL/dw of conv2d: Σ over images and positions of grad ⊗ receptive field (a matmul per image and group)."""
+    if _use_kernels(x, grad):
+        return _conv_kernels.conv2d_backward_weight(x, grad, w_shape, stride=stride, padding=padding,
+                                                    dilation=dilation, groups=groups)
     k, cg, kh, kw = w_shape
     n, _, ho, wo = grad.shape
     cols = _cols(x, (kh, kw), stride, padding, dilation, (ho, wo)).reshape(n, groups, cg * kh * kw, ho * wo)
