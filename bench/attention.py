@@ -202,6 +202,7 @@ def cases(backend, *, quick=False, full=False) -> list[Case]:
         out.append(_case(backend, f"memory fwd+bwd causal N={n} (B=1 H=2)", 1, 2, n, D, None, True,
                          reference=False, core=False,
                          plot=dict(panel="peak memory, causal fwd+bwd, B=1 H=2", series="", x=n,
-                                   xlabel="sequence length N", metric="peak_mib"),
+                                   xlabel="sequence length N", metric="peak_mib",
+                                   guide=("one N×N fp32 score matrix", score)),
                          params=dict(score_matrix_mib_per_head=score, inputs_mib=4 * 2 * n * D * 4 / 2**20)))
     return out

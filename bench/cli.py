@@ -180,7 +180,7 @@ def _measure_impl(impl, backend, threads, timing_kw):
         return f"error: {type(e).__name__}: {e}", None
     try:
         timing = harness.measure(fn, **timing_kw)
-        memory = harness.memory_peak(fn, backend.device)
+        memory = harness.memory_peak(fn, backend.device, traced=impl.name != harness.TORCH)
     except Exception as e:  # likewise
         return f"error: {type(e).__name__}: {e}", None
     finally:

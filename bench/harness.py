@@ -19,7 +19,8 @@ For each implementation the harness records:
   larger reported: `tracemalloc` sees NumPy's allocations and Numba's (its runtime reports to tracemalloc
   too), not PyTorch's; the resident-set high-water mark (`VmHWM`, reset through /proc/self/clear_refs)
   sees everything the process touches, PyTorch included, but misses memory reused from the allocator's free
-  lists. On a GPU: the CuPy pool's and PyTorch's allocator's peaks.
+  lists — so PyTorch's CPU figure is a lower bound, and unknown (None) when the resident set did not grow.
+  On a GPU: the CuPy pool's and PyTorch's allocator's peaks.
 """
 
 from __future__ import annotations
@@ -169,8 +170,13 @@ def _reset_rss_peak() -> bool:
         return False
 
 
-def memory_peak(fn, device="cpu") -> dict:
-    """Peak memory (MiB) allocated during one call of fn, by every probe available; "peak_mib" is the largest."""
+def memory_peak(fn, device="cpu", *, traced=True) -> dict:
+    """Peak memory (MiB) allocated during one call of fn, by every probe available; "peak_mib" is the largest.
+
+    traced=False says that tracemalloc cannot see this implementation's allocations (PyTorch's CPU allocator):
+    "peak_mib" is then the resident-set growth alone, a lower bound, and None when that is zero (the memory was
+    reused, so nothing was learned), rather than a misleading 0.
+    """
     if device == "cuda":
         return _cuda_memory_peak(fn)
     out = {}
@@ -188,7 +194,11 @@ def memory_peak(fn, device="cpu") -> dict:
     hwm = _proc_status_mib("VmHWM") if rss_ok else None
     if rss0 is not None and hwm is not None:
         out["rss_mib"] = max(hwm - rss0, 0.0)
-    out["peak_mib"] = max(out.values())
+    if traced:
+        out["peak_mib"] = max(out.values())
+    else:
+        out["peak_mib"] = out["rss_mib"] if out.get("rss_mib") else None
+        out["peak_note"] = "resident-set growth only (a lower bound): tracemalloc does not see this allocator"
     return out
 
 

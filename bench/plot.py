@@ -1,7 +1,8 @@
 """PNG figures of a benchmark report: one figure per family, one panel per sweep (time or memory against size).
 
 Each case names its panel, series and x value (`Case.plot`); a line is one (series, implementation) pair.
-Our kernels are solid lines, PyTorch dashed, the NumPy reference and the engine op dotted. Both axes are
+Our kernels are solid lines, PyTorch dashed, the NumPy reference dotted and the engine op dash-dotted; grey
+lines are guides (e.g. the size of the N×N matrix the attention kernel never stores). Both axes are
 logarithmic, so a kernel's scaling reads as a slope (time ∝ N² is slope 2 against N).
 """
 
@@ -28,7 +29,11 @@ def _panels(rows):
             if y is None or not y > 0:
                 continue
             panel = figs[row["family"]].setdefault(
-                spec["panel"], {"xlabel": spec["xlabel"], "metric": metric, "lines": defaultdict(list)})
+                spec["panel"], {"xlabel": spec["xlabel"], "metric": metric, "lines": defaultdict(list),
+                                "guides": defaultdict(set)})
+            if spec.get("guide"):  # a reference curve, e.g. the size of the matrix a kernel avoids storing
+                label, value = spec["guide"]
+                panel["guides"][label].add((spec["x"], value))
             label = f"{spec['series']} {row['impl']}".strip()
             panel["lines"][(label, row["impl"])].append((spec["x"], y))
     return figs
@@ -61,6 +66,9 @@ def plot_report(report: dict, out_dir, stem: str) -> list[Path]:
                 # one colour per series (the patterns), or per implementation when a panel has one series
                 key = series.index(label[: -len(impl)].strip()) if len(series) > 1 else impls.index(impl)
                 ax.plot(xs, ys, STYLE.get(impl, "-"), color=f"C{key % 10}", marker="o", markersize=3, label=label)
+            for label, points in panel["guides"].items():
+                xs, ys = zip(*sorted(points))
+                ax.plot(xs, ys, color="0.6", linewidth=1, label=label)
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_title(title, fontsize=9)
