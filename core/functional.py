@@ -24,7 +24,16 @@ from scipy.special import erf
 
 from . import ops
 from . import random as _random
-from .attention import gumbel_softmax, scaled_dot_product_attention  # noqa: F401
+from .attention import (  # noqa: F401  (the patterns are for sdpa's pattern=)
+    Causal,
+    Column,
+    Conv,
+    PrefixLM,
+    Row,
+    gumbel_softmax,
+    patterns,
+    scaled_dot_product_attention,
+)
 from .autograd import Function, is_grad_enabled
 from .conv import avg_pool2d, conv2d, conv_transpose2d, interpolate, max_pool2d, pad  # noqa: F401
 from .tensor import Tensor
