@@ -24,16 +24,24 @@ FAMILIES = ("attention", "conv", "gumbel", "schedule")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
+def _positive_int(text):
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {n}")
+    return n
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Declare `t2i bench`'s arguments on p."""
-    p.add_argument("families", nargs="*", metavar="family", help=f"families to run (default: all of {FAMILIES})")
+    p.add_argument("families", nargs="*", metavar="family",
+                   help=f"families to run (default: all of {', '.join(FAMILIES)})")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default: cpu)")
-    p.add_argument("--threads", type=int, default=None, metavar="N",
+    p.add_argument("--threads", type=_positive_int, default=None, metavar="N",
                    help="threads for Numba, PyTorch and BLAS alike (default: the usable cores)")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="tiny sizes: checks that everything runs (seconds)")
     size.add_argument("--full", action="store_true", help="add the largest sizes (attention N = 2048, 4096)")
-    p.add_argument("--repeats", type=int, default=None, metavar="R",
+    p.add_argument("--repeats", type=_positive_int, default=None, metavar="R",
                    help="timed calls per measurement after one warm-up (default: 5; 2 with --quick)")
     p.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
     p.add_argument("--markdown", action="store_true", help="print the table as Markdown (for the README)")
@@ -46,9 +54,6 @@ def run(args) -> int:
     unknown = [f for f in args.families if f not in FAMILIES]
     if unknown:
         print(f"unknown family {', '.join(unknown)}; known: {', '.join(FAMILIES)}", file=sys.stderr)
-        return 2
-    if args.threads is not None and args.threads < 1:
-        print("--threads must be positive", file=sys.stderr)
         return 2
     openmp = passive_openmp()
     families = list(dict.fromkeys(args.families)) or list(FAMILIES)
