@@ -118,3 +118,13 @@ def test_console_script_is_installed():
     proc = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "verify" in proc.stdout
+
+
+def test_case_names_are_unique():
+    """`t2i verify --op NAME` and the test ids select a case by name: two cases must never share one."""
+    from collections import Counter
+
+    from core.verify import all_cases
+
+    dup = [n for n, k in Counter(c.name for c in all_cases()).items() if k > 1]
+    assert not dup, f"duplicate case names: {dup}"
