@@ -67,44 +67,46 @@ def _zero(dst):
 
 
 @njit(cache=True)
-def _im2col(x, n, c0, cg, kh, kw, sh, sw, pt, pl, dh, dw, oh0, oh1, wo, cols):
-    """cols[(c·kh + i)·kw + j, (oh − oh0)·Wo + ow] = x[n, c0 + c, oh·sh − pt + i·dh, ow·sw − pl + j·dw] (0 outside).
+def _im2col(x, n, c0, cg, kh, kw, sh, sw, pt, pl, dh, dw, oh0, oh1, wo, cols, q0):
+    """cols[(c·kh + i)·kw + j, q0 + (oh − oh0)·Wo + ow] = x[n, c0 + c, oh·sh − pt + i·dh, ow·sw − pl + j·dw] (or 0).
 
     With unit strides and Wo = W (a "same" convolution, the common case), output row oh reads the whole input row
     oh − pt + i·dh shifted by the same number of columns, so a row of cols is the flat input plane shifted by one
     offset: one long copy, then the few entries that wrapped across a row edge are zeroed (short copies, one per
-    output row, cost as much as the GEMM).
+    output row, cost as much as the GEMM). The geometry of tap (i, j) is worked out once for all channels.
     """
     h_in, w_in = x.shape[2], x.shape[3]
     flat = sh == 1 and sw == 1 and wo == w_in
     m = oh1 - oh0
-    for c in range(cg):
-        for i in range(kh):
-            for j in range(kw):
-                crow = cols[(c * kh + i) * kw + j]  # a 1-D row view
-                col0 = j * dw - pl  # input column read at ow = 0
-                lo, hi = _valid_range(wo, col0, sw, w_in)  # the ow that read inside a row
-                top = oh0 * sh - pt + i * dh  # input row read at oh = oh0
-                a, b = _valid_range(m, top, sh, h_in)  # the oh − oh0 that read inside the image
+    for i in range(kh):
+        top = oh0 * sh - pt + i * dh  # input row read at oh = oh0
+        a, b = _valid_range(m, top, sh, h_in)  # the oh − oh0 that read inside the image
+        for j in range(kw):
+            col0 = j * dw - pl  # input column read at ow = 0
+            lo, hi = _valid_range(wo, col0, sw, w_in)  # the ow that read inside a row
+            first, last = a * wo + lo, (b - 1) * wo + hi  # flat path: positions q in [first, last) read q + shift
+            shift = top * w_in + col0
+            for c in range(cg):
+                crow = cols[(c * kh + i) * kw + j, q0 : q0 + m * wo]  # a 1-D view: this image's part of the row
                 _zero(crow[: a * wo])
-                _zero(crow[b * wo : m * wo])
+                _zero(crow[b * wo :])
                 if a == b:
                     continue
                 if flat and lo < hi:
-                    src = x[n, c0 + c].reshape(h_in * w_in)
-                    first = a * wo + lo  # position q reads flat input index q + top·W + col0
-                    _copy(crow[first : (b - 1) * wo + hi], src[first + top * w_in + col0 :])
+                    _copy(crow[first:last], x[n, c0 + c].reshape(h_in * w_in)[first + shift :])
                 for r in range(a, b):
                     p = r * wo
-                    _zero(crow[p : p + lo])
-                    _zero(crow[p + hi : p + wo])
+                    for ow in range(lo):
+                        crow[p + ow] = 0
+                    for ow in range(hi, wo):
+                        crow[p + ow] = 0
                     if not flat:
                         _copy(crow[p + lo : p + hi], x[n, c0 + c, top + r * sh, col0 + lo * sw :: sw])
 
 
 @njit(cache=True)
-def _col2im(dcols, dx, n, c0, cg, kh, kw, sh, sw, pt, pl, dh, dw, oh0, oh1, wo):
-    """The adjoint of _im2col: dx[n, c0 + c, h, w] += dcols[row, p] for every tap that read (h, w).
+def _col2im(dcols, dx, n, c0, cg, kh, kw, sh, sw, pt, pl, dh, dw, oh0, oh1, wo, q0):
+    """The adjoint of _im2col: dx[n, c0 + c, h, w] += dcols[row, q0 + p] for every tap that read (h, w).
 
     Same fast path: the entries of dcols that would wrap across a row edge are zeroed (dcols is scratch), then one
     long add into the flat plane.
@@ -112,146 +114,177 @@ def _col2im(dcols, dx, n, c0, cg, kh, kw, sh, sw, pt, pl, dh, dw, oh0, oh1, wo):
     h_in, w_in = dx.shape[2], dx.shape[3]
     flat = sh == 1 and sw == 1 and wo == w_in
     m = oh1 - oh0
-    for c in range(cg):
-        for i in range(kh):
-            for j in range(kw):
-                drow = dcols[(c * kh + i) * kw + j]
-                col0 = j * dw - pl
-                lo, hi = _valid_range(wo, col0, sw, w_in)
-                top = oh0 * sh - pt + i * dh
-                a, b = _valid_range(m, top, sh, h_in)
-                if a == b or lo == hi:
-                    continue
+    for i in range(kh):
+        top = oh0 * sh - pt + i * dh
+        a, b = _valid_range(m, top, sh, h_in)
+        for j in range(kw):
+            col0 = j * dw - pl
+            lo, hi = _valid_range(wo, col0, sw, w_in)
+            if a == b or lo == hi:
+                continue
+            first, last = a * wo + lo, (b - 1) * wo + hi
+            shift = top * w_in + col0
+            for c in range(cg):
+                drow = dcols[(c * kh + i) * kw + j, q0 : q0 + m * wo]
                 if flat:
                     for r in range(a, b):
-                        _zero(drow[r * wo : r * wo + lo])
-                        _zero(drow[r * wo + hi : r * wo + wo])
-                    dst = dx[n, c0 + c].reshape(h_in * w_in)
-                    first = a * wo + lo
-                    _add(dst[first + top * w_in + col0 :], drow[first : (b - 1) * wo + hi])
+                        p = r * wo
+                        for ow in range(lo):
+                            drow[p + ow] = 0
+                        for ow in range(hi, wo):
+                            drow[p + ow] = 0
+                    _add(dx[n, c0 + c].reshape(h_in * w_in)[first + shift :], drow[first:last])
                 else:
                     for r in range(a, b):
                         p = r * wo
                         _add(dx[n, c0 + c, top + r * sh, col0 + lo * sw :: sw], drow[p + lo : p + hi])
 
 
-def tile_rows(r, ho, wo):
-    """Output rows per im2col tile: as many as keep R × (rows·Wo) within COLS_BUDGET (at least one)."""
-    return max(1, min(ho, COLS_BUDGET // max(1, r * wo)))
+def plan(r, n_img, ho, wo, threads):
+    """(images, rows) per task: the im2col matrix of one task, R × (images · rows · Wo), fits COLS_BUDGET.
+
+    Small images go several to a task (one wider GEMM instead of many thin ones), but no more than keeps every
+    thread busy; an image too large for the budget is cut into tiles of a few output rows.
+    """
+    per_image = r * ho * wo
+    if per_image <= COLS_BUDGET:
+        return max(1, min(COLS_BUDGET // max(1, per_image), -(-n_img // threads))), ho
+    return 1, max(1, min(ho, COLS_BUDGET // max(1, r * wo)))
 
 
 @njit(cache=True, inline="always")
-def _task(task, groups, tiles):
-    n, rest = divmod(task, groups * tiles)
+def _task(task, n_img, groups, ho, imgs, rows):
+    """Task → (first image, images, group, first output row, end row); tasks run over (images, group, row tile)."""
+    tiles = (ho + rows - 1) // rows
+    batch, rest = divmod(task, groups * tiles)
     g, tile = divmod(rest, tiles)
-    return n, g, tile
+    n0 = batch * imgs
+    return n0, min(imgs, n_img - n0), g, tile * rows, min(ho, (tile + 1) * rows)
+
+
+@njit(cache=True, inline="always")
+def _n_tasks(n_img, groups, ho, imgs, rows):
+    return ((n_img + imgs - 1) // imgs) * groups * ((ho + rows - 1) // rows)
 
 
 @njit(cache=True)
-def _forward_tasks(x, w3, y, kh, kw, sh, sw, pt, pl, dh, dw, ho, wo, rows, task0, task1):
-    """Tasks [task0, task1) of the forward, each an (image, group, row tile): im2col, then one GEMM."""
-    c = x.shape[1]
+def _gather(a, n0, nb, k0, kg, p0, p, out):
+    """out[:, b·p : (b + 1)·p] = a[n0 + b, k0 : k0 + kg, p0 : p0 + p]: one task's slab of a (N, K, Ho·Wo) array."""
+    for b in range(nb):
+        for k in range(kg):
+            _copy(out[k, b * p : (b + 1) * p], a[n0 + b, k0 + k, p0:])
+
+
+@njit(cache=True)
+def _scatter(o, a, n0, nb, k0, kg, p0, p):
+    """The inverse of _gather: a[n0 + b, k0 : k0 + kg, p0 : p0 + p] = o[:, b·p : (b + 1)·p]."""
+    for b in range(nb):
+        for k in range(kg):
+            _copy(a[n0 + b, k0 + k, p0 : p0 + p], o[k, b * p :])
+
+
+@njit(cache=True)
+def _forward_tasks(x, w3, y, kh, kw, sh, sw, pt, pl, dh, dw, ho, wo, imgs, rows, task0, task1):
+    """Tasks [task0, task1) of the forward (y as (N, K, Ho·Wo)): im2col of the task's images and rows, one GEMM."""
+    n_img, c = x.shape[0], x.shape[1]
     groups, kg, r = w3.shape
     cg = c // groups
-    tiles = (ho + rows - 1) // rows
-    buf = np.empty(r * rows * wo, dtype=x.dtype)
-    out = np.empty(kg * rows * wo, dtype=x.dtype)
+    buf = np.empty(r * imgs * rows * wo, dtype=x.dtype)
+    out = np.empty(kg * imgs * rows * wo, dtype=x.dtype)
     for task in range(task0, task1):
-        n, g, tile = _task(task, groups, tiles)
-        oh0 = tile * rows
-        oh1 = min(ho, oh0 + rows)
-        p0, p = oh0 * wo, (oh1 - oh0) * wo
-        cols = buf[: r * p].reshape(r, p)
-        _im2col(x, n, g * cg, cg, kh, kw, sh, sw, pt, pl, dh, dw, oh0, oh1, wo, cols)
-        if tiles == 1:  # the whole image: the GEMM writes straight into y
-            np.dot(w3[g], cols, y[n, g * kg : (g + 1) * kg])
+        n0, nb, g, oh0, oh1 = _task(task, n_img, groups, ho, imgs, rows)
+        p = (oh1 - oh0) * wo
+        cols = buf[: r * nb * p].reshape(r, nb * p)
+        for b in range(nb):
+            _im2col(x, n0 + b, g * cg, cg, kh, kw, sh, sw, pt, pl, dh, dw, oh0, oh1, wo, cols, b * p)
+        if nb == 1 and p == ho * wo:  # one whole image: the GEMM writes straight into y
+            np.dot(w3[g], cols, y[n0, g * kg : (g + 1) * kg])
         else:
-            o = out[: kg * p].reshape(kg, p)
+            o = out[: kg * nb * p].reshape(kg, nb * p)
             np.dot(w3[g], cols, o)
-            y[n, g * kg : (g + 1) * kg, p0 : p0 + p] = o
+            _scatter(o, y, n0, nb, g * kg, kg, oh0 * wo, p)
 
 
 @njit(parallel=True, cache=True)
-def _forward(x, w3, y, kh, kw, sh, sw, pt, pl, dh, dw, ho, wo, rows, threads):
+def _forward(x, w3, y, kh, kw, sh, sw, pt, pl, dh, dw, ho, wo, imgs, rows, threads):
     """y (N, K, Ho·Wo) = conv2d(x, w) with w3 = w as (G, K/G, R): one contiguous range of tasks per thread."""
-    tasks = x.shape[0] * w3.shape[0] * ((ho + rows - 1) // rows)
+    tasks = _n_tasks(x.shape[0], w3.shape[0], ho, imgs, rows)
     threads = max(1, min(threads, tasks))
     for t in prange(threads):
-        _forward_tasks(x, w3, y, kh, kw, sh, sw, pt, pl, dh, dw, ho, wo, rows,
+        _forward_tasks(x, w3, y, kh, kw, sh, sw, pt, pl, dh, dw, ho, wo, imgs, rows,
                        t * tasks // threads, (t + 1) * tasks // threads)
 
 
 @njit(cache=True)
-def _backward_input_tasks(gy, w3t, dx, kh, kw, sh, sw, pt, pl, dh, dw, rows, task0, task1):
-    """Tasks [task0, task1) of the input gradient, each a whole (image, group): GEMM, then col2im, per row tile."""
-    c = dx.shape[1]
+def _backward_input_tasks(gy, w3t, dx, kh, kw, sh, sw, pt, pl, dh, dw, ho, wo, imgs, rows, task0, task1):
+    """Tasks [task0, task1) of the input gradient (gy as (N, K, Ho·Wo)): per row tile, one GEMM, then col2im.
+
+    A task takes whole images and walks their row tiles itself: neighbouring row tiles add into the same input
+    rows, so they must not run on different threads.
+    """
+    n_img, c = dx.shape[0], dx.shape[1]
     groups, r, kg = w3t.shape
-    ho, wo = gy.shape[2], gy.shape[3]
     cg = c // groups
-    tiles = (ho + rows - 1) // rows
-    buf = np.empty(r * rows * wo, dtype=dx.dtype)
-    gbuf = np.empty(kg * rows * wo, dtype=dx.dtype)
+    buf = np.empty(r * imgs * rows * wo, dtype=dx.dtype)
+    gbuf = np.empty(kg * imgs * rows * wo, dtype=dx.dtype)
     for task in range(task0, task1):
-        n, g = divmod(task, groups)
-        for tile in range(tiles):
-            oh0 = tile * rows
+        n0, nb, g, _, _ = _task(task, n_img, groups, ho, imgs, ho)
+        for oh0 in range(0, ho, rows):
             oh1 = min(ho, oh0 + rows)
-            p0, p = oh0 * wo, (oh1 - oh0) * wo
-            dcols = buf[: r * p].reshape(r, p)
-            if tiles == 1:
-                np.dot(w3t[g], gy[n, g * kg : (g + 1) * kg].reshape(kg, p), dcols)
+            p = (oh1 - oh0) * wo
+            dcols = buf[: r * nb * p].reshape(r, nb * p)
+            if nb == 1 and p == ho * wo:
+                np.dot(w3t[g], gy[n0, g * kg : (g + 1) * kg], dcols)
             else:
-                gt = gbuf[: kg * p].reshape(kg, p)
-                gt[:] = gy[n, g * kg : (g + 1) * kg].reshape(kg, ho * wo)[:, p0 : p0 + p]
+                gt = gbuf[: kg * nb * p].reshape(kg, nb * p)
+                _gather(gy, n0, nb, g * kg, kg, oh0 * wo, p, gt)
                 np.dot(w3t[g], gt, dcols)
-            _col2im(dcols, dx, n, g * cg, cg, kh, kw, sh, sw, pt, pl, dh, dw, oh0, oh1, wo)
+            for b in range(nb):
+                _col2im(dcols, dx, n0 + b, g * cg, cg, kh, kw, sh, sw, pt, pl, dh, dw, oh0, oh1, wo, b * p)
 
 
 @njit(parallel=True, cache=True)
-def _backward_input(gy, w3t, dx, kh, kw, sh, sw, pt, pl, dh, dw, rows, threads):
-    """dx (N, C, H, W, zeroed) += col2im(W_gᵀ · gy) with w3t = w as (G, R, K/G); tasks are (image, group)."""
-    tasks = dx.shape[0] * w3t.shape[0]
+def _backward_input(gy, w3t, dx, kh, kw, sh, sw, pt, pl, dh, dw, ho, wo, imgs, rows, threads):
+    """dx (N, C, H, W, zeroed) += col2im(W_gᵀ · gy) with w3t = w as (G, R, K/G); tasks are (images, group)."""
+    tasks = _n_tasks(dx.shape[0], w3t.shape[0], ho, imgs, ho)
     threads = max(1, min(threads, tasks))
     for t in prange(threads):
-        _backward_input_tasks(gy, w3t, dx, kh, kw, sh, sw, pt, pl, dh, dw, rows,
+        _backward_input_tasks(gy, w3t, dx, kh, kw, sh, sw, pt, pl, dh, dw, ho, wo, imgs, rows,
                               t * tasks // threads, (t + 1) * tasks // threads)
 
 
 @njit(cache=True)
-def _backward_weight_tasks(x, gy, dw3, kh, kw, sh, sw, pt, pl, dh, dw, rows, task0, task1):
-    """dw3 (G, K/G, R) += Σ over tasks [task0, task1) (image, group, row tile) of gy-tile · colsᵀ."""
-    c = x.shape[1]
+def _backward_weight_tasks(x, gy, dw3, kh, kw, sh, sw, pt, pl, dh, dw, ho, wo, imgs, rows, task0, task1):
+    """dw3 (G, K/G, R) += Σ over tasks [task0, task1) of gy-slab · colsᵀ (gy as (N, K, Ho·Wo))."""
+    n_img, c = x.shape[0], x.shape[1]
     groups, kg, r = dw3.shape
-    ho, wo = gy.shape[2], gy.shape[3]
     cg = c // groups
-    tiles = (ho + rows - 1) // rows
-    buf = np.empty(r * rows * wo, dtype=x.dtype)
-    gbuf = np.empty(kg * rows * wo, dtype=x.dtype)
+    buf = np.empty(r * imgs * rows * wo, dtype=x.dtype)
+    gbuf = np.empty(kg * imgs * rows * wo, dtype=x.dtype)
     prod = np.empty((kg, r), dtype=x.dtype)
     for task in range(task0, task1):
-        n, g, tile = _task(task, groups, tiles)
-        oh0 = tile * rows
-        oh1 = min(ho, oh0 + rows)
-        p0, p = oh0 * wo, (oh1 - oh0) * wo
-        cols = buf[: r * p].reshape(r, p)
-        _im2col(x, n, g * cg, cg, kh, kw, sh, sw, pt, pl, dh, dw, oh0, oh1, wo, cols)
-        if tiles == 1:
-            np.dot(gy[n, g * kg : (g + 1) * kg].reshape(kg, p), cols.T, prod)
+        n0, nb, g, oh0, oh1 = _task(task, n_img, groups, ho, imgs, rows)
+        p = (oh1 - oh0) * wo
+        cols = buf[: r * nb * p].reshape(r, nb * p)
+        for b in range(nb):
+            _im2col(x, n0 + b, g * cg, cg, kh, kw, sh, sw, pt, pl, dh, dw, oh0, oh1, wo, cols, b * p)
+        if nb == 1 and p == ho * wo:
+            np.dot(gy[n0, g * kg : (g + 1) * kg], cols.T, prod)
         else:
-            gt = gbuf[: kg * p].reshape(kg, p)
-            gt[:] = gy[n, g * kg : (g + 1) * kg].reshape(kg, ho * wo)[:, p0 : p0 + p]
+            gt = gbuf[: kg * nb * p].reshape(kg, nb * p)
+            _gather(gy, n0, nb, g * kg, kg, oh0 * wo, p, gt)
             np.dot(gt, cols.T, prod)
         dw3[g] += prod
 
 
 @njit(parallel=True, cache=True)
-def _backward_weight(x, gy, dw3, kh, kw, sh, sw, pt, pl, dh, dw, rows, threads):
+def _backward_weight(x, gy, dw3, kh, kw, sh, sw, pt, pl, dh, dw, ho, wo, imgs, rows, threads):
     """dw3 (G, K/G, R) = Σ_n gy[n, g] · colsᵀ; one partial sum per thread, added in thread order at the end."""
-    tasks = x.shape[0] * dw3.shape[0] * ((gy.shape[2] + rows - 1) // rows)
+    tasks = _n_tasks(x.shape[0], dw3.shape[0], ho, imgs, rows)
     threads = max(1, min(threads, tasks))
     partial = np.zeros((threads,) + dw3.shape, dtype=dw3.dtype)
     for t in prange(threads):
-        _backward_weight_tasks(x, gy, partial[t], kh, kw, sh, sw, pt, pl, dh, dw, rows,
+        _backward_weight_tasks(x, gy, partial[t], kh, kw, sh, sw, pt, pl, dh, dw, ho, wo, imgs, rows,
                                t * tasks // threads, (t + 1) * tasks // threads)
     dw3[:] = partial[0]
     for t in range(1, threads):
@@ -310,10 +343,11 @@ def conv2d_forward(x, w, *, stride=(1, 1), padding=(0, 0), dilation=(1, 1), grou
     r = cg * kh * kw
     y = np.empty((x.shape[0], k, ho * wo), dtype=x.dtype)
     if y.size:
+        threads = numba.get_num_threads()
         w3 = np.ascontiguousarray(w).reshape(groups, k // groups, r)
         with _one_blas_thread():
             _forward(x, w3, y, kh, kw, stride[0], stride[1], pt, pl, dilation[0], dilation[1], ho, wo,
-                     tile_rows(r, ho, wo), numba.get_num_threads())
+                     *plan(r, x.shape[0], ho, wo, threads), threads)
     y = y.reshape(x.shape[0], k, ho, wo)
     if bias is not None:
         y += bias.reshape(1, k, 1, 1)
@@ -323,29 +357,33 @@ def conv2d_forward(x, w, *, stride=(1, 1), padding=(0, 0), dilation=(1, 1), grou
 def conv2d_backward_input(gy, w, x_shape, *, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1):
     """dL/dx of conv2d (also conv_transpose2d's forward): gy (N, K, Ho, Wo) -> an array of x_shape, as reference."""
     _check_dtype(gy, w)
-    gy = np.ascontiguousarray(gy)
+    n, k, ho, wo = gy.shape
+    gy = np.ascontiguousarray(gy).reshape(n, k, ho * wo)
     (pt, _), (pl, _) = _pads(padding)
     k, cg, kh, kw = w.shape
     r = cg * kh * kw
     dx = np.zeros(x_shape, dtype=gy.dtype)
     if dx.size and gy.size:
+        threads = numba.get_num_threads()
         w3t = np.ascontiguousarray(np.ascontiguousarray(w).reshape(groups, k // groups, r).transpose(0, 2, 1))
         with _one_blas_thread():
-            _backward_input(gy, w3t, dx, kh, kw, stride[0], stride[1], pt, pl, dilation[0], dilation[1],
-                            tile_rows(r, *gy.shape[2:]), numba.get_num_threads())
+            _backward_input(gy, w3t, dx, kh, kw, stride[0], stride[1], pt, pl, dilation[0], dilation[1], ho, wo,
+                            *plan(r, n, ho, wo, threads), threads)
     return dx
 
 
 def conv2d_backward_weight(x, gy, w_shape, *, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1):
     """dL/dw of conv2d, summed over the images and gy's positions: an array of w_shape, as reference."""
     _check_dtype(x, gy)
-    x, gy = np.ascontiguousarray(x), np.ascontiguousarray(gy)
+    n, k_out, ho, wo = gy.shape
+    x, gy = np.ascontiguousarray(x), np.ascontiguousarray(gy).reshape(n, k_out, ho * wo)
     (pt, _), (pl, _) = _pads(padding)
     k, cg, kh, kw = w_shape
     r = cg * kh * kw
     dw3 = np.zeros((groups, k // groups, r), dtype=x.dtype)
     if x.size and gy.size:
+        threads = numba.get_num_threads()
         with _one_blas_thread():
-            _backward_weight(x, gy, dw3, kh, kw, stride[0], stride[1], pt, pl, dilation[0], dilation[1],
-                             tile_rows(r, *gy.shape[2:]), numba.get_num_threads())
+            _backward_weight(x, gy, dw3, kh, kw, stride[0], stride[1], pt, pl, dilation[0], dilation[1], ho, wo,
+                             *plan(r, n, ho, wo, threads), threads)
     return dw3.reshape(w_shape)
