@@ -1,21 +1,22 @@
 """2-D convolution on the CPU with Numba: im2col into a per-thread buffer, then one BLAS GEMM per tile.
 
-For one image n, group g and a tile of output rows, im2col copies the receptive fields into a matrix
-cols (R = C/G·kh·kw rows, one per tap (c, i, j); one column per output position; Chellapilla et al. 2006),
-and the three products of convolution are GEMMs with the weights W_g (K/G, R) (equations of reference.py):
+For a task — a few images, one group g, a tile of output rows — im2col copies the receptive fields into a matrix
+cols (R = C/G·kh·kw rows, one per tap (c, i, j); one column per output position of the task's images, side by side;
+Chellapilla et al. 2006), and the three products of convolution are GEMMs with the weights W_g (K/G, R) (equations
+of reference.py):
 
-    forward (1):          Y[n, g]   = W_g · cols                       (K/G × R) · (R × P)
-    input gradient (3):   dcols     = W_gᵀ · dY[n, g],  then col2im    (R × K/G) · (K/G × P)
-    weight gradient (4):  dW_g     += dY[n, g] · colsᵀ                 (K/G × P) · (P × R)
+    forward (1):          Y[·, g]   = W_g · cols                       (K/G × R) · (R × P)
+    input gradient (3):   dcols     = W_gᵀ · dY[·, g],  then col2im    (R × K/G) · (K/G × P)
+    weight gradient (4):  dW_g     += dY[·, g] · colsᵀ                 (K/G × P) · (P × R)
 
 col2im is the adjoint of im2col: it adds every entry of dcols back onto the input pixel it was copied from.
-The buffer is sized to stay in the L2 cache (a tile of output rows is taken when a whole image would not fit),
-so im2col writes it and the GEMM reads it back from cache rather than from memory.
+The buffer is sized to stay in the L2 cache (`plan`: several small images to a task, so the GEMMs are not thin; a
+tile of output rows when one image would not fit), so im2col writes it and the GEMM reads it back from cache.
 
-Parallelism: the (image, group, row tile) tasks are split into one contiguous range per thread (prange over the
-threads, so each thread allocates its buffers once). The input gradient runs whole (image, group) tasks, since
-neighbouring row tiles add into the same input rows; the weight gradient keeps one partial sum per thread and adds
-them at the end (no atomics, a fixed order: the result does not depend on timing).
+Parallelism: the tasks are split into one contiguous range per thread (prange over the threads, so each thread
+allocates its buffers once), and each thread calls a single-threaded BLAS. The input gradient's tasks hold whole
+images, since neighbouring row tiles add into the same input rows; the weight gradient keeps one partial sum per
+thread and adds them in thread order at the end (no atomics: the same call gives the same bits every time).
 """
 
 from __future__ import annotations
