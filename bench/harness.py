@@ -378,8 +378,10 @@ class Backend:
         self.device = device
         self.ours = "cpu" if device == "cpu" else "cuda"  # the name of our kernels' form on this device
         if device == "cuda":
-            import cupy
-
+            try:
+                import cupy
+            except ImportError:
+                raise UnavailableError("no CUDA device: CuPy is not installed (pip install -e '.[gpu]')") from None
             if not cupy.is_available():
                 raise UnavailableError("no CUDA device (cupy.is_available() is False)")
             self.xp = cupy
