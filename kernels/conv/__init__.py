@@ -20,21 +20,16 @@ simulator).
 
 from __future__ import annotations
 
-import importlib
-
 import numpy as np
 
+from .. import dispatch
 from .reference import out_size, pair_padding
 
-FORMS = ("reference", "cpu", "cuda")
+FORMS = dispatch.FORMS
 
 
 def _module(form, a):
-    if form is None:
-        form = "cuda" if type(a).__module__.startswith("cupy") else "cpu"
-    if form not in FORMS:
-        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
-    return importlib.import_module(f"kernels.conv.{form}")
+    return dispatch.form_module("conv", form, a)
 
 
 def _pair(v):

@@ -7,19 +7,15 @@ Three forms with one signature — `reference` (NumPy, the spec), `cpu` (Numba, 
 
 from __future__ import annotations
 
-import importlib
-
 import numpy as np
 
-FORMS = ("reference", "cpu", "cuda")
+from .. import dispatch
+
+FORMS = dispatch.FORMS
 
 
 def _form(form, x):
-    if form is None:
-        form = "cuda" if type(x).__module__.startswith("cupy") else "cpu"
-    if form not in FORMS:
-        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
-    return importlib.import_module(f"kernels.gumbel.{form}")
+    return dispatch.form_module("gumbel", form, x)
 
 
 def gumbel_softmax_forward(logits, tau=1.0, hard=False, *, seed=None, noise=None, dim=-1, form=None):

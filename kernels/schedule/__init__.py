@@ -7,8 +7,7 @@ or by `form="reference" | "cpu" | "cuda"` (the cuda form also runs on NumPy arra
 
 from __future__ import annotations
 
-import importlib
-
+from kernels import dispatch
 from kernels.schedule.reference import (
     Schedule,
     betas_from_alpha_bar,
@@ -19,15 +18,11 @@ from kernels.schedule.reference import (
     sigmoid_betas,
 )
 
-FORMS = ("reference", "cpu", "cuda")
+FORMS = dispatch.FORMS
 
 
 def _form(form, x):
-    if form is None:
-        form = "cuda" if type(x).__module__.startswith("cupy") else "cpu"
-    if form not in FORMS:
-        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
-    return importlib.import_module(f"kernels.schedule.{form}")
+    return dispatch.form_module("schedule", form, x)
 
 
 def q_sample(x0, t, sched: Schedule, *, seed=None, noise=None, form=None):
