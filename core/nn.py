@@ -58,6 +58,26 @@ def _empty(shape, dtype):
     return Parameter(np.empty(shape, dtype=np.dtype(dtype) if dtype is not None else DEFAULT_DTYPE))
 
 
+def _norm_affine(module, shape, affine, bias, dtype):
+    """A normalization layer's optional scale γ and shift β (registered as None when absent, as in PyTorch)."""
+    if affine:
+        module.weight = _empty(shape, dtype)
+    else:
+        module.register_parameter("weight", None)
+    if affine and bias:
+        module.bias = _empty(shape, dtype)
+    else:
+        module.register_parameter("bias", None)
+
+
+def _reset_affine(module):
+    """γ ← 1, β ← 0: a normalization layer starts as the plain normalization."""
+    if module.weight is not None:
+        init.ones_(module.weight)
+    if module.bias is not None:
+        init.zeros_(module.bias)
+
+
 def _as_array(value):
     """The ndarray behind a state_dict value: a core Tensor, an ndarray, or anything with .detach().numpy()."""
     if isinstance(value, Tensor):
@@ -824,24 +844,13 @@ class LayerNorm(Module):
         super().__init__()
         self.normalized_shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
         self.eps, self.elementwise_affine = eps, elementwise_affine
-        if elementwise_affine:
-            self.weight = _empty(self.normalized_shape, dtype)
-            if bias:
-                self.bias = _empty(self.normalized_shape, dtype)
-            else:
-                self.register_parameter("bias", None)
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        _norm_affine(self, self.normalized_shape, elementwise_affine, bias, dtype)
         self.reset_parameters()
         if device is not None:
             self.to(device)
 
     def reset_parameters(self):
-        if self.weight is not None:
-            init.ones_(self.weight)
-        if self.bias is not None:
-            init.zeros_(self.bias)
+        _reset_affine(self)
 
     def forward(self, input):  # noqa: A002
         return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
@@ -859,24 +868,13 @@ class GroupNorm(Module):
         if num_channels % num_groups != 0:
             raise ValueError(f"GroupNorm: num_channels ({num_channels}) must be divisible by num_groups ({num_groups})")
         self.num_groups, self.num_channels, self.eps, self.affine = num_groups, num_channels, eps, affine
-        if affine:
-            self.weight = _empty((num_channels,), dtype)
-            if bias:
-                self.bias = _empty((num_channels,), dtype)
-            else:
-                self.register_parameter("bias", None)
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        _norm_affine(self, (num_channels,), affine, bias, dtype)
         self.reset_parameters()
         if device is not None:
             self.to(device)
 
     def reset_parameters(self):
-        if self.weight is not None:
-            init.ones_(self.weight)
-        if self.bias is not None:
-            init.zeros_(self.bias)
+        _reset_affine(self)
 
     def forward(self, input):  # noqa: A002
         return F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
@@ -899,15 +897,7 @@ class BatchNorm2d(Module):
         super().__init__()
         self.num_features, self.eps, self.momentum = num_features, eps, momentum
         self.affine, self.track_running_stats = affine, track_running_stats
-        if affine:
-            self.weight = _empty((num_features,), dtype)
-            if bias:
-                self.bias = _empty((num_features,), dtype)
-            else:
-                self.register_parameter("bias", None)
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        _norm_affine(self, (num_features,), affine, bias, dtype)
         if track_running_stats:
             float_dtype = np.dtype(dtype) if dtype is not None else DEFAULT_DTYPE
             self.register_buffer("running_mean", Tensor(np.zeros(num_features, dtype=float_dtype)))
@@ -930,10 +920,7 @@ class BatchNorm2d(Module):
 
     def reset_parameters(self):
         self.reset_running_stats()
-        if self.weight is not None:
-            init.ones_(self.weight)
-        if self.bias is not None:
-            init.zeros_(self.bias)
+        _reset_affine(self)
 
     def forward(self, input):  # noqa: A002
         if input.ndim != 4:
