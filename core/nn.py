@@ -960,18 +960,26 @@ class Dropout(Module):
         return f"p={self.p}, inplace={self.inplace}"
 
 
-class ReLU(Module):
-    """max(0, x)."""
+class _Elementwise(Module):
+    """A module around one elementwise F op; `inplace` is kept for PyTorch's signature and repr."""
+
+    fn = None
 
     def __init__(self, inplace=False):
         super().__init__()
         self.inplace = inplace
 
     def forward(self, input):  # noqa: A002
-        return F.relu(input)
+        return type(self).fn(input)
 
     def extra_repr(self):
         return "inplace=True" if self.inplace else ""
+
+
+class ReLU(_Elementwise):
+    """max(0, x)."""
+
+    fn = staticmethod(F.relu)
 
 
 class GELU(Module):
@@ -988,18 +996,10 @@ class GELU(Module):
         return f"approximate={self.approximate!r}"
 
 
-class SiLU(Module):
+class SiLU(_Elementwise):
     """x·σ(x) (Elfwing et al. 2017; "swish")."""
 
-    def __init__(self, inplace=False):
-        super().__init__()
-        self.inplace = inplace
-
-    def forward(self, input):  # noqa: A002
-        return F.silu(input)
-
-    def extra_repr(self):
-        return "inplace=True" if self.inplace else ""
+    fn = staticmethod(F.silu)
 
 
 class Tanh(Module):
