@@ -8,9 +8,34 @@ device functions are all compiled for sm_90 — the compile that a real GPU laun
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
 from unittest import mock
 
 import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def run_script():
+    """Run a test file as a script in a fresh Python (`python FILE MODE`), with the CUDA simulator on or off.
+
+    NUMBA_ENABLE_CUDASIM takes effect only before numba.cuda is first imported, and the simulator cannot compile
+    PTX, so each CUDA check gets its own process whatever this session has imported. Returns its stdout.
+    """
+
+    def run(path, mode, simulate, timeout=300):
+        env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1" if simulate else "0")
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+        proc = subprocess.run([sys.executable, str(path), mode], env=env, cwd=ROOT, capture_output=True, text=True,
+                              timeout=timeout)
+        assert proc.returncode == 0, f"{mode} failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
+        return proc.stdout
+
+    return run
 
 
 @pytest.fixture

@@ -7,34 +7,20 @@ session has imported. The simulator runs one Python thread per CUDA thread (TILE
 On a machine with a GPU, the ``gpu``-marked test runs the same comparison on the device with CuPy arrays.
 """
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
 
-
-def run_script(mode, simulate, timeout=300):
-    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1" if simulate else "0")
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    proc = subprocess.run(
-        [sys.executable, __file__, mode], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout
-    )
-    assert proc.returncode == 0, f"{mode} failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
-    return proc.stdout
-
-
-def test_cuda_kernels_equal_reference_under_simulator():
-    out = run_script("simulate", simulate=True)
+def test_cuda_kernels_equal_reference_under_simulator(run_script):
+    out = run_script(__file__, "simulate", simulate=True)
     assert "simulator cases passed" in out
 
 
-def test_cuda_kernels_compile_to_ptx_for_sm90():
-    out = run_script("ptx", simulate=False)
+def test_cuda_kernels_compile_to_ptx_for_sm90(run_script):
+    out = run_script(__file__, "ptx", simulate=False)
     assert out.count("ptx ok") == 6, out  # 3 kernels × {float32, float64}
 
 
