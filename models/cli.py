@@ -3,8 +3,9 @@
     t2i --version
     t2i verify [--trials N] [--seed S] [--op NAME ...] [--json]
     t2i bench [family ...] [--device cpu|cuda] [--threads N] [--quick] [--full] [--json] [--out DIR]
-    t2i train MODEL --data digits|shapes [--steps N] [--seed S] [--batch-size B] --out CKPT
+    t2i train MODEL [--data digits|shapes|text] [--steps N] [--seed S] [--batch-size B] --out CKPT
     t2i sample MODEL --ckpt CKPT [--n 64] [--label K] [--guidance S] [--steps N] [--seed S] -o grid.png
+    t2i sample gpt --ckpt CKPT --prompt "a red" [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P]
     t2i eval MODEL --ckpt CKPT [--json]
 
 Each subcommand is one `_add_<name>(subparsers)` function that declares its arguments and sets
@@ -157,9 +158,11 @@ def _bench(args) -> int:
     return run(args)
 
 
-# --- t2i train / sample / eval (the image generators of models/registry.py) ---------------------
+# --- t2i train / sample / eval (the models of models/registry.py) --------------------------------
 
-_MODELS = ("gan", "vae", "glow", "ddpm")  # = models.registry.MODELS (not imported: --help stays fast)
+# = models.registry.MODELS and DATASETS (not imported: --help stays fast; a test checks they agree)
+_MODELS = ("gan", "vae", "glow", "ddpm", "gpt", "bert", "vit", "clip", "vqvae", "dvae", "vqgan")
+_DATASETS = ("digits", "shapes", "text")
 
 
 def _positive_float(text):
@@ -219,14 +222,15 @@ def _usage_errors(run):
 def _add_train(sub):
     p = sub.add_parser(
         "train",
-        help="train an image generator (gan, vae, glow, ddpm) on digits or shapes",
+        help="train a model (gan, vae, glow, ddpm, gpt, bert, vit, clip, vqvae, dvae, vqgan)",
         description="Train MODEL from scratch with its default (measured) configuration, showing a progress "
         "bar with the loss and speed. The checkpoint --out is written atomically every few hundred steps and "
         "at the end; running the same command again resumes from it (a resumed run equals an uninterrupted "
         "one), and a larger --steps continues training.",
     )
     _add_model_argument(p)
-    p.add_argument("--data", choices=("digits", "shapes"), default="digits", help="dataset (default: digits)")
+    p.add_argument("--data", choices=_DATASETS, help="dataset (default: the model's own: digits for the image "
+                   "generators and vit, text for gpt and bert, shapes for clip and the tokenizers)")
     p.add_argument("--steps", type=_positive_int, metavar="N", help="training steps (default: the model's)")
     p.add_argument("--seed", type=_non_negative_int, metavar="S", help="seed of weights, noise and batches")
     p.add_argument("--batch-size", type=_positive_int, metavar="B", help="batch size (default: the model's)")
@@ -259,9 +263,10 @@ def _train(args) -> int:
 def _add_sample(sub):
     p = sub.add_parser(
         "sample",
-        help="draw samples from a trained generator into a PNG grid",
+        help="draw samples from a trained model (a PNG grid of images, or text)",
         description="Load MODEL from --ckpt, draw --n samples (for a conditional model: of class --label, or "
-        "all classes in turn) and write them as one PNG grid.",
+        "all classes in turn) and write them as one PNG grid; an image tokenizer shows originals above their "
+        "reconstructions; a text model prints its continuations of --prompt (and writes them to -o if given).",
     )
     _add_model_argument(p)
     p.add_argument("--ckpt", required=True, metavar="PATH", help="checkpoint written by t2i train")
@@ -270,19 +275,43 @@ def _add_sample(sub):
     p.add_argument("--guidance", type=float, metavar="S", help="classifier-free guidance scale (diffusion)")
     p.add_argument("--steps", type=_positive_int, metavar="N", help="sampling steps (diffusion)")
     p.add_argument("--seed", type=_non_negative_int, default=0, metavar="S", help="seed of the noise (default: 0)")
+    p.add_argument("--prompt", metavar="TEXT", help="text to continue or fill in (text models)")
+    p.add_argument("--max-new-tokens", type=_positive_int, metavar="N", help="tokens to generate (gpt)")
+    p.add_argument("--temperature", type=_positive_float, metavar="T", help="softmax temperature (gpt)")
+    p.add_argument("--top-k", type=_positive_int, metavar="K", help="sample among the K likeliest tokens (gpt)")
+    p.add_argument("--top-p", type=_positive_float, metavar="P", help="nucleus sampling mass in (0, 1] (gpt)")
     p.add_argument("--nrow", type=_positive_int, metavar="K", help="images per row (default: about √n)")
-    p.add_argument("-o", "--output", required=True, metavar="PNG", help="where to write the grid")
+    p.add_argument("-o", "--output", metavar="PATH", help="where to write the grid (PNG; required for images)")
     p.set_defaults(run=_usage_errors(_sample), parser=p)
 
 
+_SAMPLE_OPTIONS = ("label", "guidance", "steps", "prompt", "max_new_tokens", "temperature", "top_k", "top_p")
+
+
 def _sample(args) -> int:
+    from models.registry import UsageError
     from models.train import save_grid
 
     module, model, cfg = _load(args)
-    images = module.sample(model, cfg, args.n, label=args.label, guidance=args.guidance, steps=args.steps,
-                           seed=args.seed)
-    save_grid(images, args.output, nrow=args.nrow or math.ceil(math.sqrt(args.n)))
-    print(f"{args.n} samples of {args.model} ({cfg.data}) -> {args.output}")
+    options = {k: getattr(args, k) for k in _SAMPLE_OPTIONS if getattr(args, k) is not None}
+    try:
+        out = module.sample(model, cfg, args.n, seed=args.seed, **options)
+    except TypeError as e:
+        if "unexpected keyword argument" not in str(e):
+            raise
+        flag = str(e).rsplit("'", 2)[-2].replace("_", "-") if str(e).count("'") >= 2 else "this option"
+        raise UsageError(f"{args.model} does not take --{flag}") from None
+    if isinstance(out, list):  # text
+        text = "\n\n".join(out)
+        print(text)
+        if args.output:
+            with open(args.output, "w", encoding="utf-8") as f:
+                f.write(text + "\n")
+        return 0
+    if not args.output:
+        raise UsageError(f"{args.model} draws images: give -o grid.png")
+    save_grid(out, args.output, nrow=args.nrow or math.ceil(math.sqrt(args.n)))
+    print(f"{len(out)} images of {args.model} ({cfg.data}) -> {args.output}")
     return 0
 
 

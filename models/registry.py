@@ -1,5 +1,5 @@
-"""The image generators by name, and the contract each one keeps, so that one CLI and one training
-loop serve them all.
+"""The models by name (image generators, text and vision transformers, image tokenizers), and the
+contract each one keeps, so that one CLI and one training loop serve them all.
 
     from models import registry
     m = registry.get("gan")                       # the module models.gan, imported on first use
@@ -11,19 +11,28 @@ loop serve them all.
 
 The contract (every module listed in MODELS implements it):
 
-- `Config`: a dataclass. Fields it must have: `data` ("digits" or "shapes"), `resolution`, `steps`,
-  `batch_size`, `lr`, `seed`; the rest are the model's sizes and knobs. Its defaults are the settings of
-  the measured bar run on digits. Optional `PRESETS = {"shapes": {field: value}}` holds what changes
-  for another dataset (applied by `config` below, before the user's overrides). Only JSON-able
-  values (numbers, str, bool, None, tuples of those): the config travels in the checkpoint's metadata.
+- `Config`: a dataclass. Fields it must have: `data` (one of DATASETS), `steps`, `batch_size`, `lr`,
+  `seed` (and `resolution` for a model of images); the rest are the model's sizes and knobs. Its
+  defaults are the settings of the measured bar run on its default dataset. Optional
+  `PRESETS = {"shapes": {field: value}}` holds what changes for another dataset (applied by
+  `config` below, before the user's overrides). Only JSON-able values (numbers, str, bool, None,
+  tuples of those): the config travels in the checkpoint's metadata.
+- Optional `DATA = ("text",)`: the datasets the model trains on, the first being its default
+  (without it: every image dataset, digits first).
 - `train(cfg, out, *, resume=True, progress=True) -> dict`: trains with `models.train.fit` (tqdm bar
   with the loss and it/s; an atomic checkpoint `out` every `cfg.checkpoint_every` steps, if the field
   exists, and at the end, holding the config; resumes from `out` when it exists, and a resumed run
   equals an uninterrupted one bitwise). Returns a summary (steps, seconds, last losses).
 - `load(path) -> (model, cfg)`: the trained model (eval mode; EMA weights where the model keeps them)
   and its Config, read from a checkpoint written by `train` (`models.train.read_checkpoint`).
-- `sample(model, cfg, n, *, label=None, guidance=None, steps=None, seed=0) -> ndarray` of shape
-  (n, C, H, W), float32 in [-1, 1]. `label`: an int class for every sample, or an (n,) int array, or
+- `sample(model, cfg, n, *, seed=0, **options) -> ndarray` of shape (m, C, H, W), float32 in [-1, 1],
+  written as a grid of ceil(sqrt(n)) images per row (an image tokenizer returns its n originals and
+  their n reconstructions, a row of originals above each row of reconstructions), or a list of n
+  strings for a text model, printed. `options` holds only what the user gave (the CLI passes
+  nothing it was not given): `label`, `guidance`, `steps`, `prompt`, `max_new_tokens`, `temperature`,
+  `top_k`, `top_p`; a model raises UsageError for an option it does not take (the CLI also turns a
+  TypeError about an unexpected keyword into one), and for `sample` itself when it samples nothing
+  (a classifier). `label`: an int class for every sample, or an (n,) int array, or
   None (an unconditional model must then be sampled with None; a conditional one draws labels
   cycling 0, 1, ..., K-1). `guidance`, `steps`: for samplers that have them (diffusion); a model
   without them raises UsageError when they are given. The sample depends only on `seed` (a private
@@ -44,8 +53,13 @@ from __future__ import annotations
 import dataclasses
 import importlib
 
-MODELS = {"gan": "models.gan", "vae": "models.vae", "glow": "models.glow", "ddpm": "models.ddpm"}
-DATASETS = ("digits", "shapes")
+MODELS = {
+    "gan": "models.gan", "vae": "models.vae", "glow": "models.glow", "ddpm": "models.ddpm",  # image generators
+    "gpt": "models.gpt", "bert": "models.bert", "vit": "models.vit", "clip": "models.clip",  # transformers
+    "vqvae": "models.vqvae", "dvae": "models.dvae", "vqgan": "models.vqgan",  # image tokenizers
+}
+DATASETS = ("digits", "shapes", "text")
+IMAGE_DATASETS = ("digits", "shapes")
 
 
 class UsageError(ValueError):
@@ -64,13 +78,23 @@ def get(name):
         raise UsageError(f"model {name!r} is not implemented yet ({MODELS[name]} does not exist)") from None
 
 
-def config(module, data="digits", **overrides):
-    """`module.Config` for dataset `data`: the defaults, then `module.PRESETS[data]`, then `overrides`.
+def datasets(module):
+    """The datasets `module` trains on, its default first."""
+    return tuple(getattr(module, "DATA", IMAGE_DATASETS))
 
-    Unknown field names and unknown datasets raise ValueError naming them and the valid choices.
+
+def config(module, data=None, **overrides):
+    """`module.Config` for dataset `data` (None: the model's default): the defaults, then
+    `module.PRESETS[data]`, then `overrides`.
+
+    Unknown field names and datasets the model does not train on raise UsageError naming them and
+    the valid choices.
     """
-    if data not in DATASETS:
-        raise UsageError(f"unknown dataset {data!r}; known: {', '.join(DATASETS)}")
+    valid = datasets(module)
+    data = valid[0] if data is None else data
+    if data not in valid:
+        name = module.__name__.rsplit(".", 1)[-1]
+        raise UsageError(f"unknown dataset {data!r} for {name}; it trains on: {', '.join(valid)}")
     fields = {f.name for f in dataclasses.fields(module.Config)}
     values = dict(getattr(module, "PRESETS", {}).get(data, {}), data=data)
     unknown = sorted(set(overrides) - fields)

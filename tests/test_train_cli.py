@@ -20,9 +20,11 @@ TINY_GAN = ["--steps", "2", "--batch-size", "8", "--set", "nz=4", "--set", "ngf=
 
 
 def test_registry_names_every_model_and_rejects_unknown_ones():
-    assert set(registry.MODELS) == {"gan", "vae", "glow", "ddpm"}
+    assert set(registry.MODELS) >= {"gan", "vae", "glow", "ddpm", "gpt", "bert", "vit", "clip", "vqvae", "dvae",
+                                    "vqgan"}
+    assert cli._MODELS == tuple(registry.MODELS) and cli._DATASETS == registry.DATASETS  # the CLI's copy agrees
     assert registry.get("gan") is gan
-    with pytest.raises(UsageError, match="unknown model 'nope'; known models: gan, vae, glow, ddpm"):
+    with pytest.raises(UsageError, match="unknown model 'nope'; known models: gan, vae, glow, ddpm, gpt"):
         registry.get("nope")
 
 
@@ -34,6 +36,9 @@ def test_config_applies_preset_then_overrides_and_rejects_unknown_fields():
         registry.config(gan, "digits", colour=1)
     with pytest.raises(UsageError, match="unknown dataset 'mnist'"):
         registry.config(gan, "mnist")
+    with pytest.raises(UsageError, match="unknown dataset 'text' for gan; it trains on: digits, shapes"):
+        registry.config(gan, "text")
+    assert registry.config(gan) == gan.Config()  # no dataset: the model's first
     with pytest.raises(ValueError, match="resolution"):
         registry.config(gan, "digits", resolution=12)
     assert registry.from_dict(gan.Config, loop.config_dict(c)) == c
@@ -114,7 +119,7 @@ def test_cli_train_sample_eval_in_process(tmp_path, capsys):
     assert cli.main(["train", "gan", "--data", "digits", *TINY_GAN, "--out", ckpt, "--quiet"]) == 0
     assert "no new steps" in capsys.readouterr().out  # resumed at its end: nothing left to do
     assert cli.main(["sample", "gan", "--ckpt", ckpt, "--n", "10", "--label", "3", "-o", png]) == 0
-    assert Image.open(png).size[0] > 0 and "10 samples" in capsys.readouterr().out
+    assert Image.open(png).size[0] > 0 and "10 images" in capsys.readouterr().out
     assert cli.main(["eval", "gan", "--ckpt", ckpt, "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     names = [f["name"] for f in result["figures"]]
@@ -146,9 +151,12 @@ def test_bad_arguments_exit_2_with_a_message(argv, message, capsys):
 def test_sample_arguments_the_model_does_not_take_exit_2(tmp_path, capsys):
     ckpt = str(tmp_path / "g.safetensors")
     assert cli.main(["train", "gan", *TINY_GAN, "--out", ckpt, "--quiet"]) == 0
-    for extra, message in [(["--guidance", "3"], "guidance"), (["--label", "11"], "label must be in 0..9")]:
+    png = ["-o", str(tmp_path / "s.png")]
+    for extra, message in [(["--guidance", "3", *png], "guidance"), (["--label", "11", *png], "label must be in 0..9"),
+                           (["--prompt", "a red", *png], "gan does not take --prompt"),
+                           ([], "gan draws images: give -o")]:
         with pytest.raises(SystemExit) as e:
-            cli.main(["sample", "gan", "--ckpt", ckpt, "-o", str(tmp_path / "s.png"), *extra])
+            cli.main(["sample", "gan", "--ckpt", ckpt, *extra])
         assert e.value.code == 2 and message in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:  # a GAN checkpoint is not a VAE
         cli.main(["sample", "vae", "--ckpt", ckpt, "-o", str(tmp_path / "s.png")])
