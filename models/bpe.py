@@ -277,6 +277,9 @@ class Tokenizer:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 json.dump(self.to_dict(), f, separators=(",", ":"))
                 f.write("\n")
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; give it a normal file's mode
             os.replace(tmp, path)
         except BaseException:
             os.unlink(tmp)
