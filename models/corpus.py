@@ -16,9 +16,9 @@ What it holds:
   resolution, so they are drawn at 4×4 to skip rendering). Captions come from a few templates, so many val
   captions also occur in train.
 
-A document is a list of sentences whose concatenation is its text exactly (a sentence keeps the whitespace after
-it; breaks are after ".", "!" or "?" followed by whitespace, and at blank lines). BERT's next-sentence pairs are
-made of consecutive sentences.
+A document is a list of sentences whose concatenation is its text exactly (breaks after ".", "!" or "?" followed
+by whitespace, and before blank lines; the whitespace between two sentences starts the second, so the sentences'
+ids, encoded one by one, are the document's). BERT's next-sentence pairs are made of consecutive sentences.
 
 Split: a docstring goes to "val" when the sha256 of its name (e.g. "json.decoder.JSONDecoder.decode#0") is 0
 mod 10, else to "train": fixed, by document, about 90/10, and a document's split does not depend on any other.
@@ -106,10 +106,13 @@ def _docstrings(module, path):
 
 
 def sentences(doc):
-    """`doc` cut into sentences whose concatenation is `doc` (breaks after .!? + whitespace, and at blank lines)."""
-    ends = [m.end() for m in re.finditer(r"[.!?]\s+|\n\s*\n\s*", doc)]
-    bounds = [0] + [e for e in ends if e < len(doc)] + [len(doc)]
-    return [doc[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
+    """`doc` cut into sentences whose concatenation is `doc`: a break after ".", "!" or "?" followed by
+    whitespace, and before a blank line. The whitespace between two sentences starts the second, where the
+    tokenizer's pre-split puts it (" Next" is one word), so encoding the sentences one by one gives the ids of
+    the whole document."""
+    cuts = {m.start() + 1 for m in re.finditer(r"[.!?]\s", doc)} | {m.start() for m in re.finditer(r"\n\s*\n", doc)}
+    bounds = [0] + sorted(c for c in cuts if 0 < c < len(doc)) + [len(doc)]
+    return [doc[a:b] for a, b in zip(bounds, bounds[1:])] if doc else []
 
 
 @functools.lru_cache(maxsize=1)

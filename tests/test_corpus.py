@@ -39,8 +39,13 @@ def test_documents_are_sentences():
     text = corpus.text("train")
     assert corpus.EOT.join("".join(d) for d in docs) == text
     assert sum(len(d) > 1 for d in docs) > 2000  # many documents hold consecutive sentence pairs (for NSP)
-    assert corpus.sentences("One. Two?  Three\n\nFour") == ["One. ", "Two?  ", "Three\n\n", "Four"]
+    assert corpus.sentences("One. Two?  Three\n\nFour.\n\nFive") == ["One.", " Two?", "  Three", "\n\nFour.",
+                                                                       "\n\nFive"]
     assert corpus.sentences("") == [] and corpus.sentences("e.g.x") == ["e.g.x"]
+    tok = corpus.tokenizer()  # sentence by sentence, the ids of the whole document
+    for d in docs[:300] + corpus.documents("val")[:300]:
+        assert [i for s in d for i in tok.encode(s, allowed_special="none")] == tok.encode("".join(d),
+                                                                                      allowed_special="none")
     docs[0].append("mutated")  # callers get copies
     assert corpus.documents("train")[0] != docs[0]
 
