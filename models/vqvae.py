@@ -185,11 +185,12 @@ def build(cfg):
 
 
 def loss(model, x, beta):
-    """(L of eq. 3 — with the EMA codebook, the codebook term is left out —, its terms, codes, z_e) on images x."""
+    """(L of eq. 3 — with the EMA codebook, the codebook term is left out —, its terms as floats, the
+    reconstruction, the codes, z_e) on images x."""
     rec, codes, codebook, commitment, z_e = model(x)
     mse = F.mse_loss(rec, x)  # −log p(x|z_q) of a Gaussian decoder, up to constants
     total = mse + beta * commitment if model.quantizer.ema else mse + codebook + beta * commitment  # eq. 3
-    return total, {"mse": mse.item(), "commit": commitment.item()}, codes, z_e
+    return total, {"mse": mse.item(), "commit": commitment.item()}, rec, codes, z_e
 
 
 def perplexity(codes, codebook_size):
@@ -217,7 +218,7 @@ def train(cfg, out, *, resume=True, progress=True):
     sched = core.optim.WarmupCosine(opt, warmup_steps=cfg.steps // 50, total_steps=cfg.steps)
 
     def step(xb, yb):
-        total, terms, codes, z_e = loss(model, core.tensor(xb), cfg.beta)
+        total, terms, _, codes, z_e = loss(model, core.tensor(xb), cfg.beta)
         opt.zero_grad()
         total.backward()
         opt.step()
