@@ -10,15 +10,11 @@ One step of flow (Glow §3, Table 1) is actnorm → invertible 1×1 conv → aff
 architecture (Glow Fig. 2; RealNVP §3.6) stacks L levels of `squeeze` (2×2 space → 4× channels), K steps,
 and `split` (half of the channels leave as latents, with a Gaussian prior predicted from the other half).
 
-Discrete data. Pixels with n_bins levels (the digits have 17: 0..16) are dequantized by uniform noise,
-y = (v + u)/n_bins − ½, u ~ U[0, 1)^D (Theis et al. 2016; Glow's code). Then, by Jensen's inequality,
-log P(v) ≥ E_u[log p(y)] − D log n_bins, and the model is trained and reported in bits/dim,
-(−log p(y) + D log n_bins) / (D log 2): exact for the density of the dequantized data, an upper bound
-on the discrete negative log-likelihood.
-
-Coupling scale: sigmoid(s + 2), as in the official Glow code (not exp(s)): bounded in (0, 1), so a step
-can only contract the half it transforms, which keeps early training stable; the "+2" makes a
-zero-initialized network start near the identity (sigmoid(2) ≈ 0.88).
+Discrete data: the flow models images in [-1, 1] dequantized by uniform noise within each pixel level's bin
+(`metrics.dequantize`), and reports bits/dim of the discrete pixels through `metrics.discrete_nll`, an
+upper bound by Jensen's inequality (Theis et al. 2016, eq. 2). Coupling scale: sigmoid(s + 2), as in the
+official Glow code (not exp(s)): bounded, so early training is stable, and a zero-initialized network
+starts near the identity (sigmoid(2) ≈ 0.88).
 """
 
 from __future__ import annotations
@@ -31,6 +27,7 @@ import numpy as np
 import core
 from core import F, nn
 from core.autograd import Function
+from models import metrics
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -56,24 +53,19 @@ class Config:
     seed: int = 0
 
 
-PRESETS = {"shapes": {"resolution": 16, "n_bins": 256, "hidden": 128, "levels": 3, "steps_per_level": 6}}
+PRESETS = {"shapes": {"resolution": 16, "n_bins": 256, "hidden": 64, "steps_per_level": 6, "steps": 800}}
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Helpers
-# ---------------------------------------------------------------------------------------------------------
 def squeeze(x):
     """(B, C, H, W) → (B, 4C, H/2, W/2): each 2×2 block of pixels becomes 4 channels (RealNVP §3.6)."""
     b, c, h, w = x.shape
-    x = x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4)
-    return x.reshape(b, c * 4, h // 2, w // 2)
+    return x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(b, c * 4, h // 2, w // 2)
 
 
 def unsqueeze(x):
     """The inverse of `squeeze`: (B, 4C, H, W) → (B, C, 2H, 2W)."""
     b, c, h, w = x.shape
-    x = x.reshape(b, c // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3)
-    return x.reshape(b, c // 4, h * 2, w * 2)
+    return x.reshape(b, c // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3).reshape(b, c // 4, h * 2, w * 2)
 
 
 def gaussian_log_p(x, mean, logs):
@@ -81,13 +73,9 @@ def gaussian_log_p(x, mean, logs):
     return -0.5 * (LOG_2PI + 2.0 * logs + (x - mean) ** 2 * (-2.0 * logs).exp())
 
 
-def per_sample(x):
-    """Sum over every axis but the batch axis: (B, ...) → (B,)."""
-    return x.reshape(x.shape[0], -1).sum(1)
-
-
 class LogAbsDet(Function):
-    """log |det W| of a square matrix; its gradient is W^{−T} (Jacobi's formula)."""
+    """log |det W| of a square matrix (torch.linalg.slogdet(W).logabsdet); its gradient is W^{−T} (Jacobi's
+    formula). `LogAbsDet.apply(w)`."""
 
     @staticmethod
     def forward(ctx, w):
@@ -100,31 +88,19 @@ class LogAbsDet(Function):
         return grad * np.linalg.inv(w).T
 
 
-def logabsdet(w):
-    """log |det W| (like torch.linalg.slogdet(W).logabsdet), differentiable."""
-    return LogAbsDet.apply(w)
+def zero_conv(cin, cout):
+    """A 3×3 convolution starting at zero (Glow §3.3): the coupling it ends starts as the identity, the split
+    prior it computes as a standard normal."""
+    conv = nn.Conv2d(cin, cout, 3, padding=1)
+    conv.weight.data[...] = conv.bias.data[...] = 0
+    return conv
 
 
-class ZeroConv2d(nn.Conv2d):
-    """A 3×3 convolution whose weights and bias start at zero (Glow §3.3): the layer it ends computes the
-    identity (coupling) or a standard normal prior (split) at initialization."""
-
-    def __init__(self, in_channels, out_channels):
-        super().__init__(in_channels, out_channels, 3, padding=1)
-        self.weight.data[...] = 0
-        self.bias.data[...] = 0
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The three layers of a step of flow (Glow Table 1). Each maps (x, logdet) → (y, logdet + log|det ∂y/∂x|)
+# The three layers of a step of flow (Glow Table 1): each maps (x, logdet) → (y, logdet + log|det ∂y/∂x|)
 # and has `reverse(y) → x`.
-# ---------------------------------------------------------------------------------------------------------
 class ActNorm(nn.Module):
-    """y = (x + b) ⊙ exp(logs) per channel; log-det = H·W·Σ logs (Glow §3.1, Table 1 row 1).
-
-    Data-dependent initialization: the first training batch sets b = −mean and exp(logs) = 1/std per
-    channel, so that the activations start with zero mean and unit variance.
-    """
+    """y = (x + b) ⊙ exp(logs) per channel; log-det = H·W·Σ logs (Glow §3.1, Table 1 row 1). Data-dependent
+    init: the first training batch sets b = −mean and exp(logs) = 1/std per channel."""
 
     def __init__(self, channels):
         super().__init__()
@@ -132,16 +108,12 @@ class ActNorm(nn.Module):
         self.logs = nn.Parameter(np.zeros((1, channels, 1, 1), np.float32))
         self.register_buffer("initialized", core.zeros(1))
 
-    def initialize(self, x):
-        """Set b and logs from the batch x (B, C, H, W): zero mean and unit variance per channel."""
-        a = x.data
-        self.bias.data[...] = -a.mean(axis=(0, 2, 3), keepdims=True)
-        self.logs.data[...] = -np.log(a.std(axis=(0, 2, 3), keepdims=True) + 1e-6)
-        self.initialized.data[...] = 1
-
     def forward(self, x, logdet):
         if self.training and not self.initialized.data.item():
-            self.initialize(x)
+            a = x.data
+            self.bias.data[...] = -a.mean(axis=(0, 2, 3), keepdims=True)
+            self.logs.data[...] = -np.log(a.std(axis=(0, 2, 3), keepdims=True) + 1e-6)
+            self.initialized.data[...] = 1
         h, w = x.shape[2:]
         return (x + self.bias) * self.logs.exp(), logdet + h * w * self.logs.sum()
 
@@ -151,11 +123,9 @@ class ActNorm(nn.Module):
 
 class InvConv1x1(nn.Module):
     """y = W x at every pixel, a 1×1 convolution with an invertible C×C matrix W initialized as a random
-    rotation; log-det = H·W·log|det W| (Glow §3.2, Table 1 row 2).
-
-    With lu=True, W = P L (U + diag(sign(s) ⊙ exp(log|s|))) (Glow eq. 10): P a fixed permutation, L unit
-    lower- and U strictly upper-triangular, so log|det W| = Σ log|s| costs O(C) instead of O(C³).
-    """
+    rotation; log-det = H·W·log|det W| (Glow §3.2, Table 1 row 2). With lu=True, W = P L (U + diag(s))
+    (Glow eq. 10): P a fixed permutation, L unit lower- and U strictly upper-triangular, so
+    log|det W| = Σ log|s| costs O(C) instead of O(C³)."""
 
     def __init__(self, channels, lu=True, generator=None):
         super().__init__()
@@ -169,10 +139,9 @@ class InvConv1x1(nn.Module):
 
         p, lower, upper = scipy.linalg.lu(q)
         s = np.diag(upper)
-        self.register_buffer("p", core.tensor(p.astype(np.float32)))
-        self.register_buffer("sign_s", core.tensor(np.sign(s).astype(np.float32)))
-        self.register_buffer("lower_mask", core.tensor(np.tril(np.ones((channels, channels), np.float32), -1)))
-        self.register_buffer("eye", core.tensor(np.eye(channels, dtype=np.float32)))
+        for name, a in (("p", p), ("sign_s", np.sign(s)), ("lower_mask", np.tril(np.ones_like(q), -1)),
+                        ("eye", np.eye(channels))):
+            self.register_buffer(name, core.tensor(a.astype(np.float32)))
         self.lower = nn.Parameter(lower.astype(np.float32))
         self.upper = nn.Parameter(np.triu(upper, 1).astype(np.float32))
         self.log_s = nn.Parameter(np.log(np.abs(s)).astype(np.float32))
@@ -180,7 +149,7 @@ class InvConv1x1(nn.Module):
     def matrix(self):
         """(W, log|det W|)."""
         if not self.lu:
-            return self.weight, logabsdet(self.weight)
+            return self.weight, LogAbsDet.apply(self.weight)
         lower = self.lower * self.lower_mask + self.eye
         diag = (self.sign_s * self.log_s.exp()).reshape(-1, 1) * self.eye
         upper = self.upper * self.lower_mask.transpose(0, 1) + diag
@@ -192,25 +161,20 @@ class InvConv1x1(nn.Module):
         return F.conv2d(x, w.reshape(c, c, 1, 1)), logdet + h * wd * log_det_w
 
     def reverse(self, y):
-        w, _ = self.matrix()
-        w_inv = core.tensor(np.linalg.inv(w.data.astype(np.float64)).astype(w.dtype))
+        w = self.matrix()[0].data
         c = y.shape[1]
-        return F.conv2d(y, w_inv.reshape(c, c, 1, 1))
+        return F.conv2d(y, core.tensor(np.linalg.inv(w.astype(np.float64)).astype(w.dtype).reshape(c, c, 1, 1)))
 
 
 class AffineCoupling(nn.Module):
     """RealNVP's affine coupling (Dinh et al. 2017, eqs. 7–8; Glow Table 1 row 3): x = (x_a, x_b),
-
-        (log s, t) = NN(x_a),  y_a = x_a,  y_b = (x_b + t) ⊙ s,  s = sigmoid(log s + 2),
-        log-det = Σ log s.
-
-    NN is conv3×3 → ReLU → conv1×1 → ReLU → zero-initialized conv3×3, so each step starts close to the identity.
-    """
+    (log s, t) = NN(x_a), y_a = x_a, y_b = (x_b + t) ⊙ s with s = sigmoid(log s + 2); log-det = Σ log s.
+    NN is conv3×3 → ReLU → conv1×1 → ReLU → zero-initialized conv3×3."""
 
     def __init__(self, channels, hidden):
         super().__init__()
         self.nn = nn.Sequential(nn.Conv2d(channels // 2, hidden, 3, padding=1), nn.ReLU(),
-                                nn.Conv2d(hidden, hidden, 1), nn.ReLU(), ZeroConv2d(hidden, channels))
+                                nn.Conv2d(hidden, hidden, 1), nn.ReLU(), zero_conv(hidden, channels))
 
     def _shift_scale(self, xa):
         h = self.nn(xa)
@@ -220,8 +184,7 @@ class AffineCoupling(nn.Module):
         c = x.shape[1] // 2
         xa, xb = x[:, :c], x[:, c:]
         shift, raw = self._shift_scale(xa)
-        yb = (xb + shift) * raw.sigmoid()
-        return core.cat([xa, yb], 1), logdet + per_sample(F.logsigmoid(raw))
+        return core.cat([xa, (xb + shift) * raw.sigmoid()], 1), logdet + F.logsigmoid(raw).sum((1, 2, 3))
 
     def reverse(self, y):
         c = y.shape[1] // 2
@@ -230,32 +193,13 @@ class AffineCoupling(nn.Module):
         return core.cat([ya, yb / raw.sigmoid() - shift], 1)
 
 
-class FlowStep(nn.Module):
-    """One step of flow: actnorm → invertible 1×1 conv → affine coupling (Glow Fig. 2a)."""
-
-    def __init__(self, channels, hidden, lu, generator=None):
-        super().__init__()
-        self.layers = nn.ModuleList([ActNorm(channels), InvConv1x1(channels, lu, generator),
-                                     AffineCoupling(channels, hidden)])
-
-    def forward(self, x, logdet):
-        for layer in self.layers:
-            x, logdet = layer(x, logdet)
-        return x, logdet
-
-    def reverse(self, y):
-        for layer in reversed(self.layers):
-            y = layer.reverse(y)
-        return y
-
-
 class Split(nn.Module):
     """Multi-scale split (RealNVP §3.6; Glow Fig. 2b): half of the channels, z_2, leave the flow; their prior
     is N(μ, σ²) with (μ, log σ) = ZeroConv(z_1) predicted from the half that stays (Glow's "split2d")."""
 
     def __init__(self, channels):
         super().__init__()
-        self.prior = ZeroConv2d(channels // 2, channels)
+        self.prior = zero_conv(channels // 2, channels)
 
     def _prior(self, z1):
         h = self.prior(z1)
@@ -265,8 +209,7 @@ class Split(nn.Module):
         """x → (z_1, z_2, log p(z_2 | z_1) per sample)."""
         c = x.shape[1] // 2
         z1, z2 = x[:, :c], x[:, c:]
-        mean, logs = self._prior(z1)
-        return z1, z2, per_sample(gaussian_log_p(z2, mean, logs))
+        return z1, z2, gaussian_log_p(z2, *self._prior(z1)).sum((1, 2, 3))
 
     def reverse(self, z1, z2=None, temperature=1.0, generator=None):
         """(z_1, z_2) → x; z_2=None draws it from the prior with its σ scaled by `temperature`."""
@@ -285,34 +228,32 @@ class Glow(nn.Module):
         super().__init__()
         if resolution % (2**levels):
             raise ValueError(f"Glow: resolution {resolution} must be divisible by 2**levels = {2**levels}")
-        self.levels = nn.ModuleList()
-        self.splits = nn.ModuleList()
+        self.levels, self.splits = nn.ModuleList(), nn.ModuleList()  # a level: K steps of flow, 3 layers each
         c, r = in_channels, resolution
         for i in range(levels):
             c, r = c * 4, r // 2
-            self.levels.append(nn.ModuleList([FlowStep(c, hidden, lu, generator) for _ in range(steps_per_level)]))
+            self.levels.append(nn.ModuleList([layer for _ in range(steps_per_level) for layer in  # Glow Fig. 2a
+                                              (ActNorm(c), InvConv1x1(c, lu, generator), AffineCoupling(c, hidden))]))
             if i < levels - 1:
                 self.splits.append(Split(c))
                 c //= 2
         self.prior_mean = nn.Parameter(np.zeros((1, c, r, r), np.float32))
         self.prior_logs = nn.Parameter(np.zeros((1, c, r, r), np.float32))
-        self.data_shape = (in_channels, resolution, resolution)
 
     def forward(self, x):
         """x (B, C, H, W) → (latents [z_2 of each split, top z], log p(x) per sample) (Glow eqs. 1–3)."""
-        log_p = core.zeros(x.shape[0], dtype=x.dtype)
-        logdet = core.zeros(x.shape[0], dtype=x.dtype)
+        log_p = logdet = core.zeros(x.shape[0], dtype=x.dtype)
         zs = []
-        for i, steps in enumerate(self.levels):
+        for i, layers in enumerate(self.levels):
             x = squeeze(x)
-            for step in steps:
-                x, logdet = step(x, logdet)
+            for layer in layers:
+                x, logdet = layer(x, logdet)
             if i < len(self.splits):
                 x, z2, lp = self.splits[i](x)
                 zs.append(z2)
                 log_p = log_p + lp
         zs.append(x)
-        log_p = log_p + per_sample(gaussian_log_p(x, self.prior_mean, self.prior_logs))
+        log_p = log_p + gaussian_log_p(x, self.prior_mean, self.prior_logs).sum((1, 2, 3))
         return zs, log_p + logdet  # change of variables (Glow eq. 2)
 
     def log_prob(self, x):
@@ -330,41 +271,19 @@ class Glow(nn.Module):
         for i in reversed(range(len(self.levels))):
             if i < len(self.splits):
                 x = self.splits[i].reverse(x, None if zs is None else zs[i], temperature, gen)
-            for step in reversed(self.levels[i]):
-                x = step.reverse(x)
+            for layer in reversed(self.levels[i]):
+                x = layer.reverse(x)
             x = unsqueeze(x)
         return x
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Discrete data: dequantization and bits/dim
-# ---------------------------------------------------------------------------------------------------------
-def to_levels(x, n_bins):
-    """Images in [-1, 1] → integer pixel levels 0..n_bins−1 (the digits: v = 8(x + 1))."""
-    return np.clip(np.rint((np.asarray(x, np.float64) + 1) / 2 * (n_bins - 1)), 0, n_bins - 1)
-
-
-def dequantize(x, n_bins, generator=None):
-    """y = (v + u)/n_bins − ½ with v the pixel level and u ~ U[0, 1) (uniform dequantization): in [−½, ½)."""
-    v = to_levels(x, n_bins)
-    u = (generator or core.random.default_generator).uniform(v.shape)
-    return ((v + u) / n_bins - 0.5).astype(np.float32)
-
-
-def from_flow(y, n_bins):
-    """Flow space y → images in [-1, 1] on the data's n_bins levels (the bin each y falls in)."""
-    v = np.clip(np.floor((np.asarray(y, np.float64) + 0.5) * n_bins), 0, n_bins - 1)
-    return (v / (n_bins - 1) * 2 - 1).astype(np.float32)
-
-
 def bits_per_dim(log_p, dims, n_bins):
-    """(−log p(y) + D log n_bins) / (D log 2): bits/dim of the discrete data (per sample; array or Tensor)."""
-    return (-log_p + dims * math.log(n_bins)) * (1.0 / (dims * math.log(2)))
+    """Bits/dim of the discrete pixels from log p of their dequantized values (per sample; array or Tensor):
+    an upper bound on the discrete NLL (metrics.discrete_nll), in bits per dimension."""
+    return metrics.bits_per_dim(metrics.discrete_nll(-log_p, dims, n_bins), dims)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# The registry contract (models/registry.py): train, load, sample, evaluate
-# ---------------------------------------------------------------------------------------------------------
+# The registry contract (models/registry.py): train, load, sample, evaluate.
 def build(cfg, generator=None):
     """An untrained Glow for the config's data (1 channel for digits, 3 for shapes)."""
     channels = 1 if cfg.data == "digits" else 3
@@ -380,13 +299,13 @@ def train(cfg, out, *, resume=True, progress=True):
     core.manual_seed(cfg.seed)
     model = build(cfg)
     with core.no_grad():  # actnorm's data-dependent initialization, on 512 images (Glow §3.1)
-        model(core.tensor(dequantize(x[:512], cfg.n_bins)))
+        model(core.tensor(metrics.dequantize(x[:512], cfg.n_bins)))
     opt = core.optim.Adam(model.parameters(), lr=cfg.lr)
     sched = core.optim.WarmupCosine(opt, min(cfg.warmup, cfg.steps), cfg.steps)
     dims = int(np.prod(x.shape[1:]))
 
     def step(xb, yb):
-        loss = bits_per_dim(model.log_prob(core.tensor(dequantize(xb, cfg.n_bins))), dims, cfg.n_bins).mean()
+        loss = bits_per_dim(model.log_prob(core.tensor(metrics.dequantize(xb, cfg.n_bins))), dims, cfg.n_bins).mean()
         opt.zero_grad()
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -405,53 +324,44 @@ def load(path):
 
     ckpt = read_checkpoint(path)
     cfg = from_dict(Config, ckpt["config"])
-    model = build(cfg, core.random.Generator(0))
-    state = core.random.get_rng_state()
+    state = core.random.get_rng_state()  # building draws the (overwritten) initial weights from the global RNG
     try:
-        model = load_weights(model, ckpt)
+        return load_weights(build(cfg, core.random.Generator(0)), ckpt), cfg
     finally:
         core.random.set_rng_state(state)
-    return model, cfg
 
 
 def sample(model, cfg, n, *, label=None, guidance=None, steps=None, seed=0, temperature=None):
     """n images (n, C, H, W) in [-1, 1]: latents from the prior at `temperature` (default cfg.temperature),
-    run through the inverse flow, mapped to the data's pixel levels. Glow here is unconditional."""
+    run through the inverse flow, each pixel set to the level whose bin it falls in. Glow here is unconditional."""
     from models.registry import UsageError
 
     for name, value in (("label", label), ("guidance", guidance), ("steps", steps)):
         if value is not None:
             raise UsageError(f"glow: {name} is not an option of this (unconditional) model")
     gen = core.random.Generator(seed)
-    t = cfg.temperature if temperature is None else temperature
     with core.no_grad():
-        y = model.eval().reverse(n=n, temperature=t, generator=gen)
-    return from_flow(y.data, cfg.n_bins)
-
-
-def test_bits_per_dim(model, x, n_bins, *, draws=4, seed=0, batch=256):
-    """Mean bits/dim of images x under the model, each averaged over `draws` dequantization draws."""
-    gen = core.random.Generator(seed)
-    dims = int(np.prod(x.shape[1:]))
-    total = []
-    with core.no_grad():
-        for _ in range(draws):
-            for i in range(0, len(x), batch):
-                lp = model.eval().log_prob(core.tensor(dequantize(x[i : i + batch], n_bins, gen)))
-                total.append(bits_per_dim(lp.data.astype(np.float64), dims, n_bins))
-    return float(np.concatenate(total).mean())
+        x = model.eval().reverse(n=n, temperature=cfg.temperature if temperature is None else temperature,
+                                 generator=gen).data
+    return (metrics.quantize(x, cfg.n_bins) * metrics.bin_width(cfg.n_bins) - 1).astype(np.float32)
 
 
 def evaluate(model, cfg, *, seed=0):
     """Test bits/dim beside the independent per-pixel baseline (a categorical per pixel over the n_bins
     levels, fitted to the training set) measured in the same call; train bits/dim shows overfitting."""
-    from models import metrics
     from models.train import dataset, figure
+
+    def mean_bpd(x, draws):  # each image's bits/dim, averaged over `draws` dequantization draws
+        gen, dims, out = core.random.Generator(seed), int(np.prod(x.shape[1:])), []
+        with core.no_grad():
+            for _ in range(draws):
+                for i in range(0, len(x), 256):
+                    y = core.tensor(metrics.dequantize(x[i : i + 256], cfg.n_bins, generator=gen))
+                    out.append(bits_per_dim(model.eval().log_prob(y).data.astype(np.float64), dims, cfg.n_bins))
+        return float(np.concatenate(out).mean())
 
     x_train, _ = dataset(cfg.data, cfg.resolution, "train")
     x_test, _ = dataset(cfg.data, cfg.resolution, "test")
-    bpd = test_bits_per_dim(model, x_test, cfg.n_bins, seed=seed)
     baseline = metrics.independent_pixel_baseline(x_train, x_test, cfg.n_bins)
-    return {"figures": [figure("test bits/dim", bpd, better="lower", unit="bits/dim",
-                               independent_pixels=baseline)],
-            "train_bits_per_dim": test_bits_per_dim(model, x_train, cfg.n_bins, draws=1, seed=seed)}
+    return {"figures": [figure("test bits/dim", mean_bpd(x_test, 4), better="lower", unit="bits/dim",
+                               independent_pixels=baseline)], "train_bits_per_dim": mean_bpd(x_train, 1)}

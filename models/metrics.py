@@ -199,10 +199,12 @@ def sampler_baselines(dataset, train_images, test_images, *, seed=0):
 
 
 def bits_per_dim(nll_nats, n_dims):
-    """Negative log-likelihood in nats per image (a number or an array) -> bits per dimension:
-    nll / (D · ln 2)."""
+    """Negative log-likelihood in nats per image (a number, an array or a Tensor, e.g. a training loss)
+    -> bits per dimension: nll / (D · ln 2)."""
     if n_dims <= 0:
         raise ValueError(f"bits_per_dim: n_dims must be positive, got {n_dims}")
+    if isinstance(nll_nats, core.Tensor):
+        return nll_nats * (1.0 / (n_dims * math.log(2)))
     return np.asarray(nll_nats, np.float64) / (n_dims * math.log(2)) if np.ndim(nll_nats) else (
         float(nll_nats) / (n_dims * math.log(2)))  # fmt: skip
 
@@ -222,15 +224,15 @@ def quantize(x, levels, lo=-1.0, hi=1.0):
 
 
 def dequantize(x, levels, lo=-1.0, hi=1.0, *, generator=None):
-    """Uniform dequantization: x + Δ·(u - ½), u ~ U[0, 1) per value, so each level fills its own bin of
-    width Δ = bin_width(levels) centred on it (the bins tile [lo - Δ/2, hi + Δ/2] without overlap).
-    Works on NumPy arrays and on Tensors (noise from `generator` or core's default generator)."""
+    """Uniform dequantization: each value is snapped to its nearest level k (`quantize`; data such as the
+    anti-aliased shapes lies between levels) and spread uniformly over that level's bin,
+    lo + Δ·(k + u - ½), u ~ U[0, 1), so the bins of width Δ = bin_width(levels) tile [lo - Δ/2, hi + Δ/2]
+    without overlap. NumPy arrays or Tensors in, the same out (noise from `generator` or core's default)."""
     gen = generator or core.random.default_generator
-    u = gen.uniform(tuple(x.shape))
-    delta = bin_width(levels, lo, hi)
-    if isinstance(x, core.Tensor):
-        return x + core.tensor((u - 0.5) * delta, dtype=x.dtype)
-    return (x + (u - 0.5) * delta).astype(np.asarray(x).dtype)
+    a = x.data if isinstance(x, core.Tensor) else np.asarray(x)
+    u = gen.uniform(a.shape)
+    y = (lo + bin_width(levels, lo, hi) * (quantize(a, levels, lo, hi) + u - 0.5)).astype(a.dtype)
+    return core.tensor(y) if isinstance(x, core.Tensor) else y
 
 
 def discrete_nll(continuous_nll, n_dims, levels, lo=-1.0, hi=1.0):

@@ -37,14 +37,14 @@ def log_det(m, x):
     zs, log_p = m(core.tensor(x))
     lp_z = np.zeros(len(x))
     h = core.tensor(x)
-    for i, steps in enumerate(m.levels):  # replay to get each split's prior log-density
+    for i, layers in enumerate(m.levels):  # replay to get each split's prior log-density
         h = glow.squeeze(h)
-        for step in steps:
-            h, _ = step(h, core.zeros(len(x), dtype=h.dtype))
+        for layer in layers:
+            h, _ = layer(h, core.zeros(len(x), dtype=h.dtype))
         if i < len(m.splits):
             h, _, lp = m.splits[i](h)
             lp_z += lp.data
-    lp_z += glow.per_sample(glow.gaussian_log_p(h, m.prior_mean, m.prior_logs)).data
+    lp_z += glow.gaussian_log_p(h, m.prior_mean, m.prior_logs).sum((1, 2, 3)).data
     return log_p.data - lp_z
 
 
@@ -100,8 +100,8 @@ def test_layer_log_dets_are_exact():
 def test_logabsdet_gradient():
     rng = np.random.default_rng(0)
     w = core.tensor(rng.standard_normal((4, 4)) + 2 * np.eye(4), requires_grad=True)
-    assert core.gradcheck(glow.logabsdet, [w])
-    np.testing.assert_allclose(glow.logabsdet(w).item(), np.linalg.slogdet(w.data)[1], rtol=1e-12)
+    assert core.gradcheck(glow.LogAbsDet.apply, [w])
+    np.testing.assert_allclose(glow.LogAbsDet.apply(w).item(), np.linalg.slogdet(w.data)[1], rtol=1e-12)
 
 
 def test_lu_parameterization_matches_its_matrix():
@@ -136,17 +136,29 @@ def test_squeeze_roundtrip():
     np.testing.assert_array_equal(glow.unsqueeze(s).data, x.data)
 
 
-def test_dequantization_and_bits_per_dim_bookkeeping():
-    """Dequantized digits stay in their own bin, and the bits/dim formula equals metrics' chain
-    (rescale to [-1, 1] units, then the discrete bound of Theis et al.)."""
-    x = np.arange(17, dtype=np.float32) / 8 - 1
-    y = glow.dequantize(np.tile(x, (50, 1)), 17)
-    assert np.array_equal(glow.to_levels(x, 17), np.arange(17))
-    np.testing.assert_array_equal(glow.from_flow(y, 17), np.tile(x, (50, 1)))
-    d, nll_y = 64, 123.4
-    scale = 16 / 34  # y = x · (n − 1)/(2n) up to a shift
-    expected = metrics.bits_per_dim(metrics.discrete_nll(metrics.rescale_nll(nll_y, d, scale), d, 17), d)
-    assert math.isclose(glow.bits_per_dim(-nll_y, d, 17), expected, rel_tol=1e-12)
+def test_bits_per_dim_bookkeeping():
+    """glow's loss is metrics' chain (the discrete bound of Theis et al., then bits), and a density uniform over
+    the dequantization cube [-1 − Δ/2, 1 + Δ/2]^D of 17-level digits scores exactly log2(17) bits/dim."""
+    d, levels = 64, 17
+    log_p = -d * math.log(levels * metrics.bin_width(levels))  # density (1 / (17 Δ))^D
+    assert math.isclose(glow.bits_per_dim(log_p, d, levels), math.log2(levels), rel_tol=1e-12)
+    expected = metrics.bits_per_dim(metrics.discrete_nll(123.4, d, levels), d)
+    assert math.isclose(glow.bits_per_dim(-123.4, d, levels), expected, rel_tol=1e-12)
+    t = glow.bits_per_dim(core.tensor(np.array([-123.4, log_p])), d, levels)  # the training loss: a Tensor
+    assert isinstance(t, core.Tensor)
+    np.testing.assert_allclose(t.data, [expected, math.log2(levels)], rtol=1e-12)
+
+
+def test_shapes_data_is_dequantized_within_its_bins():
+    """The anti-aliased shapes lie between pixel levels: dequantization snaps each to its level first, so every
+    value stays within half a bin of a level of the 256."""
+    from models.train import dataset
+
+    x = dataset("shapes", 16, "train")[0][:8]
+    y = metrics.dequantize(x, 256, generator=core.random.Generator(0))
+    k = metrics.quantize(x, 256)
+    np.testing.assert_array_equal(metrics.quantize(y, 256), k)
+    assert np.abs(y - (k * metrics.bin_width(256) - 1)).max() <= metrics.bin_width(256) / 2 + 1e-6
 
 
 def test_loss_falls_on_a_tiny_batch():
@@ -155,7 +167,7 @@ def test_loss_falls_on_a_tiny_batch():
     x, _ = dataset("digits", 8, "train")
     core.manual_seed(0)
     m = glow.Glow(1, 8, levels=2, steps_per_level=2, hidden=16)
-    batch = glow.dequantize(x[:32], 17, core.random.Generator(0))
+    batch = metrics.dequantize(x[:32], 17, generator=core.random.Generator(0))
     with core.no_grad():
         m(core.tensor(batch))
     opt = core.optim.Adam(m.parameters(), lr=2e-3)
