@@ -22,9 +22,8 @@ the identity. Channels double at each halving of the resolution, `width` being t
 Evaluation (`reconstruction_figures`), on the 1,024 shapes of the test split (never trained on):
 MSE and PSNR of decode(encode(x)), the shipped shapes classifier's accuracy on reconstructions over
 its accuracy on the originals (do the tokens keep what a caption talks about?), codebook usage
-(perplexity and fraction of codes in use), the FD-classifier between reconstructions and the test
-images and the edge energy of the reconstructions over the originals' (blur lowers it), each beside
-the same figure for a baseline measured in the same call.
+(perplexity and fraction of codes in use) and the FD-classifier between reconstructions and the test
+images, each beside the same figure for a baseline measured in the same call.
 """
 
 from __future__ import annotations
@@ -173,12 +172,6 @@ def psnr(mse, peak_to_peak=2.0):
     return 10 * math.log10(peak_to_peak ** 2 / mse) if mse > 0 else math.inf
 
 
-def edge_energy(images):
-    """Mean absolute difference between neighbouring pixels (horizontal and vertical): how sharp the edges
-    are. A blurred reconstruction scores below its original."""
-    return float((np.abs(np.diff(images, axis=-1)).mean() + np.abs(np.diff(images, axis=-2)).mean()) / 2)
-
-
 def pooled(images, grid):
     """The baseline of the same spatial budget without a codebook: each image averaged over grid × grid
     cells (continuous values), then upsampled back by repetition."""
@@ -247,8 +240,6 @@ def reconstruction_figures(model, cfg, *, seed=0, n=None):
         loop.figure("codes in use", in_use, better="higher", unit="fraction", bar=0.25),
         loop.figure("FD-classifier (reconstructions vs test)", fd["model"], better="lower",
                     pooled_grid=fd["pooled_grid"], real_train=fd["real_train"]),
-        loop.figure("edge energy, reconstructions / originals (1: as sharp)", edge_energy(rec) / edge_energy(x),
-                    better="higher", pooled_grid=edge_energy(base) / edge_energy(x)),
     ]
     result = {"figures": figures, "images": len(x), "grid": list(model.grid), "codebook_size": model.codebook_size}
     if labels is not None:  # accuracy over the heads that apply (label -1: the head says nothing of the image)

@@ -51,12 +51,12 @@ class Config:
 
     data: str = "shapes"
     resolution: int = 32
-    steps: int = 3000
+    steps: int = 2000
     batch_size: int = 32
     lr: float = 1e-3
     seed: int = 0
     downs: int = 2  # stride-2 layers: 32×32 → 8×8 codes
-    width: int = 128  # channels at the code grid (halving per doubling of the resolution)
+    width: int = 64  # channels at the code grid (halving per doubling of the resolution)
     blocks: int = 2  # residual blocks in the encoder and in the decoder
     codebook_size: int = 512  # K
     code_dim: int = 64  # D
