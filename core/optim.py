@@ -36,7 +36,7 @@ required = _Required()  # a default that a param group must supply (like SGD's l
 
 def _numpy(a):
     """A NumPy copy of an array (brought over from the GPU if needed)."""
-    return np.array(a if isinstance(a, np.ndarray) else a.get())
+    return np.array(a if isinstance(a, (np.ndarray, np.generic)) else a.get())  # np.generic: a 0-d parameter's state
 
 
 def _like(value, p):

@@ -316,3 +316,20 @@ def test_ema_state_dict_round_trip():
     del sd["shadow"]["bias"]
     with pytest.raises(ValueError, match="missing"):
         other.load_state_dict(sd)
+
+
+def test_state_dict_of_a_zero_dim_parameter():
+    """A 0-d parameter (CLIP's temperature) has NumPy-scalar Adam moments after a step; they save and restore."""
+    p = nn.Parameter(core.tensor(np.float32(2.0)))
+    opt = optim.AdamW([p], lr=0.1)
+    (p * p).backward()
+    opt.step()
+    sd = opt.state_dict()
+    assert isinstance(sd["state"][0]["exp_avg"], np.ndarray) and sd["state"][0]["exp_avg"].shape == ()
+    q = nn.Parameter(core.tensor(p.numpy().copy()))
+    other = optim.AdamW([q], lr=0.1)
+    other.load_state_dict(sd)
+    for o, x in ((opt, p), (other, q)):
+        x.grad = np.float32(1.0) * np.ones((), np.float32)
+        o.step()
+    assert p.item() == q.item()
