@@ -1,4 +1,4 @@
-"""`t2i bench`: run the kernel benchmarks, print a table, save JSON and PNG plots.
+"""`t2i bench`: run the kernel and model benchmarks, print a table, save JSON and PNG plots.
 
     t2i bench [family ...] [--device cpu|cuda] [--threads N] [--quick] [--full] [--json] [--out DIR]
 
@@ -20,7 +20,7 @@ from pathlib import Path
 
 from bench import harness
 
-FAMILIES = ("attention", "conv", "gumbel", "schedule")
+FAMILIES = ("attention", "conv", "gumbel", "schedule", "model")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -75,13 +75,19 @@ def run(args) -> int:
     from bench.targets import check, format_targets
 
     report["targets"] = check(report)
+    if "model" in families:  # the transformers issue's targets (bench/model.py)
+        from bench import model
+
+        report["targets"] += model.targets(report)
     report["plots"] = [p.name for p in plot_report(report, out_dir, stem)]
     json_path.write_text(json.dumps(report, indent=1, allow_nan=False) + "\n")
     if args.json:
         print(json.dumps(report, indent=1, allow_nan=False))
     else:
         print(format_table(report["results"], markdown=args.markdown))
-        print("\ntargets (kernels issue):\n" + format_targets(report["targets"]))
+        print("\ntargets (kernels and transformers issues):\n" + format_targets(report["targets"]))
+        if "model" in families:
+            print("\n".join(model.notes(report)))
         print(f"\nratio = our time / PyTorch's (below 1: faster). Peak: {report['peak']['GFLOP/s']:.1f} GFLOP/s "
               f"(sgemm), {report['peak']['GB/s']:.1f} GB/s (copy). {threads} threads. Load average at start "
               f"{_load(report['machine'])}, at end {_load(report['machine_end'])}.")
