@@ -236,11 +236,35 @@ def make_pairs(docs, n, context, sp, rng, short_prob=0.1):
 
 @functools.lru_cache(maxsize=2)
 def encoded_documents(split):
-    """The corpus documents of `split` as sentences of token ids (tuples of lists, cached: do not change them)."""
+    """The corpus documents of `split` as sentences of token ids (tuples of lists, cached: do not change them),
+    cut out of corpus.tokens(split) at the sentences' byte offsets (a sentence's ids are the ids of its text,
+    see models.corpus.sentences)."""
     from models import corpus
 
-    tok = corpus.tokenizer()
-    return tuple(tuple(tok.encode(s, allowed_special="none") for s in d) for d in corpus.documents(split))
+    tok, docs = corpus.tokenizer(), corpus.documents(split)
+    ids = corpus.tokens(split)
+    ends = np.cumsum(np.array([len(v) for v in tok.vocab])[ids])  # byte offset where each token ends
+    eot = len(corpus.EOT.encode())
+    cuts, at = [], 0  # byte offsets where the sentences end, in text(split)
+    for d in docs:
+        for sentence in d:
+            at += len(sentence.encode("utf-8", errors="surrogatepass"))
+            cuts.append(at)
+        at += eot
+    cuts = np.array(cuts)
+    index = np.searchsorted(ends, cuts, side="right")  # tokens ending at or before each cut
+    if not np.array_equal(ends[index - 1], cuts) or at - eot != ends[-1]:
+        raise AssertionError(f"bert: corpus.tokens({split!r}) does not break at the sentences' ends")
+    ids, out, k, prev = ids.tolist(), [], 0, 0
+    for d in docs:
+        sents = []
+        for _ in d:
+            sents.append(ids[prev : index[k]])
+            prev = index[k]
+            k += 1
+        out.append(tuple(sents))
+        prev += 1  # the <|endoftext|> between documents
+    return tuple(out)
 
 
 def trim(*arrays, pad_id):

@@ -197,6 +197,14 @@ def test_pairs_are_contiguous_or_from_another_document():
         bert.make_pairs([[[1, 2]]], 4, 16, sp, np.random.default_rng(0))
 
 
+def test_encoded_documents_are_the_sentences_ids():
+    tok, docs = corpus.tokenizer(), corpus.documents("val")
+    enc = bert.encoded_documents("val")
+    assert len(enc) == len(docs)
+    for d, e in list(zip(docs, enc))[::5]:
+        assert [tok.encode(s, allowed_special="none") for s in d] == list(e)
+
+
 def test_truncation_keeps_the_budget():
     docs = [[list(range(1000 * d, 1000 * d + 80))] for d in range(5)]  # one long sentence each
     sp = SimpleNamespace(cls=-1, sep=-2, pad=-3)
