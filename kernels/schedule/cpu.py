@@ -14,12 +14,14 @@ known (O(batch) work, done here in NumPy by `coefficients`):
 so a single kernel, `fused_update`, serves all three: it reads x (and e), draws z from Philox for its flat
 index in the same pass (or reads it), and writes the result (and, for q_sample, the noise). Each thread takes
 chunks of CHUNK elements (a multiple of 4, so every Philox block of four normals belongs to one chunk).
+Drawing the normals costs several times more than moving the bytes, so a chunk whose samples all have S = 0
+(DDIM with η = 0, DDPM's last step) draws none: it is then a pure pass over memory.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
 from kernels import philox
 from kernels.schedule.reference import Schedule, ddim_sigma, per_sample_t
@@ -73,7 +75,7 @@ def clip_value(clip_x0) -> float:
 # ---------------------------------------------------------------------------------------------------------
 # The kernel
 # ---------------------------------------------------------------------------------------------------------
-@njit(parallel=True, error_model="numpy")
+@philox.cached_njit(parallel=True, error_model="numpy")
 def fused_update(x, e, has_e, coef, per_sample, clip, seeded, k0, k1, z, write_z, z_out, round32, out):
     """out = A·clip(p·x − q·e) + Bx·x + Be·e + S·z over flat arrays, with per-sample coefficient rows.
 
@@ -89,7 +91,14 @@ def fused_update(x, e, has_e, coef, per_sample, clip, seeded, k0, k1, z, write_z
         hi = min(lo + CHUNK, n)
         m = hi - lo
         zbuf = np.empty(CHUNK)
-        if seeded:
+        # a chunk whose samples all have S = 0 (DDIM with η = 0, DDPM's last step) neither draws nor reads noise,
+        # unless the noise is an output (q_sample); the per-sample loops below zero z where S = 0
+        noisy = write_z
+        for s in range(lo // per_sample, (hi - 1) // per_sample + 1):
+            noisy = noisy or coef[s, 5] != 0.0
+        if not noisy:
+            pass
+        elif seeded:
             for b in range((m + 3) >> 2):
                 z0, z1, z2, z3 = _normal4(k0, k1, np.uint64((lo >> 2) + b))
                 zbuf[4 * b] = z0
@@ -115,6 +124,9 @@ def fused_update(x, e, has_e, coef, per_sample, clip, seeded, k0, k1, z, write_z
             # slices indexed from 0: Numba then knows the indices are not negative (no wraparound code)
             xs, zs, os = x[start:stop], zbuf[start - lo:stop - lo], out[start:stop]
             es = e[start:stop]
+            if S == 0.0:  # this sample adds no noise: z is neither drawn nor, when given, read (a NaN stays out)
+                for i in range(stop - start):
+                    zs[i] = 0.0
             if not has_e:
                 for i in range(stop - start):
                     os[i] = Bx * np.float64(xs[i]) + S * zs[i]

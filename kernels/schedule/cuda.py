@@ -38,8 +38,10 @@ def _update_one(i, zs, x, e, has_e, coef, per_sample, clip, seeded, z, write_z, 
             zi = np.float64(np.float32(zi))
         if write_z:
             z_out[i] = zi
-    else:
+    elif coef[s, 5] != 0.0:
         zi = np.float64(z[i])
+    else:
+        zi = 0.0  # S = 0: the noise array is not read
     xi = np.float64(x[i])
     acc = coef[s, 3] * xi + coef[s, 5] * zi
     if has_e:
@@ -57,10 +59,12 @@ def fused_update_kernel(x, e, has_e, coef, per_sample, clip, seeded, k0, k1, z, 
     """out = A·clip(p·x − q·e) + Bx·x + Be·e + S·z over flat arrays; thread ↔ Philox block of 4 elements."""
     n = x.size
     for b in range(cuda.grid(1), (n + 3) // 4, cuda.gridsize(1)):
-        z0 = z1 = z2 = z3 = 0.0
-        if seeded:
-            z0, z1, z2, z3 = _normal4(k0, k1, np.uint64(b))
         i = 4 * b
+        z0 = z1 = z2 = z3 = 0.0
+        # no draw where the noise is not used: S = 0 for both samples the four elements may touch (DDIM η = 0,
+        # DDPM's last step), unless the noise itself is an output (q_sample)
+        if seeded and (write_z or coef[i // per_sample, 5] != 0.0 or coef[min(i + 3, n - 1) // per_sample, 5] != 0.0):
+            z0, z1, z2, z3 = _normal4(k0, k1, np.uint64(b))
         _update_one(i, z0, x, e, has_e, coef, per_sample, clip, seeded, z, write_z, z_out, round32, out)
         if i + 1 < n:
             _update_one(i + 1, z1, x, e, has_e, coef, per_sample, clip, seeded, z, write_z, z_out, round32, out)

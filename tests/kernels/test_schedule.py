@@ -171,6 +171,29 @@ def test_cpu_noise_is_the_reference_noise(dtype):
     np.testing.assert_allclose(xt, LINEAR.sqrt_one_minus_alphas_cumprod[[0, 999, 5], None] * eps, rtol=1e-13)
 
 
+@pytest.mark.parametrize("per_sample", [3, cpu.CHUNK + 5])
+def test_noise_free_samples_skip_the_draw_only_where_s_is_zero(per_sample):
+    # DDPM's last step (t = 0) adds no noise: chunks of only such samples skip the draw. Samples with t = 0 sit
+    # beside noisy ones inside one chunk (per_sample = 3) and across chunk boundaries (per_sample = CHUNK + 5);
+    # a chunk that wrongly skipped would lose its noise, one that wrongly drew would still match — so compare
+    # against the reference with the noise, and against the noise-free update where t = 0.
+    rng = np.random.default_rng(6)
+    t = np.array([0, 500, 0, 0, 7, 0])
+    x, e = (rng.standard_normal((len(t), per_sample)).astype(np.float32) for _ in range(2))
+    got = cpu.ddpm_step(x, e, t, LINEAR, seed=11)
+    np.testing.assert_allclose(got, ref.ddpm_step(x, e, t, LINEAR, seed=11), **TOL[np.float32])
+    quiet = ref.ddpm_step(x, e, t, LINEAR, noise=np.zeros_like(x))
+    np.testing.assert_array_equal(got[t == 0], quiet[t == 0])
+    assert np.abs(got[t > 0] - quiet[t > 0]).min() > 0  # the noisy samples did get noise
+    # explicit noise: S = 0 samples do not read it (NaN there would otherwise poison the result)
+    z = rng.standard_normal(x.shape).astype(np.float32)
+    z[t == 0] = np.nan
+    got = cpu.ddim_step(x, e, t, t - 1, LINEAR, 1.0, noise=z)
+    assert np.isfinite(got[t == 0]).all()
+    np.testing.assert_allclose(got[t > 0], ref.ddim_step(x, e, t, t - 1, LINEAR, 1.0, noise=z)[t > 0],
+                               **TOL[np.float32])
+
+
 def test_seeded_noise_round_trips_through_explicit_noise():
     x = np.random.default_rng(0).standard_normal((4, 9)).astype(np.float32)
     xt, eps = cpu.q_sample(x, [3, 30, 300, 999], LINEAR, seed=8)
