@@ -25,18 +25,23 @@ This module holds the generator three ways, from one source where the language a
 - `uniform(seed, index)` / `normal(seed, index)` are the NumPy spec over index arrays;
 - `scalar_functions(jit)` compiles the per-element functions with a given decorator: `cpu` holds them
   compiled with `numba.njit`, and `cuda_device_functions()` compiles them for CUDA on first use (so that
-  importing this module never imports numba.cuda — the simulator must be chosen before that import).
+  importing this module never imports numba.cuda — the simulator must be chosen before that import);
+- `cached_njit` compiles the CPU kernels that inline these functions with Numba's disk cache, keyed also on
+  this file's contents, so that an edit here recompiles them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import types
+from pathlib import Path
 
 import numpy as np
 from llvmlite import ir
 from numba import njit
 from numba.core import types as nbtypes
+from numba.core.caching import FunctionCache
 from numba.extending import intrinsic
 
 # The Philox4x32 multipliers and Weyl key increments (Random123, philox.h: PHILOX_M4x32_0/1, PHILOX_W32_0/1;
@@ -290,6 +295,40 @@ def fast_exp(x):
     if x != x:  # NaN stays NaN
         return x
     return 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# An on-disk cache for the kernels that inline this module
+# ---------------------------------------------------------------------------------------------------------
+SOURCE_HASH = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+
+
+class DependentCache(FunctionCache):
+    """Numba's per-function disk cache, with this file's contents in the key.
+
+    Numba checks a cached function against its own source file only (its time stamp, and the function's
+    bytecode): a kernel that inlines the generator or fast_log/fast_exp from here would go on loading stale
+    machine code after this file changes. With philox.py's hash in the index key such an edit is a cache miss,
+    and the kernel is compiled afresh.
+    """
+
+    def _index_key(self, sig, codegen):
+        return super()._index_key(sig, codegen) + (SOURCE_HASH,)
+
+
+def cached_njit(**options):
+    """`numba.njit(cache=True, **options)` for kernels that inline functions of this module (see DependentCache).
+
+    Compiling a fused kernel with the ten Philox rounds inlined takes seconds; the cache makes that once per
+    machine and source version instead of once per process. Works with parallel=True (parfors are cacheable).
+    """
+
+    def decorate(fn):
+        dispatcher = njit(cache=True, **options)(fn)
+        dispatcher._cache = DependentCache(dispatcher.py_func)  # replaces the FunctionCache that cache=True made
+        return dispatcher
+
+    return decorate
 
 
 # ---------------------------------------------------------------------------------------------------------

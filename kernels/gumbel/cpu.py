@@ -41,7 +41,7 @@ def _fill_uniforms(k0, k1, first, n, ubuf):
         ubuf[4 * b + 3] = u3
 
 
-@njit(**_jit)
+@philox.cached_njit(**_jit)
 def gumbel_noise_kernel(k0, k1, round32, out):
     """out[i] = −log(−log u_i) for the flat index i (rounded to float32 when round32), CHUNK elements a task."""
     n = out.size
@@ -56,7 +56,7 @@ def gumbel_noise_kernel(k0, k1, round32, out):
             out[lo + j] = np.float32(g) if round32 else g
 
 
-@njit(**_jit)
+@philox.cached_njit(**_jit)
 def forward_rows(l2, tau, hard, seeded, k0, k1, g2, round32, y2, ys2):
     """Fused Gumbel-softmax over the rows of C-contiguous (rows, n) arrays (row r starts at flat index r·n)."""
     rows, n = l2.shape
@@ -119,7 +119,7 @@ def forward_rows(l2, tau, hard, seeded, k0, k1, g2, round32, y2, ys2):
                 y[arg] = 1.0
 
 
-@njit(**_jit)
+@philox.cached_njit(**_jit)
 def backward_rows(gy2, ys2, tau, out2):
     """out = y_soft ∘ (g_y − Σ g_y y_soft)/τ over the rows of C-contiguous (rows, n) arrays."""
     rows, n = ys2.shape

@@ -128,3 +128,45 @@ def _philox_kernel(out, k0, k1):
 def test_device_functions_compile_to_ptx(ptx_sm90):
     ptx = ptx_sm90(_philox_kernel, "void(float64[::1], uint64, uint64)")
     assert "mul.wide.u32" in ptx or "mul.hi.u32" in ptx or "mul.lo.s64" in ptx
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The on-disk cache of the kernels that inline the generator
+# ---------------------------------------------------------------------------------------------------------
+_CACHE_PROBE = """
+import json, numpy as np
+from kernels import philox
+from kernels.schedule import cpu
+from kernels.schedule.reference import Schedule
+cpu.q_sample(np.zeros((2, 5)), [1, 2], Schedule.linear(10), seed=3)
+d = cpu.fused_update
+sig = d.signatures[0]
+loaded = d._cache.load_overload(sig, d.targetctx) is not None
+philox.SOURCE_HASH = "an edited philox.py"  # what the key would hold after an edit of philox.py
+stale = d._cache.load_overload(sig, d.targetctx) is not None
+print(json.dumps(dict(hits=sum(d.stats.cache_hits.values()), misses=sum(d.stats.cache_misses.values()),
+                      loaded=loaded, stale=stale)))
+"""
+
+
+def test_kernels_load_from_the_disk_cache_keyed_on_this_source(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    run = lambda: json.loads(subprocess.run([sys.executable, "-c", _CACHE_PROBE], env=env, capture_output=True,
+                                            text=True, check=True, timeout=300).stdout)
+    first, second = run(), run()
+    assert first["misses"] == 1 and first["hits"] == 0  # an empty cache: compiled, then saved
+    assert second == dict(hits=1, misses=0, loaded=True, stale=False)  # a fresh process loads it; an edit misses
+
+
+def test_gumbel_and_schedule_kernels_use_the_dependent_cache():
+    from kernels.gumbel import cpu as gumbel_cpu
+    from kernels.schedule import cpu as schedule_cpu
+
+    kernels = [schedule_cpu.fused_update, gumbel_cpu.forward_rows, gumbel_cpu.backward_rows,
+               gumbel_cpu.gumbel_noise_kernel]
+    assert all(isinstance(k._cache, philox.DependentCache) for k in kernels)
