@@ -15,8 +15,13 @@ P = exp(s − lse), with D = rowsum(dO ∘ O):
 
     dV_j += Pᵀ dO_i,  dP = dO_i V_jᵀ,  dS = P ∘ (dP − D_i),  dQ_i += dS K_j · scale,  dK_j += dSᵀ Q_i · scale
 
-The backward runs one (batch·head) per task: its loop over key blocks (outer) and query blocks (inner) then
-accumulates dQ without races or atomics.
+The backward's tasks are (batch·head, group of key blocks): a task owns dK_j and dV_j of its key blocks, and
+walks them (outer) and the query blocks (inner). With B·H at least the thread count there is one group per
+head, and the task accumulates dQ of its head in place, without races or atomics. With fewer heads than threads
+(B·H = 1 when sampling, or at a long sequence) the key blocks of a head are dealt round-robin to G groups —
+round-robin, so that under a causal mask, where early keys are seen by more queries, the groups get equal work —
+and each group sums its own partial dQ; a second parallel pass adds the G partials in a fixed order. Extra
+memory G·L·D per head, and the result does not depend on which thread ran which task.
 
 Masks: the structured patterns are evaluated per element from five integers (``patterns.visible``), and a
 whole tile is skipped when ``patterns.tile_may_attend`` says nothing in it is visible; a dense mask is an
@@ -160,10 +165,21 @@ def forward(q, k, v, mask, has_mask, H, kind, T, W, r, P, causal, scale, out, ls
         _forward(q, k, v, mask, has_mask, H, kind, T, W, r, P, causal, scale, out, lse)
 
 
-def backward(q, k, v, out, lse, dout, mask, has_mask, H, kind, T, W, r, P, causal, scale, dq, dk, dv):
-    """dq, dk, dv of attention (arguments as in ``forward``), from the saved out and lse and dout = ∂loss/∂out."""
+def backward(q, k, v, out, lse, dout, mask, has_mask, H, kind, T, W, r, P, causal, scale, dq, dk, dv, *,
+             groups=None):
+    """dq, dk, dv of attention (arguments as in ``forward``), from the saved out and lse and dout = ∂loss/∂out.
+
+    ``groups``: key-block groups per head (see the module docstring); None takes enough to give every thread
+    a task, ⌈threads / (B·H)⌉, capped at the number of key blocks.
+    """
+    BH, S = q.shape[0], k.shape[1]
+    if groups is None:
+        groups = -(-numba.get_num_threads() // max(BH, 1))
+    groups = max(1, min(int(groups), -(-S // BK)))
+    dq_part = np.empty((BH * groups if groups > 1 else 0, q.shape[1], q.shape[2]), dtype=q.dtype)
     with _single_threaded_blas():
-        _backward(q, k, v, out, lse, dout, mask, has_mask, H, kind, T, W, r, P, causal, scale, dq, dk, dv)
+        _backward(q, k, v, out, lse, dout, mask, has_mask, H, kind, T, W, r, P, causal, scale, dq, dk, dv, groups,
+                  dq_part)
 
 
 @njit(parallel=True, cache=True)
@@ -241,10 +257,27 @@ def _forward_block(q, k, v, mask, has_mask, H, kind, T, W, r, P, causal, scale, 
 
 
 @njit(parallel=True, cache=True)
-def _backward(q, k, v, out, lse, dout, mask, has_mask, H, kind, T, W, r, P, causal, scale, dq, dk, dv):
-    """The backward kernel: dq, dk, dv (arguments as in ``backward``). One task per (batch·head)."""
-    for bh in prange(q.shape[0]):
-        _backward_head(q, k, v, out, lse, dout, mask, has_mask, H, kind, T, W, r, P, causal, scale, dq, dk, dv, bh)
+def _backward(q, k, v, out, lse, dout, mask, has_mask, H, kind, T, W, r, P, causal, scale, dq, dk, dv, groups,
+              dq_part):
+    """The backward kernel: dq, dk, dv (arguments as in ``backward``). One task per (batch·head, key-block group);
+    with groups > 1, dQ is summed per group into dq_part (B·H·groups, L, D) and then reduced into dq."""
+    BH, L, D = q.shape[0], q.shape[1], q.shape[2]
+    for task in prange(BH * groups):
+        bh, g = task // groups, task % groups
+        if groups == 1:
+            _backward_head(q, k, v, out, lse, dout, mask, has_mask, H, kind, T, W, r, P, causal, scale, dq[bh], dk,
+                           dv, bh, g, groups)
+        else:
+            _backward_head(q, k, v, out, lse, dout, mask, has_mask, H, kind, T, W, r, P, causal, scale,
+                           dq_part[task], dk, dv, bh, g, groups)
+    if groups > 1:
+        for row in prange(BH * L):
+            bh, i = row // L, row % L
+            for d in range(D):
+                t = dq_part[bh * groups, i, d]
+                for g in range(1, groups):
+                    t += dq_part[bh * groups + g, i, d]
+                dq[bh, i, d] = t
 
 
 @njit(cache=True, fastmath=FASTMATH)
@@ -256,8 +289,10 @@ def _add_into(dst, src):
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def _backward_head(q, k, v, out, lse, dout, mask, has_mask, H, kind, T, W, r, P, causal, scale, dq, dk, dv, bh):
-    """The backward of one (batch·head): key blocks outer (dK_j, dV_j accumulate in dk, dv), query blocks inner."""
+def _backward_head(q, k, v, out, lse, dout, mask, has_mask, H, kind, T, W, r, P, causal, scale, dq_acc, dk, dv, bh,
+                   g, groups):
+    """The backward of key blocks g, g + groups, … of one (batch·head): key blocks outer (dK_j, dV_j accumulate in
+    dk, dv), query blocks inner; this task's share of dQ accumulates in dq_acc (L, D)."""
     L, D = q.shape[1], q.shape[2]
     S, Dv = k.shape[1], v.shape[2]
     dt = q.dtype
@@ -270,18 +305,18 @@ def _backward_head(q, k, v, out, lse, dout, mask, has_mask, H, kind, T, W, r, P,
         for d in range(Dv):
             t += dout[bh, i, d] * out[bh, i, d]
         Drow[i] = t
-    dq[bh] = 0.0
-    dk[bh] = 0.0
-    dv[bh] = 0.0
+    dq_acc[:] = 0.0
     pbuf = np.empty(BQ * BK, dtype=dt)
     dsbuf = np.empty(BQ * BK, dtype=dt)
     tk = np.empty((BK, D), dtype=dt)
     tv = np.empty((BK, Dv), dtype=dt)
     tq = np.empty((BQ, D), dtype=dt)
-    for j0 in range(0, S, BK):
+    for j0 in range(g * BK, S, groups * BK):
         j1 = min(j0 + BK, S)
         nk = j1 - j0
         Kj, Vj = k[bh, j0:j1], v[bh, j0:j1]
+        dk[bh, j0:j1] = 0.0
+        dv[bh, j0:j1] = 0.0
         i_start = j0 // BQ * BQ if causal else 0  # causal: the query blocks before j0 see nothing here
         for i0 in range(i_start, L, BQ):
             i1 = min(i0 + BQ, L)
@@ -310,7 +345,7 @@ def _backward_head(q, k, v, out, lse, dout, mask, has_mask, H, kind, T, W, r, P,
                 for c in range(nk):
                     ds[a, c] = p[a, c] * (ds[a, c] - Da) * scale  # dS = P ∘ (dP − D), times scale
             np.dot(ds, Kj, tq[:nq])  # dQ_i += dS K_j
-            _add_into(dq[bh, i0:i1], tq[:nq])
+            _add_into(dq_acc[i0:i1], tq[:nq])
             np.dot(ds.T, Qi, tk[:nk])  # dK_j += dSᵀ Q_i
             _add_into(dk[bh, j0:j1], tk[:nk])
 

@@ -4,6 +4,10 @@ Numba CPU kernel equals the reference (forward and backward, every mask kind, fu
 The CUDA kernels are checked in ``test_attention_cuda.py`` (simulator and PTX compile, in subprocesses).
 """
 
+import functools
+from unittest import mock
+
+import numba
 import numpy as np
 import pytest
 import torch
@@ -136,11 +140,11 @@ def test_tile_skipping_prunes_the_dalle_shape():
 
 
 @st.composite
-def attention_case(draw, max_len=80, max_dim=12, dtypes=(np.float32, np.float64), tile=64):
+def attention_case(draw, max_len=80, max_dim=12, dtypes=(np.float32, np.float64), tile=64, max_batch=2, max_heads=3):
     """Random q, k, v, dout with odd sizes, L ≠ S, D ≠ Dv, and a mask kind: none, causal, pattern, bool, additive
     (broadcast over heads and/or batch), possibly with fully blocked rows. Lengths favour the tile edges."""
     dtype = draw(st.sampled_from(dtypes))
-    B, H = draw(st.integers(1, 2)), draw(st.integers(1, 3))
+    B, H = draw(st.integers(1, max_batch)), draw(st.integers(1, max_heads))
     edges = [n for t in range(tile, max_len + 2, tile) for n in (t - 1, t, t + 1) if n <= max_len]
     length = st.one_of(st.integers(1, max_len), st.sampled_from([1] + edges))
     L, S = draw(length), draw(length)
@@ -305,6 +309,53 @@ def test_cpu_patterns_across_many_tiles(pattern, dtype):
     q, k = (rng.standard_normal((2, 2, L, 8)).astype(dtype) for _ in range(2))
     v, dout = (rng.standard_normal((2, 2, L, 5)).astype(dtype) for _ in range(2))
     assert_same("cpu", q, k, v, dout, {"scale": 0.4, "pattern": pattern})
+
+
+@settings(SETTINGS, max_examples=40)
+@given(attention_case(max_len=260, max_dim=8, max_batch=1, max_heads=2), st.integers(2, 5))
+def test_cpu_backward_splits_key_blocks_over_groups(case, groups):
+    """Few heads (B·H = 1 or 2): the backward deals a head's key blocks to groups (parallel tasks) and sums their
+    partial dQ. Every mask kind and pattern, L and S across several key tiles: equal to the reference, and dK, dV
+    bitwise equal to one group per head (each key block is computed the same way, only dQ's sum order changes)."""
+    from kernels.attention import cpu
+
+    q, k, v, dout, kw = case
+    assert_same("cpu", q, k, v, dout, kw)  # groups from the thread count (1 or 2 here)
+    out, lse = attention_forward(q, k, v, form="cpu", **kw)
+    backward = cpu.backward
+    runs = {}
+    for g in (1, groups):
+        with mock.patch.object(cpu, "backward", functools.partial(backward, groups=g)):
+            runs[g] = attention_backward(q, k, v, out, lse, dout, form="cpu", **kw)
+    grads_r = attention_backward(q, k, v, out, lse, dout, form="reference", **kw)
+    tol = tolerances(q.dtype)
+    for name, g, g_r in zip(("dq", "dk", "dv"), runs[groups], grads_r):
+        scale = max(1.0, float(np.abs(g_r).max()))
+        np.testing.assert_allclose(g, g_r, rtol=tol["rtol"], atol=tol["atol"] * scale, err_msg=name)
+    np.testing.assert_array_equal(runs[groups][1], runs[1][1])
+    np.testing.assert_array_equal(runs[groups][2], runs[1][2])
+
+
+def test_cpu_backward_groups_follow_the_thread_count():
+    """One head and two threads: two key-block groups (one task a thread); many heads: one group per head; never
+    more groups than key blocks."""
+    from kernels.attention import cpu
+
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("needs two Numba threads")
+    seen = []
+    real = cpu._backward
+    previous = numba.get_num_threads()
+    numba.set_num_threads(2)
+    try:
+        with mock.patch.object(cpu, "_backward", lambda *a: seen.append((a[-2], a[-1].shape)) or real(*a)):
+            for bh, s in [(1, 300), (4, 300), (1, 30)]:
+                x = np.ones((1, bh, s, 4))
+                out, lse = attention_forward(x, x, x, form="cpu")
+                attention_backward(x, x, x, out, lse, x, form="cpu")
+    finally:
+        numba.set_num_threads(previous)
+    assert seen == [(2, (2, 300, 4)), (1, (0, 300, 4)), (1, (0, 30, 4))]
 
 
 def test_cpu_three_dim_inputs_and_default_scale():
