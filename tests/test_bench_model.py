@@ -57,12 +57,13 @@ def test_targets_arithmetic():
                           _row("train step GPT x", "torch", 20.0),
                           _row("generate 256 tokens GPT", "kv-cache", 100.0),
                           _row("generate 256 tokens GPT", "no-cache", 450.0),
-                          _row("bpe encode corpus val text", "cpu", 500.0, params=dict(tokens=1000, chars=4000))]}
+                          _row("bpe encode corpus val text", "cold-cache", 500.0,
+                               params=dict(tokens=1000, chars=4000))]}
     checks = {c["field"]: c for c in model.targets(report)}
     assert checks["ratio_to_torch"]["verdict"] == "met" and checks["ratio_to_torch"]["value"] == 1.5
     assert checks["speed-up"]["value"] == pytest.approx(4.5) and checks["speed-up"]["verdict"] == "missed"
-    assert model.notes(report) == ["BPE encode: 2,000 tokens/s (1,000 tokens, 4,000 characters of the corpus' "
-                                   "validation text)"]
+    assert model.notes(report) == ["BPE encode (cold-cache): 2,000 tokens/s (1,000 tokens, 4,000 characters of "
+                                   "the corpus' validation text)"]
     empty = model.targets({"results": []})
     assert [c["verdict"] for c in empty] == ["not measured", "not measured"]
 
@@ -78,7 +79,7 @@ def test_quick_model_bench_end_to_end(tmp_path, capsys, monkeypatch):
     assert code == 0 and report["families"] == {"model": "ok"}
     impls = {(r["case"].split()[0], r["impl"]) for r in report["results"] if r["status"] == "ok"}
     assert impls == {("train", "cpu"), ("train", "torch"), ("generate", "kv-cache"), ("generate", "no-cache"),
-                     ("bpe", "cpu")}
+                     ("bpe", "warm-cache"), ("bpe", "cold-cache")}
     step = next(r for r in report["results"] if r["impl"] == "cpu" and r["case"].startswith("train"))
     assert step["ratio_to_torch"] == pytest.approx(step["median_ms"] / step["torch_ms"])
     fields = {c["field"]: c["verdict"] for c in report["targets"] if c["family"] == "model"}
