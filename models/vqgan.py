@@ -47,8 +47,8 @@ class Config(vqvae.Config):
     """The VQ-VAE's fields and defaults (the same code budget: K codes on an 8×8 grid) and the
     discriminator's. Defaults: the measured bar run on 32×32 shapes (see README)."""
 
-    disc_start: int = 1000  # warm-up steps before the discriminator and L_GAN are switched on
-    disc_width: int = 32  # channels of D's first layer (doubling per layer)
+    disc_start: int = 1250  # warm-up steps before the discriminator and L_GAN are switched on
+    disc_width: int = 16  # channels of D's first layer (doubling per layer)
     disc_layers: int = 1  # stride-2 layers of D: 1 gives 14×14 logits, each seeing a 16×16 patch of a 32×32 image
     disc_weight: float = 0.5  # a constant factor on λ (the authors' configs use 0.8 and 1)
     disc_lr: float = 2e-4
