@@ -2,7 +2,10 @@
 
 Each update is one pass over memory in our kernel, the Gaussian noise drawn (Philox) in the same pass; PyTorch
 eager runs the same formula as separate elementwise ops (randn_like, multiplies, adds), each a pass over
-memory. These kernels are bandwidth-bound, so the yardstick is the measured copy bandwidth.
+memory. The yardstick is the measured copy bandwidth. The DDIM step here has η = 0 and adds no noise, so our
+kernel draws none and is a pure pass over memory; q_sample and the DDPM step (t ≥ 1) draw a normal per element,
+which on a CPU costs more than moving the element's bytes (Box–Muller: a log, a square root, a sine and a cosine
+per pair) — those two are compute-bound.
 
 Bytes count each update's unavoidable traffic, the same for every implementation (3 arrays of x's size):
 q_sample reads x_0 and writes x_t and ε (ε is returned: it is the training target); a DDPM or DDIM step reads
