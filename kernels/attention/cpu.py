@@ -18,10 +18,10 @@ P = exp(s − lse), with D = rowsum(dO ∘ O):
 The backward's tasks are (batch·head, group of key blocks): a task owns dK_j and dV_j of its key blocks, and
 walks them (outer) and the query blocks (inner). With B·H at least the thread count there is one group per
 head, and the task accumulates dQ of its head in place, without races or atomics. With fewer heads than threads
-(B·H = 1 when sampling, or at a long sequence) the key blocks of a head are dealt round-robin to G groups —
-round-robin, so that under a causal mask, where early keys are seen by more queries, the groups get equal work —
-and each group sums its own partial dQ; a second parallel pass adds the G partials in a fixed order. Extra
-memory G·L·D per head, and the result does not depend on which thread ran which task.
+(B·H = 1 when sampling, or at a long sequence) the key blocks of a head are dealt to G groups back and forth
+(0, 1, …, G−1, G−1, …, 1, 0, 0, 1, …: under a causal mask early keys are seen by more queries, and this deal
+evens the groups' work out), and each group sums its own partial dQ; a second parallel pass adds the G partials
+in a fixed order. Extra memory G·L·D per head, and the result does not depend on which thread ran which task.
 
 Masks: the structured patterns are evaluated per element from five integers (``patterns.visible``), and a
 whole tile is skipped when ``patterns.tile_may_attend`` says nothing in it is visible; a dense mask is an
@@ -291,8 +291,8 @@ def _add_into(dst, src):
 @njit(cache=True, fastmath=FASTMATH)
 def _backward_head(q, k, v, out, lse, dout, mask, has_mask, H, kind, T, W, r, P, causal, scale, dq_acc, dk, dv, bh,
                    g, groups):
-    """The backward of key blocks g, g + groups, … of one (batch·head): key blocks outer (dK_j, dV_j accumulate in
-    dk, dv), query blocks inner; this task's share of dQ accumulates in dq_acc (L, D)."""
+    """The backward of group g's key blocks of one (batch·head): key blocks outer (dK_j, dV_j accumulate in dk, dv),
+    query blocks inner; this task's share of dQ accumulates in dq_acc (L, D)."""
     L, D = q.shape[1], q.shape[2]
     S, Dv = k.shape[1], v.shape[2]
     dt = q.dtype
@@ -311,7 +311,11 @@ def _backward_head(q, k, v, out, lse, dout, mask, has_mask, H, kind, T, W, r, P,
     tk = np.empty((BK, D), dtype=dt)
     tv = np.empty((BK, Dv), dtype=dt)
     tq = np.empty((BQ, D), dtype=dt)
-    for j0 in range(g * BK, S, groups * BK):
+    for jb in range((S + BK - 1) // BK):
+        turn = jb % (2 * groups)
+        if min(turn, 2 * groups - 1 - turn) != g:  # key block jb belongs to another group
+            continue
+        j0 = jb * BK
         j1 = min(j0 + BK, S)
         nk = j1 - j0
         Kj, Vj = k[bh, j0:j1], v[bh, j0:j1]
