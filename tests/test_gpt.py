@@ -19,7 +19,7 @@ from models import cli, corpus, gpt, registry
 from models.registry import UsageError
 
 TINY = dict(steps=4, batch_size=4, context=16, depth=2, dim=16, heads=2, warmup=2, checkpoint_every=2,
-            eval_tokens=256, max_new_tokens=8)
+            eval_tokens=256, max_new_tokens=8, dropout=0.0)
 
 
 def tiny(**kw):
@@ -136,6 +136,16 @@ def test_weight_tying_one_parameter_and_gpt2_init():
         assert p[f"transformer.blocks.3.{name}"].numpy().std() == pytest.approx(0.02 / math.sqrt(8), rel=0.08)
     assert not p["transformer.blocks.1.attn.c_attn.bias"].numpy().any()
     assert (p["transformer.ln_f.weight"].numpy() == 1).all()
+
+
+def test_dropout_only_in_training():
+    m = model(dropout=0.5)
+    x = tokens((2, 8))
+    a, b = m(x)[0].numpy(), m(x)[0].numpy()
+    assert np.abs(a - b).max() > 1e-3  # training: a new dropout mask per forward
+    m.eval()
+    np.testing.assert_array_equal(m(x)[0].numpy(), m(x)[0].numpy())
+    np.testing.assert_allclose(m(x)[0].numpy(), model(dropout=0.0).eval()(x)[0].numpy(), rtol=1e-6, atol=1e-7)
 
 
 def test_loss_falls_on_a_tiny_batch():
