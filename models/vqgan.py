@@ -191,9 +191,10 @@ def evaluate(model, cfg, *, seed=0):
     return tok.reconstruction_figures(model, cfg, seed=seed, n=cfg.eval_images)
 
 
-def versus(vqvae_path, vqgan_path, png, n=8, seed=0):
-    """Write `png`: rows of n held-out originals, their VQ-VAE and their VQ-GAN reconstructions (the
-    picture of "sharper at the same code budget"); return the two evaluations' figures by name."""
+def versus(vqvae_path, vqgan_path, png, n=8, seed=0, scale=4):
+    """Write `png`: rows of n held-out originals, their VQ-VAE and their VQ-GAN reconstructions, each
+    pixel enlarged `scale` times (the picture of "sharper at the same code budget"); return the two
+    evaluations' figures by name."""
     a, ca = vqvae.load(vqvae_path)
     b, cb = load(vqgan_path)
     if (ca.codebook_size, a.grid) != (cb.codebook_size, b.grid):
@@ -201,7 +202,7 @@ def versus(vqvae_path, vqgan_path, png, n=8, seed=0):
                          f"{cb.codebook_size} on {b.grid}")
     x, _ = loop.dataset(ca.data, ca.resolution, "test")
     x = x[np.random.default_rng(seed).choice(len(x), n, replace=False)]
-    loop.save_grid(np.concatenate([x, a.reconstruct(x), b.reconstruct(x)]), png, nrow=n)
+    loop.save_grid(np.concatenate([x, a.reconstruct(x), b.reconstruct(x)]), png, nrow=n, scale=scale)
     by_name = lambda r: {f["name"]: f for f in r["figures"]}  # noqa: E731
     return {"vqvae": by_name(vqvae.evaluate(a, ca)), "vqgan": by_name(evaluate(b, cb))}
 
