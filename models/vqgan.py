@@ -6,6 +6,9 @@ The autoencoder, its quantizer and its loss are the VQ-VAE's (models/vqvae.py, i
 
     L_VQ = ||x − x̂||² + ||sg[E(x)] − z_q||² + β ||sg[z_q] − E(x)||²            (Esser et al. 2021, eq. 4)
 
+(β = 0.25 on the commitment term, as in the VQ-VAE and the authors' code; with the EMA codebook the
+middle term is replaced by the running-mean update.)
+
 A patch discriminator D (the PatchGAN of Isola et al. 2017: a small convolutional net whose output is
 a grid of logits, one per overlapping image patch) plays against it:
 
@@ -50,7 +53,7 @@ class Config(vqvae.Config):
     disc_start: int = 1250  # warm-up steps before the discriminator and L_GAN are switched on
     disc_width: int = 16  # channels of D's first layer (doubling per layer)
     disc_layers: int = 1  # stride-2 layers of D: 1 gives 14×14 logits, each seeing a 16×16 patch of a 32×32 image
-    disc_weight: float = 0.5  # a constant factor on λ (the authors' configs use 0.8 and 1)
+    disc_weight: float = 0.5  # a constant factor on λ (the authors' code's disc_weight)
     disc_lr: float = 2e-4
     delta: float = 1e-6  # δ of eq. 7
 
