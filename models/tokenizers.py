@@ -8,9 +8,10 @@ The interface (`ImageTokenizer`), which DALL·E, DALL·E 2 and ERNIE-ViLG rely o
     model.codebook_size               # K, the number of distinct tokens
     model.grid                        # (h, w), the token grid of one image (8×8 for 32×32 shapes)
 
-Both take NumPy arrays (or Tensors), run without a graph in eval mode, in batches, and return NumPy
-arrays. A tokenizer implements `_encode(x: Tensor) -> Tensor of codes` and `_decode(codes: ndarray) ->
-Tensor of images`, and sets `codebook_size`, `grid`, `channels` and `resolution`.
+Both take NumPy arrays (or Tensors), run without a graph in eval mode (the module's mode is restored
+afterwards), in batches, and return NumPy arrays. A tokenizer implements `_encode(x: Tensor) -> Tensor
+of codes` and `_decode(codes: ndarray) -> Tensor of images`, and sets `codebook_size`, `grid`,
+`channels` and `resolution`.
 
 The networks (`Encoder`, `Decoder`) follow the VQ-VAE's (van den Oord et al. 2017, §4.1: strided
 convolutions down, residual blocks of ReLU, 3×3 conv, ReLU, 1×1 conv) with the dVAE's stability details
@@ -126,12 +127,14 @@ class ImageTokenizer:
         if x.ndim != 4 or x.shape[1:] != want:
             raise ValueError(f"{type(self).__name__}.encode: images must be (B, {', '.join(map(str, want))}), "
                              f"got shape {x.shape}")
+        was_training = self.training
         self.eval()
         out = [np.zeros((0, *self.grid), np.int64)]
         with core.no_grad():
             for i in range(0, len(x), batch_size):
                 out.append(np.asarray(self._encode(core.tensor(x[i : i + batch_size].astype(np.float32))).numpy(),
                                       np.int64))
+        self.train(was_training)
         return np.concatenate(out)
 
     def decode(self, tokens, batch_size=256):
@@ -143,11 +146,13 @@ class ImageTokenizer:
         if t.size and (t.min() < 0 or t.max() >= self.codebook_size):
             raise ValueError(f"{type(self).__name__}.decode: tokens must lie in [0, {self.codebook_size}), "
                              f"got values in [{t.min()}, {t.max()}]")
+        was_training = self.training
         self.eval()
         out = [np.zeros((0, self.channels, self.resolution, self.resolution), np.float32)]
         with core.no_grad():
             for i in range(0, len(t), batch_size):
                 out.append(np.clip(self._decode(t[i : i + batch_size].astype(np.int64)).numpy(), -1, 1))
+        self.train(was_training)
         return np.concatenate(out).astype(np.float32)
 
     def reconstruct(self, images):

@@ -67,6 +67,8 @@ def test_interface_checks_and_round_trip():
     with pytest.raises(ValueError, match=r"must lie in \[0, 16\), got values in \[16, 16\]"):
         m.decode(np.full((1, 8, 8), 16))
     assert m.encode(x[:0]).shape == (0, 8, 8) and m.decode(t[:0]).shape == (0, 3, 32, 32)
+    assert m.train().encode(x).shape == (3, 8, 8) and m.training  # run in eval mode, the module's mode restored
+    assert not m.eval().decode(t).min() < -1 and not m.training
 
 
 def test_usage_psnr_pooled():
