@@ -584,8 +584,8 @@ class Permute(Function):
         if sorted(d % max(a.ndim, 1) for d in dims) != list(range(a.ndim)):
             raise ValueError(f"permute: dims {dims} are not a permutation of a {a.ndim}-d tensor's axes")
         dims = tuple(d % a.ndim for d in dims)
-        ctx.inv = tuple(np.argsort(dims))
-        return np.transpose(a, dims)
+        ctx.inv = tuple(sorted(range(len(dims)), key=dims.__getitem__))  # (np.argsort costs ~10x on a tuple)
+        return a.transpose(dims)
 
     @staticmethod
     def backward(ctx, g):
