@@ -255,3 +255,30 @@ def evaluate(model, cfg, *, seed=0):
     return {"figures": [loop.figure(name, 100 * acc, better="higher", unit="%", logistic_regression=100 * base,
                                     majority_class=100 * majority)],
             "test_images": len(xt), "train_accuracy": float((predict(model, x) == y).mean())}
+
+
+def position_similarity(model, path):
+    """Save the picture of Dosovitskiy et al. 2021, Fig. 7 (centre): for each patch position, the cosine
+    similarity of its position embedding to every other position's, drawn as a small image on the patch grid
+    (learned 1-D embeddings come to encode the 2-D layout: rows and columns)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    e = model.pos_embed.numpy()[0, 1:]  # the patches' embeddings (the class token's left out)
+    e = e / np.linalg.norm(e, axis=1, keepdims=True)
+    g = int(round(np.sqrt(len(e))))
+    sim = (e @ e.T).reshape(g, g, g, g)
+    fig, axes = plt.subplots(g, g, figsize=(g * 0.8, g * 0.8))
+    for i in range(g):
+        for j in range(g):
+            axes[i, j].imshow(sim[i, j], vmin=-1, vmax=1, cmap="viridis")
+            axes[i, j].set_xticks([])
+            axes[i, j].set_yticks([])
+    fig.suptitle("position embedding similarity", fontsize=8)
+    fig.subplots_adjust(left=0.02, right=0.98, top=0.92, bottom=0.02, wspace=0.08, hspace=0.08)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+

@@ -165,6 +165,8 @@ def test_checkpoint_round_trip_resume_and_no_sampling(tmp_path, monkeypatch):
     np.testing.assert_array_equal(vit.predict(m, x), vit.predict(vit.load(whole)[0], x))
     with pytest.raises(UsageError, match="classifier"):
         vit.sample(m, c, 4)
+    assert vit.position_similarity(m, str(tmp_path / "pos.png")).endswith("pos.png")
+    assert (tmp_path / "pos.png").stat().st_size > 0
 
 
 def test_cli_train_and_eval_in_process(tmp_path, capsys):
