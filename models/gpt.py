@@ -142,8 +142,8 @@ class GPT(nn.Module):
         if idx.ndim != 2 or idx.shape[1] < 1:
             raise ValueError(f"GPT.generate: idx must be (batch, time >= 1) token ids, got shape {idx.shape}")
         gen = generator if generator is not None else core.random.default_generator
-        self.eval()
-        cache = None
+        training, cache = self.training, None
+        self.eval()  # no dropout while generating; the mode is restored at the end
         for _ in range(max_new_tokens):
             if use_cache and cache is not None and cache.length < self.context:
                 h = self.hidden(idx[:, -1:], cache)  # one new position against the cached keys and values
@@ -153,6 +153,7 @@ class GPT(nn.Module):
             logits = F.linear(h[:, -1], self.wte.weight).numpy()  # the head on the last position only
             nxt = sample_next(logits, temperature, top_k, top_p, gen)
             idx = np.concatenate([idx, nxt[:, None]], axis=1)
+        self.train(training)
         return idx
 
 

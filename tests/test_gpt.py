@@ -193,12 +193,16 @@ def test_cached_generation_equals_uncached(new):
     assert not np.array_equal(a, greedy)
 
 
-def test_generate_is_reproducible_and_leaves_the_global_rng():
+def test_generate_is_reproducible_and_leaves_the_global_rng_and_the_mode():
     m = model()
+    assert m.training
     state = core.random.get_rng_state()
     a = m.generate(tokens((2, 3)), 10, generator=core.random.Generator(1))
     assert core.random.get_rng_state() == state
     np.testing.assert_array_equal(a, m.generate(tokens((2, 3)), 10, generator=core.random.Generator(1)))
+    assert m.training  # generate runs in eval mode and puts the training mode back
+    m.eval().generate(tokens((1, 2)), 1)
+    assert not m.training
 
 
 logit_rows = hnp.arrays(np.float64, st.tuples(st.integers(1, 4), st.integers(1, 12)),
