@@ -293,7 +293,7 @@ def train(cfg, out, *, resume=True, progress=True):
     tokens = tokenize(s.captions, cfg.context, tok)
     core.manual_seed(cfg.seed)
     model = build(cfg, tok)
-    opt = core.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)  # §2.5
+    opt = core.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)  # App. F
     sched = core.optim.WarmupCosine(opt, min(cfg.warmup, cfg.steps), cfg.steps)
 
     def step(xb, tb):

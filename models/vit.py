@@ -11,7 +11,7 @@ position embeddings E_pos ∈ R^{(N+1)×D} added (§3.1):
     y = LN(z_L^0)                                                      (eq. 4)
 
 and a linear head classifies y. Patchify-then-project is exactly a convolution with kernel P and
-stride P whose (D, C, P, P) weight, flattened, is Eᵀ (§3.1, "Hybrid Architecture" remark), which is
+stride P whose (D, C, P, P) weight, flattened, is Eᵀ (the paper's released code computes it so), which is
 how `PatchEmbed` computes it (tests/test_vit.py checks the equality against `patchify` + a linear map).
 
 Attention itself is permutation-equivariant: the position embeddings are the only place where the
@@ -115,7 +115,7 @@ class ViT(nn.Module):
         self.transformer = Transformer(depth, dim, heads, mlp_ratio, dropout)  # eqs. 2-3, its ln_f is eq. 4's LN
         self.head = nn.Linear(dim, num_classes) if num_classes else None
         if self.head is not None:
-            init.zeros_(self.head.weight)  # §3.2: a zero-initialized head
+            init.zeros_(self.head.weight)  # zero-initialized, as §3.2 attaches a new head for fine-tuning
             init.zeros_(self.head.bias)
 
     def embed(self, x):
