@@ -7,7 +7,8 @@ is the codebook) and gives the likelihood of the image. Training maximizes the �
 
     ln p(x) ≥ E_{z ~ q(z|x)}[ln p(x|z)] − β KL(q(z|x) || U(K))                 (Ramesh et al. 2021, eq. 1)
 
-with U(K) the uniform prior over the codes (stage 1: the transformer prior comes later). The expectation
+with U(K) the uniform prior over the codes (stage 1: the transformer prior comes later); the KL uses the
+encoder's categorical q even while the sample is relaxed (τ > 0), as the authors do. The expectation
 over the discrete z is made differentiable by the Gumbel-softmax relaxation (Jang et al. 2017, eq. 2;
 Maddison et al. 2017), used in the forward and the backward pass:
 
@@ -21,7 +22,8 @@ Maddison et al. 2017), used in the forward and the backward pass:
   the decoder giving μ and ln b per pixel channel; the reconstruction is φ⁻¹(sigmoid(μ)).
 - The loss is normalized per pixel channel (divided by C·H·W); the residual branches of encoder and
   decoder are scaled by 1/L² for L blocks (App. A.1); the encoder ends and the decoder begins with a
-  1×1 convolution (models.tokenizers).
+  1×1 convolution (models.tokenizers); every convolution starts from N(0, 1/fan_in) weights and zero
+  biases, as in the released dVAE.
 - At inference (and for the transformer's training data) each cell's code is the argmax of its logits.
 
 Pixels: shapes are read as 8-bit (256 levels) and dequantized with uniform noise in training and for the
