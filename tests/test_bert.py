@@ -307,5 +307,6 @@ def test_bar_text(tmp_path):
     m, c = bert.load(str(tmp_path / "bert.safetensors"))
     figs = {f["name"]: f for f in bert.evaluate(m, c)["figures"]}
     mlm, nsp = figs["masked-token accuracy"], figs["NSP accuracy"]
-    assert mlm["value"] > 2 * mlm["baselines"]["most_frequent_token"]
-    assert nsp["value"] > max(nsp["baselines"].values()) + 0.05
+    # above each baseline by 5 standard errors of the accuracy (~13k masked tokens, 2,048 pairs)
+    assert mlm["value"] > mlm["baselines"]["most_frequent_token"] + 5 * np.sqrt(0.25 / 12000)
+    assert nsp["value"] > max(nsp["baselines"].values()) + 5 * np.sqrt(0.25 / 2048)
