@@ -290,12 +290,13 @@ _SAMPLE_OPTIONS = ("label", "guidance", "steps", "prompt", "max_new_tokens", "te
 
 def _sample(args) -> int:
     from models.registry import UsageError
-    from models.train import save_grid
+    from models.train import limit_threads, save_grid
 
     module, model, cfg = _load(args)
     options = {k: getattr(args, k) for k in _SAMPLE_OPTIONS if getattr(args, k) is not None}
     try:
-        out = module.sample(model, cfg, args.n, seed=args.seed, **options)
+        with limit_threads(1):
+            out = module.sample(model, cfg, args.n, seed=args.seed, **options)
     except TypeError as e:
         if "unexpected keyword argument" not in str(e):
             raise
@@ -330,10 +331,11 @@ def _add_eval(sub):
 
 
 def _eval(args) -> int:
-    from models.train import format_figures
+    from models.train import format_figures, limit_threads
 
     module, model, cfg = _load(args)
-    result = module.evaluate(model, cfg, seed=args.seed)
+    with limit_threads(1):  # as in training: a second BLAS thread only spins on these sizes
+        result = module.evaluate(model, cfg, seed=args.seed)
     print(json.dumps(result, indent=2) if args.json else format_figures(result))
     return 0
 

@@ -26,6 +26,7 @@ state of `core.random.default_generator`; and the batch of step t is a pure func
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -140,6 +141,19 @@ def fit(cfg, out, *, model, optimizer, step, data, ema=None, scheduler=None, res
     their time waiting for each other, and one thread per process used 6-7x less CPU per step on this
     2-core machine (measured under load, for OpenBLAS and for the Numba conv kernels alike).
     """
+    with limit_threads(threads):
+        return _fit(cfg, out, model=model, optimizer=optimizer, step=step, data=data, ema=ema,
+                    scheduler=scheduler, resume=resume, progress=progress, every=every, name=name)
+
+
+@contextlib.contextmanager
+def limit_threads(threads=1):
+    """BLAS and Numba use at most `threads` threads inside the block (None: leave them alone).
+
+    Why: the products of these small models are too small to share between threads, and an idle
+    OpenBLAS thread spins; training (and `t2i eval`/`t2i sample`) measured several times less CPU
+    per step with one thread than with two on this 2-core machine.
+    """
     import numba
     from threadpoolctl import threadpool_limits  # ships with scikit-learn, which the digits need anyway
 
@@ -148,8 +162,7 @@ def fit(cfg, out, *, model, optimizer, step, data, ema=None, scheduler=None, res
         numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     try:
         with threadpool_limits(limits=threads, user_api="blas"):
-            return _fit(cfg, out, model=model, optimizer=optimizer, step=step, data=data, ema=ema,
-                        scheduler=scheduler, resume=resume, progress=progress, every=every, name=name)
+            yield
     finally:
         numba.set_num_threads(before)
 
