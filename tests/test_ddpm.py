@@ -183,8 +183,10 @@ def test_registry_contract(tmp_path):
 
 @pytest.mark.slow
 def test_bar_guided_samples(tmp_path):
-    """The issue's bar on digits (default config, trained from scratch): FD-classifier far below the Gaussian
-    baseline, class agreement ≥ 95% with guidance; writes docs/ddpm_guidance.png."""
+    """The issue's bar on digits (default config = the measured run, trained from scratch): FD-classifier far below
+    the Gaussian baseline (under a quarter of it) and within 3× of the real training set's; class agreement ≥ 90%
+    for the plain conditional model (w = 0) and ≥ 95% with guidance (the default w); writes
+    docs/ddpm_guidance.png."""
     import os
 
     cfg = registry.config(ddpm, "digits")
@@ -193,7 +195,9 @@ def test_bar_guided_samples(tmp_path):
     model, cfg = ddpm.load(out)
     result = ddpm.evaluate(model, cfg)
     fd, agree = result["figures"]
-    assert fd["value"] < 0.5 * fd["baselines"]["gaussian"], fd
-    assert max(r["class_agreement"] for r in result["guidance_sweep"]) >= 0.95, result["guidance_sweep"]
+    assert fd["value"] < 0.25 * fd["baselines"]["gaussian"] and fd["value"] < 3 * fd["baselines"]["real_train"], fd
+    sweep = {r["guidance"]: r for r in result["guidance_sweep"]}
+    assert sweep[0]["class_agreement"] >= 0.90, sweep[0]
+    assert cfg.guidance > 0 and agree["value"] >= 0.95, agree
     docs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs")
     ddpm.plot_guidance(result["guidance_sweep"], os.path.join(docs, "ddpm_guidance.png"), result["baselines"])
