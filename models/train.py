@@ -184,8 +184,14 @@ def _fit(cfg, out, *, model, optimizer, step, data, ema, scheduler, resume, prog
             raise UsageError(f"cannot resume from {out}: its config differs in {', '.join(diff)} "
                              f"({', '.join(f'{k}={theirs.get(k)!r} there, {ours.get(k)!r} here' for k in diff)}); "
                              "train to a new --out instead")
+        # a schedule is a function of (config, step): keep this config's settings (total steps), take the step
+        fresh = scheduler.state_dict() if scheduler is not None else None
         info = serialize.load_checkpoint(out, model, optimizer, scheduler=scheduler, ema=ema)
         start, meta["history"] = info["step"], info["extra"]["history"]
+        if scheduler is not None and saved["config"].get("steps") != cfg.steps:  # a longer (or shorter) run
+            scheduler.load_state_dict({k: v for k, v in fresh.items() if k not in ("last_epoch", "_last_lr")})
+            scheduler.last_epoch -= 1
+            scheduler.step()  # the learning rate of the resumed step under the new schedule
     stream = Stream(*data, batch_size=cfg.batch_size, seed=cfg.seed)
     log_every = max(1, cfg.steps // 500)
     recent, t0 = {}, time.perf_counter()

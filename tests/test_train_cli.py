@@ -101,6 +101,41 @@ def test_fit_refuses_to_resume_another_config(tmp_path):
                      resume=False, progress=False)["start"] == 0
 
 
+def test_resuming_with_more_steps_follows_the_longer_schedule(tmp_path):
+    """A larger --steps continues training: the schedule's total comes from the new config (as nanoGPT's lr is a
+    function of its config and the step), not from the checkpoint, where the old total would keep lr at its end."""
+    import core
+
+    def run(steps, out):
+        cfg = registry.config(gan, steps=steps, batch_size=4)
+        core.manual_seed(0)
+        model = core.nn.Linear(3, 1)
+        opt = core.optim.SGD(model.parameters(), lr=0.1)
+        sched = core.optim.WarmupCosine(opt, warmup_steps=1, total_steps=steps)
+        lrs = []
+
+        def step(xb, yb):
+            loss = ((model(core.tensor(xb)) - 1.0) ** 2).mean()
+            opt.zero_grad()
+            loss.backward()
+            lrs.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+            return {"loss": loss.item()}
+
+        loop.fit(cfg, out, model=model, optimizer=opt, step=step, data=(np.ones((8, 3)), np.zeros(8)),
+                 scheduler=sched, progress=False)
+        return lrs, model.weight.numpy().copy()
+
+    first, _ = run(4, str(tmp_path / "a.safetensors"))
+    assert first[-1] > 0 and len(first) == 4
+    resumed, w = run(8, str(tmp_path / "a.safetensors"))
+    straight, w8 = run(8, str(tmp_path / "b.safetensors"))
+    assert len(resumed) == 4 and resumed[0] > 0  # the old schedule ended at lr 0; the new one is mid-way
+    np.testing.assert_allclose(resumed, straight[4:])  # the second half of the 8-step schedule ...
+    assert not np.allclose(first, straight[:4])  # ... after a first half that followed the 4-step schedule
+
+
 def test_format_figures_lines_up_value_and_baselines():
     text = loop.format_figures({"figures": [loop.figure("FD-classifier", 1.5, better="lower", gaussian=30.0,
                                                         real_train=0.2)], "note": [1, 2]})
