@@ -214,11 +214,18 @@ class Function:
 
     @classmethod
     def apply(cls, *args, **kwargs):
-        from .tensor import Tensor
-
-        inputs = tuple(a if isinstance(a, Tensor) else None for a in args)
-        raw = tuple(a.data if isinstance(a, Tensor) else a for a in args)
-        record = _mode.grad_enabled and any(t is not None and t.requires_grad for t in inputs)
+        Tensor = _tensor_class()
+        inputs, raw, wants_grad = [], [], False
+        for a in args:  # one pass: this runs once per op, and decoding a token runs ~90 ops
+            if isinstance(a, Tensor):
+                inputs.append(a)
+                raw.append(a.data)
+                wants_grad = wants_grad or a.requires_grad
+            else:
+                inputs.append(None)
+                raw.append(a)
+        inputs = tuple(inputs)
+        record = _mode.grad_enabled and wants_grad
         ctx = Context(cls, inputs)
         out = cls.forward(ctx, *raw, **kwargs)
         if _mode.anomaly and not _all_finite(out) and all(_all_finite(r) for r in raw):
@@ -233,6 +240,14 @@ class Function:
         if t.requires_grad:
             t._ctx = ctx
         return t
+
+
+@functools.cache
+def _tensor_class():
+    """core.tensor.Tensor, imported on first use (tensor.py imports this module)."""
+    from .tensor import Tensor
+
+    return Tensor
 
 
 def _is_float(a) -> bool:

@@ -97,6 +97,8 @@ class SelfAttention(nn.Module):
         if cache is not None:
             offset = cache.lengths[layer]
             k, v = cache.update(layer, k, v)
+        if offset and L == 1 and pattern is None:
+            is_causal = False  # one new query after everything cached: every key is visible, no mask needed
         if offset and (is_causal or pattern is not None):
             # the new queries sit at positions offset.., the kernels' rules count queries from 0: spell the
             # visible keys out as a mask (only L rows: one when decoding token by token)
