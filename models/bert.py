@@ -10,12 +10,12 @@ padded with [PAD] to the batch's longest sequence; the padding mask keeps every 
 a [PAD] key, so padding never changes what a real position computes.
 
 Two tasks, trained together (§3.1; the loss is their sum, Appendix A.2):
-- Masked LM (Task #1): 15% of the tokens of each sequence are chosen (here exactly max(1, round(0.15 n)) of
-  its n non-special tokens, as in BERT's create_pretraining_data.py); a chosen token is replaced by [MASK]
-  80% of the time, by a random token 10%, and left unchanged 10%, and the model predicts the original
-  token at the chosen positions only (cross-entropy over the vocabulary). The output layer is the token
-  embedding matrix (weight-tied) plus a bias per token, after a dense + GELU + LayerNorm transform (BERT's
-  run_pretraining.py, get_masked_lm_output).
+- Masked LM (Task #1): 15% of the tokens of each sequence are chosen (here exactly max(1, round(p n)) of
+  its n non-special tokens, as in BERT's create_pretraining_data.py; p = cfg.mask_prob, see below); a
+  chosen token is replaced by [MASK] 80% of the time, by a random token 10%, and left unchanged 10%, and
+  the model predicts the original token at the chosen positions only (cross-entropy over the vocabulary).
+  The output layer is the token embedding matrix (weight-tied) plus a bias per token, after a dense +
+  GELU + LayerNorm transform (BERT's run_pretraining.py, get_masked_lm_output).
 - Next sentence prediction (Task #2): 50% of the time B is the text that follows A in the same document
   (IsNext), 50% a span of another document (NotNext); a 2-way classifier reads C, the final hidden vector
   of [CLS] after the pooler (dense + tanh, BERT's modeling.py).
@@ -31,7 +31,10 @@ Differences from the paper, for a 15-minute CPU run: pre-LN blocks with a final 
 models.transformer, Xiong et al. 2020) instead of post-LN, so the embeddings are summed without their own
 LayerNorm; a byte-level BPE (models.bpe) instead of WordPiece; a random replacement token is drawn from the
 ordinary tokens only (not the special ones); masks are drawn anew at every step (dynamic masking, Liu et al.
-2019) from a generator seeded by (seed, step), so a resumed run equals an uninterrupted one.
+2019) from a generator seeded by (seed, step), so a resumed run equals an uninterrupted one; training masks
+40% of the tokens, not 15% (Wettig et al. 2023, "Should You Mask 15% in Masked Language Modeling?": 2.7x the
+predictions per sequence for about the same compute, which a short run needs), while `evaluate` masks BERT's
+15% of the held-out tokens.
 
     t2i train bert --out /tmp/runs/bert/ckpt.safetensors
     t2i sample bert --ckpt /tmp/runs/bert/ckpt.safetensors --prompt "a small [MASK] circle" --n 4
@@ -53,6 +56,7 @@ from models.transformer import Transformer
 
 DATA = ("text",)
 IGNORE = -100  # label of a position that is not predicted (F.cross_entropy's ignore_index)
+EVAL_MASK_PROB = 0.15  # evaluate masks BERT's 15% of held-out tokens, whatever rate training used
 
 
 @dataclasses.dataclass
@@ -60,7 +64,7 @@ class Config:
     """Defaults: the measured bar run on the text corpus (see README)."""
 
     data: str = "text"
-    steps: int = 1400
+    steps: int = 1200
     batch_size: int = 64
     lr: float = 2e-3
     seed: int = 0
@@ -70,7 +74,7 @@ class Config:
     heads: int = 4
     dropout: float = 0.0
     vocab_size: int | None = None  # None: the corpus tokenizer's
-    mask_prob: float = 0.15  # §3.1: 15% of the tokens are chosen
+    mask_prob: float = 0.4  # §3.1 chooses 15%; 40% learns faster per step (Wettig et al. 2023)
     short_prob: float = 0.1  # a chunk gets a random shorter length this often (BERT's short_seq_prob)
     examples: int = 65536  # sequence pairs pre-built from the training documents (masks drawn per step)
     weight_decay: float = 0.01  # Appendix A.2
@@ -392,16 +396,17 @@ def predict(model, ids, segments, labels, batch_size=128):
 
 
 def evaluate(model, cfg, *, seed=0):
-    """On cfg.eval_examples pairs built from the held-out documents: masked-token accuracy (every chosen
-    token replaced by [MASK]) beside the accuracy of always guessing the most frequent training token, and
-    NSP accuracy beside chance (50%) and the majority class of these pairs."""
+    """On cfg.eval_examples pairs built from the held-out documents: masked-token accuracy (15% of the
+    tokens chosen, whatever cfg.mask_prob, and every chosen token replaced by [MASK]) beside the accuracy of
+    always guessing the most frequent training token, and NSP accuracy beside chance (50%) and the majority
+    class of these pairs."""
     from models import corpus
 
     tok = corpus.tokenizer()
     sp = Specials(tok)
     ids, segments, is_next = make_pairs(encoded_documents("val"), cfg.eval_examples, cfg.context, sp,
                                         np.random.default_rng([seed, 2]), cfg.short_prob)
-    inputs, labels = mask_tokens(ids, sp, np.random.default_rng([seed, 3]), cfg.mask_prob, replace=(1.0, 0.0))
+    inputs, labels = mask_tokens(ids, sp, np.random.default_rng([seed, 3]), EVAL_MASK_PROB, replace=(1.0, 0.0))
     preds, p_next = predict(model, inputs, segments, labels)
     chosen = labels != IGNORE
     train_tokens = corpus.tokens("train")
