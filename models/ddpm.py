@@ -49,7 +49,7 @@ class Config:
     T: int = 1000
     conditional: bool = True
     p_uncond: float = 0.1  # label dropped with this probability (Ho & Salimans §3.2)
-    guidance: float = 1.0  # default w (Ho & Salimans eq. 6; 0 = plain conditional); the bar run: see ddpm_guidance.png
+    guidance: float = 0.25  # default w (Ho & Salimans eq. 6; 0 = conditional); bar run: w ≥ 1 over-sharpens
     sample_steps: int = 25  # DDIM steps by default; T means ancestral sampling
     clip_x0: float = 1.0  # clip the predicted x_0 to [−1, 1] while sampling (as the DDPM code does)
     ema_decay: float = 0.998  # horizon ~500 steps; the initial weights keep 0.998^steps < 1% of the average
