@@ -4,7 +4,7 @@
     t2i verify [--trials N] [--seed S] [--op NAME ...] [--json]
     t2i bench [family ...] [--device cpu|cuda] [--threads N] [--quick] [--full] [--json] [--out DIR]
     t2i train MODEL [--data digits|shapes|text] [--steps N] [--seed S] [--batch-size B] --out CKPT
-    t2i sample MODEL --ckpt CKPT [--n 64] [--label K] [--guidance S] [--steps N] [--seed S] -o grid.png
+    t2i sample MODEL --ckpt CKPT [--n 64] [--label K] [--guidance W] [--steps N] [--seed S] -o grid.png
     t2i sample gpt --ckpt CKPT --prompt "a red" [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P]
     t2i eval MODEL --ckpt CKPT [--json]
 
@@ -272,7 +272,8 @@ def _add_sample(sub):
     p.add_argument("--ckpt", required=True, metavar="PATH", help="checkpoint written by t2i train")
     p.add_argument("--n", type=_positive_int, default=64, metavar="N", help="number of samples (default: 64)")
     p.add_argument("--label", type=_non_negative_int, metavar="K", help="class of every sample (conditional models)")
-    p.add_argument("--guidance", type=float, metavar="S", help="classifier-free guidance scale (diffusion)")
+    p.add_argument("--guidance", type=float, metavar="W", help="classifier-free guidance weight w (diffusion): "
+                   "(1+w)·ε(x,c) − w·ε(x), so w = 0 is the plain conditional model")
     p.add_argument("--steps", type=_positive_int, metavar="N", help="sampling steps (diffusion)")
     p.add_argument("--seed", type=_non_negative_int, default=0, metavar="S", help="seed of the noise (default: 0)")
     p.add_argument("--prompt", metavar="TEXT", help="text to continue or fill in (text models)")
