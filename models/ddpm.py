@@ -174,17 +174,9 @@ def train(cfg, out, *, resume=True, progress=True):
 
 def load(path):
     """(model with its EMA weights, in eval mode; Config) from a checkpoint of `train`; global RNG untouched."""
-    from models.registry import from_dict
-    from models.train import load_weights, read_checkpoint
+    from models.train import load_model
 
-    ckpt = read_checkpoint(path)
-    cfg = from_dict(Config, ckpt["config"])
-    state = core.random.get_rng_state()
-    try:
-        model = load_weights(build(cfg), ckpt, ema=True)
-    finally:
-        core.random.set_rng_state(state)
-    return model, cfg
+    return load_model(path, Config, build)
 
 
 def sample(model, cfg, n, *, label=None, guidance=None, steps=None, seed=0, eta=0.0):

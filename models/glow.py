@@ -319,16 +319,9 @@ def train(cfg, out, *, resume=True, progress=True):
 
 def load(path):
     """(model in eval mode, Config) from a checkpoint written by `train`; the global RNG is left untouched."""
-    from models.registry import from_dict
-    from models.train import load_weights, read_checkpoint
+    from models.train import load_model
 
-    ckpt = read_checkpoint(path)
-    cfg = from_dict(Config, ckpt["config"])
-    state = core.random.get_rng_state()  # building draws the (overwritten) initial weights from the global RNG
-    try:
-        return load_weights(build(cfg, core.random.Generator(0)), ckpt), cfg
-    finally:
-        core.random.set_rng_state(state)
+    return load_model(path, Config, lambda cfg: build(cfg, core.random.Generator(0)))
 
 
 def sample(model, cfg, n, *, label=None, guidance=None, steps=None, seed=0, temperature=None):

@@ -237,6 +237,22 @@ def read_checkpoint(path):
             "history": extra.get("history", {}), "weights": weights, "ema": ema}
 
 
+def load_model(path, config_cls, build):
+    """(model, cfg): the Config a `fit` checkpoint holds, `build(cfg)`'s model with the checkpoint's weights
+    (EMA ones where kept), in eval mode. The global RNG is left untouched, though building draws the
+    initial weights (overwritten here) from it: loading must not change what a later seed gives."""
+    import core
+    from models.registry import from_dict
+
+    ckpt = read_checkpoint(path)
+    cfg = from_dict(config_cls, ckpt["config"])
+    state = core.random.get_rng_state()
+    try:
+        return load_weights(build(cfg), ckpt), cfg
+    finally:
+        core.random.set_rng_state(state)
+
+
 def load_weights(model, ckpt, *, ema=True):
     """Put a `read_checkpoint` result's weights into `model` (the EMA's averaged parameters instead of
     the raw ones when `ema` and the checkpoint has them); return the model in eval mode."""
