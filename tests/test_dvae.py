@@ -119,6 +119,24 @@ def test_kl_to_uniform_equals_the_direct_formula():
     assert dvae.kl_to_uniform(core.zeros(2, 7, 2, 3, dtype=np.float64)).numpy() == pytest.approx([0, 0], abs=1e-12)
 
 
+def test_marginal_kl_is_the_kl_of_the_batch_averaged_q():
+    """KL(q̄ || U(K)), q̄ the mean of softmax(logits) over images and cells: 0 when the batch uses the codes equally
+    even if every cell is sure of its code, ln K when every cell is sure of the same code; gradient by finite
+    differences (float64)."""
+    rng = np.random.default_rng(5)
+    lg = rng.normal(0, 2, size=(3, 7, 2, 3))
+    q = torch.softmax(torch.tensor(lg), dim=1).mean((0, 2, 3))
+    uniform = torch.distributions.Categorical(probs=torch.full((7,), 1 / 7.0, dtype=torch.float64))
+    ref = torch.distributions.kl_divergence(torch.distributions.Categorical(probs=q), uniform)
+    assert dvae.marginal_kl(core.tensor(lg)).item() == pytest.approx(ref.item(), rel=1e-9)
+    sure = np.where(np.eye(7)[np.arange(7 * 2 * 3).reshape(7, 2, 3) % 7].transpose(0, 3, 1, 2) > 0, 30.0, -30.0)
+    assert dvae.marginal_kl(core.tensor(sure)).item() == pytest.approx(0, abs=1e-9)  # each code in 6 of 42 cells
+    same = np.full((2, 7, 2, 2), -30.0)
+    same[:, 3] = 30.0
+    assert dvae.marginal_kl(core.tensor(same)).item() == pytest.approx(math.log(7), abs=1e-9)
+    assert gradcheck(lambda g: dvae.marginal_kl(g), (core.tensor(lg, requires_grad=True),), atol=1e-7, rtol=1e-6)
+
+
 @pytest.mark.parametrize("mu,b", [(0.0, 1.0), (-2.0, 0.3), (1.5, 0.05), (0.7, 3.0)])
 def test_logit_laplace_is_a_density_on_the_unit_interval(mu, b):
     """∫_0^1 f(y | μ, b) dy = 1 (scipy quadrature; the peak at sigmoid(μ) split out), and f is the paper's formula
@@ -174,6 +192,25 @@ def test_loss_falls_on_a_tiny_batch():
         losses.append(terms["loss"])
         assert terms["loss"] == pytest.approx(terms["rec"] + terms["kl"], rel=1e-5)  # β = 1 here
     assert losses[-1] < losses[0] - 0.5  # nats per pixel channel
+
+
+def test_loss_adds_the_diversity_term_and_hard_decodes_one_hot_codes():
+    """cfg.diversity = γ adds γ·cells·KL(q̄ || U)/(C·H·W) to the same −ELBO (same Gumbel noise); cfg.hard = True
+    decodes the one-hot Gumbel-max code of the same noise (the forward of F.gumbel_softmax(hard=True))."""
+    core.manual_seed(0)
+    m = dvae.build(tiny())
+    x = core.tensor(dvae.on_levels(loop.dataset("shapes", 16)[0][:4]))
+    g = np.random.default_rng(6).gumbel(size=(4, 16, 4, 4)).astype(np.float32)
+    base, t0 = dvae.loss(m, x, tiny(), 3, noise=g)
+    both, t1 = dvae.loss(m, x, tiny(diversity=2.0), 3, noise=g)
+    div = dvae.marginal_kl(m.logits(x)).item() * 16 / (3 * 16 * 16)
+    assert t1["div"] == pytest.approx(div, rel=1e-5) and div > 0
+    assert both.item() == pytest.approx(base.item() + 2.0 * div, rel=1e-5, abs=1e-6)
+    _, th = dvae.loss(m, x, tiny(hard=True), 3, noise=g)
+    onehot = np.eye(16, dtype=np.float32)[(m.logits(x).numpy() + g).argmax(1)].transpose(0, 3, 1, 2)
+    mu, log_b = m.likelihood(core.tensor(onehot))
+    rec = dvae.logit_laplace_log_prob(core.tensor(dvae.map_pixels(x.numpy())), mu, log_b).numpy().sum((1, 2, 3))
+    assert th["rec"] == pytest.approx(-rec.mean() / (3 * 16 * 16), rel=1e-4)
 
 
 def test_negative_elbo_is_a_bound_in_the_units_of_the_pixel_baseline():
