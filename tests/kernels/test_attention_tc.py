@@ -56,24 +56,28 @@ def nvrtc_compile(names, arch="compute_90", extra=()):
         check(nvrtc.nvrtcAddNameExpression(prog, name.encode()), "name")
     opts = [o.encode() for o in (*cuda_tc.compile_options(), "-ftz=true", f"-arch={arch}", *extra)]  # -ftz: as CuPy
     status = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
+    # NVRTC writes into the buffers it is given: they must be fresh bytearrays, never `b" " * size`, which for
+    # size 1 (an empty log) is CPython's one shared b" " — NVRTC then turned every b" " in the process into b"\0"
     (size,) = check(nvrtc.nvrtcGetProgramLogSize(prog), "log size")
-    log = b" " * size
+    log = bytearray(size)
     check(nvrtc.nvrtcGetProgramLog(prog, log), "log")
-    log = log.decode(errors="replace")
+    log = bytes(log).decode(errors="replace")
     assert status[0] == nvrtc.nvrtcResult.NVRTC_SUCCESS, f"flash_tc.cu does not compile:\n{log}"
     for name in names:
         (lowered,) = check(nvrtc.nvrtcGetLoweredName(prog, name.encode()), "lowered name")
         assert lowered.startswith(b"_Z13flash_forward"), lowered
     (size,) = check(nvrtc.nvrtcGetPTXSize(prog), "ptx size")
-    ptx = b" " * size
+    ptx = bytearray(size)
     check(nvrtc.nvrtcGetPTX(prog, ptx), "ptx")
     cubin = None
     if arch.startswith("sm_"):
         (size,) = check(nvrtc.nvrtcGetCUBINSize(prog), "cubin size")
-        cubin = b" " * size
+        cubin = bytearray(size)
         check(nvrtc.nvrtcGetCUBIN(prog, cubin), "cubin")
+        cubin = bytes(cubin)
     check(nvrtc.nvrtcDestroyProgram(prog), "destroy")
-    return ptx.decode().rstrip("\x00 "), cubin, log
+    assert b" " == bytes([32]), "a buffer handed to NVRTC was a shared bytes object"
+    return bytes(ptx).decode().rstrip("\x00 "), cubin, log
 
 
 def assert_tensor_core_ptx(ptx, elements):
