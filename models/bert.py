@@ -66,7 +66,7 @@ class Config:
     data: str = "text"
     steps: int = 1200
     batch_size: int = 64
-    lr: float = 2e-3
+    lr: float = 1e-3
     seed: int = 0
     context: int = 64  # max_seq_length: [CLS] A [SEP] B [SEP] and padding
     depth: int = 4
