@@ -61,7 +61,7 @@ class Config:
     text_heads: int = 4
     context: int = 24  # text length in tokens, end-of-text token included
     embed_dim: int = 64  # the joint embedding space
-    steps: int = 800
+    steps: int = 1300
     batch_size: int = 512  # the in-batch negatives that differ from a pair only in shape make the shape signal
     lr: float = 2e-3
     weight_decay: float = 0.1
