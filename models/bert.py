@@ -294,11 +294,7 @@ def build(cfg, sp=None):
 def optimizer(model, cfg):
     """Adam with decoupled weight decay 0.01 on the matrices (Appendix A.2; BERT's AdamWeightDecay skips
     LayerNorm and bias parameters), β = (0.9, 0.999)."""
-    params = list(model.named_parameters())
-    decay = [p for _, p in params if p.ndim >= 2]
-    rest = [p for _, p in params if p.ndim < 2]
-    return core.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.999))
+    return core.optim.AdamW(loop.decay_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
 
 
 def train(cfg, out, *, resume=True, progress=True):

@@ -224,11 +224,7 @@ def windows(tokens, starts, context):
 def optimizer(model, cfg):
     """AdamW with weight decay on the matrices (embeddings and linear weights) and none on biases and
     layer norms (nanoGPT's grouping), β2 = 0.95 as in GPT-3."""
-    params = list(model.named_parameters())
-    decay = [p for _, p in params if p.ndim >= 2]
-    rest = [p for _, p in params if p.ndim < 2]
-    return core.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    return core.optim.AdamW(loop.decay_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
 
 
 def train(cfg, out, *, resume=True, progress=True):

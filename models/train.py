@@ -237,6 +237,14 @@ def read_checkpoint(path):
             "history": extra.get("history", {}), "weights": weights, "ema": ema}
 
 
+def decay_groups(model, weight_decay):
+    """AdamW parameter groups: weight decay on the matrices (linear and embedding weights), none on biases and
+    norm scales (the 1-d parameters) — the grouping of BERT's AdamWeightDecay and nanoGPT."""
+    params = [p for _, p in model.named_parameters()]
+    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+
+
 def load_model(path, config_cls, build):
     """(model, cfg): the Config a `fit` checkpoint holds, `build(cfg)`'s model with the checkpoint's weights
     (EMA ones where kept), in eval mode. The global RNG is left untouched, though building draws the
