@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 
 import numpy as np
 
@@ -169,6 +170,8 @@ class InvConv1x1(nn.Module):
 class AffineCoupling(nn.Module):
     """RealNVP's affine coupling (Dinh et al. 2017, eqs. 7–8; Glow Table 1 row 3): x = (x_a, x_b),
     (log s, t) = NN(x_a), y_a = x_a, y_b = (x_b + t) ⊙ s with s = sigmoid(log s + 2); log-det = Σ log s.
+    The inverse multiplies by 1/s = 1 + e^{−(log s + 2)}, which no float holds once log s < −90: a latent far
+    from the data's image can overflow it (`sample` counts and clips such images).
     NN is conv3×3 → ReLU → conv1×1 → ReLU → zero-initialized conv3×3."""
 
     def __init__(self, channels, hidden):
@@ -190,7 +193,8 @@ class AffineCoupling(nn.Module):
         c = y.shape[1] // 2
         ya, yb = y[:, :c], y[:, c:]
         shift, raw = self._shift_scale(ya)
-        return core.cat([ya, yb / raw.sigmoid() - shift], 1)
+        # x_b = y_b / s − t with 1/sigmoid(r) = 1 + e^{−r}: no division by a sigmoid that underflowed to 0
+        return core.cat([ya, yb * (1.0 + (-raw).exp()) - shift], 1)
 
 
 class Split(nn.Module):
@@ -332,10 +336,15 @@ def sample(model, cfg, n, *, label=None, guidance=None, steps=None, seed=0, temp
     for name, value in (("label", label), ("guidance", guidance), ("steps", steps)):
         if value is not None:
             raise UsageError(f"glow: {name} is not an option of this (unconditional) model")
-    gen = core.random.Generator(seed)
-    with core.no_grad():
-        x = model.eval().reverse(n=n, temperature=cfg.temperature if temperature is None else temperature,
-                                 generator=gen).data
+    gen, temperature = core.random.Generator(seed), cfg.temperature if temperature is None else temperature
+    with core.no_grad(), np.errstate(over="ignore", invalid="ignore"):  # counted below instead
+        x = model.eval().reverse(n=n, temperature=temperature, generator=gen).data
+    diverged = ~np.isfinite(x).all(axis=(1, 2, 3))
+    if diverged.any():  # the inverse overflowed (1/s grows as e^{−r}): such latents are far outside the data's image
+        warnings.warn(f"glow.sample: the inverse flow overflowed for {diverged.sum()} of {n} latents at temperature "
+                      f"{temperature:g}; their non-finite pixels are set to the nearest end of [-1, 1] (NaN: -1)",
+                      stacklevel=2)
+        x = np.nan_to_num(x, nan=-1.0, posinf=1.0, neginf=-1.0)
     return (metrics.quantize(x, cfg.n_bins) * metrics.bin_width(cfg.n_bins) - 1).astype(np.float32)
 
 

@@ -196,6 +196,19 @@ def test_sampling_with_temperature():
     np.testing.assert_allclose(cold[0][0], cold[0][1], atol=1e-12)
 
 
+def test_sampling_survives_an_overflowing_inverse():
+    """The inverse multiplies by 1/s = 1 + e^{−r}; a coupling with r = −800 overflows even float64. The
+    sampler warns and returns images on the pixel levels, not NaN cast to an integer (−7e16 before)."""
+    cfg = registry.config(glow, "digits", hidden=8, steps_per_level=1)
+    model = glow.build(cfg, core.random.Generator(0)).eval()
+    coupling = model.levels[0][2]
+    coupling.nn[-1].bias.data[1::2] = -802.0  # r = bias + 2 for the scale channels
+    with pytest.warns(UserWarning, match=r"overflowed for \d+ of 6 latents"):
+        s = glow.sample(model, cfg, 6, seed=0)
+    assert s.shape == (6, 1, 8, 8) and np.isfinite(s).all()
+    assert set(np.unique(s)) <= set(np.arange(17) / 8 - 1)
+
+
 def test_registry_contract(tmp_path):
     """train (resumable checkpoint) → load → sample → evaluate on digits with a tiny config."""
     cfg = registry.config(glow, "digits", steps=3, hidden=8, steps_per_level=1, checkpoint_every=2)
