@@ -68,7 +68,7 @@ class Config:
             raise ValueError(f"ddpm: p_uncond must be in [0, 1), got {self.p_uncond}")
 
 
-PRESETS = {"shapes": {"resolution": 16, "channels": 48, "mults": (1, 2, 2)}}
+PRESETS = {"shapes": {"resolution": 16, "channels": 32, "mults": (1, 2, 2), "steps": 1200, "ema_decay": 0.995}}
 
 
 def make_schedule(name, T):
@@ -206,14 +206,20 @@ def sample(model, cfg, n, *, label=None, guidance=None, steps=None, seed=0, eta=
 
 
 def evaluate(model, cfg, *, seed=0, n=None, guidances=None):
-    """FD-classifier to the test set of n DDIM samples (labels balanced), beside a Gaussian fitted to the
-    training pixels and the real training set; on digits, the class agreement of the samples with their
-    requested labels; and both at every guidance weight in `guidances` (default 0, 1, 2, 3, 4) for the
-    guidance plot (`plot_guidance`). n defaults to the training set's size, the baselines' sample size
-    (the Fréchet distance of finite sets is biased by their size, so only equal sizes compare)."""
+    """Digits: FD-classifier to the test set of n DDIM samples (labels balanced), beside a Gaussian fitted to
+    the training pixels and the real training set; the class agreement of the samples with their requested
+    labels; and both at every guidance weight in `guidances` (default 0, 1, 2, 3, 4) for the guidance plot
+    (`plot_guidance`). n defaults to the training set's size, the baselines' sample size (the Fréchet
+    distance of finite sets is biased by their size, so only equal sizes compare). Shapes: the figures of
+    `models.train.sampler_figures` on n = 2,000 samples (as GAN and VAE report them)."""
     from models import metrics
-    from models.train import dataset, figure
+    from models.train import dataset, figure, sampler_figures
 
+    if cfg.data != "digits":  # shapes: GAN's and VAE's figures on 2,000 samples, at w = cfg.guidance only (the
+        n = 2000 if n is None else n  # sweep would cost 6 × 8,192 samples; no head reads the conditioning class)
+        labels = np.arange(n) % model.num_classes if model.num_classes else None
+        result = sampler_figures(sample(model, cfg, n, label=labels, seed=seed), cfg.data, cfg.resolution, seed=seed)
+        return result | {"guidance": cfg.guidance if model.num_classes else None, "sample_steps": cfg.sample_steps}
     x_train, _ = dataset(cfg.data, cfg.resolution, "train")
     x_test, _ = dataset(cfg.data, cfg.resolution, "test")
     base = metrics.sampler_baselines(cfg.data, x_train, x_test, seed=seed)

@@ -181,6 +181,18 @@ def test_registry_contract(tmp_path):
         registry.config(ddpm, "digits", schedule="quadratic")
 
 
+def test_evaluate_on_shapes():
+    """Shapes: the samplers' figures (as GAN and VAE report them) at the default guidance only; an untrained
+    network's samples are farther from the test set than the real training set is."""
+    cfg = registry.config(ddpm, "shapes", channels=8, T=20, sample_steps=2)
+    core.manual_seed(0)
+    result = ddpm.evaluate(ddpm.build(cfg).eval(), cfg, n=10)
+    fd, tv = result["figures"]
+    assert (fd["name"], tv["name"]) == ("FD-classifier", "class-frequency TV (shape0)")
+    assert result["samples"] == 10 and result["guidance"] == cfg.guidance
+    assert fd["value"] > fd["baselines"]["real_train"], fd
+
+
 @pytest.mark.slow
 def test_bar_guided_samples(tmp_path):
     """The issue's bar on digits (default config = the measured run, trained from scratch): FD-classifier far below
