@@ -54,7 +54,10 @@ class Config:
     seed: int = 0
 
 
-PRESETS = {"shapes": {"resolution": 16, "n_bins": 256, "hidden": 64, "steps_per_level": 6, "steps": 800}}
+# shapes: 87% of the pixels are black background; a 400-step pilot reached 2.88 / 2.15 / 1.81 train bits/dim
+# at lr 1e-3 / 3e-3 / 6e-3, so the preset trains longer at a higher rate (warmup 200 for it)
+PRESETS = {"shapes": {"resolution": 16, "n_bins": 256, "hidden": 64, "steps_per_level": 6, "steps": 4400, "lr": 5e-3,
+                      "warmup": 200}}
 
 
 def squeeze(x):
