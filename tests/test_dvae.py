@@ -157,6 +157,38 @@ def test_logit_laplace_is_a_density_on_the_unit_interval(mu, b):
     np.testing.assert_allclose(ours, lap.numpy(), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("mu, sigma", [(0.0, 0.3), (1.5, 0.3), (-2.2, 0.1), (0.7, 1.0)])
+def test_logit_normal_is_a_density_on_the_unit_interval(mu, sigma):
+    """The fixed-scale alternative (Config.sigma > 0): ∫_0^1 = 1, and it is PyTorch's Normal density of logit(y)
+    times 1/(y(1−y)), so the ELBO stays a bound on the same data."""
+    def f(y):
+        return float(np.exp(dvae.logit_normal_log_prob(core.tensor(np.array([y])), core.tensor(np.array([mu])),
+                                                       sigma).numpy()[0]))
+    peak = 1 / (1 + math.exp(-mu))
+    total = sum(scipy.integrate.quad(f, lo, hi, limit=200, epsabs=1e-11)[0] for lo, hi in ((0, peak), (peak, 1)))
+    assert total == pytest.approx(1, abs=1e-7)
+    y = np.linspace(0.01, 0.99, 41)
+    ours = dvae.logit_normal_log_prob(core.tensor(y), core.tensor(np.full(41, mu)), sigma).numpy()
+    normal = torch.distributions.Normal(torch.tensor(mu, dtype=torch.float64), sigma)
+    ref = normal.log_prob(torch.logit(torch.tensor(y))) - torch.log(torch.tensor(y * (1 - y)))
+    np.testing.assert_allclose(ours, ref.numpy(), rtol=1e-12, atol=1e-12)
+
+
+def test_sigma_switches_the_likelihood():
+    """With Config.sigma = σ > 0 the reconstruction term is the logit-normal of the decoder's μ (its ln b unused)."""
+    cfg = dvae.Config(resolution=8, downs=1, width=8, codebook_size=16, blocks=1, sigma=0.3)
+    core.manual_seed(0)
+    model = dvae.build(cfg)
+    x = core.tensor(np.random.default_rng(0).uniform(-1, 1, (2, 3, 8, 8)).astype(np.float32))
+    noise = core.tensor(np.random.default_rng(1).gumbel(size=(2, 16, 4, 4)).astype(np.float32))
+    rec, _ = dvae.elbo_terms(model, x, 0.5, noise=noise)
+    mu, _ = model.likelihood(F.gumbel_softmax(model.logits(x), 0.5, dim=1, noise=noise))
+    want = dvae.logit_normal_log_prob(dvae.map_pixels(x), mu, 0.3).flatten(1).sum(1)
+    np.testing.assert_allclose(rec.numpy(), want.numpy(), rtol=1e-6)
+    with pytest.raises(ValueError, match="sigma"):
+        dvae.Config(sigma=-1.0)
+
+
 def test_pixel_map_and_its_inverse():
     x = np.array([-1.0, 0.0, 1.0])
     np.testing.assert_allclose(dvae.map_pixels(x), [0.1, 0.5, 0.9])  # (1 − 2ε)x + ε on [0, 1], ε = 0.1
@@ -171,8 +203,8 @@ def test_schedules_at_key_steps():
     assert dvae.tau_at(cfg, cfg.tau_steps // 4) == pytest.approx(1 / 16 + (15 / 16) * (1 + math.cos(math.pi / 4)) / 2)
     assert dvae.tau_at(cfg, cfg.tau_steps) == dvae.tau_at(cfg, 10 * cfg.tau_steps) == pytest.approx(1 / 16)
     assert dvae.kl_weight_at(cfg, 0) == 0.0
-    assert dvae.kl_weight_at(cfg, cfg.kl_steps // 2) == pytest.approx(3.3)
-    assert dvae.kl_weight_at(cfg, cfg.kl_steps) == dvae.kl_weight_at(cfg, cfg.steps) == pytest.approx(6.6)
+    assert dvae.kl_weight_at(cfg, cfg.kl_steps // 2) == pytest.approx(cfg.kl_weight / 2)
+    assert dvae.kl_weight_at(cfg, cfg.kl_steps) == dvae.kl_weight_at(cfg, cfg.steps) == pytest.approx(cfg.kl_weight)
     taus = [dvae.tau_at(cfg, t) for t in range(0, cfg.tau_steps + 1, 10)]
     assert all(a > b for a, b in zip(taus, taus[1:]))  # strictly annealed
 
@@ -190,7 +222,8 @@ def test_loss_falls_on_a_tiny_batch():
         value.backward()
         opt.step()
         losses.append(terms["loss"])
-        assert terms["loss"] == pytest.approx(terms["rec"] + terms["kl"], rel=1e-5)  # β = 1 here
+        want = terms["rec"] + terms["kl"] + cfg.diversity * terms["div"]  # β = 1 here
+        assert terms["loss"] == pytest.approx(want, rel=1e-5)
     assert losses[-1] < losses[0] - 0.5  # nats per pixel channel
 
 
@@ -201,12 +234,13 @@ def test_loss_adds_the_diversity_term_and_hard_decodes_one_hot_codes():
     m = dvae.build(tiny())
     x = core.tensor(dvae.on_levels(loop.dataset("shapes", 16)[0][:4]))
     g = np.random.default_rng(6).gumbel(size=(4, 16, 4, 4)).astype(np.float32)
-    base, t0 = dvae.loss(m, x, tiny(), 3, noise=g)
+    base, t0 = dvae.loss(m, x, tiny(diversity=0.0), 3, noise=g)
     both, t1 = dvae.loss(m, x, tiny(diversity=2.0), 3, noise=g)
     div = dvae.marginal_kl(m.logits(x)).item() * 16 / (3 * 16 * 16)
     assert t1["div"] == pytest.approx(div, rel=1e-5) and div > 0
     assert both.item() == pytest.approx(base.item() + 2.0 * div, rel=1e-5, abs=1e-6)
-    _, th = dvae.loss(m, x, tiny(hard=True), 3, noise=g)
+    m.sigma = 0.0  # the paper's logit-Laplace
+    _, th = dvae.loss(m, x, tiny(hard=True, sigma=0.0), 3, noise=g)
     onehot = np.eye(16, dtype=np.float32)[(m.logits(x).numpy() + g).argmax(1)].transpose(0, 3, 1, 2)
     mu, log_b = m.likelihood(core.tensor(onehot))
     rec = dvae.logit_laplace_log_prob(core.tensor(dvae.map_pixels(x.numpy())), mu, log_b).numpy().sum((1, 2, 3))
