@@ -215,3 +215,33 @@ def test_benchmark_helper_runs():
     result = cpu.benchmark_q_sample(shape=(4, 3, 16, 16), repeats=2, threads=1)
     assert set(result) >= {"ours_s", "torch_s", "ours_GBps", "torch_GBps", "speedup"}
     assert result["ours_s"] > 0 and result["torch_s"] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("sched", [LINEAR, COSINE], ids=["linear", "cosine"])
+def test_cuda_equals_reference_on_gpu(dtype, sched):
+    """On a real GPU with CuPy arrays: every update, drawn noise and given noise, clipping and both variances."""
+    cupy = pytest.importorskip("cupy")
+    if not cupy.is_available():
+        pytest.skip("no CUDA GPU")
+    rng = np.random.default_rng(1)
+    shape = (16, 3, 33, 31)
+    x, e, z = ((rng.standard_normal(shape) * 1.5).astype(dtype) for _ in range(3))
+    t = rng.integers(0, 1000, shape[0])
+    t_prev = np.maximum(t - rng.integers(1, 50, shape[0]), -1)
+    xd, ed = cupy.asarray(x), cupy.asarray(e)
+    tol = TOL[dtype]
+    for kw, dkw in ((dict(seed=7), dict(seed=7)), (dict(noise=z), dict(noise=cupy.asarray(z)))):
+        for got, want in zip(schedule.q_sample(xd, t, sched, **dkw), ref.q_sample(x, t, sched, **kw)):
+            assert isinstance(got, cupy.ndarray) and got.dtype == dtype
+            np.testing.assert_allclose(cupy.asnumpy(got), want, **tol)
+        for clip in (None, 1.0):
+            for var in ("posterior", "beta"):
+                np.testing.assert_allclose(
+                    cupy.asnumpy(schedule.ddpm_step(xd, ed, t, sched, clip_x0=clip, variance=var, **dkw)),
+                    ref.ddpm_step(x, e, t, sched, clip_x0=clip, variance=var, **kw), **tol)
+            for eta in (0.0, 1.0):
+                np.testing.assert_allclose(
+                    cupy.asnumpy(schedule.ddim_step(xd, ed, t, t_prev, sched, eta, clip_x0=clip, **dkw)),
+                    ref.ddim_step(x, e, t, t_prev, sched, eta, clip_x0=clip, **kw), **tol)

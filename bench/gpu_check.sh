@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The GPU checks in one go, for a machine with a CUDA GPU, CuPy, numba-cuda and PyTorch (see README, "On a GPU"):
+# versions, the `gpu`-marked tests, then `t2i bench --device cuda` for the four kernel families.
+# Usage: bash bench/gpu_check.sh [OUT_DIR]   (default: $OUT, else /tmp/t2i-gpu). Writes log.txt, the bench JSON
+# and its plots there. Runs from a checkout without installing it (PYTHONPATH=.), the machine's Python as is.
+set -u -o pipefail
+out=${1:-${OUT:-/tmp/t2i-gpu}}
+mkdir -p "$out"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+py=${PYTHON:-python3}
+{
+  date -u
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv
+  $py - <<'PY'
+import importlib
+for m in ("numpy", "numba", "numba.cuda", "cupy", "torch", "scipy", "hypothesis"):
+    try:
+        print(m, getattr(importlib.import_module(m), "__version__", "?"))
+    except Exception as e:  # report and go on: the tests say what a missing package costs
+        print(m, "MISSING", e)
+try:
+    import numba_cuda
+    print("numba_cuda", numba_cuda.__version__)
+except Exception as e:
+    print("numba_cuda ?", e)
+from numba import cuda
+print("numba.cuda.is_available", cuda.is_available())
+try:
+    cuda.detect()
+except Exception as e:
+    print("numba.cuda.detect failed:", type(e).__name__, e)
+PY
+  echo "=== gpu-marked tests"
+  timeout "${TEST_TIMEOUT:-150}" $py -m pytest -o addopts="" -m gpu -q -rA -p no:cacheprovider tests/kernels
+  echo "pytest rc=$?"
+  echo "=== t2i bench --device cuda"
+  timeout "${BENCH_TIMEOUT:-300}" $py -m bench.cli ${BENCH_FAMILIES:-attention conv gumbel schedule} --device cuda \
+    --out "$out"
+  echo "bench rc=$?"
+  date -u
+} 2>&1 | tee "$out/log.txt"
