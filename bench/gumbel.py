@@ -95,6 +95,8 @@ def cases(backend, *, quick=False, full=False) -> list[Case]:
     _kernels()  # UnavailableError: the whole family is reported unavailable
     cols = 64 if quick else 8192
     sweep = [8, 32] if quick else [256, 1024, 4096]
+    if backend.device == "cuda" and not quick:  # a GPU needs 100s of MiB per call to amortize the launch
+        sweep.append(16384)
     ref_cap = 32 if quick else 1024  # the NumPy reference runs Philox in NumPy: about 10× slower, capped
     out = []
     for backward in (True,) if quick else (False, True):

@@ -15,13 +15,22 @@ The same algorithm as ``cpu.py``, in the shape of a GPU kernel (plain features o
 
 Every kernel exists for float32 and float64 (``KERNELS[dtype]``); the launch wrappers take NumPy arrays
 (under the Numba CUDA simulator, ``NUMBA_ENABLE_CUDASIM=1``) or CuPy arrays (on a GPU).
-The shared memory is dynamic: (BQ + BK) · (D + Dv) values, 32 KiB at D = Dv = 64 in float32.
+Memory layout, the part that decides the speed on a real GPU: a tile's rows that each thread walks alone (its
+query and output rows in the forward and dQ kernels, its key and value rows in dK/dV) are stored with a padded
+stride D + 1, so that the 32 threads of a warp, reading element d of 32 different rows, hit 32 different
+shared-memory banks (an unpadded stride of 64 puts them all in one bank: a 32-way conflict). Tiles that every
+thread reads at the same index are broadcasts and stay unpadded. Tiles are loaded cooperatively, neighbouring
+threads reading neighbouring values (coalesced). Gradient rows are accumulated over a whole tile before one
+read-modify-write of global memory. The shared memory is dynamic: 32·(D + Dv + 2) + 32·(D + Dv [+ 2]) values,
+33 KiB at D = Dv = 64 in float32.
 """
 
 import math
 
 import numpy as np
 from numba import cuda, float32, float64
+
+from kernels.dispatch import cuda_array
 
 from . import patterns
 
@@ -62,17 +71,17 @@ def _build(ftype):
         qi = i0 + a
         active = qi < L
         i1 = min(i0 + BQ, L)
+        PD, PV = D + 1, Dv + 1  # padded row strides: thread a's row a·(D+1) + d hits bank (a + d) mod 32
         smem = cuda.shared.array(0, dtype=ftype)
-        sQ = smem[: BQ * D]  # the query tile, row a at a·D
-        sO = smem[BQ * D : BQ * (D + Dv)]  # the unnormalized output rows
-        sK = smem[BQ * (D + Dv) : BQ * (D + Dv) + BK * D]
-        sV = smem[BQ * (D + Dv) + BK * D : BQ * (D + Dv) + BK * (D + Dv)]
+        sQ = smem[: BQ * PD]  # the query tile
+        sO = smem[BQ * PD : BQ * (PD + PV)]  # the unnormalized output rows
+        sK = smem[BQ * (PD + PV) : BQ * (PD + PV) + BK * D]  # read by all threads at once: a broadcast, no padding
+        sV = smem[BQ * (PD + PV) + BK * D : BQ * (PD + PV) + BK * (D + Dv)]
         p = cuda.local.array(BK, dtype=ftype)  # this row's scores, then probabilities, for one key tile
-        if active:
-            for d in range(D):
-                sQ[a * D + d] = q[bh, qi, d]
-            for d in range(Dv):
-                sO[a * Dv + d] = 0.0
+        for idx in range(a, (i1 - i0) * D, BQ):  # coalesced: neighbouring threads read neighbouring values
+            sQ[(idx // D) * PD + idx % D] = q[bh, i0 + idx // D, idx % D]
+        for d in range(Dv):
+            sO[a * PV + d] = 0.0
         m = ninf
         lsum = ftype(0.0)
         for j0 in range(0, S, BK):
@@ -91,7 +100,7 @@ def _build(ftype):
                 for c in range(nk):
                     s = ftype(0.0)
                     for d in range(D):
-                        s += sQ[a * D + d] * sK[c * D + d]
+                        s += sQ[a * PD + d] * sK[c * D + d]
                     x = _score(s, scale, mask, has_mask, b, h, qi, j0 + c, kind, T, W, r, P, causal)
                     p[c] = x
                     mx = max(mx, x)
@@ -105,14 +114,14 @@ def _build(ftype):
                     lsum = alpha * lsum + total
                     m = mx
                     for d in range(Dv):
-                        o = alpha * sO[a * Dv + d]
+                        o = alpha * sO[a * PV + d]
                         for c in range(nk):
                             o += p[c] * sV[c * Dv + d]
-                        sO[a * Dv + d] = o
+                        sO[a * PV + d] = o
         if active:
             if lsum > 0.0:
                 for d in range(Dv):
-                    out[bh, qi, d] = sO[a * Dv + d] / lsum
+                    out[bh, qi, d] = sO[a * PV + d] / lsum
                 lse[bh, qi] = m + math.log(lsum)
             else:  # a fully blocked row
                 for d in range(Dv):
@@ -142,19 +151,22 @@ def _build(ftype):
         qi = i0 + a
         active = qi < L
         i1 = min(i0 + BQ, L)
+        PD, PV = D + 1, Dv + 1  # padded rows, as in the forward
         smem = cuda.shared.array(0, dtype=ftype)
-        sQ = smem[: BQ * D]
-        sdO = smem[BQ * D : BQ * (D + Dv)]
-        sK = smem[BQ * (D + Dv) : BQ * (D + Dv) + BK * D]
-        sV = smem[BQ * (D + Dv) + BK * D : BQ * (D + Dv) + BK * (D + Dv)]
+        sQ = smem[: BQ * PD]
+        sdO = smem[BQ * PD : BQ * (PD + PV)]
+        sK = smem[BQ * (PD + PV) : BQ * (PD + PV) + BK * D]
+        sV = smem[BQ * (PD + PV) + BK * D : BQ * (PD + PV) + BK * (D + Dv)]
+        ds = cuda.local.array(BK, dtype=ftype)  # this row's dS for one key tile
+        for idx in range(a, (i1 - i0) * D, BQ):
+            sQ[(idx // D) * PD + idx % D] = q[bh, i0 + idx // D, idx % D]
+        for idx in range(a, (i1 - i0) * Dv, BQ):
+            sdO[(idx // Dv) * PV + idx % Dv] = dout[bh, i0 + idx // Dv, idx % Dv]
         la = ninf
         Da = ftype(0.0)
         if active:
             for d in range(D):
-                sQ[a * D + d] = q[bh, qi, d]
                 dq[bh, qi, d] = 0.0
-            for d in range(Dv):
-                sdO[a * Dv + d] = dout[bh, qi, d]
             la = lse[bh, qi]
             Da = Drow[bh, qi]
         for j0 in range(0, S, BK):
@@ -172,15 +184,18 @@ def _build(ftype):
                 for c in range(nk):
                     s = ftype(0.0)
                     for d in range(D):
-                        s += sQ[a * D + d] * sK[c * D + d]
+                        s += sQ[a * PD + d] * sK[c * D + d]
                     x = _score(s, scale, mask, has_mask, b, h, qi, j0 + c, kind, T, W, r, P, causal)
                     pc = math.exp(x - la)  # P = exp(s − lse)
                     dp = ftype(0.0)
                     for d in range(Dv):
-                        dp += sdO[a * Dv + d] * sV[c * Dv + d]
-                    ds = pc * (dp - Da) * scale  # dS = P ∘ (dP − D), times scale
-                    for d in range(D):
-                        dq[bh, qi, d] += ds * sK[c * D + d]
+                        dp += sdO[a * PV + d] * sV[c * Dv + d]
+                    ds[c] = pc * (dp - Da) * scale  # dS = P ∘ (dP − D), times scale
+                for d in range(D):  # dQ_i += dS K_j: one read-modify-write of the row per key tile
+                    acc = ftype(0.0)
+                    for c in range(nk):
+                        acc += ds[c] * sK[c * D + d]
+                    dq[bh, qi, d] += acc
 
     @cuda.jit
     def dkdv_kernel(q, k, v, lse, dout, Drow, mask, has_mask, H, kind, T, W, r, P, causal, scale, dk, dv):
@@ -193,11 +208,21 @@ def _build(ftype):
         kj = j0 + c
         active = kj < S
         j1 = min(j0 + BK, S)
+        PD, PV = D + 1, Dv + 1  # padded rows of the block's own keys and values (one row per thread)
         smem = cuda.shared.array(0, dtype=ftype)
-        sQ = smem[: BQ * D]
+        sQ = smem[: BQ * D]  # the query tile: every thread reads the same entry at once (a broadcast)
         sdO = smem[BQ * D : BQ * (D + Dv)]
         sL = smem[BQ * (D + Dv) : BQ * (D + Dv) + BQ]  # lse of the tile's rows
         sD = smem[BQ * (D + Dv) + BQ : BQ * (D + Dv) + 2 * BQ]  # D of the tile's rows
+        o = BQ * (D + Dv + 2)
+        sKr = smem[o : o + BK * PD]
+        sVr = smem[o + BK * PD : o + BK * (PD + PV)]
+        pr = cuda.local.array(BQ, dtype=ftype)  # P of this key against the tile's queries
+        dsr = cuda.local.array(BQ, dtype=ftype)  # dS likewise
+        for idx in range(c, (j1 - j0) * D, BK):
+            sKr[(idx // D) * PD + idx % D] = k[bh, j0 + idx // D, idx % D]
+        for idx in range(c, (j1 - j0) * Dv, BK):
+            sVr[(idx // Dv) * PV + idx % Dv] = v[bh, j0 + idx // Dv, idx % Dv]
         if active:
             for d in range(D):
                 dk[bh, kj, d] = 0.0
@@ -220,20 +245,30 @@ def _build(ftype):
             cuda.syncthreads()
             if active:
                 for a in range(nq):
+                    pr[a] = 0.0
+                    dsr[a] = 0.0
                     if sL[a] == ninf:
                         continue  # a fully blocked row contributes nothing
                     s = ftype(0.0)
                     for d in range(D):
-                        s += sQ[a * D + d] * k[bh, kj, d]
+                        s += sQ[a * D + d] * sKr[c * PD + d]
                     x = _score(s, scale, mask, has_mask, b, h, i0 + a, kj, kind, T, W, r, P, causal)
                     pc = math.exp(x - sL[a])
                     dp = ftype(0.0)
                     for d in range(Dv):
-                        dp += sdO[a * Dv + d] * v[bh, kj, d]
-                        dv[bh, kj, d] += pc * sdO[a * Dv + d]  # dV_j += Pᵀ dO_i
-                    ds = pc * (dp - sD[a]) * scale
-                    for d in range(D):
-                        dk[bh, kj, d] += ds * sQ[a * D + d]  # dK_j += dSᵀ Q_i
+                        dp += sdO[a * Dv + d] * sVr[c * PV + d]
+                    pr[a] = pc
+                    dsr[a] = pc * (dp - sD[a]) * scale
+                for d in range(Dv):  # dV_j += Pᵀ dO_i: one read-modify-write of the row per query tile
+                    acc = ftype(0.0)
+                    for a in range(nq):
+                        acc += pr[a] * sdO[a * Dv + d]
+                    dv[bh, kj, d] += acc
+                for d in range(D):  # dK_j += dSᵀ Q_i
+                    acc = ftype(0.0)
+                    for a in range(nq):
+                        acc += dsr[a] * sQ[a * D + d]
+                    dk[bh, kj, d] += acc
 
     return {"forward": forward_kernel, "rowdot": rowdot_kernel, "dq": dq_kernel, "dkdv": dkdv_kernel}
 
@@ -257,13 +292,13 @@ def signatures(dtype):
 SMEM_LIMIT = 48 * 1024  # dynamic shared memory a block gets without an opt-in attribute
 
 
-def _smem(dtype, D, Dv, rows_a, rows_b):
-    """Bytes of dynamic shared memory for rows_a rows of (D + Dv) values plus rows_b values."""
-    nbytes = (rows_a * (D + Dv) + rows_b) * np.dtype(dtype).itemsize
+def _smem(dtype, D, Dv, values):
+    """Bytes of dynamic shared memory for `values` values of dtype, checked against the default limit."""
+    nbytes = values * np.dtype(dtype).itemsize
     if nbytes > SMEM_LIMIT:
         raise ValueError(
             f"head dims D={D}, Dv={Dv} in {np.dtype(dtype).name} need {nbytes} bytes of shared memory per block, "
-            f"over the {SMEM_LIMIT} a launch gets by default (float32 fits D + Dv <= 192, float64 D + Dv <= 96)"
+            f"over the {SMEM_LIMIT} a launch gets by default (float32 fits D + Dv <= 190, float64 D + Dv <= 94)"
         )
     return nbytes
 
@@ -278,7 +313,7 @@ def _on_device(host, *arrays):
             host.append((d, a))
             result.append(d)
         else:
-            result.append(a)
+            result.append(cuda_array(a))
     return result
 
 
@@ -294,7 +329,7 @@ def forward(q, k, v, mask, has_mask, H, kind, T, W, r, P, causal, scale, out, ls
     Dv = v.shape[2]
     kern = KERNELS[np.dtype(q.dtype)]["forward"]
     grid = ((L + BQ - 1) // BQ, BH)
-    smem = _smem(q.dtype, D, Dv, BQ, BK * (D + Dv))
+    smem = _smem(q.dtype, D, Dv, BQ * (D + Dv + 2) + BK * (D + Dv))
     sc = np.dtype(q.dtype).type(scale)
     host = []
     dq, dk, dv, dm, do, dl = _on_device(host, q, k, v, mask, out, lse)
@@ -312,9 +347,9 @@ def backward(q, k, v, out, lse, dout, mask, has_mask, H, kind, T, W, r, P, causa
     q_, k_, v_, o_, l_, do_, m_, dq_, dk_, dv_, D_ = _on_device(host, q, k, v, out, lse, dout, mask, dq, dk, dv, Drow)
     pat = (m_, has_mask, H, kind, T, W, r, P, causal, sc)
     ks["rowdot"][(BH * L + 127) // 128, 128](o_, do_, D_)
-    smem = _smem(q.dtype, D, Dv, BQ, BK * (D + Dv))
+    smem = _smem(q.dtype, D, Dv, BQ * (D + Dv + 2) + BK * (D + Dv))
     ks["dq"][((L + BQ - 1) // BQ, BH), BQ, 0, smem](q_, k_, v_, l_, do_, D_, *pat, dq_)
-    smem = _smem(q.dtype, D, Dv, BQ, 2 * BQ)
+    smem = _smem(q.dtype, D, Dv, BQ * (D + Dv + 2) + BK * (D + Dv + 2))
     ks["dkdv"][((S + BK - 1) // BK, BH), BK, 0, smem](q_, k_, v_, l_, do_, D_, *pat, dk_, dv_)
     _copy_back(host, (dq, dk, dv))
 

@@ -21,6 +21,7 @@ import numpy as np
 from numba import cuda, float64, int64
 
 from kernels import philox
+from kernels.dispatch import cuda_array
 
 # Threads per block (a power of two, for the tree reductions); 32 under the simulator, which runs one Python
 # thread per CUDA thread — the same code, a narrower tree.
@@ -141,7 +142,7 @@ def gumbel_noise(seed, shape, dtype=np.float64, xp=np):
     k0, k1 = philox.seed_key(seed)
     if out.size:
         gumbel_noise_kernel[_blocks(-(-out.size // THREADS)), THREADS](k0, k1, out.dtype == np.float32,
-                                                                        out.reshape(-1))
+                                                                        cuda_array(out.reshape(-1)))
     return out
 
 
@@ -172,8 +173,9 @@ def gumbel_softmax_forward(logits, tau=1.0, hard=False, *, seed=None, noise=None
     ys2 = xp.empty_like(l2)
     y2 = xp.empty_like(l2) if hard else ys2
     if l2.size:
-        forward_rows_kernel[_blocks(l2.shape[0]), THREADS](l2, float(tau), hard, seed is not None, k0, k1, g2,
-                                                             logits.dtype == np.float32, y2, ys2)
+        dev = cuda_array
+        forward_rows_kernel[_blocks(l2.shape[0]), THREADS](dev(l2), float(tau), hard, seed is not None, k0, k1,
+                                                             dev(g2), logits.dtype == np.float32, dev(y2), dev(ys2))
     shape = xp.moveaxis(logits, dim, -1).shape
     y_soft = xp.moveaxis(ys2.reshape(shape), -1, dim)
     return (xp.moveaxis(y2.reshape(shape), -1, dim) if hard else y_soft), y_soft
@@ -188,7 +190,8 @@ def gumbel_softmax_backward(grad_y, y_soft, tau=1.0, *, dim=-1):
     ys2, gy2 = _rows(xp, y_soft, dim), _rows(xp, grad_y, dim)
     out2 = xp.empty_like(ys2)
     if ys2.size:
-        backward_rows_kernel[_blocks(ys2.shape[0]), THREADS](gy2, ys2, float(tau), out2)
+        backward_rows_kernel[_blocks(ys2.shape[0]), THREADS](cuda_array(gy2), cuda_array(ys2), float(tau),
+                                                             cuda_array(out2))
     return xp.moveaxis(out2.reshape(xp.moveaxis(y_soft, dim, -1).shape), -1, dim)
 
 

@@ -15,6 +15,7 @@ import numpy as np
 from numba import cuda
 
 from kernels import philox
+from kernels.dispatch import cuda_array
 from kernels.schedule.cpu import (
     NO_CLIP,
     clip_value,
@@ -123,9 +124,10 @@ def run(x, e, coef, clip, seed, noise, want_noise):
         z_out = xp.empty(1, dtype=x.dtype)
     if n:
         blocks, threads = launch_config((n + 3) // 4)
-        fused_update_kernel[blocks, threads](flat, e_flat, has_e, coef, per_sample, clip, seeded, k0, k1, z_flat,
-                                             seeded and want_noise, z_out.reshape(-1), x.dtype == np.float32,
-                                             out.reshape(-1))
+        dev = cuda_array
+        fused_update_kernel[blocks, threads](dev(flat), dev(e_flat), has_e, dev(coef), per_sample, clip, seeded, k0,
+                                             k1, dev(z_flat), seeded and want_noise, dev(z_out.reshape(-1)),
+                                             x.dtype == np.float32, dev(out.reshape(-1)))
     if not seeded:
         return out, noise
     return out, (z_out if want_noise else None)
