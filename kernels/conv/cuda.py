@@ -1,24 +1,35 @@
-"""2-D convolution as numba.cuda kernels (the GPU form of kernels.conv): implicit GEMM with shared-memory tiles.
+"""2-D convolution as numba.cuda kernels (the GPU form of kernels.conv): implicit GEMM, register-blocked.
 
 Each of the three products of reference.py is a matrix product whose operands are never stored: a block computes
-a TILE × TILE tile of the result, and walks the contracted dimension TILE at a time, each step staging one tile of
-each operand in shared memory — gathered straight from x, w or gy by index arithmetic (an "implicit" im2col) —
-then every thread accumulates its dot product from the shared tiles (Kirk & Hwu, "Programming Massively Parallel
-Processors", ch. 4 tiled matrix multiplication; cuDNN's implicit GEMM, Chetlur et al. 2014):
+a BM × BN tile of the result, and walks the contracted dimension BK at a time, each step staging a BM × BK slice
+of the left operand and a BK × BN slice of the right one in shared memory — gathered straight from x, w or gy by
+index arithmetic (an "implicit" im2col; Chetlur et al. 2014, cuDNN) — then every thread accumulates its share of
+the tile from the shared slices (Kirk & Hwu, "Programming Massively Parallel Processors", ch. 4):
 
     forward (1):          y[n, k, oh, ow]  rows k,           columns (n, oh, ow),  contracted over (c, i, j)
     input gradient (3):   dx[n, c, h, w]   rows c,           columns (n, h, w),    contracted over (k, i, j)
     weight gradient (4):  dw[k, c, i, j]   rows k,           columns (c, i, j),    contracted over (n, oh, ow)
 
-The input gradient is written as a gather — each dx pixel sums the (k, i, j) taps whose output oh = (h + p − i·d)/s
-is a whole number inside gy — so no two threads write the same pixel and no atomics are needed. The weight
-gradient's contraction runs over every image and position, so it is split into `splits` chunks of the batch
-(grid z) whose partial sums meet in dw through atomic adds.
+Register blocking (Volkov & Demmel, "Benchmarking GPUs to tune dense linear algebra", SC 2008): a thread owns
+not one result but a TM × TN micro-tile — rows ty + T·i, columns tx + T·j of the block's tile, T × T threads —
+held in a local array of constant size that the compiler keeps in registers (its loops have constant trip
+counts and are unrolled). Each step of the contraction loads TM + TN values from shared memory into registers
+and does TM·TN multiply-adds with them, instead of 2 loads per multiply-add with one result per thread: shared
+memory stops being the bottleneck. The strided micro-tile (stride T, not TM consecutive columns) keeps a warp's
+shared reads on consecutive words — no bank conflicts — and its stores of y and dx on consecutive pixels.
 
-Threads: (TILE, TILE) per block; threadIdx.x runs along the result's columns, so neighbouring threads read
-neighbouring pixels (coalesced). Accumulation is in the arrays' dtype. Group g is blockIdx.z (weight gradient:
-blockIdx.z // splits). Runs on CuPy arrays on a GPU, and on NumPy arrays under the Numba CUDA simulator
-(NUMBA_ENABLE_CUDASIM=1), where TILE is 4: the simulator runs one Python thread per CUDA thread.
+Staging: each of the T·T threads loads BM·BK / (T·T) elements of each slice, neighbouring threads on neighbouring
+addresses of the operand's contiguous index (coalesced): the result's column index (n, oh, ow) for the gathered
+operands of the forward and input-gradient products, the contracted index for the others. A thread stages the same
+columns at every step, so their (n, oh, ow) — or (c, i, j) — is decoded once, before the loop. The input gradient
+is written as a gather — each dx pixel sums the (k, i, j) taps whose output oh = (h + p − i·d)/s is a whole number
+inside gy — so no two threads write the same pixel and no atomics are needed. The weight gradient's contraction
+runs over every image and position, so it is split into `splits` chunks of the batch (grid z) whose partial sums
+meet in dw through atomic adds.
+
+Accumulation is in the arrays' dtype. Group g is blockIdx.z (weight gradient: blockIdx.z // splits). Runs on CuPy
+arrays on a GPU, and on NumPy arrays under the Numba CUDA simulator (NUMBA_ENABLE_CUDASIM=1), where the tiles are
+tiny (TILE = 4, 2 × 2 threads): the simulator runs one Python thread per CUDA thread.
 """
 
 from __future__ import annotations
@@ -28,132 +39,203 @@ import os
 import numpy as np
 from numba import cuda, types
 
-TILE = 4 if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1" else 16
+_SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+T = 2 if _SIM else 16  # threads per block side: T × T threads
+TM = TN = 2 if _SIM else 4  # results per thread: a TM × TN micro-tile
+BM, BN = T * TM, T * TN  # the block's tile of the result
+TILE = BM
+BK = 4 if _SIM else 16  # contracted depth of one shared-memory stage
+SPAN = T * T // BK  # threads that stage one contracted index of a slice
+A_LOADS, B_LOADS = BM // SPAN, BN // SPAN  # elements of each slice that one thread stages
+assert T * T % BK == 0 and BM % SPAN == 0 and BN % SPAN == 0
+# shared slices: a[m, t] (+1 column: the two rows a warp reads lie in distinct banks, float64 too), b[t, q], and
+# b[t, r] of the weight gradient (+2 columns: a warp's stores down a column lie in distinct banks)
+A_SHAPE, B_SHAPE, BT_SHAPE = (BM, BK + 1), (BK, BN + SPAN), (BK, BN + 2)
+MIN_CHUNK = 2 if _SIM else 32  # fewest slices of positions that one weight-gradient block contracts
 
 
 def _make_kernels(dtype):
-    """The three kernels for one dtype (a shared array's dtype is fixed when the kernel is compiled)."""
+    """The three kernels for one dtype (a shared or local array's dtype is fixed when the kernel is compiled)."""
     nbtype = types.float32 if dtype == np.float32 else types.float64
+    zero = nbtype(0)
+
+    @cuda.jit(device=True, inline=True)
+    def multiply_slices(a, b, acc):
+        """acc[i, j] += Σ_t a[ty + T·i, t] · b[t, tx + T·j]: this thread's micro-tile of the staged slices' product."""
+        tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
+        ar = cuda.local.array(TM, nbtype)
+        br = cuda.local.array(TN, nbtype)
+        t = 0
+        while t < BK:
+            for i in range(TM):
+                ar[i] = a[ty + T * i, t]  # a warp reads 2 words (broadcast)
+            for j in range(TN):
+                br[j] = b[t, tx + T * j]  # ... and T consecutive words: no bank conflicts
+            for i in range(TM):
+                for j in range(TN):
+                    acc[i, j] += ar[i] * br[j]
+            t += 1
 
     @cuda.jit
-    def forward_kernel(x, w, y, sh, sw, pt, pl, dh, dw, groups):
-        """y[n, g·Kg + m, oh, ow] = Σ_r W_g[m, r] · cols[r, (n, oh, ow)], r = (c, i, j); one result per thread."""
-        a = cuda.shared.array((TILE, TILE), nbtype)  # W_g[m, r0 : r0 + TILE]
-        b = cuda.shared.array((TILE, TILE), nbtype)  # cols[r0 : r0 + TILE, q]
-        tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
+    def forward_kernel(x, w, y, kh, kw, sh, sw, pt, pl, dh, dw, groups):
+        """y[n, g·Kg + m, oh, ow] = Σ_r W_g[m, r] · cols[r, (n, oh, ow)], r = (c, i, j); w is (K, Cg·kh·kw)."""
+        a = cuda.shared.array(A_SHAPE, nbtype)  # W_g[m0 + m, r0 + t]; +1: a warp's 2 rows in distinct banks
+        b = cuda.shared.array(B_SHAPE, nbtype)  # cols[r0 + t, q0 + q]; +SPAN: likewise for the stores
+        acc = cuda.local.array((TM, TN), nbtype)
+        img = cuda.local.array(B_LOADS, types.int64)  # for each column this thread stages: its image (-1: none),
+        top = cuda.local.array(B_LOADS, types.int64)  # the top row
+        left = cuda.local.array(B_LOADS, types.int64)  # and the left column of its receptive field
+        tid = cuda.threadIdx.y * T + cuda.threadIdx.x
         n_img, c_in, h_in, w_in = x.shape
-        k_out, cg, kh, kw = w.shape
         ho, wo = y.shape[2], y.shape[3]
-        kg = k_out // groups
+        kg, r_total, cg = w.shape[0] // groups, w.shape[1], c_in // groups
         g = cuda.blockIdx.z
-        r_total = cg * kh * kw
-        m = cuda.blockIdx.y * TILE + ty  # this thread's output channel (row)
-        m_a = m  # the row of W this thread stages in a
-        q = cuda.blockIdx.x * TILE + tx  # this thread's output position (column) = (n, oh, ow)
-        q_ok = q < n_img * ho * wo
-        n = q // (ho * wo)
-        oh = (q // wo) % ho
-        ow = q % wo
-        acc = nbtype(0)
-        for r0 in range(0, r_total, TILE):
-            r = r0 + tx
-            v = nbtype(0)
-            if m_a < kg and r < r_total:
-                v = w[g * kg + m_a, r // (kh * kw), (r // kw) % kh, r % kw]
-            a[ty, tx] = v
-            r = r0 + ty  # b[ty, tx] = cols[r0 + ty, q]: the input pixel that tap r reads for position q
-            v = nbtype(0)
-            if q_ok and r < r_total:
-                h = oh * sh - pt + ((r // kw) % kh) * dh
-                col = ow * sw - pl + (r % kw) * dw
-                if 0 <= h < h_in and 0 <= col < w_in:
-                    v = x[n, g * cg + r // (kh * kw), h, col]
-            b[ty, tx] = v
-            cuda.syncthreads()
-            for t in range(TILE):
-                acc += a[ty, t] * b[t, tx]
-            cuda.syncthreads()
-        if m < kg and q_ok:
-            y[n, g * kg + m, oh, ow] = acc
-
-    @cuda.jit
-    def backward_input_kernel(gy, w, dx, sh, sw, pt, pl, dh, dw, groups):
-        """dx[n, g·Cg + m, h, col] = Σ_r W_gᵀ[m, r] · B[r, (n, h, col)], r = (k, i, j), B gathered from gy."""
-        a = cuda.shared.array((TILE, TILE), nbtype)
-        b = cuda.shared.array((TILE, TILE), nbtype)
-        tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
-        n_img, c_in, h_in, w_in = dx.shape
-        k_out, cg, kh, kw = w.shape
-        ho, wo = gy.shape[2], gy.shape[3]
-        kg = k_out // groups
-        g = cuda.blockIdx.z
-        r_total = kg * kh * kw
-        m = cuda.blockIdx.y * TILE + ty  # this thread's input channel within the group
-        q = cuda.blockIdx.x * TILE + tx  # this thread's input pixel (n, h, col)
-        q_ok = q < n_img * h_in * w_in
-        n = q // (h_in * w_in)
-        h = (q // w_in) % h_in
-        col = q % w_in
-        acc = nbtype(0)
-        for r0 in range(0, r_total, TILE):
-            r = r0 + tx
-            v = nbtype(0)
-            if m < cg and r < r_total:
-                v = w[g * kg + r // (kh * kw), m, (r // kw) % kh, r % kw]
-            a[ty, tx] = v
-            r = r0 + ty  # b[ty, tx] = gy at the output that tap r = (k, i, j) reads pixel (h, col) from, if any
-            v = nbtype(0)
-            if q_ok and r < r_total:
-                th = h + pt - ((r // kw) % kh) * dh  # = oh·sh when tap i of output row oh reads row h
-                tw = col + pl - (r % kw) * dw
-                if th >= 0 and tw >= 0 and th % sh == 0 and tw % sw == 0 and th // sh < ho and tw // sw < wo:
-                    v = gy[n, g * kg + r // (kh * kw), th // sh, tw // sw]
-            b[ty, tx] = v
-            cuda.syncthreads()
-            for t in range(TILE):
-                acc += a[ty, t] * b[t, tx]
-            cuda.syncthreads()
-        if m < cg and q_ok:
-            dx[n, g * cg + m, h, col] = acc
-
-    @cuda.jit
-    def backward_weight_kernel(x, gy, dwt, sh, sw, pt, pl, dh, dw, groups, splits):
-        """dwt[g·Kg + m, c, i, j] += Σ_q gy[(n, oh, ow), m] · cols[q, (c, i, j)] over this block's chunk of q."""
-        a = cuda.shared.array((TILE, TILE), nbtype)  # gy rows m, positions q0 : q0 + TILE
-        b = cuda.shared.array((TILE, TILE), nbtype)  # cols positions q0 : q0 + TILE, taps r
-        tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
-        n_img, c_in, h_in, w_in = x.shape
-        k_out, cg, kh, kw = dwt.shape
-        ho, wo = gy.shape[2], gy.shape[3]
-        kg = k_out // groups
-        g = cuda.blockIdx.z // splits
-        s = cuda.blockIdx.z % splits
-        r_total = cg * kh * kw
+        m0, q0 = cuda.blockIdx.y * BM, cuda.blockIdx.x * BN
         q_total = n_img * ho * wo
-        chunk = ((q_total + splits - 1) // splits + TILE - 1) // TILE * TILE
-        m = cuda.blockIdx.y * TILE + ty  # this thread's output channel (row of dw)
-        r = cuda.blockIdx.x * TILE + tx  # this thread's tap (c, i, j) (column of dw)
-        acc = nbtype(0)
-        for q0 in range(s * chunk, min(q_total, (s + 1) * chunk), TILE):
-            q = q0 + tx  # a[ty, tx] = gy[q, m]
-            v = nbtype(0)
-            if m < kg and q < q_total:
-                v = gy[q // (ho * wo), g * kg + m, (q // wo) % ho, q % wo]
-            a[ty, tx] = v
-            q = q0 + ty  # b[ty, tx] = cols[q, r]
-            v = nbtype(0)
-            if q < q_total and r < r_total:
-                hh = ((q // wo) % ho) * sh - pt + ((r // kw) % kh) * dh
-                cc = (q % wo) * sw - pl + (r % kw) * dw
-                if 0 <= hh < h_in and 0 <= cc < w_in:
-                    v = x[q // (ho * wo), g * cg + r // (kh * kw), hh, cc]
-            b[ty, tx] = v
+        for e in range(B_LOADS):  # this thread stages b[tid // SPAN, tid % SPAN + SPAN·e]
+            q = q0 + tid % SPAN + SPAN * e
+            img[e] = q // (ho * wo) if q < q_total else -1
+            top[e] = (q // wo) % ho * sh - pt
+            left[e] = q % wo * sw - pl
+        for i in range(TM):
+            for j in range(TN):
+                acc[i, j] = zero
+        for r0 in range(0, r_total, BK):
+            r = r0 + tid % BK  # a[tid // BK + SPAN·e, tid % BK] = W_g[m, r]
+            for e in range(A_LOADS):
+                m = m0 + tid // BK + SPAN * e
+                v = zero
+                if m < kg and r < r_total:
+                    v = w[g * kg + m, r]
+                a[tid // BK + SPAN * e, tid % BK] = v
+            r = r0 + tid // SPAN  # b[tid // SPAN, q] = cols[r, q]: the input pixel that tap r = (c, i, j) reads for q
+            c, i, j = r // (kh * kw), (r // kw) % kh, r % kw
+            for e in range(B_LOADS):
+                h, col = top[e] + i * dh, left[e] + j * dw
+                v = zero
+                if img[e] >= 0 and r < r_total and 0 <= h < h_in and 0 <= col < w_in:
+                    v = x[img[e], g * cg + c, h, col]
+                b[tid // SPAN, tid % SPAN + SPAN * e] = v
             cuda.syncthreads()
-            for t in range(TILE):
-                acc += a[ty, t] * b[t, tx]
+            multiply_slices(a, b, acc)
             cuda.syncthreads()
-        if m < kg and r < r_total:
-            cuda.atomic.add(dwt, (g * kg + m, r // (kh * kw), (r // kw) % kh, r % kw), acc)
+        for j in range(TN):  # results: rows m0 + ty + T·i, columns q0 + tx + T·j
+            q = q0 + cuda.threadIdx.x + T * j
+            if q < q_total:
+                n, oh, ow = q // (ho * wo), (q // wo) % ho, q % wo
+                for i in range(TM):
+                    m = m0 + cuda.threadIdx.y + T * i
+                    if m < kg:
+                        y[n, g * kg + m, oh, ow] = acc[i, j]
+
+    @cuda.jit
+    def backward_input_kernel(gy, w, dx, kh, kw, sh, sw, pt, pl, dh, dw, groups):
+        """dx[n, g·Cg + m, h, col] = Σ_r W_gᵀ[m, r] · B[r, (n, h, col)], r = (k, i, j), B gathered from gy;
+        w is (K, Cg, kh·kw)."""
+        a = cuda.shared.array(A_SHAPE, nbtype)  # W_gᵀ[m0 + m, r0 + t]
+        b = cuda.shared.array(B_SHAPE, nbtype)  # B[r0 + t, q0 + q]
+        acc = cuda.local.array((TM, TN), nbtype)
+        img = cuda.local.array(B_LOADS, types.int64)  # for each column this thread stages: its image (-1: none),
+        top = cuda.local.array(B_LOADS, types.int64)  # its row h + pt
+        left = cuda.local.array(B_LOADS, types.int64)  # and its column + pl
+        tid = cuda.threadIdx.y * T + cuda.threadIdx.x
+        n_img, c_in, h_in, w_in = dx.shape
+        ho, wo = gy.shape[2], gy.shape[3]
+        kg, cg = w.shape[0] // groups, w.shape[1]
+        r_total = kg * kh * kw
+        g = cuda.blockIdx.z
+        m0, q0 = cuda.blockIdx.y * BM, cuda.blockIdx.x * BN
+        q_total = n_img * h_in * w_in
+        for e in range(B_LOADS):
+            q = q0 + tid % SPAN + SPAN * e
+            img[e] = q // (h_in * w_in) if q < q_total else -1
+            top[e] = (q // w_in) % h_in + pt
+            left[e] = q % w_in + pl
+        for i in range(TM):
+            for j in range(TN):
+                acc[i, j] = zero
+        for r0 in range(0, r_total, BK):
+            r = r0 + tid % BK  # a[m, t] = W_gᵀ[m, r] = w[g·Kg + k, m, (i, j)]
+            k = r // (kh * kw)
+            for e in range(A_LOADS):
+                m = m0 + tid // BK + SPAN * e
+                v = zero
+                if m < cg and r < r_total:
+                    v = w[g * kg + k, m, r - k * kh * kw]
+                a[tid // BK + SPAN * e, tid % BK] = v
+            r = r0 + tid // SPAN  # b[t, q] = gy at the output that tap r = (k, i, j) reads pixel q from, if any
+            k, i, j = r // (kh * kw), (r // kw) % kh, r % kw
+            for e in range(B_LOADS):
+                th, tw = top[e] - i * dh, left[e] - j * dw  # = oh·sh, ow·sw if tap (i, j) of (oh, ow) reads q
+                oh = th if sh == 1 else th // sh  # (stride 1 skips an integer division)
+                ow = tw if sw == 1 else tw // sw
+                v = zero
+                if (img[e] >= 0 and r < r_total and th >= 0 and tw >= 0 and oh * sh == th and ow * sw == tw
+                        and oh < ho and ow < wo):
+                    v = gy[img[e], g * kg + k, oh, ow]
+                b[tid // SPAN, tid % SPAN + SPAN * e] = v
+            cuda.syncthreads()
+            multiply_slices(a, b, acc)
+            cuda.syncthreads()
+        for j in range(TN):
+            q = q0 + cuda.threadIdx.x + T * j
+            if q < q_total:
+                n, h, col = q // (h_in * w_in), (q // w_in) % h_in, q % w_in
+                for i in range(TM):
+                    m = m0 + cuda.threadIdx.y + T * i
+                    if m < cg:
+                        dx[n, g * cg + m, h, col] = acc[i, j]
+
+    @cuda.jit
+    def backward_weight_kernel(x, gy, dwt, kh, kw, sh, sw, pt, pl, dh, dw, groups, splits):
+        """dwt[g·Kg + m, r] += Σ_q gy[q, m] · cols[q, r], r = (c, i, j), q = (n, oh, ow) over this block's chunk;
+        dwt is (K, Cg·kh·kw)."""
+        a = cuda.shared.array(A_SHAPE, nbtype)  # gy[q0 + t, m0 + m], stored as rows m
+        b = cuda.shared.array(BT_SHAPE, nbtype)  # cols[q0 + t, r0 + r]; +2: a warp's stores in distinct banks
+        acc = cuda.local.array((TM, TN), nbtype)
+        chan = cuda.local.array(B_LOADS, types.int64)  # for each column this thread stages: its channel c
+        top = cuda.local.array(B_LOADS, types.int64)  # (-1: none), its row offset i·dh − pt
+        left = cuda.local.array(B_LOADS, types.int64)  # and column offset j·dw − pl
+        tid = cuda.threadIdx.y * T + cuda.threadIdx.x
+        n_img, c_in, h_in, w_in = x.shape
+        ho, wo = gy.shape[2], gy.shape[3]
+        kg, r_total, cg = dwt.shape[0] // groups, dwt.shape[1], c_in // groups
+        g, s = cuda.blockIdx.z // splits, cuda.blockIdx.z % splits
+        m0, r0 = cuda.blockIdx.y * BM, cuda.blockIdx.x * BN
+        q_total = n_img * ho * wo
+        chunk = ((q_total + splits - 1) // splits + BK - 1) // BK * BK
+        for e in range(B_LOADS):  # this thread stages b[tid % BK, tid // BK + SPAN·e]
+            r = r0 + tid // BK + SPAN * e
+            chan[e] = r // (kh * kw) if r < r_total else -1
+            top[e] = (r // kw) % kh * dh - pt
+            left[e] = r % kw * dw - pl
+        for i in range(TM):
+            for j in range(TN):
+                acc[i, j] = zero
+        for q0 in range(s * chunk, min(q_total, (s + 1) * chunk), BK):
+            q = q0 + tid % BK  # this thread stages position q = (n, oh, ow) of both slices
+            n, oh, ow = q // (ho * wo), (q // wo) % ho, q % wo
+            for e in range(A_LOADS):
+                m = m0 + tid // BK + SPAN * e
+                v = zero
+                if q < q_total and m < kg:
+                    v = gy[n, g * kg + m, oh, ow]
+                a[tid // BK + SPAN * e, tid % BK] = v
+            for e in range(B_LOADS):
+                h, col = oh * sh + top[e], ow * sw + left[e]
+                v = zero
+                if q < q_total and chan[e] >= 0 and 0 <= h < h_in and 0 <= col < w_in:
+                    v = x[n, g * cg + chan[e], h, col]
+                b[tid % BK, tid // BK + SPAN * e] = v
+            cuda.syncthreads()
+            multiply_slices(a, b, acc)
+            cuda.syncthreads()
+        for i in range(TM):
+            m = m0 + cuda.threadIdx.y + T * i
+            for j in range(TN):
+                r = r0 + cuda.threadIdx.x + T * j
+                if m < kg and r < r_total:
+                    cuda.atomic.add(dwt, (g * kg + m, r), acc[i, j])
 
     return {"forward": forward_kernel, "backward_input": backward_input_kernel,
             "backward_weight": backward_weight_kernel}
@@ -163,11 +245,12 @@ KERNELS = {np.dtype(d): _make_kernels(d) for d in (np.float32, np.float64)}
 
 
 def signatures(dtype):
-    """Each kernel's argument types for one dtype (C-contiguous 4-D arrays, int64 scalars): for compile_ptx."""
-    arr = types.Array(types.float32 if dtype == np.float32 else types.float64, 4, "C")
+    """Each kernel's argument types for one dtype (C-contiguous arrays, int64 scalars): for compile_ptx."""
+    nb = types.float32 if dtype == np.float32 else types.float64
+    a2, a3, a4 = (types.Array(nb, d, "C") for d in (2, 3, 4))
     i = types.int64
-    return {"forward": (arr, arr, arr) + (i,) * 7, "backward_input": (arr, arr, arr) + (i,) * 7,
-            "backward_weight": (arr, arr, arr) + (i,) * 8}
+    return {"forward": (a4, a2, a4) + (i,) * 9, "backward_input": (a4, a3, a4) + (i,) * 9,
+            "backward_weight": (a4, a4, a2) + (i,) * 10}
 
 
 # --- the public signature (CuPy arrays on a GPU, NumPy arrays under the simulator) ----------------------------
@@ -197,7 +280,7 @@ def _geometry(stride, padding, dilation):
 
 
 def _blocks(columns, rows, z):
-    return (-(-columns // TILE), -(-rows // TILE), z)
+    return (-(-columns // BN), -(-rows // BM), z)
 
 
 def conv2d_forward(x, w, *, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1, bias=None):
@@ -211,7 +294,7 @@ def conv2d_forward(x, w, *, stride=(1, 1), padding=(0, 0), dilation=(1, 1), grou
     y = xp.empty((x.shape[0], k, ho, wo), dtype=x.dtype)
     if y.size:
         grid = _blocks(x.shape[0] * ho * wo, k // groups, groups)
-        kern["forward"][grid, (TILE, TILE)](x, w, y, *_geometry(stride, padding, dilation), groups)
+        kern["forward"][grid, (T, T)](x, w.reshape(k, -1), y, kh, kw, *_geometry(stride, padding, dilation), groups)
     if bias is not None:
         y += bias.reshape(1, k, 1, 1)
     return y
@@ -221,10 +304,12 @@ def conv2d_backward_input(gy, w, x_shape, *, stride=(1, 1), padding=(0, 0), dila
     """dL/dx of conv2d (also conv_transpose2d's forward): gy (N, K, Ho, Wo) -> an array of x_shape, as reference."""
     xp, kern, (gy, w) = _prepare(gy, w)
     n, c, h, wd = x_shape
+    k, cg, kh, kw = w.shape
     dx = xp.zeros(x_shape, dtype=gy.dtype)
     if dx.size and gy.size:
-        grid = _blocks(n * h * wd, c // groups, groups)
-        kern["backward_input"][grid, (TILE, TILE)](gy, w, dx, *_geometry(stride, padding, dilation), groups)
+        grid = _blocks(n * h * wd, cg, groups)
+        kern["backward_input"][grid, (T, T)](gy, w.reshape(k, cg, kh * kw), dx, kh, kw,
+                                             *_geometry(stride, padding, dilation), groups)
     return dx
 
 
@@ -235,9 +320,10 @@ def conv2d_backward_weight(x, gy, w_shape, *, stride=(1, 1), padding=(0, 0), dil
     dw = xp.zeros(w_shape, dtype=x.dtype)
     if x.size and gy.size:
         tiles = _blocks(cg * kh * kw, k // groups, 1)
-        # enough blocks to fill a GPU (~ a few thousand), each contracting at least a few tiles of positions
-        q_tiles = -(-gy.shape[0] * gy.shape[2] * gy.shape[3] // TILE)
-        splits = max(1, min(q_tiles // 4, 4096 // (tiles[0] * tiles[1] * groups)))
+        # enough blocks to fill a GPU (a few hundred of T·T threads), each contracting MIN_CHUNK slices or more
+        q_slices = -(-gy.shape[0] * gy.shape[2] * gy.shape[3] // BK)
+        splits = max(1, min(q_slices // MIN_CHUNK, 512 // (tiles[0] * tiles[1] * groups)))
         grid = (tiles[0], tiles[1], groups * splits)
-        kern["backward_weight"][grid, (TILE, TILE)](x, gy, dw, *_geometry(stride, padding, dilation), groups, splits)
+        kern["backward_weight"][grid, (T, T)](x, gy, dw.reshape(k, cg * kh * kw), kh, kw,
+                                              *_geometry(stride, padding, dilation), groups, splits)
     return dw
