@@ -163,12 +163,12 @@ def test_cuda_equals_reference_on_gpu(dtype):
                                                                                           dim=dim), **TOL[dtype])
     # the same seed draws the same noise on the device as the reference on the host. The device's log may differ
     # from NumPy's by an ulp: g = −log(−log u) near 0 (u near 1/e) then moves by an ulp of −log u, ~2.2e-16 in
-    # absolute terms (seen on an H200: 54 of 10⁶ values, at most 2.2e-16); in float32 that can move a rounding by
-    # one float32 ulp.
+    # absolute terms (seen on an H200: 0.7% of 10⁶ values not bit-equal, 54 beyond a relative 1e-14, none by more
+    # than 2.2e-16); in float32 that can move a rounding by one float32 ulp.
     g = cupy.asnumpy(cuda.gumbel_noise(77, (1000, 1000), dtype, xp=cupy))
     want = ref.gumbel_noise(77, (1000, 1000), dtype)
-    if dtype == np.float32:
+    if dtype == np.float32:  # mostly bit-equal (an ulp of float64 rarely crosses a float32 rounding boundary)
         np.testing.assert_allclose(g, want, rtol=2.5e-7, atol=0)
+        assert np.mean(g == want) > 0.999
     else:
         np.testing.assert_allclose(g, want, rtol=1e-14, atol=4.5e-16)
-    assert np.mean(g == want) > 0.999
