@@ -5,8 +5,10 @@ Each block walks its row with THREADS threads in a strided loop and reduces thro
           (max, first argmax), then a tree reduction of the pairs in shared memory;
   pass 2: Σ exp(z_j − max), the same tree reduction for the sum;
   pass 3: y_soft_j = exp(z_j − max)/sum (and the one-hot of the argmax when hard).
-z is recomputed in each pass rather than stored: the Philox rounds and two logs are cheap next to a round trip
-through global memory, and the result is rounded once, like the reference's. The backward kernel reduces
+z is recomputed in each pass rather than stored in global memory, and the result is rounded once, like the
+reference's. The Philox rounds and two float64 logs are not free on a GPU, though (an H200 measured this kernel at
+3× PyTorch's time): for float32 rows of up to CACHE_MAX values, pass 1 keeps the noise — float32 there, exactly
+as _z rounds it — in shared memory for passes 2 and 3. The backward kernel reduces
 ⟨g_y, y_soft⟩ the same way and writes y_soft ∘ (g_y − ⟨g_y, y_soft⟩)/τ.
 
 Runs on CuPy arrays on a GPU, and on NumPy arrays under the Numba CUDA simulator (NUMBA_ENABLE_CUDASIM=1).
@@ -18,7 +20,7 @@ import math
 import os
 
 import numpy as np
-from numba import cuda, float64, int64
+from numba import cuda, float32, float64, int64
 
 from kernels import philox
 from kernels.dispatch import cuda_array
@@ -27,6 +29,7 @@ from kernels.dispatch import cuda_array
 # thread per CUDA thread — the same code, a narrower tree.
 THREADS = 32 if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1" else 128
 _uniform_at = philox.cuda_device_functions().uniform_at
+CACHE_MAX = 10240  # the longest row whose float32 noise (40 KiB) a block keeps in shared memory
 
 
 @cuda.jit(device=True)
@@ -39,6 +42,16 @@ def _z(r, j, n, l2, tau, seeded, k0, k1, g2, round32):
     else:
         g = np.float64(g2[r, j])
     return (np.float64(l2[r, j]) + g) / tau
+
+
+@cuda.jit(device=True)
+def _z_cached(r, j, n, l2, tau, seeded, k0, k1, g2, round32, gs, cache, first):
+    """_z, with float32 noise kept in shared memory (gs) from the first pass for the next two when `cache`."""
+    if not cache:
+        return _z(r, j, n, l2, tau, seeded, k0, k1, g2, round32)
+    if first:  # cache implies float32 rows, where _z rounds g to float32: the stored value is exact
+        gs[j] = np.float32(-math.log(-math.log(_uniform_at(k0, k1, r * n + j))))
+    return (np.float64(l2[r, j]) + np.float64(gs[j])) / tau
 
 
 @cuda.jit(device=True)
@@ -59,10 +72,14 @@ def _block_sum(buf, value):
 
 
 @cuda.jit
-def forward_rows_kernel(l2, tau, hard, seeded, k0, k1, g2, round32, y2, ys2):
-    """Fused Gumbel-softmax over the rows of (rows, n) arrays; block b takes rows b, b + gridDim, …"""
+def forward_rows_kernel(l2, tau, hard, seeded, k0, k1, g2, round32, cache, y2, ys2):
+    """Fused Gumbel-softmax over the rows of (rows, n) arrays; block b takes rows b, b + gridDim, …
+
+    With `cache` (seeded float32 rows that fit), pass 1 keeps each g in shared memory: each thread reads back only
+    the entries it wrote, so no barrier is needed, and passes 2 and 3 skip the Philox rounds and two logs."""
     vbuf = cuda.shared.array(THREADS, float64)
     ibuf = cuda.shared.array(THREADS, int64)
+    gs = cuda.shared.array(0, float32)  # the row's noise (dynamic: n values when cache, else none)
     tid = cuda.threadIdx.x
     rows, n = l2.shape
     for r in range(cuda.blockIdx.x, rows, cuda.gridDim.x):
@@ -70,7 +87,7 @@ def forward_rows_kernel(l2, tau, hard, seeded, k0, k1, g2, round32, y2, ys2):
         m = -math.inf
         a = n
         for j in range(tid, n, THREADS):
-            z = _z(r, j, n, l2, tau, seeded, k0, k1, g2, round32)
+            z = _z_cached(r, j, n, l2, tau, seeded, k0, k1, g2, round32, gs, cache, True)
             if z > m or a == n:
                 m = z
                 a = j
@@ -92,11 +109,12 @@ def forward_rows_kernel(l2, tau, hard, seeded, k0, k1, g2, round32, y2, ys2):
         # pass 2: the softmax denominator
         s = 0.0
         for j in range(tid, n, THREADS):
-            s += math.exp(_z(r, j, n, l2, tau, seeded, k0, k1, g2, round32) - z_max)
+            s += math.exp(_z_cached(r, j, n, l2, tau, seeded, k0, k1, g2, round32, gs, cache, False) - z_max)
         total = _block_sum(vbuf, s)
         # pass 3: normalize (and the one-hot)
         for j in range(tid, n, THREADS):
-            ys2[r, j] = math.exp(_z(r, j, n, l2, tau, seeded, k0, k1, g2, round32) - z_max) / total
+            ys2[r, j] = math.exp(_z_cached(r, j, n, l2, tau, seeded, k0, k1, g2, round32, gs, cache, False)
+                                 - z_max) / total
             if hard:
                 y2[r, j] = 1.0 if j == arg else 0.0
 
@@ -174,8 +192,12 @@ def gumbel_softmax_forward(logits, tau=1.0, hard=False, *, seed=None, noise=None
     y2 = xp.empty_like(l2) if hard else ys2
     if l2.size:
         dev = cuda_array
-        forward_rows_kernel[_blocks(l2.shape[0]), THREADS](dev(l2), float(tau), hard, seed is not None, k0, k1,
-                                                             dev(g2), logits.dtype == np.float32, dev(y2), dev(ys2))
+        round32 = logits.dtype == np.float32
+        cache = seed is not None and round32 and l2.shape[1] <= CACHE_MAX
+        smem = l2.shape[1] * 4 if cache else 0
+        forward_rows_kernel[_blocks(l2.shape[0]), THREADS, 0, smem](dev(l2), float(tau), hard, seed is not None,
+                                                                      k0, k1, dev(g2), round32, cache, dev(y2),
+                                                                      dev(ys2))
     shape = xp.moveaxis(logits, dim, -1).shape
     y_soft = xp.moveaxis(ys2.reshape(shape), -1, dim)
     return (xp.moveaxis(y2.reshape(shape), -1, dim) if hard else y_soft), y_soft
@@ -198,7 +220,7 @@ def gumbel_softmax_backward(grad_y, y_soft, tau=1.0, *, dim=-1):
 def _sig(dt):
     return {
         "forward": f"void({dt}[:, ::1], float64, boolean, boolean, uint64, uint64, {dt}[:, ::1], boolean, "
-                   f"{dt}[:, ::1], {dt}[:, ::1])",
+                   f"boolean, {dt}[:, ::1], {dt}[:, ::1])",
         "backward": f"void({dt}[:, ::1], {dt}[:, ::1], float64, {dt}[:, ::1])",
         "noise": f"void(uint64, uint64, boolean, {dt}[::1])",
     }
