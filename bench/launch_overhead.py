@@ -49,6 +49,7 @@ def main():
         pass
 
     x = cupy.zeros(1024, dtype=cupy.float32)
+    coef_host = np.zeros((64, 6))
     xd = cuda_array(x)
     nd = cuda.device_array(1024, dtype=np.float32)
     args = (1, 2.0, True, np.uint64(3), np.uint64(4), False, 1.0, True)
@@ -60,7 +61,14 @@ def main():
         "empty kernel, 6 Numba arrays + 8 scalars": lambda: many[1, 32](nd, nd, nd, nd, nd, nd, *args),
         "empty kernel, 6 wrapped CuPy arrays + 8 scalars": lambda: many[1, 32](xd, xd, xd, xd, xd, xd, *args),
         "cupy elementwise x * 2 (for scale)": lambda: x * 2,
+        "cupy.asarray of a (64, 6) float64 host array": lambda: cupy.asarray(coef_host),
     }
+    configured = one[1, 32]  # the launch configuration built once
+    rows["empty kernel, configuration reused, 1 Numba array"] = lambda: configured(nd)
+    stream = cuda.default_stream()
+    rows["empty kernel on cuda.default_stream(), 1 Numba array"] = lambda: one[1, 32, stream](nd)
+    raw = cupy.RawKernel(r'extern "C" __global__ void one(float* a) {}', "one")
+    rows["empty CuPy RawKernel, 1 CuPy array"] = lambda: raw((1,), (32,), (x,))
     try:
         sig_kernel = cuda.jit("void(float32[::1])")(one.py_func)
         rows["empty kernel compiled for its signature, 1 Numba array"] = lambda: sig_kernel[1, 32](nd)
