@@ -90,27 +90,39 @@ def _torch(backend, B, H, N, D, pattern, backward):
     return setup
 
 
-def _tensor_cores(backend, B, H, N, D):
-    """Our FlashAttention-2 forward on tensor cores (CUDA C++, float16) against PyTorch's float16 SDPA."""
+def _tensor_cores(backend, B, H, N, D, backward=False):
+    """Our FlashAttention-2 on tensor cores (CUDA C++, float16) against PyTorch's float16 SDPA."""
 
     def setup():
         from kernels.attention import cuda_tc
 
-        q, k, v = (backend.array(a.astype(np.float16)) for a in _inputs(B, H, N, D)[:3])
-        return lambda: cuda_tc.attention_forward(q, k, v, causal=True)
+        if backward and not hasattr(cuda_tc, "attention_backward"):
+            raise UnavailableError("the tensor-core backward is not written")
+        q, k, v, do = (backend.array(a.astype(np.float16)) for a in _inputs(B, H, N, D))
+
+        def run():
+            out, lse = cuda_tc.attention_forward(q, k, v, causal=True)
+            if backward:
+                cuda_tc.attention_backward(q, k, v, out, lse, do, causal=True)
+
+        return run
 
     return setup
 
 
-def _torch_half(backend, B, H, N, D):
+def _torch_half(backend, B, H, N, D, backward=False):
     def setup():
         torch = backend.torch()
-        q, k, v = (backend.tensor(a).half() for a in _inputs(B, H, N, D)[:3])
+        q, k, v, do = (backend.tensor(a).half().requires_grad_(i < 3 and backward)
+                       for i, a in enumerate(_inputs(B, H, N, D)))
         sdpa = torch.nn.functional.scaled_dot_product_attention
 
         def run():
-            with torch.no_grad():
-                return sdpa(q, k, v, is_causal=True)
+            if not backward:
+                with torch.no_grad():
+                    return sdpa(q, k, v, is_causal=True)
+            q.grad = k.grad = v.grad = None
+            sdpa(q, k, v, is_causal=True).backward(do)
 
         return run
 
@@ -175,14 +187,17 @@ def cases(backend, *, quick=False, full=False) -> list[Case]:
                              reference=n <= ref_cap, core=n <= ref_cap,
                              plot=dict(panel=f"dense causal {direction}, B={B} H={H} D={D}", series="",
                                        x=n, xlabel="sequence length N")))
-    if backend.device == "cuda":  # half precision on tensor cores (forward only), against PyTorch's fp16 SDPA
-        for n in ns:
-            impls = [Impl("cuda_tc", _tensor_cores(backend, B, H, n, D)), Impl(TORCH, _torch_half(backend, B, H, n, D))]
-            out.append(Case(FAMILY, f"fwd causal fp16 N={n}", flops(B, H, D, visible_pairs(n), False),
-                            "GFLOP/s fp16", impls, dict(B=B, H=H, N=n, D=D, dtype="float16", pattern="causal",
-                                                        direction="fwd"),
-                            dict(panel=f"dense causal fwd fp16 (tensor cores), B={B} H={H} D={D}", series="", x=n,
-                                 xlabel="sequence length N")))
+    if backend.device == "cuda":  # half precision on tensor cores, against PyTorch's fp16 SDPA
+        for backward in (False, True):
+            direction = "fwd+bwd" if backward else "fwd"
+            for n in ns:
+                impls = [Impl("cuda_tc", _tensor_cores(backend, B, H, n, D, backward)),
+                         Impl(TORCH, _torch_half(backend, B, H, n, D, backward))]
+                out.append(Case(FAMILY, f"{direction} causal fp16 N={n}", flops(B, H, D, visible_pairs(n), backward),
+                                "GFLOP/s fp16", impls, dict(B=B, H=H, N=n, D=D, dtype="float16", pattern="causal",
+                                                            direction=direction),
+                                dict(panel=f"dense causal {direction} fp16 (tensor cores), B={B} H={H} D={D}",
+                                     series="", x=n, xlabel="sequence length N")))
     # 2. DALL·E's patterns at T text tokens + a W×W grid (forward+backward), against PyTorch with a dense mask
     T = 8 if quick else 64
     widths = [4] if quick else [16, 24, 32] + ([48, 64] if full else [])
