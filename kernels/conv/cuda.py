@@ -10,7 +10,8 @@ the tile from the shared slices (Kirk & Hwu, "Programming Massively Parallel Pro
     input gradient (3):   dx[n, c, h, w]   rows c,           columns (n, h, w),    contracted over (k, i, j)
     weight gradient (4):  dw[k, c, i, j]   rows k,           columns (c, i, j),    contracted over (n, oh, ow)
 
-Register blocking (Volkov & Demmel, "Benchmarking GPUs to tune dense linear algebra", SC 2008): a thread owns
+Register blocking (Volkov & Demmel, "Benchmarking GPUs to tune dense linear algebra", SC 2008; the "2-D block
+tiling" step of S. Boehm, "How to optimize a CUDA matmul kernel for cuBLAS-like performance", 2022): a thread owns
 not one result but a TM × TN micro-tile — rows ty + T·i, columns tx + T·j of the block's tile, T × T threads —
 held in a local array of constant size that the compiler keeps in registers (its loops have constant trip
 counts and are unrolled). Each step of the contraction loads TM + TN values from shared memory into registers
@@ -18,7 +19,8 @@ and does TM·TN multiply-adds with them, instead of 2 loads per multiply-add wit
 memory stops being the bottleneck. The strided micro-tile (stride T, not TM consecutive columns) keeps a warp's
 shared reads on consecutive words — no bank conflicts — and its stores of y and dx on consecutive pixels.
 
-Staging: each of the T·T threads loads BM·BK / (T·T) elements of each slice, neighbouring threads on neighbouring
+Staging: each of the T·T threads loads BM·BK / (T·T) elements of each slice (the weight gradient's slices are
+BK_W = BK / 2 deep: fewer registers, so two blocks fit on a multiprocessor), neighbouring threads on neighbouring
 addresses of the operand's contiguous index (coalesced): the result's column index (n, oh, ow) for the gathered
 operands of the forward and input-gradient products, the contracted index for the others. A thread stages the same
 columns at every step, so their (n, oh, ow) — or (c, i, j) — is decoded once, before the loop. The input gradient
@@ -43,15 +45,15 @@ _SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 T = 2 if _SIM else 16  # threads per block side: T × T threads
 TM = TN = 2 if _SIM else 4  # results per thread: a TM × TN micro-tile
 BM, BN = T * TM, T * TN  # the block's tile of the result
-TILE = BM
+TILE = BM  # the block's tile side (4 under the simulator)
 BK = 4 if _SIM else 16  # contracted depth of one shared-memory stage
 SPAN = T * T // BK  # threads that stage one contracted index of a slice
 A_LOADS, B_LOADS = BM // SPAN, BN // SPAN  # elements of each slice that one thread stages
 # shared slices a[m, t] (+1 column: the 2 rows a warp reads lie in distinct banks, float64 too) and b[t, q]
 # (+SPAN columns: so do the 2 rows a warp stores)
 A_SHAPE, B_SHAPE = (BM, BK + 1), (BK, BN + SPAN)
-# The weight gradient stages half as deep: 2 elements of each slice per thread instead of 4 leaves it under 128
-# registers, so 2 blocks fit on a multiprocessor (measured on an H200: 10-35% faster than depth 16).
+# The weight gradient stages half as deep: 2 elements of each slice per thread instead of 4 leave it at 120
+# registers, so 2 blocks fit on a multiprocessor (168 at depth 16; on an H200 depth 8 ran 10-35% faster).
 BK_W = 4 if _SIM else 8
 SPAN_W = T * T // BK_W
 A_LOADS_W, B_LOADS_W = BM // SPAN_W, BN // SPAN_W
