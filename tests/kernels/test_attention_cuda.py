@@ -7,6 +7,7 @@ the test session has imported. The simulator runs one Python thread per CUDA thr
 On a machine with a GPU, the ``gpu``-marked test runs the same comparison on the device with CuPy arrays.
 """
 
+import re
 import sys
 from pathlib import Path
 
@@ -21,7 +22,7 @@ def test_cuda_kernels_equal_reference_under_simulator(run_script):
 
 def test_cuda_kernels_compile_to_ptx_for_sm90(run_script):
     out = run_script(__file__, "ptx", simulate=False)
-    assert out.count("ptx ok") == 8, out  # 4 kernels × {float32, float64}
+    assert out.count("ptx ok") == 8 + 2 * 1, out  # 4 kernels × {float32, float64}, fast kernels × D in {32, 64}
 
 
 @pytest.mark.gpu
@@ -78,6 +79,7 @@ def check_simulator():
     for n, (q, k, v, dout, kw) in enumerate(tile_edge_cases(attention_cuda.BQ)):
         if n % 2 == 0 or q.shape[2] <= attention_cuda.BQ + 1:  # keep the simulator's time down
             assert_same("cuda", q, k, v, dout, kw)
+    check_fast_path(assert_same, attention_cuda)
     # Head dims beyond the default 48 KiB of shared memory are refused up front (a GPU launch would fail).
     from kernels.attention import attention_forward
 
@@ -89,6 +91,42 @@ def check_simulator():
     else:
         raise AssertionError("D = Dv = 128 in float32 should not fit")
     print("simulator cases passed")
+
+
+def fast_path_cases(dims):
+    """Cases the register-blocked float32 kernels take (D = Dv in ``dims``): odd lengths around the simulator's
+    8-wide tiles, L ≠ S, no mask, causal, every pattern (with and without the causal flag), boolean masks with a
+    fully blocked row, additive masks with −inf entries broadcast over the batch, and a row blocked everywhere."""
+    from kernels.attention import Column, Conv, PrefixLM, Row
+
+    rng = np.random.default_rng(5)
+    n_pat = 17
+    pats = [Row(text_len=3, width=4), Column(text_len=2, width=3), Conv(text_len=1, width=4, kernel=3),
+            PrefixLM(prefix_len=5)]
+    cases = [((n_pat, n_pat), {"pattern": pt, "causal": c}) for pt in pats for c in (False, True)]
+    cases += [((9, 9), {}), ((7, 17), {}), ((17, 7), {"causal": True}), ((16, 16), {"causal": True}), ((1, 1), {})]
+    bmask = rng.random((2, 1, 9, 13)) < 0.6
+    bmask[1, 0, 4] = False  # a fully blocked row
+    amask = np.where(rng.random((13,)) < 0.3, -np.inf, rng.standard_normal((13,)))
+    cases += [((9, 13), {"mask": bmask}), ((9, 13), {"mask": amask, "causal": True})]
+    cases += [((9, 9), {"mask": np.zeros((9, 9), bool)})]  # every row blocked
+    for n, ((L, S), kw) in enumerate(cases):
+        D = dims[n % len(dims)]
+        q, k = (rng.standard_normal((2, 2, n_, D)).astype(np.float32) for n_ in (L, S))
+        v = rng.standard_normal((2, 2, S, D)).astype(np.float32)
+        dout = rng.standard_normal((2, 2, L, D)).astype(np.float32)
+        yield q, k, v, dout, {"scale": 0.6, **kw}
+
+
+def check_fast_path(assert_same, attention_cuda):
+    """The fast kernels equal the reference on the cases they take; float64 and D ≠ Dv go to the general ones."""
+    dims = [d for d in range(1, 9) if attention_cuda.fast_dims_ok(np.float32, d, d)]
+    assert dims, "no head dim takes the fast path under the simulator"
+    assert not attention_cuda.fast_dims_ok(np.float64, dims[0], dims[0])
+    assert not attention_cuda.fast_dims_ok(np.float32, dims[0], dims[0] + 1)
+    for q, k, v, dout, kw in fast_path_cases(dims):
+        assert attention_cuda.fast_dims_ok(q.dtype, q.shape[-1], v.shape[-1])
+        assert_same("cuda", q, k, v, dout, kw)
 
 
 def check_ptx():
@@ -115,6 +153,18 @@ def check_ptx():
             if dtype == np.float32:  # no silent promotion to double precision arithmetic
                 assert ".f64" not in ptx, name
             print(f"ptx ok {name} {np.dtype(dtype).name} ({len(ptx)} chars)")
+    # The register-blocked kernels: their accumulators must stay in registers (no local memory at all: a local
+    # array indexed where the compiler cannot resolve the index would go to slow local memory), their static
+    # shared tiles within the default 48 KiB, and their row reductions warp shuffles.
+    for D in (32, 64):
+        sigs = attention_cuda.signatures(np.float32)
+        for name, kernel in attention_cuda.fast_kernels(D).items():
+            ptx, _ = cuda.compile_ptx(kernel.py_func, sigs[name], cc=(9, 0))
+            assert ".local" not in ptx and "ld.local" not in ptx and "st.local" not in ptx, (name, D)
+            shared = sum(int(n) for n in re.findall(r"\.shared \.align \d+ \.b8 \w+\[(\d+)\]", ptx))
+            assert 0 < shared <= attention_cuda.SMEM_LIMIT, (name, D, shared)
+            assert "shfl.sync.bfly" in ptx and "bar.sync" in ptx and ".f64" not in ptx, (name, D)
+            print(f"ptx ok {name} D={D} ({shared} bytes of shared memory)")
 
 
 if __name__ == "__main__":
