@@ -67,6 +67,14 @@ def main():
     rows["empty kernel, configuration reused, 1 Numba array"] = lambda: configured(nd)
     stream = cuda.default_stream()
     rows["empty kernel on cuda.default_stream(), 1 Numba array"] = lambda: one[1, 32, stream](nd)
+    try:  # numba-cuda 0.30 turns the stream argument into a cuda.core Stream at every launch configuration
+        from numba.cuda.cudadrv import driver
+
+        core_stream = driver._to_core_stream(0)
+        rows["empty kernel on a cuda.core Stream made once, 1 Numba array"] = lambda: one[1, 32, core_stream](nd)
+        rows["driver._to_core_stream(0) alone"] = lambda: driver._to_core_stream(0)
+    except Exception as e:  # a private helper of one numba-cuda version: report and go on
+        print("cuda.core stream variant unavailable:", type(e).__name__, e)
     raw = cupy.RawKernel(r'extern "C" __global__ void one(float* a) {}', "one")
     rows["empty CuPy RawKernel, 1 CuPy array"] = lambda: raw((1,), (32,), (x,))
     try:
