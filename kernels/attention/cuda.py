@@ -19,16 +19,19 @@ one thread per row, reading every operand from shared memory for one multiply-ad
 loads and leaves the GPU nearly empty (H200, B·H = 32, N = 1024, D = 64: 0.4 TFLOP/s, 48× PyTorch's time):
 
 - ``forward_fast``: a block of 128 threads takes BM = 64 queries and walks tiles of BN = 32 keys. Thread
-  (tx, ty) = (t mod 8, t // 8) owns query rows ty + 16·i (i < 4) and, of each score tile, keys tx + 8·j
-  (j < 4): its 4 × 4 scores, its 4 × D/8 output accumulators and its rows' running max and partial sums are
-  constant-size local arrays that the compiler keeps in registers. S = Q Kᵀ loads 4 + 4 values from the
-  transposed shared tiles Qᵀ, Kᵀ per 16 multiply-adds; O += P V loads 4 + D/8 per 4·D/8. The 8 threads of a row
-  are neighbouring lanes of one warp, so the row max is three ``shfl_xor`` steps; each keeps its own partial
-  row sum l, and the parts meet once at the end. P goes through shared memory (Pᵀ) to the threads that own
-  its rows' output columns. Tiles in which every pair is visible and no mask applies skip the pattern test.
+  (tx, ty) = (t mod 8, t // 8) owns query rows 4·ty + i (i < 4) and, of each score tile, keys 4·tx + j (j < 4):
+  its 4 × 4 scores, its 4 × D/8 output accumulators and its rows' running max and partial sums are
+  constant-size local arrays that the compiler keeps in registers (every index a constant once the short
+  loops are unrolled; the PTX has no local memory). S = Q Kᵀ reads, per d, the thread's 4 rows of the
+  transposed tile Qᵀ and its 4 keys of Kᵀ — consecutive floats on 16-byte boundaries, so each is one
+  ``ld.shared.v4`` — for 16 multiply-adds; O += P V reads 4 values of Pᵀ and D/8 of V (groups of 4 consecutive
+  columns, 32 apart, so that a warp's reads cover consecutive words) for 4·D/8. The 8 threads of a row are
+  neighbouring lanes of one warp, so the row max is three ``shfl_xor`` steps; each keeps its own partial row
+  sum l, and the parts meet once at the end. P goes through shared memory (Pᵀ) to the threads that own its
+  rows' output columns. Tiles in which every pair is visible and no mask applies skip the pattern test.
 
-The Numba CUDA simulator runs one Python thread per CUDA thread, so there the tiles shrink (8 threads, BM = BN
-= 8) and the shuffles become shared-memory exchanges. Everything else — float64, other head dims — takes the
+The Numba CUDA simulator runs one Python thread per CUDA thread, so there the tiles shrink (8 threads, BM = 16,
+BN = 8) and the shuffles become shared-memory exchanges. Everything else — float64, other head dims — takes the
 kernels above.
 
 Every kernel exists for float32 and float64 (``KERNELS[dtype]``); the launch wrappers take NumPy arrays
@@ -313,23 +316,25 @@ KERNELS = {np.dtype(np.float32): _build(float32), np.dtype(np.float64): _build(f
 _SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"  # the simulator runs a Python thread per CUDA thread
 TX = 2 if _SIM else 8  # threads that share a query row: neighbouring lanes of one warp
 TY = 4 if _SIM else 16  # row groups: TX · TY threads per block
-TM = 2 if _SIM else 4  # query rows per thread: ty + TY·i
-TN = 4  # keys per thread in a score tile: tx + TX·j
+TM = 4  # query rows per thread: TM·ty + i (consecutive: one 16-byte shared load reads them)
+TN = 4  # keys per thread in a score tile: TN·tx + j
 NT = TX * TY  # threads per block (128 on a GPU)
 BM = TY * TM  # queries per block (64)
 BN = TX * TN  # keys per tile (32)
 assert 32 % TX == 0 and NT % 32 == 0 or _SIM  # a row's TX owners lie within one warp
+ALIGN = None if _SIM else 16  # shared tiles on 16 bytes: 4 consecutive floats load as one ld.shared.v4
 
 
 def _fast_smem_forward(D):
     """Bytes of the fast forward's static shared memory: Qᵀ, Kᵀ (padded), V, Pᵀ (padded)."""
-    return 4 * (D * (BM + 1) + D * (BN + 1) + BN * D + BN * (BM + 4))
+    return 4 * (D * (BM + 4) + D * (BN + 4) + BN * D + BN * (BM + 4))
 
 
 def fast_dims_ok(dtype, D, Dv):
-    """Whether the register-blocked kernels take these arrays: float32, D == Dv, D a multiple of TX (a thread
-    owns D / TX output columns) and at most 64 (the registers; shared memory within the default 48 KiB)."""
-    return np.dtype(dtype) == np.float32 and D == Dv and D % TX == 0 and 0 < D <= 64 and (
+    """Whether the register-blocked kernels take these arrays: float32, D == Dv, D a multiple of 4·TX (a thread
+    owns D / TX output columns, 4 consecutive ones at a time) and at most 64 (the registers; shared memory within
+    the default 48 KiB)."""
+    return np.dtype(dtype) == np.float32 and D == Dv and D % (4 * TX) == 0 and 0 < D <= 64 and (
         _fast_smem_forward(D) <= SMEM_LIMIT
     )
 
@@ -375,9 +380,9 @@ def _row_sum(x):
 def _build_fast(D):
     """The register-blocked float32 kernels for head dim D = Dv (a compile-time constant: it sizes the register
     arrays and the static shared tiles)."""
-    DT = D // TX  # output columns per thread: tx + TX·e
+    DT = D // TX  # output columns per thread: 4·tx + 4·TX·(e // 4) + e % 4, four consecutive at a time
     # (shapes of shared and local arrays must be compile-time constants: tuples built here, frozen into the kernel)
-    Q_SHAPE, K_SHAPE, V_SHAPE, P_SHAPE = (D, BM + 1), (D, BN + 1), (BN, D), (BN, BM + 4)
+    Q_SHAPE, K_SHAPE, V_SHAPE, P_SHAPE = (D, BM + 4), (D, BN + 4), (BN, D), (BN, BM + 4)
     ACC_SHAPE, S_SHAPE = (TM, DT), (TM, TN)
     ninf = float32(-math.inf)
     zero = float32(0.0)
@@ -385,22 +390,23 @@ def _build_fast(D):
 
     @cuda.jit
     def forward_fast(q, k, v, mask, has_mask, H, kind, T, W, r, P, causal, scale, out, lse):
-        """One block of NT threads per (BM queries, batch·head). Thread (tx, ty) owns rows ty + TY·i of the block
-        and, in each BM × BN score tile, keys tx + TX·j; its TM × TN scores, its TM × DT output accumulators and
+        """One block of NT threads per (BM queries, batch·head). Thread (tx, ty) owns rows TM·ty + i of the block
+        and, in each BM × BN score tile, keys TN·tx + j; its TM × TN scores, its TM × DT output accumulators and
         its rows' running max m and partial sums l live in registers (constant-size local arrays)."""
         L, S = q.shape[1], k.shape[1]
-        t = cuda.threadIdx.x
+        t = cuda.threadIdx.x & (NT - 1)  # (= threadIdx.x; the mask shows the compiler t ≥ 0: no negative-index wrap)
         tx, ty = t % TX, t // TX
+        r0, c0 = TM * ty, TN * tx  # the thread's first row and first key of a tile
         i0 = cuda.blockIdx.x * BM
         bh = cuda.blockIdx.y
         b, h = bh // H, bh % H
         i1 = min(i0 + BM, L)
         # Transposed tiles: a thread reads its TM rows (TN keys) at one d; the +1 pads make the cooperative
         # stores (neighbouring threads on neighbouring d) fall in distinct banks. Pᵀ's +4 does that for P's stores.
-        sQ = cuda.shared.array(Q_SHAPE, float32)
-        sK = cuda.shared.array(K_SHAPE, float32)
-        sV = cuda.shared.array(V_SHAPE, float32)
-        sP = cuda.shared.array(P_SHAPE, float32)
+        sQ = cuda.shared.array(Q_SHAPE, float32, alignment=ALIGN)
+        sK = cuda.shared.array(K_SHAPE, float32, alignment=ALIGN)
+        sV = cuda.shared.array(V_SHAPE, float32, alignment=ALIGN)
+        sP = cuda.shared.array(P_SHAPE, float32, alignment=ALIGN)
         acc = cuda.local.array(ACC_SHAPE, float32)  # the unnormalized output rows
         s = cuda.local.array(S_SHAPE, float32)  # scores, then probabilities
         m = cuda.local.array(TM, float32)  # running row max (the same in the row's TX threads)
@@ -436,14 +442,16 @@ def _build_fast(D):
             for i in range(TM):  # S = Q Kᵀ: TM + TN shared loads for TM · TN multiply-adds per d
                 for j in range(TN):
                     s[i, j] = zero
-            for d in range(D):
+            d = 0
+            while d < D:  # (a while loop: Numba's range loop index defeats the 16-byte alignment proof, no v4 loads)
                 for i in range(TM):
-                    a[i] = sQ[d, ty + TY * i]
+                    a[i] = sQ[d, r0 + i]
                 for j in range(TN):
-                    kb[j] = sK[d, tx + TX * j]
+                    kb[j] = sK[d, c0 + j]
                 for i in range(TM):
                     for j in range(TN):
                         s[i, j] += a[i] * kb[j]
+                d += 1
             # The masked scores. A register array stays in registers only if every access has a constant index,
             # i.e. sits in a loop the compiler unrolls; the pattern/mask test is too big for that, so tiles that
             # need it (block-uniform choice) pass the scores through the thread's own slots of sP.
@@ -459,16 +467,16 @@ def _build_fast(D):
             else:
                 for i in range(TM):
                     for j in range(TN):
-                        sP[tx + TX * j, ty + TY * i] = s[i, j]
+                        sP[c0 + j, r0 + i] = s[i, j]
                 for n in range(TM * TN):
-                    c, row = tx + TX * (n % TN), ty + TY * (n // TN)
+                    c, row = c0 + n % TN, r0 + n // TN
                     x = ninf
                     if j0 + c < S:
                         x = _score(sP[c, row], scale, mask, has_mask, b, h, i0 + row, j0 + c, kind, T, W, r, P, causal)
                     sP[c, row] = x
                 for i in range(TM):
                     for j in range(TN):
-                        s[i, j] = sP[tx + TX * j, ty + TY * i]
+                        s[i, j] = sP[c0 + j, r0 + i]
             for i in range(TM):  # the online softmax (Dao 2023, algorithm 1, lines 8-10)
                 mx = m[i]
                 for j in range(TN):
@@ -483,20 +491,22 @@ def _build_fast(D):
                     p = zero
                     if mx != ninf:
                         p = math.exp(s[i, j] - mx)
-                    sP[tx + TX * j, ty + TY * i] = p
+                    sP[c0 + j, r0 + i] = p
                     total += p
                 lp[i] = alpha * lp[i] + total  # each thread sums its own keys; the row's parts meet at the end
                 for e in range(DT):
                     acc[i, e] *= alpha
             cuda.syncthreads()  # P is complete
-            for c in range(BN):  # O += P V: TM + DT shared loads for TM · DT multiply-adds per key
+            c = 0
+            while c < BN:  # O += P V: TM + DT shared loads for TM · DT multiply-adds per key
                 for i in range(TM):
-                    a[i] = sP[c, ty + TY * i]
+                    a[i] = sP[c, r0 + i]
                 for e in range(DT):
-                    vb[e] = sV[c, tx + TX * e]
+                    vb[e] = sV[c, 4 * tx + 4 * TX * (e // 4) + e % 4]
                 for i in range(TM):
                     for e in range(DT):
                         acc[i, e] += a[i] * vb[e]
+                c += 1
         for i in range(TM):  # O = acc / l, lse = m + log l (lines 12-13); a fully blocked row: 0 and −inf
             lsum = _row_sum(lp[i])
             inv = zero
@@ -508,10 +518,10 @@ def _build_fast(D):
             for e in range(DT):
                 acc[i, e] *= inv
         for i in range(TM):
-            qi = i0 + ty + TY * i
+            qi = i0 + r0 + i
             if qi < L:
                 for e in range(DT):
-                    out[bh, qi, tx + TX * e] = acc[i, e]
+                    out[bh, qi, 4 * tx + 4 * TX * (e // 4) + e % 4] = acc[i, e]
                 if tx == 0:
                     lse[bh, qi] = m[i]
 

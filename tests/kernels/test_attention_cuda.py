@@ -155,7 +155,7 @@ def check_ptx():
             print(f"ptx ok {name} {np.dtype(dtype).name} ({len(ptx)} chars)")
     # The register-blocked kernels: their accumulators must stay in registers (no local memory at all: a local
     # array indexed where the compiler cannot resolve the index would go to slow local memory), their static
-    # shared tiles within the default 48 KiB, and their row reductions warp shuffles.
+    # shared tiles within the default 48 KiB, their row reductions warp shuffles, their shared reads vectorized.
     for D in (32, 64):
         sigs = attention_cuda.signatures(np.float32)
         for name, kernel in attention_cuda.fast_kernels(D).items():
@@ -164,6 +164,7 @@ def check_ptx():
             shared = sum(int(n) for n in re.findall(r"\.shared \.align \d+ \.b8 \w+\[(\d+)\]", ptx))
             assert 0 < shared <= attention_cuda.SMEM_LIMIT, (name, D, shared)
             assert "shfl.sync.bfly" in ptx and "bar.sync" in ptx and ".f64" not in ptx, (name, D)
+            assert "ld.shared.v4.f32" in ptx, (name, D)  # the micro-tiles' operands load 4 floats at a time
             print(f"ptx ok {name} D={D} ({shared} bytes of shared memory)")
 
 
