@@ -1,4 +1,4 @@
-// FlashAttention-2 forward on tensor cores: fp16 / bf16 inputs, fp32 accumulation.
+// FlashAttention-2 on tensor cores, forward and backward: fp16 / bf16 inputs, fp32 accumulation.
 //
 // out = softmax(Q Kᵀ · scale + mask) V and lse = the row log-sum-exp, for one (batch·head) and one tile of 64
 // queries per thread block, following FlashAttention-2 (Dao 2023), Algorithm 1:
@@ -38,6 +38,9 @@
 // and T, W, r, P), whose tile rule lets a block skip every key tile that none of its queries may see.
 // A row that may see no key gets out = 0 and lse = −inf, as in reference.py.
 //
+// The backward (Algorithm 2: dQ, dK, dV from the saved lse) is the second half of the file, in two kernels and
+// the same building blocks.
+//
 // The host side is kernels/attention/cuda_tc.py (CuPy RawModule, NVRTC). Defining FLASH_TC_HOST_EMULATION
 // replaces the CUDA headers and the one inline-PTX function by a CPU emulation (see the tests), so the same
 // source can be checked for correctness on a machine without a GPU.
@@ -53,6 +56,7 @@ constexpr int WARPS = BQ / 16;     // each warp owns 16 query rows
 constexpr int THREADS = 32 * WARPS;
 constexpr int PAD = 8;             // extra halves per shared row: the 32 lanes' fragment reads hit 32 banks
 #define NEG_INF __int_as_float(0xff800000)  // −∞ as an IEEE-754 single (NVRTC has no <cmath> INFINITY)
+#define POS_INF __int_as_float(0x7f800000)  // +∞
 
 // ------------------------------------------------------------------------------------------------------------
 // Element types: fp16 or bf16 storage, fp32 arithmetic (the mma reads the 16-bit values; we only round to them).
@@ -63,12 +67,14 @@ struct Half;
 template <>
 struct Half<__half> {
     static __device__ __forceinline__ __half from_float(float x) { return __float2half_rn(x); }
+    static __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
     static __device__ __forceinline__ unsigned short bits(__half x) { return __half_as_ushort(x); }
 };
 
 template <>
 struct Half<__nv_bfloat16> {
     static __device__ __forceinline__ __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
+    static __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
     static __device__ __forceinline__ unsigned short bits(__nv_bfloat16 x) { return __bfloat16_as_ushort(x); }
 };
 
@@ -171,11 +177,11 @@ __device__ __forceinline__ bool tile_may_attend(const Pattern& p, int q0, int q1
 // past S has p = 0, and 0 times whatever shared memory held (NaN, say) must stay 0. The padding rows of Q and K
 // only make scores that are never used (they are masked, or belong to rows that are not written).
 
-// rows [row0, row0 + BK) of a (rows, D) matrix into dst (BK rows, stride ld), 16 bytes (8 elements) at a time.
-template <typename Elem, int D>
+// rows [row0, row0 + ROWS) of a (rows, D) matrix into dst (ROWS rows, stride ld), 16 bytes (8 elements) at a time.
+template <typename Elem, int D, int ROWS = BK>
 __device__ void load_tile(Elem* dst, int ld, const Elem* src, int row0, int rows) {
     constexpr int CHUNKS = D / 8;
-    for (int idx = threadIdx.x; idx < BK * CHUNKS; idx += THREADS) {
+    for (int idx = threadIdx.x; idx < ROWS * CHUNKS; idx += THREADS) {
         const int r = idx / CHUNKS, c = idx % CHUNKS * 8;
         uint4 chunk = make_uint4(0, 0, 0, 0);
         if (row0 + r < rows) chunk = *reinterpret_cast<const uint4*>(src + size_t(row0 + r) * D + c);
@@ -183,10 +189,10 @@ __device__ void load_tile(Elem* dst, int ld, const Elem* src, int row0, int rows
     }
 }
 
-// The same tile transposed: dst[c][r] = src[row0 + r][c] (D rows of BK keys, stride ld).
-template <typename Elem, int D>
+// The same tile transposed: dst[c][r] = src[row0 + r][c] (D rows of ROWS keys, stride ld).
+template <typename Elem, int D, int ROWS = BK>
 __device__ void load_tile_transposed(Elem* dst, int ld, const Elem* src, int row0, int rows) {
-    for (int idx = threadIdx.x; idx < BK * D; idx += THREADS) {
+    for (int idx = threadIdx.x; idx < ROWS * D; idx += THREADS) {
         const int r = idx / D, c = idx % D;  // consecutive threads read consecutive columns (coalesced)
         dst[c * ld + r] = row0 + r < rows ? src[size_t(row0 + r) * D + c] : Half<Elem>::from_float(0.0f);
     }
@@ -336,12 +342,329 @@ flash_forward(const Elem* __restrict__ q, const Elem* __restrict__ k, const Elem
     }
 }
 
+// ============================================================================================================
+// The backward: FlashAttention-2 (Dao 2023), Algorithm 2, with dQ by a second pass instead of atomics.
+//
+//   D = rowsum(dO ∘ O)                                                          (line 6)
+//   for each key tile j, for each query tile i that the pattern does not rule out:
+//       S = Q_i K_jᵀ,  P = exp(S · scale + mask − lse_i)                        (lines 12-13)
+//       dV_j += Pᵀ dO_i                                                         (line 14)
+//       dP = dO_i V_jᵀ,  dS = P ∘ (dP − D_i)                                    (lines 15-16)
+//       dK_j += dSᵀ Q_i · scale                                                 (line 18)
+//       dQ_i += dS K_j · scale                                                  (line 17)
+//
+// Algorithm 2 adds line 17 to dQ_i in global memory from every key block, i.e. with atomic adds whose order (and
+// fp32 rounding) changes from run to run. Here two kernels share the work instead, as the numba form does, so that
+// no two threads ever write the same output and the gradients are deterministic: flash_backward_dq (one block
+// per query tile, the forward's layout: each warp owns 16 query rows) recomputes P and dS and accumulates dQ_i
+// over the key tiles; it also computes D for its rows first and writes it. flash_backward_dkdv (one block per key
+// tile, launched after it: each warp owns 16 key rows) recomputes them transposed, Sᵀ = K_j Q_iᵀ, so that Pᵀ and
+// dSᵀ come out of the mma in the C layout that is the A layout of the next product: dV_j and dK_j stay in
+// registers and never go through shared memory. The price is S and dP computed twice, 7 instead of 5 mma
+// products per tile pair.
+//
+// Both walk their tile 16 columns at a time (one k = 16 step of the following product), so only 2 + 2 score
+// accumulators live at once. The B operands of the products want their k index along a shared row: the kernels
+// stage the tiles they multiply on both sides, row by row and transposed (Q_i and dO_i in dkdv, K_j in dq). For
+// D = 128 the tiles that the loop walks are halved to 32 rows so that the static shared memory stays under
+// 48 KiB. Every gradient is accumulated in fp32 and rounded once to Elem.
+
+// Rows of the tile that the backward kernels walk: queries in flash_backward_dkdv, keys in flash_backward_dq.
+__host__ __device__ constexpr int backward_tile(int D) { return D <= 64 ? 64 : 32; }
+
+// The A fragments of 16 rows [row0, row0 + 16) × D of a (rows, D) matrix, straight from global memory (each
+// block reads them once); rows past `rows` are zeros.
+template <typename Elem, int D>
+__device__ void load_a_fragments(unsigned (&a)[D / 16][4], const Elem* src, int row0, int rows) {
+    const int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+    const bool in0 = row0 + g < rows, in1 = row0 + g + 8 < rows;
+    const Elem* p0 = src + size_t(in0 ? row0 + g : 0) * D + 2 * t;
+    const Elem* p1 = src + size_t(in1 ? row0 + g + 8 : 0) * D + 2 * t;
+#pragma unroll
+    for (int kc = 0; kc < D / 16; ++kc) {
+        a[kc][0] = in0 ? load2(p0 + 16 * kc) : 0u;
+        a[kc][1] = in1 ? load2(p1 + 16 * kc) : 0u;
+        a[kc][2] = in0 ? load2(p0 + 16 * kc + 8) : 0u;
+        a[kc][3] = in1 ? load2(p1 + 16 * kc + 8) : 0u;
+    }
+}
+
+// A 16×16 block of A fragments from the two 16×8 accumulators that hold it (the register trick of the forward).
+template <typename Elem>
+__device__ __forceinline__ void c_to_a(unsigned (&a)[4], const float (&c)[2][4]) {
+    a[0] = pack2<Elem>(c[0][0], c[0][1]);
+    a[1] = pack2<Elem>(c[0][2], c[0][3]);
+    a[2] = pack2<Elem>(c[1][0], c[1][1]);
+    a[3] = pack2<Elem>(c[1][2], c[1][3]);
+}
+
+// P_ij = exp(S_ij · scale + mask_ij − lse_i), the forward's softmax recomputed (line 13), or 0 where the pattern,
+// causality or the bounds block the pair. `lse` is +∞ for a row that sees no key, so that all its P are 0.
+__device__ __forceinline__ float recompute_p(float s, const Pattern& pat, int qi, int kj, int L, int S, float scale,
+                                            const float* mask, long long mbh, long long msi, long long msj,
+                                            int has_mask, float lse) {
+    if (qi >= L || kj >= S || !visible(pat, qi, kj)) return 0.0f;
+    float x = s * scale;
+    if (has_mask) x += mask[mbh + qi * msi + kj * msj];
+    return expf(x - lse);
+}
+
+// One kernel per query tile of BQ rows: D_i for its rows, then dQ_i = Σ_j dS K_j · scale. Grid (ceil(L / BQ),
+// B·H), THREADS threads; the arguments as in flash_forward, with out, dout (B·H, L, D), lse (B·H, L) from the
+// forward, and the outputs delta (B·H, L, fp32: D, read by flash_backward_dkdv) and dq (B·H, L, D).
+template <typename Elem, int D>
+__global__ void __launch_bounds__(THREADS)
+flash_backward_dq(const Elem* __restrict__ q, const Elem* __restrict__ k, const Elem* __restrict__ v,
+                  const Elem* __restrict__ out, const Elem* __restrict__ dout, const float* __restrict__ lse,
+                  float* __restrict__ delta, Elem* __restrict__ dq, int L, int S, int H, float scale,
+                  const float* __restrict__ mask, long long msb, long long msh, long long msi, long long msj,
+                  int has_mask, int kind, int text_len, int width, int radius, int prefix_len, int causal) {
+    static_assert(D % 16 == 0, "the head dimension is a multiple of the mma's k = 16");
+    constexpr int BT = backward_tile(D);  // keys per tile
+    constexpr int LDK = D + PAD;          // K_j and V_j row by row
+    constexpr int LDT = BT + PAD;         // K_j transposed: one row per column of K
+    __shared__ __align__(16) Elem sK[BT * LDK];
+    __shared__ __align__(16) Elem sKt[D * LDT];
+    __shared__ __align__(16) Elem sV[BT * LDK];
+
+    const Pattern pat = {kind, text_len, width, radius, prefix_len, causal != 0};
+    const int bh = blockIdx.y, b = bh / H, h = bh % H;
+    const int i0 = blockIdx.x * BQ, i1 = min(i0 + BQ, L);
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int g = lane / 4, t = lane % 4;
+    const int row[2] = {i0 + 16 * warp + g, i0 + 16 * warp + g + 8};
+    const long long mbh = b * msb + h * msh;
+    q += size_t(bh) * L * D;
+    k += size_t(bh) * S * D;
+    v += size_t(bh) * S * D;
+    out += size_t(bh) * L * D;
+    dout += size_t(bh) * L * D;
+
+    // Q_i and dO_i as A operands: of S = Q_i K_jᵀ and dP = dO_i V_jᵀ.
+    unsigned qa[D / 16][4], da[D / 16][4];
+    load_a_fragments<Elem, D>(qa, q, i0 + 16 * warp, L);
+    load_a_fragments<Elem, D>(da, dout, i0 + 16 * warp, L);
+
+    // Line 6: D = rowsum(dO ∘ O) in fp32, each lane over the columns 8n + 2t, 8n + 2t + 1 of its rows (those of
+    // its C fragments), then over the 4 lanes of its group.
+    float dr[2], lr[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        float acc = 0.0f;
+        if (row[r] < L) {
+            const Elem* po = out + size_t(row[r]) * D + 2 * t;
+            const Elem* pd = dout + size_t(row[r]) * D + 2 * t;
+#pragma unroll
+            for (int n = 0; n < D / 8; ++n)
+                acc += Half<Elem>::to_float(po[8 * n]) * Half<Elem>::to_float(pd[8 * n]) +
+                       Half<Elem>::to_float(po[8 * n + 1]) * Half<Elem>::to_float(pd[8 * n + 1]);
+        }
+        acc += __shfl_xor_sync(0xffffffffu, acc, 1);
+        acc += __shfl_xor_sync(0xffffffffu, acc, 2);
+        dr[r] = acc;
+        if (row[r] < L && t == 0) delta[size_t(bh) * L + row[r]] = acc;
+        const float x = row[r] < L ? lse[size_t(bh) * L + row[r]] : NEG_INF;
+        lr[r] = x == NEG_INF ? POS_INF : x;
+    }
+
+    float acc[D / 8][4];  // dQ: 16×8 fp32 accumulators of columns 8n..8n+7
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+
+    for (int j0 = 0; j0 < S; j0 += BT) {
+        const int j1 = min(j0 + BT, S);
+        if (!tile_may_attend(pat, i0, i1, j0, j1)) continue;  // the same decision in the whole block
+        __syncthreads();
+        load_tile<Elem, D, BT>(sK, LDK, k, j0, S);
+        load_tile_transposed<Elem, D, BT>(sKt, LDT, k, j0, S);
+        load_tile<Elem, D, BT>(sV, LDK, v, j0, S);
+        __syncthreads();
+
+#pragma unroll 1
+        for (int c = 0; c < BT / 16; ++c) {  // keys j0 + 16c .. j0 + 16c + 15
+            // Lines 12 and 15: S = Q_i K_jᵀ and dP = dO_i V_jᵀ for 16 keys (two 16×8 tiles each).
+            float s[2][4], dp[2][4];
+#pragma unroll
+            for (int nn = 0; nn < 2; ++nn) {
+                s[nn][0] = s[nn][1] = s[nn][2] = s[nn][3] = 0.0f;
+                dp[nn][0] = dp[nn][1] = dp[nn][2] = dp[nn][3] = 0.0f;
+#pragma unroll
+                for (int kc = 0; kc < D / 16; ++kc) {
+                    const int off = (16 * c + 8 * nn + g) * LDK + 16 * kc + 2 * t;  // Kᵀ[2t..2t+1][g] = K[g][2t..2t+1]
+                    const unsigned kb[2] = {load2(sK + off), load2(sK + off + 8)};
+                    const unsigned vb[2] = {load2(sV + off), load2(sV + off + 8)};
+                    mma_16x8x16<Elem>(s[nn], qa[kc], kb);
+                    mma_16x8x16<Elem>(dp[nn], da[kc], vb);
+                }
+            }
+            // Lines 13 and 16: P, then dS = P ∘ (dP − D) in place of S. Element e of s[nn] is row[e / 2], key
+            // j0 + 16c + 8nn + 2t + e % 2.
+#pragma unroll
+            for (int nn = 0; nn < 2; ++nn) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int r = e / 2, kj = j0 + 16 * c + 8 * nn + 2 * t + e % 2;
+                    const float p = recompute_p(s[nn][e], pat, row[r], kj, L, S, scale, mask, mbh, msi, msj,
+                                                has_mask, lr[r]);
+                    s[nn][e] = p * (dp[nn][e] - dr[r]);
+                }
+            }
+            // Line 17: dQ_i += dS K_j, dS (16 queries × 16 keys) rounded to Elem as the A operand.
+            unsigned dsa[4];
+            c_to_a<Elem>(dsa, s);
+#pragma unroll
+            for (int n = 0; n < D / 8; ++n) {
+                const Elem* p = sKt + (8 * n + g) * LDT + 16 * c + 2 * t;  // K[2t..2t+1][g] = Kᵀ[g][2t..2t+1]
+                const unsigned kb[2] = {load2(p), load2(p + 8)};
+                mma_16x8x16<Elem>(acc[n], dsa, kb);
+            }
+        }
+    }
+
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        if (row[r] >= L) continue;
+        Elem* dst = dq + (size_t(bh) * L + row[r]) * D + 2 * t;
+#pragma unroll
+        for (int n = 0; n < D / 8; ++n)
+            *reinterpret_cast<unsigned*>(dst + 8 * n) =
+                pack2<Elem>(acc[n][2 * r] * scale, acc[n][2 * r + 1] * scale);
+    }
+}
+
+// One kernel per key tile of BK rows: dV_j = Σ_i Pᵀ dO_i and dK_j = Σ_i dSᵀ Q_i · scale (Algorithm 2's outer loop,
+// lines 7-21). Grid (ceil(S / BK), B·H), THREADS threads; launched after flash_backward_dq, whose delta it reads.
+// dk and dv are (B·H, S, D).
+template <typename Elem, int D>
+__global__ void __launch_bounds__(THREADS)
+flash_backward_dkdv(const Elem* __restrict__ q, const Elem* __restrict__ k, const Elem* __restrict__ v,
+                    const Elem* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
+                    Elem* __restrict__ dk, Elem* __restrict__ dv, int L, int S, int H, float scale,
+                    const float* __restrict__ mask, long long msb, long long msh, long long msi, long long msj,
+                    int has_mask, int kind, int text_len, int width, int radius, int prefix_len, int causal) {
+    static_assert(D % 16 == 0, "the head dimension is a multiple of the mma's k = 16");
+    constexpr int BT = backward_tile(D);  // queries per tile
+    constexpr int LDQ = D + PAD;          // Q_i and dO_i row by row
+    constexpr int LDT = BT + PAD;         // Q_i and dO_i transposed
+    __shared__ __align__(16) Elem sQ[BT * LDQ];
+    __shared__ __align__(16) Elem sQt[D * LDT];
+    __shared__ __align__(16) Elem sdO[BT * LDQ];
+    __shared__ __align__(16) Elem sdOt[D * LDT];
+    __shared__ float sL[BT], sD[BT];  // lse (+∞ for a row that sees no key) and D of the tile's queries
+
+    const Pattern pat = {kind, text_len, width, radius, prefix_len, causal != 0};
+    const int bh = blockIdx.y, b = bh / H, h = bh % H;
+    const int j0 = blockIdx.x * BK, j1 = min(j0 + BK, S);
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int g = lane / 4, t = lane % 4;
+    const int key[2] = {j0 + 16 * warp + g, j0 + 16 * warp + g + 8};  // this lane's two key rows
+    const long long mbh = b * msb + h * msh;
+    q += size_t(bh) * L * D;
+    k += size_t(bh) * S * D;
+    v += size_t(bh) * S * D;
+    dout += size_t(bh) * L * D;
+    lse += size_t(bh) * L;
+    delta += size_t(bh) * L;
+
+    // Line 8: K_j and V_j, as A operands of Sᵀ = K_j Q_iᵀ and dPᵀ = V_j dO_iᵀ. Line 9: dK_j = dV_j = 0.
+    unsigned ka[D / 16][4], va[D / 16][4];
+    load_a_fragments<Elem, D>(ka, k, j0 + 16 * warp, S);
+    load_a_fragments<Elem, D>(va, v, j0 + 16 * warp, S);
+    float dka[D / 8][4], dva[D / 8][4];
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+        dka[n][0] = dka[n][1] = dka[n][2] = dka[n][3] = 0.0f;
+        dva[n][0] = dva[n][1] = dva[n][2] = dva[n][3] = 0.0f;
+    }
+
+    for (int i0 = 0; i0 < L; i0 += BT) {  // line 10
+        const int i1 = min(i0 + BT, L);
+        if (!tile_may_attend(pat, i0, i1, j0, j1)) continue;  // the same decision in the whole block
+        // Line 11: Q_i, dO_i (both ways), lse_i and D_i into shared memory.
+        __syncthreads();
+        load_tile<Elem, D, BT>(sQ, LDQ, q, i0, L);
+        load_tile_transposed<Elem, D, BT>(sQt, LDT, q, i0, L);
+        load_tile<Elem, D, BT>(sdO, LDQ, dout, i0, L);
+        load_tile_transposed<Elem, D, BT>(sdOt, LDT, dout, i0, L);
+        for (int idx = threadIdx.x; idx < BT; idx += THREADS) {
+            const float x = i0 + idx < L ? lse[i0 + idx] : NEG_INF;
+            sL[idx] = x == NEG_INF ? POS_INF : x;
+            sD[idx] = i0 + idx < L ? delta[i0 + idx] : 0.0f;
+        }
+        __syncthreads();
+
+#pragma unroll 1
+        for (int c = 0; c < BT / 16; ++c) {  // queries i0 + 16c .. i0 + 16c + 15
+            // Lines 12 and 15, transposed: Sᵀ = K_j Q_iᵀ and dPᵀ = V_j dO_iᵀ, this warp's 16 keys × 16 queries.
+            float st[2][4], dpt[2][4];
+#pragma unroll
+            for (int nn = 0; nn < 2; ++nn) {
+                st[nn][0] = st[nn][1] = st[nn][2] = st[nn][3] = 0.0f;
+                dpt[nn][0] = dpt[nn][1] = dpt[nn][2] = dpt[nn][3] = 0.0f;
+#pragma unroll
+                for (int kc = 0; kc < D / 16; ++kc) {
+                    const int off = (16 * c + 8 * nn + g) * LDQ + 16 * kc + 2 * t;  // Qᵀ[2t..2t+1][g] = Q[g][2t..2t+1]
+                    const unsigned qb[2] = {load2(sQ + off), load2(sQ + off + 8)};
+                    const unsigned db[2] = {load2(sdO + off), load2(sdO + off + 8)};
+                    mma_16x8x16<Elem>(st[nn], ka[kc], qb);
+                    mma_16x8x16<Elem>(dpt[nn], va[kc], db);
+                }
+            }
+            // Lines 13 and 16: Pᵀ in place of Sᵀ, dSᵀ = Pᵀ ∘ (dPᵀ − D) in place of dPᵀ. Element e of st[nn] is key
+            // key[e / 2], query i0 + ql with ql = 16c + 8nn + 2t + e % 2.
+#pragma unroll
+            for (int nn = 0; nn < 2; ++nn) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int ql = 16 * c + 8 * nn + 2 * t + e % 2;
+                    const float p = recompute_p(st[nn][e], pat, i0 + ql, key[e / 2], L, S, scale, mask, mbh, msi,
+                                                msj, has_mask, sL[ql]);
+                    st[nn][e] = p;
+                    dpt[nn][e] = p * (dpt[nn][e] - sD[ql]);
+                }
+            }
+            // Lines 14 and 18: dV_j += Pᵀ dO_i and dK_j += dSᵀ Q_i over these 16 queries, Pᵀ and dSᵀ rounded to Elem.
+            unsigned pa[4], dsa[4];
+            c_to_a<Elem>(pa, st);
+            c_to_a<Elem>(dsa, dpt);
+#pragma unroll
+            for (int n = 0; n < D / 8; ++n) {
+                const int off = (8 * n + g) * LDT + 16 * c + 2 * t;  // dO[2t..2t+1][g] = dOᵀ[g][2t..2t+1]
+                const unsigned db[2] = {load2(sdOt + off), load2(sdOt + off + 8)};
+                const unsigned qb[2] = {load2(sQt + off), load2(sQt + off + 8)};
+                mma_16x8x16<Elem>(dva[n], pa, db);
+                mma_16x8x16<Elem>(dka[n], dsa, qb);
+            }
+        }
+    }
+
+    // Line 20: dK_j (times scale) and dV_j, rounded once to Elem.
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        if (key[r] >= S) continue;
+        Elem* dst_k = dk + (size_t(bh) * S + key[r]) * D + 2 * t;
+        Elem* dst_v = dv + (size_t(bh) * S + key[r]) * D + 2 * t;
+#pragma unroll
+        for (int n = 0; n < D / 8; ++n) {
+            *reinterpret_cast<unsigned*>(dst_k + 8 * n) =
+                pack2<Elem>(dka[n][2 * r] * scale, dka[n][2 * r + 1] * scale);
+            *reinterpret_cast<unsigned*>(dst_v + 8 * n) = pack2<Elem>(dva[n][2 * r], dva[n][2 * r + 1]);
+        }
+    }
+}
+
 // Explicit instantiation, for compilers given the file alone (`nvcc -ptx -DFLASH_TC_INSTANTIATE_ALL`); NVRTC
 // instantiates just the kernels that cuda_tc.py names (each costs seconds of compile time).
 #define FLASH_TC_INSTANTIATE(Elem, D)                                                                          \
     template __global__ void flash_forward<Elem, D>(const Elem*, const Elem*, const Elem*, Elem*, float*, int, \
                                                     int, int, float, const float*, long long, long long,       \
-                                                    long long, long long, int, int, int, int, int, int, int);
+                                                    long long, long long, int, int, int, int, int, int, int);  \
+    template __global__ void flash_backward_dq<Elem, D>(                                                       \
+        const Elem*, const Elem*, const Elem*, const Elem*, const Elem*, const float*, float*, Elem*, int, int, \
+        int, float, const float*, long long, long long, long long, long long, int, int, int, int, int, int, int); \
+    template __global__ void flash_backward_dkdv<Elem, D>(                                                     \
+        const Elem*, const Elem*, const Elem*, const Elem*, const float*, const float*, Elem*, Elem*, int, int,  \
+        int, float, const float*, long long, long long, long long, long long, int, int, int, int, int, int, int);
 #ifdef FLASH_TC_INSTANTIATE_ALL
 FLASH_TC_INSTANTIATE(__half, 32)
 FLASH_TC_INSTANTIATE(__half, 64)

@@ -13,17 +13,43 @@ CI has no GPU, so the kernel is checked three ways:
    pattern rules equal ``patterns.py`` on every pair and tile of small grids;
 3. on a GPU (marker ``gpu``), the real kernel launched through CuPy equals the reference.
 
+The backward's two kernels (``flash_backward_dq``, ``flash_backward_dkdv``) are checked the same three ways: NVRTC
+compiles them for sm_90, each multiplies on tensor cores and none uses an atomic instruction; the emulation equals
+``reference.attention_backward`` in fp16 and bf16 over every pattern, masks, causal, sizes off both kernels'
+tiles, head dimensions 32 and 128 (whose loops walk 32-row tiles), and fed the emulated forward's own out and lse;
+on a GPU, fed the GPU forward's out and lse, within the same bounds and bit-identical when run twice.
+
 Tolerances follow from half-precision rounding (unit roundoff u = 2⁻¹¹ for fp16, 2⁻⁸ for bf16), with the inputs
 already rounded to the half type so that the reference (float64) sees exactly what the kernel sees. The kernel
 rounds P = exp(S − m) to the half type before P V (the mma takes 16-bit inputs) while l sums the unrounded P, and
 rounds the output: |out − ref| ≤ u · max|V| + u · |out| + O(fp32) ≤ 2u · max|V| + 1e-6. The lse is computed in
 fp32 throughout: |Δlse| ≤ 1e-4 at these sizes.
+
+The backward's bounds are elementwise, first order in the roundings, each term from a step of the kernel, and
+computed from the reference's own |·| (``backward_tolerances``). The reference and the kernel get the same rounded
+q, k, v, dO, the same out (Elem) and the same lse (fp32). A rounding to Elem is x(1 + δ) + η with |δ| ≤ u and
+|η| ≤ η₀ (subnormals: 2⁻²⁵ for fp16; for bf16 a flushed fp32 subnormal, 2⁻¹²⁶). An fp32 sum of n terms is off by
+at most n · 2⁻²³ · Σ|terms| (twice fp32's unit roundoff: a tensor core's additions may truncate). Then
+
+- P = exp(S · scale + M − lse) in fp32 is off by a relative θ ≤ 2⁻²³ (D · scale · |Q||K|ᵀ + 4(|S| + |lse|) + 4):
+  the D-term score, the scale, the mask, the subtraction and expf;
+- dP − D (two D-term fp32 sums) is off by ε ≤ 2⁻²³ D (|dO||V|ᵀ + rowsum(|dO| ∘ |O|));
+- so dS, rounded to Elem for the mma, is off by E = (u + θ + 2⁻²³)|dS| + P ε + η₀, and P by (u + θ) P + η₀
+  (η₀ only where P > 0: a blocked pair is an exact 0 in both);
+- each gradient is an fp32 sum of those, rounded once to Elem:
+  |ΔdV| ≤ u |dV| + η₀ + c (((u + θ) P + η₀)ᵀ |dO| + L 2⁻²³ Pᵀ|dO|)
+  |ΔdQ| ≤ u |dQ| + η₀ + c · scale (E |K| + S 2⁻²³ |dS||K|),  |ΔdK| ≤ u |dK| + η₀ + c · scale (Eᵀ |Q| + L 2⁻²³ |dS|ᵀ|Q|)
+  with c = (1 + u)² for the products of first-order terms.
+The dominant term is u |dS||K| · scale (dS's rounding to Elem): |dS||K| exceeds |dS K| by about √S where the
+terms cancel, so the bound is not u |dQ|. The checks also require the median bound to stay under 5% of the
+gradient's rms (a wrong term would show), and the emulated errors reach 30-85% of their bounds.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+import re
 import shutil
 import subprocess
 
@@ -65,7 +91,8 @@ def nvrtc_compile(names, arch="compute_90", extra=()):
     assert status[0] == nvrtc.nvrtcResult.NVRTC_SUCCESS, f"flash_tc.cu does not compile:\n{log}"
     for name in names:
         (lowered,) = check(nvrtc.nvrtcGetLoweredName(prog, name.encode()), "lowered name")
-        assert lowered.startswith(b"_Z13flash_forward"), lowered
+        base = name.split("<")[0].encode()
+        assert lowered.startswith(b"_Z%d%s" % (len(base), base)), lowered
     (size,) = check(nvrtc.nvrtcGetPTXSize(prog), "ptx size")
     ptx = bytearray(size)
     check(nvrtc.nvrtcGetPTX(prog, ptx), "ptx")
@@ -97,10 +124,26 @@ def test_compiles_to_tensor_core_ptx_for_sm90_with_nvrtc():
     assert ptx.count(".entry") == len(names)
 
 
+def test_backward_compiles_to_tensor_core_ptx_for_sm90_with_nvrtc():
+    """flash_backward_dq and flash_backward_dkdv: tensor cores, shared tiles, and no atomics (deterministic)."""
+    names = [cuda_tc.kernel_name(e, 64, kern) for e in cuda_tc.ELEMENTS for kern in cuda_tc.KERNELS[1:]]
+    ptx, _, _ = nvrtc_compile(names)
+    assert_tensor_core_ptx(ptx, cuda_tc.ELEMENTS)  # shfl.sync.bfly: D = rowsum(dO ∘ O) over a group's 4 lanes
+    assert ptx.count(".entry") == len(names)
+    # no atomic instruction: every output element is written by one thread, once
+    assert not re.search(r"^\s*(@!?%p\d+\s+)?(atom|red)\.", ptx, re.MULTILINE)
+    entries = ptx.split(".entry")[1:]  # each kernel's body (the device functions are inlined into it)
+    assert len(entries) == len(names)
+    for body in entries:  # every kernel multiplies on tensor cores, not just one of them
+        ptx_type = "bf16" if "bfloat16" in body.split("(")[0] else "f16"
+        assert f"mma.sync.aligned.m16n8k16.row.col.f32.{ptx_type}.{ptx_type}.f32" in body, body.split("(")[0]
+
+
 @pytest.mark.slow
 def test_every_instantiation_assembles_for_sm90_without_spills():
-    """All (element, head dim) kernels through ptxas for sm_90 (a minute on 2 cores): no register spills."""
-    names = [cuda_tc.kernel_name(e, d) for e in cuda_tc.ELEMENTS for d in cuda_tc.HEAD_DIMS]
+    """All (kernel, element, head dim) through ptxas for sm_90 (a minute on 2 cores): no register spills."""
+    names = [cuda_tc.kernel_name(e, d, kern) for e in cuda_tc.ELEMENTS for d in cuda_tc.HEAD_DIMS
+             for kern in cuda_tc.KERNELS]  # fmt: skip
     ptx, cubin, log = nvrtc_compile(names, arch="sm_90", extra=("-Xptxas=-v",))
     assert_tensor_core_ptx(ptx, cuda_tc.ELEMENTS)
     assert cubin and cubin[:4] == b"\x7fELF"
@@ -138,6 +181,25 @@ def test_prepare_checks_its_arguments():
         cuda_tc.attention_forward(f16, f16, f16)
 
 
+def test_prepare_backward_checks_its_arguments():
+    f16 = np.zeros((1, 2, 8, 64), np.float16)
+    lse = np.zeros((1, 2, 8), np.float32)
+    with pytest.raises(ValueError, match="dout must have q's shape"):
+        cuda_tc.prepare_backward(f16, f16, f16, f16, lse, f16[:, :1])
+    with pytest.raises(ValueError, match="out must have q's shape"):
+        cuda_tc.prepare_backward(f16, f16, f16, f16.astype(np.float32), lse, f16)
+    with pytest.raises(ValueError, match="lse must have shape"):
+        cuda_tc.prepare_backward(f16, f16, f16, f16, lse[..., :4], f16)
+    with pytest.raises(TypeError, match="float16 or bfloat16"):
+        f32 = f16.astype(np.float32)
+        cuda_tc.prepare_backward(f32, f32, f32, f32, lse, f32)
+    with pytest.raises(TypeError, match="CuPy"):
+        cuda_tc.attention_backward(f16, f16, f16, f16, lse, f16)
+    launch = cuda_tc.prepare_backward(f16, f16[:, :, :5], f16[:, :, :5], f16, lse, f16, causal=True)
+    assert launch.dq.shape == (2, 8, 64) and launch.dk.shape == launch.dv.shape == (2, 5, 64)
+    assert launch.dq_grid == (1, 2) and launch.dkdv_grid == (1, 2) and launch.delta.dtype == np.float32
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 2. The kernel's arithmetic, emulated on the CPU
 
@@ -161,6 +223,7 @@ EMULATION = r"""
 #define FLASH_TC_HOST_EMULATION
 #define __global__
 #define __device__
+#define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(n)
 #define __restrict__ __restrict
@@ -373,6 +436,70 @@ extern "C" int emulate(int element, int D, int gx, int gy, const void* q, const 
     EMU_CASE(1, __nv_bfloat16, 32) EMU_CASE(1, __nv_bfloat16, 64) EMU_CASE(1, __nv_bfloat16, 128)
     return 1;
 }
+
+// The backward: flash_backward_dq over its grid, then flash_backward_dkdv over its own (it reads dq's delta).
+static bool run_grid(int grid_x, int grid_y) {
+    for (int by = 0; by < grid_y; ++by)
+        for (int bx = 0; bx < grid_x; ++bx) {
+            blockIdx.x = bx;
+            blockIdx.y = by;
+            if (!run_block()) return false;
+        }
+    return true;
+}
+
+template <typename Elem, int D>
+bool run_backward(int gq, int gk, int gy, const Elem* q, const Elem* k, const Elem* v, const Elem* out,
+                  const Elem* dout, const float* lse, float* delta, Elem* dq, Elem* dk, Elem* dv, int L, int S, int H,
+                  float scale, const float* mask, long long msb, long long msh, long long msi, long long msj,
+                  int has_mask, int kind, int T, int W, int r, int P, int causal) {
+    block_body = [=] {
+        flash_backward_dq<Elem, D>(q, k, v, out, dout, lse, delta, dq, L, S, H, scale, mask, msb, msh, msi, msj,
+                                   has_mask, kind, T, W, r, P, causal);
+    };
+    if (!run_grid(gq, gy)) return false;
+    block_body = [=] {
+        flash_backward_dkdv<Elem, D>(q, k, v, dout, lse, delta, dk, dv, L, S, H, scale, mask, msb, msh, msi, msj,
+                                     has_mask, kind, T, W, r, P, causal);
+    };
+    return run_grid(gk, gy);
+}
+
+template <typename Elem, int D>
+int launch_backward(int gq, int gk, int gy, const void* q, const void* k, const void* v, const void* out,
+                    const void* dout, const float* lse, float* delta, void* dq, void* dk, void* dv, int L, int S,
+                    int H, float scale, const float* mask, long long msb, long long msh, long long msi,
+                    long long msj, int has_mask, int kind, int T, int W, int r, int P, int causal) {
+    // As in the forward: first one block of each kernel on NaN inputs, leaving NaN in all their shared memory.
+    const unsigned short nan_bits = std::is_same<Elem, __half>::value ? 0x7e00 : 0x7fc0;
+    std::vector<Elem> nan(BK * D, Elem{nan_bits}), nan_grad(3 * BK * D);
+    std::vector<float> nan_f(BK, std::nanf("")), nan_delta(BK);
+    Elem* g = nan_grad.data();
+    const bool ok =
+        run_backward<Elem, D>(1, 1, 1, nan.data(), nan.data(), nan.data(), nan.data(), nan.data(), nan_f.data(),
+                              nan_delta.data(), g, g + BK * D, g + 2 * BK * D, BK, BK, 1, 1.0f, mask, 0, 0, 0, 0, 0,
+                              NONE, 0, 1, 0, 0, 0) &&
+        run_backward<Elem, D>(gq, gk, gy, (const Elem*)q, (const Elem*)k, (const Elem*)v, (const Elem*)out,
+                              (const Elem*)dout, lse, delta, (Elem*)dq, (Elem*)dk, (Elem*)dv, L, S, H, scale, mask,
+                              msb, msh, msi, msj, has_mask, kind, T, W, r, P, causal);
+    return ok ? 0 : 2;
+}
+
+#define EMU_BACKWARD_CASE(E, ELEM, DIM) \
+    if (element == E && D == DIM) return launch_backward<ELEM, DIM>(gq, gk, gy, q, k, v, out, dout, lse, delta, dq, \
+                                                                   dk, dv, L, S, H, scale, mask, msb, msh, msi, msj, \
+                                                                   has_mask, kind, T, W, r, P, causal);
+
+extern "C" int emulate_backward(int element, int D, int gq, int gk, int gy, const void* q, const void* k,
+                                const void* v, const void* out, const void* dout, const float* lse, float* delta,
+                                void* dq, void* dk, void* dv, int L, int S, int H, float scale, const float* mask,
+                                long long msb, long long msh, long long msi, long long msj, int has_mask, int kind,
+                                int T, int W, int r, int P, int causal) {
+    EMU_BACKWARD_CASE(0, __half, 32) EMU_BACKWARD_CASE(0, __half, 64) EMU_BACKWARD_CASE(0, __half, 128)
+    EMU_BACKWARD_CASE(1, __nv_bfloat16, 32) EMU_BACKWARD_CASE(1, __nv_bfloat16, 64)
+    EMU_BACKWARD_CASE(1, __nv_bfloat16, 128)
+    return 1;
+}
 """
 
 
@@ -405,6 +532,21 @@ def emulator(tmp_path_factory):
         return launch.results()
 
     run.pattern_grid = ctypes.CDLL(str(lib)).pattern_grid
+    bwd = ctypes.CDLL(str(lib)).emulate_backward
+    bwd.restype = ctypes.c_int
+    bwd.argtypes = [i32] * 5 + [vp] * 10 + [i32, i32, i32, ctypes.c_float, vp, i64, i64, i64, i64] + [i32] * 7
+
+    def run_backward(launch):
+        a = launch.dq_args  # q, k, v, out, dout, lse, delta, dq, L, S, H, scale, mask, strides, flags
+        ptr = [x.ctypes.data for x in (*a[:7], launch.dq, launch.dk, launch.dv)]
+        status = bwd(list(cuda_tc.ELEMENTS).index(launch.element), launch.head_dim, launch.dq_grid[0],
+                     launch.dkdv_grid[0], launch.dq_grid[1], *ptr, *(int(x) for x in a[8:11]), float(a[11]),
+                     a[12].ctypes.data, *(int(x) for x in a[13:]))  # fmt: skip
+        assert status != 2, "deadlock: a barrier that not every thread of the block reaches"
+        assert status == 0, "no such instantiation"
+        return launch.results()
+
+    run.backward = run_backward
     return run
 
 
@@ -524,6 +666,133 @@ def test_emulated_kernel_equals_reference_drawn_shapes(emulator, L, S, heads, pa
     check_against_reference(emulator, (1, heads, L), S, element=element, seed=seed, pattern=pattern, causal=causal)
 
 
+# The backward, emulated. The gradients' bounds are derived in the module docstring.
+
+FP32_ADD = 2.0**-23  # twice fp32's unit roundoff per addition: the tensor cores' fp32 additions may truncate
+# the absolute part η of a rounding: half the spacing of fp16's subnormals; bf16 has fp32's exponent range, and a
+# GPU may flush fp32 subnormals to zero (-ftz), an error below 2⁻¹²⁶
+SUBNORMAL = {"float16": 2.0**-25, "bfloat16": 2.0**-126}
+
+
+def backward_tolerances(q, k, v, out, lse, dout, *, element, scale, **kw):
+    """Elementwise bounds on |kernel − reference| for (dq, dk, dv), from the reference's own magnitudes."""
+    u, eta = ROUNDOFF[element], SUBNORMAL[element]  # rounding to Elem: x (1 + δ) + η, |δ| ≤ u, |η| ≤ eta
+    D, L, S = q.shape[-1], q.shape[-2], k.shape[-2]
+    tr = lambda a: np.swapaxes(a, -1, -2)  # noqa: E731
+    s = reference.scores(q, k, scale=scale, **kw)
+    with np.errstate(invalid="ignore"):
+        p = np.where(np.isneginf(lse[..., None]), 0.0, np.exp(s - lse[..., None]))
+    dp = dout @ tr(v)
+    ds = p * (dp - np.sum(dout * out, axis=-1, keepdims=True))
+    # relative error of the kernel's fp32 P: the D-term score, then x = s · scale + mask, x − lse and expf
+    finite = np.where(np.isfinite(s), np.abs(s), 0.0) + np.where(np.isfinite(lse), np.abs(lse), 0.0)[..., None]
+    theta = FP32_ADD * (D * scale * (np.abs(q) @ tr(np.abs(k))) + 4 * finite + 4)
+    # absolute error of the fp32 dP − D: two D-term sums
+    eps = FP32_ADD * D * (np.abs(dout) @ tr(np.abs(v)) + np.sum(np.abs(dout * out), axis=-1, keepdims=True))
+    seen = eta * (p > 0)  # a blocked pair has P = dS = 0 exactly
+    e_ds = (u + theta + FP32_ADD) * np.abs(ds) + p * eps + seen  # dS as the mma reads it: fp32, rounded to Elem
+    e_p = (u + theta) * p + seen  # P as the mma reads it
+    second = (1 + u) ** 2  # the products of first-order terms
+    dq = scale * (e_ds @ np.abs(k) + FP32_ADD * S * (np.abs(ds) @ np.abs(k)))
+    dk = scale * (tr(e_ds) @ np.abs(q) + FP32_ADD * L * (tr(np.abs(ds)) @ np.abs(q)))
+    dv = tr(e_p) @ np.abs(dout) + FP32_ADD * L * (tr(p) @ np.abs(dout))
+    rounded = (np.abs(ds @ k) * scale, np.abs(tr(ds) @ q) * scale, np.abs(tr(p) @ dout))  # the output's rounding
+    return tuple(u * r + eta + second * t for r, t in zip(rounded, (dq, dk, dv)))
+
+
+def check_backward(run, shape_q, S, element="float16", D=64, seed=0, forward=False, sharp=True, **kw):
+    """The emulated backward against reference.attention_backward on the same (rounded) q, k, v, out, lse, dout.
+
+    out and lse are the reference forward's, rounded to Elem and float32, or (``forward``) the emulated kernel's.
+    ``sharp``: also check that the bounds are small next to the gradients (not so where a drawn case has one key
+    per query, and its gradients are only rounding errors).
+    """
+    rng = np.random.default_rng(seed)
+    lead, L = shape_q[:-1], shape_q[-1]
+    q64, qh = to_half(rng.standard_normal(lead + (L, D)), element)
+    k64, kh = to_half(rng.standard_normal(lead + (S, D)), element)
+    v64, vh = to_half(rng.standard_normal(lead + (S, D)), element)
+    do64, doh = to_half(rng.standard_normal(lead + (L, D)), element)
+    scale = kw.pop("scale", 1.0 / np.sqrt(D))
+    if forward:
+        oh, lse32 = run(cuda_tc.prepare(qh, kh, vh, scale=scale, element=element, **kw))
+        o64 = from_half(oh, element)
+    else:
+        out_r, lse_r = reference.attention_forward(q64, k64, v64, scale=scale, **kw)
+        o64, oh = to_half(out_r, element)
+        lse32 = lse_r.astype(np.float32)
+    got = run.backward(cuda_tc.prepare_backward(qh, kh, vh, oh, lse32, doh, scale=scale, element=element, **kw))
+    lse64 = lse32.astype(np.float64)
+    want = reference.attention_backward(q64, k64, v64, o64, lse64, do64, scale=scale, **kw)
+    tols = backward_tolerances(q64, k64, v64, o64, lse64, do64, element=element, scale=scale, **kw)
+    for name, g, w, tol in zip(("dq", "dk", "dv"), got, want, tols):
+        assert g.shape == w.shape, name
+        err = np.abs(from_half(g, element) - w)
+        worst = np.unravel_index(np.argmax(err - tol), err.shape)
+        assert (err <= tol).all(), f"{name}: |error| {err[worst]:.3g} > bound {tol[worst]:.3g} at {worst}"
+        # the bound is small next to the gradient, so that a wrong term would show
+        assert not sharp or np.median(tol) <= 0.05 * np.sqrt(np.mean(w**2)), name
+        if os.environ.get("FLASH_TC_STATS"):  # how close the errors come to their bounds
+            print(f"{element} {name}: max |error| / bound {np.max(err / np.maximum(tol, 1e-300)):.3f}")
+    return got, want
+
+
+@pytest.mark.parametrize("element", ["float16", "bfloat16"])
+def test_emulated_backward_equals_reference_dense(emulator, element):
+    check_backward(emulator, (2, 1, 70), 100, element=element)
+
+
+@pytest.mark.parametrize("pattern", PATTERNS, ids=repr)
+@pytest.mark.parametrize("element", ["float16", "bfloat16"])
+def test_emulated_backward_equals_reference_patterns(emulator, pattern, element):
+    # L = S = 135: skipped, partial and full tiles of both kernels' loops (dq walks keys, dkdv walks queries)
+    check_backward(emulator, (1, 135), 135, element=element, pattern=pattern)
+
+
+def test_emulated_backward_causal_rectangular_and_masks(emulator):
+    rng = np.random.default_rng(1)
+    check_backward(emulator, (1, 2, 80), 150, causal=True)  # L < S: key tiles no query sees get dk = dv = 0
+    check_backward(emulator, (1, 1, 150), 20, causal=True, element="bfloat16")  # L > S
+    # tile rules at their edges: key 128 is seen by query 128 alone, the last of a one-row query tile; and Row's
+    # queries [128, 140) reach keys [64, 122) at q − k = 7 = W exactly
+    check_backward(emulator, (1, 1, 129), 130, causal=True)
+    check_backward(emulator, (1, 140), 122, pattern=Row(text_len=5, width=7))
+    mask = rng.random((80, 90)) < 0.5
+    mask[3] = False  # a fully masked row: lse −inf, zero gradients
+    _, (dq_r, _, _) = check_backward(emulator, (2, 2, 80), 90, mask=mask)
+    assert not dq_r[:, :, 3].any()
+    additive = rng.standard_normal((2, 1, 1, 90)) * 3  # broadcast over heads and queries
+    check_backward(emulator, (2, 2, 80), 90, mask=additive, pattern=Row(text_len=10, width=8), element="bfloat16")
+    (dq, dk, dv), _ = check_backward(emulator, (1, 1, 20), 20, mask=np.zeros((20, 20), bool), sharp=False)
+    assert not dq.any() and not dk.any() and not dv.any()  # nothing attends: every gradient is exactly 0
+
+
+@pytest.mark.parametrize("D", [32, 128])
+def test_emulated_backward_other_head_dims(emulator, D):
+    # D = 128 walks 32-row tiles: 100 rows are 3 full tiles and a partial one
+    check_backward(emulator, (1, 1, 100), 70, D=D, causal=True, element="float16" if D == 32 else "bfloat16")
+
+
+@pytest.mark.parametrize("element", ["float16", "bfloat16"])
+def test_emulated_forward_then_backward(emulator, element):
+    """The backward fed the emulated forward's own out and lse, as in training."""
+    check_backward(emulator, (1, 2, 90), 90, element=element, forward=True, pattern=PrefixLM(prefix_len=40))
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    L=st.integers(1, 140),
+    S=st.integers(1, 140),
+    heads=st.integers(1, 2),
+    pattern=st.sampled_from([None, *PATTERNS]),
+    causal=st.booleans(),
+    element=st.sampled_from(["float16", "bfloat16"]),
+    seed=st.integers(0, 2**16),
+)
+def test_emulated_backward_equals_reference_drawn_shapes(emulator, L, S, heads, pattern, causal, element, seed):
+    check_backward(emulator, (1, heads, L), S, element=element, seed=seed, pattern=pattern, causal=causal, sharp=False)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 3. On a GPU
 
@@ -552,3 +821,90 @@ def test_gpu_kernel_equals_reference(kw):
     out_r, _ = reference.attention_forward(*(x for x, _ in arrays), scale=0.125, **kw)
     out = from_half(cupy.asnumpy(launch.out).reshape(out_r.shape), "bfloat16")
     np.testing.assert_allclose(out, out_r, rtol=0, atol=2 * ROUNDOFF["bfloat16"] * np.abs(arrays[2][0]).max() + 1e-6)
+
+
+def gpu_backward_case(cupy, element, shape, kw, D=64, seed=0):
+    """Forward then backward on the GPU, the backward against the reference fed the kernel's own out and lse."""
+    rng = np.random.default_rng(seed)
+    arrays = [to_half(rng.standard_normal(shape + (D,)), element) for _ in range(4)]
+    (q64, q), (k64, k), (v64, v), (do64, do) = arrays
+    gpu = {"element": element, "scale": 0.125, **{a: (cupy.asarray(b) if a == "mask" else b) for a, b in kw.items()}}
+    fwd = cuda_tc.prepare(*(cupy.asarray(x) for x in (q, k, v)), **gpu)
+    cuda_tc._kernel(fwd.element, fwd.head_dim)(fwd.grid, fwd.block, fwd.args)
+    out, lse = fwd.results()
+    runs = []
+    for _ in range(2):
+        launch = cuda_tc.prepare_backward(*(cupy.asarray(x) for x in (q, k, v)), out, lse, cupy.asarray(do), **gpu)
+        cuda_tc.run_backward(launch)
+        runs.append([cupy.asnumpy(g) for g in launch.results()])
+    for a, b in zip(*runs):  # no atomics: the same bits every time
+        np.testing.assert_array_equal(a, b)
+    o64, lse64 = from_half(cupy.asnumpy(out), element), cupy.asnumpy(lse).astype(np.float64)
+    want = reference.attention_backward(q64, k64, v64, o64, lse64, do64, scale=0.125, **kw)
+    tols = backward_tolerances(q64, k64, v64, o64, lse64, do64, element=element, scale=0.125, **kw)
+    for name, g, w, tol in zip(("dq", "dk", "dv"), runs[0], want, tols):
+        err = np.abs(from_half(g, element) - w)
+        print(f"{element} D={D} {sorted(kw)}: {name} max |error| / bound {np.max(err / np.maximum(tol, 1e-300)):.3f}")
+        assert (err <= tol).all(), f"{name}: {np.max(err / np.maximum(tol, 1e-300)):.3g} × the bound"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "kw",
+    [{}, {"causal": True}, {"pattern": Conv(text_len=16, width=16, kernel=5)}, {"pattern": PrefixLM(prefix_len=100)},
+     {"mask": np.random.default_rng(2).random((272, 272)) < 0.7}],
+    ids=["dense", "causal", "conv", "prefix", "mask"],
+)  # fmt: skip
+def test_gpu_backward_equals_reference(kw):
+    """The backward kernels on a GPU (fp16, and bf16 through its bits), deterministic and within the bounds."""
+    cupy = pytest.importorskip("cupy")
+    if not cupy.is_available():
+        pytest.skip("no CUDA GPU")
+    for element in ("float16", "bfloat16"):
+        gpu_backward_case(cupy, element, (2, 4, 272), kw)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D", [32, 128])
+def test_gpu_backward_other_head_dims(D):
+    cupy = pytest.importorskip("cupy")
+    if not cupy.is_available():
+        pytest.skip("no CUDA GPU")
+    gpu_backward_case(cupy, "float16" if D == 32 else "bfloat16", (1, 2, 200), {"causal": True}, D=D)
+
+
+@pytest.mark.gpu
+def test_gpu_backward_through_attention_backward():
+    """The public entry point on float16 CuPy arrays, against the reference; prints its time next to the forward's."""
+    cupy = pytest.importorskip("cupy")
+    if not cupy.is_available():
+        pytest.skip("no CUDA GPU")
+    rng = np.random.default_rng(3)
+    arrays = [to_half(rng.standard_normal((2, 2, 130, 64)), "float16") for _ in range(4)]
+    (q64, q), (k64, k), (v64, v), (do64, do) = arrays
+    q, k, v, do = (cupy.asarray(x) for x in (q, k, v, do))
+    out, lse = cuda_tc.attention_forward(q, k, v, causal=True)
+    dq, dk, dv = cuda_tc.attention_backward(q, k, v, out, lse, do, causal=True)
+    assert dq.dtype == dk.dtype == dv.dtype == cupy.float16 and dq.shape == q.shape and dk.shape == k.shape
+    o64, lse64 = cupy.asnumpy(out).astype(np.float64), cupy.asnumpy(lse).astype(np.float64)
+    scale = 1 / 8
+    want = reference.attention_backward(q64, k64, v64, o64, lse64, do64, scale=scale, causal=True)
+    tols = backward_tolerances(q64, k64, v64, o64, lse64, do64, element="float16", scale=scale, causal=True)
+    for g, w, tol in zip((dq, dk, dv), want, tols):
+        assert (np.abs(cupy.asnumpy(g).astype(np.float64) - w) <= tol).all()
+    # time at a training size (printed, not asserted): B=4, H=8, N=1024, D=64, causal
+    big = [cupy.asarray(rng.standard_normal((4, 8, 1024, 64)).astype(np.float16)) for _ in range(4)]
+    out, lse = cuda_tc.attention_forward(*big[:3], causal=True)
+    start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+    calls = {
+        "forward": lambda: cuda_tc.attention_forward(*big[:3], causal=True),
+        "backward": lambda: cuda_tc.attention_backward(*big[:3], out, lse, big[3], causal=True),
+    }
+    for what, call in calls.items():
+        call()
+        start.record()
+        for _ in range(10):
+            call()
+        stop.record()
+        stop.synchronize()
+        print(f"cuda_tc {what} fp16 causal B=4 H=8 N=1024 D=64: {cupy.cuda.get_elapsed_time(start, stop) / 10:.3f} ms")
