@@ -216,8 +216,8 @@ def _layout(q, k, v, scale, mask, causal, pattern, element) -> _Layout:
     shape4 = q.shape if q.ndim == 4 else (q.shape[0], 1) + q.shape[1:]
     B, H, L, _ = shape4
     S = k.shape[-2]
-    flat = tuple(_kernel_array(xp, a.reshape((-1,) + a.shape[-2:])) for a in (q, k, v))
-    BH = flat[0].shape[0]
+    BH = math.prod(q.shape[:-2])
+    flat = tuple(_kernel_array(xp, a.reshape((BH,) + a.shape[-2:])) for a in (q, k, v))
     if L == 0 or BH == 0:
         raise ValueError(f"cuda_tc needs at least one query, got q of shape {q.shape}")
     if BH > 65535:  # the grid's y dimension
@@ -262,7 +262,7 @@ def prepare_backward(
             raise ValueError(f"{name} must have q's shape {q.shape} and dtype {q.dtype}, got {a.shape} {a.dtype}")
     if lse.shape != q.shape[:-1]:
         raise ValueError(f"lse must have shape {q.shape[:-1]} (q's without the head dimension), got {lse.shape}")
-    of, dof = (_kernel_array(xp, a.reshape((-1,) + a.shape[-2:])) for a in (out, dout))
+    of, dof = (_kernel_array(xp, a.reshape((lay.BH,) + a.shape[-2:])) for a in (out, dout))
     lf = xp.ascontiguousarray(lse.reshape(lay.BH, lay.L), dtype=np.float32)
     qf, kf, vf = lay.flat
     delta = xp.empty((lay.BH, lay.L), dtype=np.float32)
@@ -306,8 +306,9 @@ def attention_backward(q, k, v, out, lse, dout, *, scale=None, mask=None, causal
 def run_backward(launch: BackwardLaunch) -> None:
     """Launch the two backward kernels of ``launch`` (CuPy arrays) on the current stream, dq's first."""
     _kernel(launch.element, launch.head_dim, "flash_backward_dq")(launch.dq_grid, launch.block, launch.dq_args)
-    dkdv = _kernel(launch.element, launch.head_dim, "flash_backward_dkdv")
-    dkdv(launch.dkdv_grid, launch.block, launch.dkdv_args)
+    if launch.dkdv_grid[0] > 0:  # no keys: dk and dv are empty (and a grid of width 0 is a launch error)
+        dkdv = _kernel(launch.element, launch.head_dim, "flash_backward_dkdv")
+        dkdv(launch.dkdv_grid, launch.block, launch.dkdv_args)
 
 
 __all__ = [

@@ -765,6 +765,10 @@ def test_emulated_backward_causal_rectangular_and_masks(emulator):
     check_backward(emulator, (2, 2, 80), 90, mask=additive, pattern=Row(text_len=10, width=8), element="bfloat16")
     (dq, dk, dv), _ = check_backward(emulator, (1, 1, 20), 20, mask=np.zeros((20, 20), bool), sharp=False)
     assert not dq.any() and not dk.any() and not dv.any()  # nothing attends: every gradient is exactly 0
+    h = np.ones((1, 20, 64), np.float16)
+    launch = cuda_tc.prepare_backward(h, h[:, :0], h[:, :0], h, np.full((1, 20), -np.inf, np.float32), h)
+    dq, dk, dv = emulator.backward(launch)  # no keys at all: dq = 0, empty dk and dv
+    assert not dq.any() and dk.shape == dv.shape == (1, 0, 64) and launch.dkdv_grid == (0, 1)
 
 
 @pytest.mark.parametrize("D", [32, 128])
