@@ -189,12 +189,19 @@ __device__ void load_tile(Elem* dst, int ld, const Elem* src, int row0, int rows
     }
 }
 
-// The same tile transposed: dst[c][r] = src[row0 + r][c] (D rows of ROWS keys, stride ld).
+// The same tile transposed: dst[c][r] = src[row0 + r][c] (D rows of ROWS keys, stride ld). Each thread reads 16
+// bytes (8 columns of one row) and scatters them down 8 rows of dst; the 32 lanes of a warp take 32 consecutive rows
+// of one 8-column chunk, so that their 2-byte stores to a row of dst fill 16 consecutive words (no bank conflict).
 template <typename Elem, int D, int ROWS = BK>
 __device__ void load_tile_transposed(Elem* dst, int ld, const Elem* src, int row0, int rows) {
-    for (int idx = threadIdx.x; idx < ROWS * D; idx += THREADS) {
-        const int r = idx / D, c = idx % D;  // consecutive threads read consecutive columns (coalesced)
-        dst[c * ld + r] = row0 + r < rows ? src[size_t(row0 + r) * D + c] : Half<Elem>::from_float(0.0f);
+    constexpr int CHUNKS = D / 8;
+    for (int idx = threadIdx.x; idx < ROWS * CHUNKS; idx += THREADS) {
+        const int r = idx % ROWS, c = idx / ROWS * 8;
+        uint4 chunk = make_uint4(0, 0, 0, 0);
+        if (row0 + r < rows) chunk = *reinterpret_cast<const uint4*>(src + size_t(row0 + r) * D + c);
+        const Elem* e = reinterpret_cast<const Elem*>(&chunk);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) dst[(c + i) * ld + r] = e[i];
     }
 }
 
@@ -411,9 +418,11 @@ __device__ __forceinline__ float recompute_p(float s, const Pattern& pat, int qi
 
 // One kernel per query tile of BQ rows: D_i for its rows, then dQ_i = Σ_j dS K_j · scale. Grid (ceil(L / BQ),
 // B·H), THREADS threads; the arguments as in flash_forward, with out, dout (B·H, L, D), lse (B·H, L) from the
-// forward, and the outputs delta (B·H, L, fp32: D, read by flash_backward_dkdv) and dq (B·H, L, D).
+// forward, and the outputs delta (B·H, L, fp32: D, read by flash_backward_dkdv) and dq (B·H, L, D). The launch
+// bound's 2 blocks per SM (256 registers a thread would still fit) keeps ptxas from a 128-register budget that
+// spills at D = 64.
 template <typename Elem, int D>
-__global__ void __launch_bounds__(THREADS)
+__global__ void __launch_bounds__(THREADS, 2)
 flash_backward_dq(const Elem* __restrict__ q, const Elem* __restrict__ k, const Elem* __restrict__ v,
                   const Elem* __restrict__ out, const Elem* __restrict__ dout, const float* __restrict__ lse,
                   float* __restrict__ delta, Elem* __restrict__ dq, int L, int S, int H, float scale,
