@@ -87,6 +87,7 @@ def _make_score(ftype):
 
 
 _SCORE = {np.dtype(np.float32): _make_score(float32), np.dtype(np.float64): _make_score(float64)}
+_SCORE32 = _SCORE[np.dtype(np.float32)]
 
 
 def _build(ftype):
@@ -322,20 +323,26 @@ NT = TX * TY  # threads per block (128 on a GPU)
 BM = TY * TM  # queries per block (64)
 BN = TX * TN  # keys per tile (32)
 assert 32 % TX == 0 and NT % 32 == 0 or _SIM  # a row's TX owners lie within one warp
+DS = 4 if _SIM else 16  # head dims staged at a time in the backward's products over D
 ALIGN = None if _SIM else 16  # shared tiles on 16 bytes: 4 consecutive floats load as one ld.shared.v4
 
 
-def _fast_smem_forward(D):
-    """Bytes of the fast forward's static shared memory: Qᵀ, Kᵀ (padded), V, Pᵀ (padded)."""
-    return 4 * (D * (BM + 4) + D * (BN + 4) + BN * D + BN * (BM + 4))
+def _fast_smem(D):
+    """Bytes of static shared memory of the largest fast kernel: the forward (Qᵀ, Kᵀ, V, Pᵀ), dQ (DS-slices
+    of Qᵀ, dOᵀ, Kᵀ, Vᵀ; K; dSᵀ) or dK/dV (the same slices; Q, dO; Pᵀ, dSᵀ; lse and D of the query tile)."""
+    slices = 2 * DS * (BM + 4) + 2 * DS * (BN + 4)
+    forward = D * (BM + 4) + D * (BN + 4) + BN * D + BN * (BM + 4)
+    dq = slices + BN * D + BN * (BM + 4)
+    dkdv = slices + 2 * BN * D + 2 * BN * (BM + 4) + 2 * BN
+    return 4 * max(forward, dq, dkdv)
 
 
 def fast_dims_ok(dtype, D, Dv):
     """Whether the register-blocked kernels take these arrays: float32, D == Dv, D a multiple of 4·TX (a thread
     owns D / TX output columns, 4 consecutive ones at a time) and at most 64 (the registers; shared memory within
     the default 48 KiB)."""
-    return np.dtype(dtype) == np.float32 and D == Dv and D % (4 * TX) == 0 and 0 < D <= 64 and (
-        _fast_smem_forward(D) <= SMEM_LIMIT
+    return np.dtype(dtype) == np.float32 and D == Dv and D % (4 * TX) == 0 and D % DS == 0 and 0 < D <= 64 and (
+        _fast_smem(D) <= SMEM_LIMIT
     )
 
 
@@ -377,6 +384,42 @@ def _row_sum(x):
     return x
 
 
+@cuda.jit(device=True, inline=True)
+def _masked_scores(s, buf, r0, c0, row0, col0, qrows, L, S, scale, mask, has_mask, b, h, kind, T, W, r, P, causal):
+    """s ← the masked scores of the thread's micro-tile: rows row0 + r0 + i, columns col0 + c0 + j of a tile
+    (rows are queries and columns keys when ``qrows``, the reverse in the dK/dV kernel); −inf outside L × S.
+
+    A register array stays in registers only if every access has a constant index, i.e. sits in a loop that
+    the compiler unrolls; the pattern/mask test is too big for that, so a tile that needs it passes the scores
+    through the thread's own slots buf[c0 + j, r0 + i] of a shared tile. A tile where every pair is visible and
+    no mask applies (a block-uniform test) only scales them."""
+    nr, nc = TM * (NT // TX), TN * TX  # the tile's extent
+    q0, nq, k0, nk = (row0, nr, col0, nc) if qrows else (col0, nc, row0, nr)
+    if (
+        not has_mask
+        and k0 + nk <= S
+        and not (causal and k0 + nk - 1 > q0)
+        and _tile_all_visible(kind, T, W, r, P, q0, q0 + nq, k0, k0 + nk)
+    ):
+        for i in range(TM):
+            for j in range(TN):
+                s[i, j] *= scale
+    else:
+        for i in range(TM):
+            for j in range(TN):
+                buf[c0 + j, r0 + i] = s[i, j]
+        for n in range(TM * TN):
+            c, row = c0 + n % TN, r0 + n // TN
+            qi, kj = (row0 + row, col0 + c) if qrows else (col0 + c, row0 + row)
+            x = float32(-math.inf)
+            if qi < L and kj < S:
+                x = _SCORE32(buf[c, row], scale, mask, has_mask, b, h, qi, kj, kind, T, W, r, P, causal)
+            buf[c, row] = x
+        for i in range(TM):
+            for j in range(TN):
+                s[i, j] = buf[c0 + j, r0 + i]
+
+
 def _build_fast(D):
     """The register-blocked float32 kernels for head dim D = Dv (a compile-time constant: it sizes the register
     arrays and the static shared tiles)."""
@@ -386,7 +429,6 @@ def _build_fast(D):
     ACC_SHAPE, S_SHAPE = (TM, DT), (TM, TN)
     ninf = float32(-math.inf)
     zero = float32(0.0)
-    _score = _SCORE[np.dtype(np.float32)]
 
     @cuda.jit
     def forward_fast(q, k, v, mask, has_mask, H, kind, T, W, r, P, causal, scale, out, lse):
@@ -452,31 +494,7 @@ def _build_fast(D):
                     for j in range(TN):
                         s[i, j] += a[i] * kb[j]
                 d += 1
-            # The masked scores. A register array stays in registers only if every access has a constant index,
-            # i.e. sits in a loop the compiler unrolls; the pattern/mask test is too big for that, so tiles that
-            # need it (block-uniform choice) pass the scores through the thread's own slots of sP.
-            if (
-                not has_mask
-                and j0 + BN <= S
-                and not (causal and j0 + BN - 1 > i0)
-                and _tile_all_visible(kind, T, W, r, P, i0, i1, j0, j0 + BN)
-            ):
-                for i in range(TM):
-                    for j in range(TN):
-                        s[i, j] *= scale
-            else:
-                for i in range(TM):
-                    for j in range(TN):
-                        sP[c0 + j, r0 + i] = s[i, j]
-                for n in range(TM * TN):
-                    c, row = c0 + n % TN, r0 + n // TN
-                    x = ninf
-                    if j0 + c < S:
-                        x = _score(sP[c, row], scale, mask, has_mask, b, h, i0 + row, j0 + c, kind, T, W, r, P, causal)
-                    sP[c, row] = x
-                for i in range(TM):
-                    for j in range(TN):
-                        s[i, j] = sP[c0 + j, r0 + i]
+            _masked_scores(s, sP, r0, c0, i0, j0, True, L, S, scale, mask, has_mask, b, h, kind, T, W, r, P, causal)
             for i in range(TM):  # the online softmax (Dao 2023, algorithm 1, lines 8-10)
                 mx = m[i]
                 for j in range(TN):
@@ -525,7 +543,246 @@ def _build_fast(D):
                 if tx == 0:
                     lse[bh, qi] = m[i]
 
-    return {"forward_fast": forward_fast}
+    SL_Q, SL_K = (DS, BM + 4), (DS, BN + 4)  # d-slices of the transposed row-block and column-tile operands
+    R_SHAPE, ROW_SHAPE = (BN, D), (BN,)
+
+    @cuda.jit
+    def dq_fast(q, k, v, lse, dout, Drow, mask, has_mask, H, kind, T, W, r, P, causal, scale, dq):
+        """dQ for one block of BM queries (Dao 2023, algorithm 2, its dQ half, without atomics): for each key
+        tile, S = Q Kᵀ and dP = dO Vᵀ are recomputed, DS head dims staged at a time (all of Q and dO would not
+        fit beside the rest in 48 KiB); P = exp(S − lse), dS = P ∘ (dP − D) · scale; dQ += dS K. Thread (tx, ty)
+        owns query rows r0 + i, keys c0 + j of a tile and D/TX columns of dQ, all in registers."""
+        L, S = q.shape[1], k.shape[1]
+        t = cuda.threadIdx.x & (NT - 1)
+        tx, ty = t % TX, t // TX
+        r0, c0 = TM * ty, TN * tx
+        i0 = cuda.blockIdx.x * BM
+        bh = cuda.blockIdx.y
+        b, h = bh // H, bh % H
+        i1 = min(i0 + BM, L)
+        sQ = cuda.shared.array(SL_Q, float32, alignment=ALIGN)
+        sdO = cuda.shared.array(SL_Q, float32, alignment=ALIGN)
+        sK = cuda.shared.array(SL_K, float32, alignment=ALIGN)
+        sV = cuda.shared.array(SL_K, float32, alignment=ALIGN)
+        sKr = cuda.shared.array(R_SHAPE, float32, alignment=ALIGN)  # the key tile, row-major, for dQ += dS K
+        sdS = cuda.shared.array(P_SHAPE, float32, alignment=ALIGN)  # dSᵀ
+        acc = cuda.local.array(ACC_SHAPE, float32)
+        s = cuda.local.array(S_SHAPE, float32)
+        dp = cuda.local.array(S_SHAPE, float32)
+        lr = cuda.local.array(TM, float32)  # lse and D of the thread's rows
+        dr = cuda.local.array(TM, float32)
+        a = cuda.local.array(TM, float32)
+        a2 = cuda.local.array(TM, float32)
+        kb = cuda.local.array(TN, float32)
+        vb = cuda.local.array(TN, float32)
+        cb = cuda.local.array(DT, float32)
+        for i in range(TM):
+            lr[i] = ninf  # rows past L: P = 0
+            dr[i] = zero
+            if i0 + r0 + i < L:
+                lr[i] = lse[bh, i0 + r0 + i]
+                dr[i] = Drow[bh, i0 + r0 + i]
+            for e in range(DT):
+                acc[i, e] = zero
+        for j0 in range(0, S, BN):
+            if (causal and j0 > i1 - 1) or not _tile_may_attend(kind, T, W, r, P, i0, i1, j0, min(j0 + BN, S)):
+                continue  # block-uniform
+            for i in range(TM):
+                for j in range(TN):
+                    s[i, j] = zero
+                    dp[i, j] = zero
+            for d0 in range(0, D, DS):
+                cuda.syncthreads()  # the previous slice (and the previous tile's dS, K) are no longer read
+                for idx in range(t, BM * DS, NT):
+                    row, dd = idx // DS, idx % DS
+                    x = zero
+                    y = zero
+                    if i0 + row < L:
+                        x = q[bh, i0 + row, d0 + dd]
+                        y = dout[bh, i0 + row, d0 + dd]
+                    sQ[dd, row] = x
+                    sdO[dd, row] = y
+                for idx in range(t, BN * DS, NT):
+                    c, dd = idx // DS, idx % DS
+                    x = zero
+                    y = zero
+                    if j0 + c < S:
+                        x = k[bh, j0 + c, d0 + dd]
+                        y = v[bh, j0 + c, d0 + dd]
+                    sK[dd, c] = x
+                    sV[dd, c] = y
+                if d0 == 0:
+                    for idx in range(t, BN * D, NT):
+                        c, d = idx // D, idx % D
+                        x = zero
+                        if j0 + c < S:
+                            x = k[bh, j0 + c, d]
+                        sKr[c, d] = x
+                cuda.syncthreads()
+                d = 0
+                while d < DS:  # S += Q Kᵀ and dP += dO Vᵀ over this slice
+                    for i in range(TM):
+                        a[i] = sQ[d, r0 + i]
+                        a2[i] = sdO[d, r0 + i]
+                    for j in range(TN):
+                        kb[j] = sK[d, c0 + j]
+                        vb[j] = sV[d, c0 + j]
+                    for i in range(TM):
+                        for j in range(TN):
+                            s[i, j] += a[i] * kb[j]
+                            dp[i, j] += a2[i] * vb[j]
+                    d += 1
+            _masked_scores(s, sdS, r0, c0, i0, j0, True, L, S, scale, mask, has_mask, b, h, kind, T, W, r, P, causal)
+            for i in range(TM):
+                for j in range(TN):
+                    p = zero
+                    if lr[i] != ninf:
+                        p = math.exp(s[i, j] - lr[i])  # P = exp(S − lse)
+                    sdS[c0 + j, r0 + i] = p * (dp[i, j] - dr[i]) * scale  # dS = P ∘ (dP − D), times scale
+            cuda.syncthreads()
+            c = 0
+            while c < BN:  # dQ += dS K
+                for i in range(TM):
+                    a[i] = sdS[c, r0 + i]
+                for e in range(DT):
+                    cb[e] = sKr[c, 4 * tx + 4 * TX * (e // 4) + e % 4]
+                for i in range(TM):
+                    for e in range(DT):
+                        acc[i, e] += a[i] * cb[e]
+                c += 1
+        for i in range(TM):
+            if i0 + r0 + i < L:
+                for e in range(DT):
+                    dq[bh, i0 + r0 + i, 4 * tx + 4 * TX * (e // 4) + e % 4] = acc[i, e]
+
+    @cuda.jit
+    def dkdv_fast(q, k, v, lse, dout, Drow, mask, has_mask, H, kind, T, W, r, P, causal, scale, dk, dv):
+        """dK and dV for one block of BM keys (Dao 2023, algorithm 2): for each query tile of BN queries,
+        Sᵀ = K Qᵀ and dPᵀ = V dOᵀ (DS head dims at a time), Pᵀ and dSᵀ as in dq_fast, then dV += Pᵀ dO and
+        dK += dSᵀ Q. Thread (tx, ty) owns keys r0 + i, queries c0 + j of a tile and D/TX columns of dK and dV."""
+        L, S = q.shape[1], k.shape[1]
+        t = cuda.threadIdx.x & (NT - 1)
+        tx, ty = t % TX, t // TX
+        r0, c0 = TM * ty, TN * tx
+        j0 = cuda.blockIdx.x * BM
+        bh = cuda.blockIdx.y
+        b, h = bh // H, bh % H
+        j1 = min(j0 + BM, S)
+        sK = cuda.shared.array(SL_Q, float32, alignment=ALIGN)
+        sV = cuda.shared.array(SL_Q, float32, alignment=ALIGN)
+        sQ = cuda.shared.array(SL_K, float32, alignment=ALIGN)
+        sdO = cuda.shared.array(SL_K, float32, alignment=ALIGN)
+        sQr = cuda.shared.array(R_SHAPE, float32, alignment=ALIGN)  # the query tile, row-major, for dK += dSᵀ Q
+        sdOr = cuda.shared.array(R_SHAPE, float32, alignment=ALIGN)  # and dO, for dV += Pᵀ dO
+        sP = cuda.shared.array(P_SHAPE, float32, alignment=ALIGN)  # P[query, key]
+        sdS = cuda.shared.array(P_SHAPE, float32, alignment=ALIGN)
+        sL = cuda.shared.array(ROW_SHAPE, float32)  # lse and D of the tile's queries
+        sDr = cuda.shared.array(ROW_SHAPE, float32)
+        gv = cuda.local.array(ACC_SHAPE, float32)  # dV rows
+        gk = cuda.local.array(ACC_SHAPE, float32)  # dK rows
+        s = cuda.local.array(S_SHAPE, float32)
+        dp = cuda.local.array(S_SHAPE, float32)
+        a = cuda.local.array(TM, float32)
+        a2 = cuda.local.array(TM, float32)
+        kb = cuda.local.array(TN, float32)
+        vb = cuda.local.array(TN, float32)
+        ob = cuda.local.array(DT, float32)
+        qb = cuda.local.array(DT, float32)
+        for i in range(TM):
+            for e in range(DT):
+                gv[i, e] = zero
+                gk[i, e] = zero
+        i_start = j0 // BN * BN if causal else 0  # causal: earlier query tiles see none of these keys
+        for i0 in range(i_start, L, BN):
+            if not _tile_may_attend(kind, T, W, r, P, i0, min(i0 + BN, L), j0, j1):
+                continue  # block-uniform
+            for i in range(TM):
+                for j in range(TN):
+                    s[i, j] = zero
+                    dp[i, j] = zero
+            for d0 in range(0, D, DS):
+                cuda.syncthreads()  # the previous slice (and the previous tile's P, dS, Q, dO) are no longer read
+                for idx in range(t, BM * DS, NT):
+                    row, dd = idx // DS, idx % DS
+                    x = zero
+                    y = zero
+                    if j0 + row < S:
+                        x = k[bh, j0 + row, d0 + dd]
+                        y = v[bh, j0 + row, d0 + dd]
+                    sK[dd, row] = x
+                    sV[dd, row] = y
+                for idx in range(t, BN * DS, NT):
+                    c, dd = idx // DS, idx % DS
+                    x = zero
+                    y = zero
+                    if i0 + c < L:
+                        x = q[bh, i0 + c, d0 + dd]
+                        y = dout[bh, i0 + c, d0 + dd]
+                    sQ[dd, c] = x
+                    sdO[dd, c] = y
+                if d0 == 0:
+                    for idx in range(t, BN * D, NT):
+                        c, d = idx // D, idx % D
+                        x = zero
+                        y = zero
+                        if i0 + c < L:
+                            x = q[bh, i0 + c, d]
+                            y = dout[bh, i0 + c, d]
+                        sQr[c, d] = x
+                        sdOr[c, d] = y
+                    for c in range(t, BN, NT):
+                        x = ninf  # queries past L: P = 0
+                        y = zero
+                        if i0 + c < L:
+                            x = lse[bh, i0 + c]
+                            y = Drow[bh, i0 + c]
+                        sL[c] = x
+                        sDr[c] = y
+                cuda.syncthreads()
+                d = 0
+                while d < DS:  # Sᵀ += K Qᵀ and dPᵀ += V dOᵀ over this slice
+                    for i in range(TM):
+                        a[i] = sK[d, r0 + i]
+                        a2[i] = sV[d, r0 + i]
+                    for j in range(TN):
+                        kb[j] = sQ[d, c0 + j]
+                        vb[j] = sdO[d, c0 + j]
+                    for i in range(TM):
+                        for j in range(TN):
+                            s[i, j] += a[i] * kb[j]
+                            dp[i, j] += a2[i] * vb[j]
+                    d += 1
+            _masked_scores(s, sP, r0, c0, j0, i0, False, L, S, scale, mask, has_mask, b, h, kind, T, W, r, P, causal)
+            for j in range(TN):
+                lq = sL[c0 + j]
+                dq_ = sDr[c0 + j]
+                for i in range(TM):
+                    p = zero
+                    if lq != ninf:
+                        p = math.exp(s[i, j] - lq)
+                    sP[c0 + j, r0 + i] = p
+                    sdS[c0 + j, r0 + i] = p * (dp[i, j] - dq_) * scale
+            cuda.syncthreads()
+            c = 0
+            while c < BN:  # dV += Pᵀ dO, dK += dSᵀ Q
+                for i in range(TM):
+                    a[i] = sP[c, r0 + i]
+                    a2[i] = sdS[c, r0 + i]
+                for e in range(DT):
+                    ob[e] = sdOr[c, 4 * tx + 4 * TX * (e // 4) + e % 4]
+                    qb[e] = sQr[c, 4 * tx + 4 * TX * (e // 4) + e % 4]
+                for i in range(TM):
+                    for e in range(DT):
+                        gv[i, e] += a[i] * ob[e]
+                        gk[i, e] += a2[i] * qb[e]
+                c += 1
+        for i in range(TM):
+            if j0 + r0 + i < S:
+                for e in range(DT):
+                    dv[bh, j0 + r0 + i, 4 * tx + 4 * TX * (e // 4) + e % 4] = gv[i, e]
+                    dk[bh, j0 + r0 + i, 4 * tx + 4 * TX * (e // 4) + e % 4] = gk[i, e]
+
+    return {"forward_fast": forward_fast, "dq_fast": dq_fast, "dkdv_fast": dkdv_fast}
 
 
 _FAST = {}
@@ -548,7 +805,9 @@ def signatures(dtype):
         "rowdot": f"void({a3}, {a3}, {a2})",
         "dq": f"void({a3}, {a3}, {a3}, {a2}, {a3}, {a2}, {a4}, {pat}, {f}, {a3})",
         "dkdv": f"void({a3}, {a3}, {a3}, {a2}, {a3}, {a2}, {a4}, {pat}, {f}, {a3}, {a3})",
-        "forward_fast": f"void({a3}, {a3}, {a3}, {a4}, {pat}, {f}, {a3}, {a2})",  # float32 only
+        "forward_fast": f"void({a3}, {a3}, {a3}, {a4}, {pat}, {f}, {a3}, {a2})",  # the fast ones: float32 only
+        "dq_fast": f"void({a3}, {a3}, {a3}, {a2}, {a3}, {a2}, {a4}, {pat}, {f}, {a3})",
+        "dkdv_fast": f"void({a3}, {a3}, {a3}, {a2}, {a3}, {a2}, {a4}, {pat}, {f}, {a3}, {a3})",
     }
 
 
@@ -612,6 +871,12 @@ def backward(q, k, v, out, lse, dout, mask, has_mask, H, kind, T, W, r, P, causa
     q_, k_, v_, o_, l_, do_, m_, dq_, dk_, dv_, D_ = _on_device(host, q, k, v, out, lse, dout, mask, dq, dk, dv, Drow)
     pat = (m_, has_mask, H, kind, T, W, r, P, causal, sc)
     ks["rowdot"][(BH * L + 127) // 128, 128](o_, do_, D_)
+    if fast_dims_ok(q.dtype, D, Dv):
+        fk = fast_kernels(D)
+        fk["dq_fast"][((L + BM - 1) // BM, BH), NT](q_, k_, v_, l_, do_, D_, *pat, dq_)
+        fk["dkdv_fast"][((S + BM - 1) // BM, BH), NT](q_, k_, v_, l_, do_, D_, *pat, dk_, dv_)
+        _copy_back(host, (dq, dk, dv))
+        return
     smem = _smem(q.dtype, D, Dv, BQ * (D + Dv + 2) + BK * (D + Dv))
     ks["dq"][((L + BQ - 1) // BQ, BH), BQ, 0, smem](q_, k_, v_, l_, do_, D_, *pat, dq_)
     smem = _smem(q.dtype, D, Dv, BQ * (D + Dv + 2) + BK * (D + Dv + 2))

@@ -22,7 +22,7 @@ def test_cuda_kernels_equal_reference_under_simulator(run_script):
 
 def test_cuda_kernels_compile_to_ptx_for_sm90(run_script):
     out = run_script(__file__, "ptx", simulate=False)
-    assert out.count("ptx ok") == 8 + 2 * 1, out  # 4 kernels × {float32, float64}, fast kernels × D in {32, 64}
+    assert out.count("ptx ok") == 8 + 2 * 3, out  # 4 kernels × {float32, float64}, 3 fast kernels × D in {32, 64}
 
 
 @pytest.mark.gpu
@@ -112,9 +112,10 @@ def fast_path_cases(dims):
     cases += [((9, 9), {"mask": np.zeros((9, 9), bool)})]  # every row blocked
     for n, ((L, S), kw) in enumerate(cases):
         D = dims[n % len(dims)]
-        q, k = (rng.standard_normal((2, 2, n_, D)).astype(np.float32) for n_ in (L, S))
-        v = rng.standard_normal((2, 2, S, D)).astype(np.float32)
-        dout = rng.standard_normal((2, 2, L, D)).astype(np.float32)
+        B = 2 if "mask" in kw and kw["mask"].ndim == 4 else 1  # (the simulator's time: one batch where it can)
+        q, k = (rng.standard_normal((B, 2, n_, D)).astype(np.float32) for n_ in (L, S))
+        v = rng.standard_normal((B, 2, S, D)).astype(np.float32)
+        dout = rng.standard_normal((B, 2, L, D)).astype(np.float32)
         yield q, k, v, dout, {"scale": 0.6, **kw}
 
 
@@ -163,7 +164,8 @@ def check_ptx():
             assert ".local" not in ptx and "ld.local" not in ptx and "st.local" not in ptx, (name, D)
             shared = sum(int(n) for n in re.findall(r"\.shared \.align \d+ \.b8 \w+\[(\d+)\]", ptx))
             assert 0 < shared <= attention_cuda.SMEM_LIMIT, (name, D, shared)
-            assert "shfl.sync.bfly" in ptx and "bar.sync" in ptx and ".f64" not in ptx, (name, D)
+            assert "bar.sync" in ptx and ".f64" not in ptx, (name, D)
+            assert ("shfl.sync.bfly" in ptx) == (name == "forward_fast"), (name, D)  # the online softmax's row max
             assert "ld.shared.v4.f32" in ptx, (name, D)  # the micro-tiles' operands load 4 floats at a time
             print(f"ptx ok {name} D={D} ({shared} bytes of shared memory)")
 
