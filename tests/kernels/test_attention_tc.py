@@ -16,8 +16,9 @@ CI has no GPU, so the kernel is checked three ways:
 The backward's two kernels (``flash_backward_dq``, ``flash_backward_dkdv``) are checked the same three ways: NVRTC
 compiles them for sm_90, each multiplies on tensor cores and none uses an atomic instruction; the emulation equals
 ``reference.attention_backward`` in fp16 and bf16 over every pattern, masks, causal, sizes off both kernels'
-tiles, head dimensions 32 and 128 (whose loops walk 32-row tiles), and fed the emulated forward's own out and lse;
-on a GPU, fed the GPU forward's out and lse, within the same bounds and bit-identical when run twice.
+tiles, head dimensions 32 and 128 (whose loops walk 32-row tiles), and fed the emulated forward's own out and lse,
+and equals PyTorch's float64 autograd through ``F.scaled_dot_product_attention``; on a GPU, fed the GPU forward's
+out and lse, within the same bounds and bit-identical when run twice.
 
 Tolerances follow from half-precision rounding (unit roundoff u = 2⁻¹¹ for fp16, 2⁻⁸ for bf16), with the inputs
 already rounded to the half type so that the reference (float64) sees exactly what the kernel sees. The kernel
@@ -674,8 +675,12 @@ FP32_ADD = 2.0**-23  # twice fp32's unit roundoff per addition: the tensor cores
 SUBNORMAL = {"float16": 2.0**-25, "bfloat16": 2.0**-126}
 
 
-def backward_tolerances(q, k, v, out, lse, dout, *, element, scale, **kw):
-    """Elementwise bounds on |kernel − reference| for (dq, dk, dv), from the reference's own magnitudes."""
+def backward_tolerances(q, k, v, out, lse, dout, *, element, scale, out_rounded=False, **kw):
+    """Elementwise bounds on |kernel − reference| for (dq, dk, dv), from the reference's own magnitudes.
+
+    ``out_rounded``: the reference's D uses the exact out while the kernel's uses out rounded to Elem (PyTorch's
+    autograd), which moves D by up to u · rowsum(|dO| ∘ |O|).
+    """
     u, eta = ROUNDOFF[element], SUBNORMAL[element]  # rounding to Elem: x (1 + δ) + η, |δ| ≤ u, |η| ≤ eta
     D, L, S = q.shape[-1], q.shape[-2], k.shape[-2]
     tr = lambda a: np.swapaxes(a, -1, -2)  # noqa: E731
@@ -689,6 +694,8 @@ def backward_tolerances(q, k, v, out, lse, dout, *, element, scale, **kw):
     theta = FP32_ADD * (D * scale * (np.abs(q) @ tr(np.abs(k))) + 4 * finite + 4)
     # absolute error of the fp32 dP − D: two D-term sums
     eps = FP32_ADD * D * (np.abs(dout) @ tr(np.abs(v)) + np.sum(np.abs(dout * out), axis=-1, keepdims=True))
+    if out_rounded:
+        eps = eps + u * np.sum(np.abs(dout * out), axis=-1, keepdims=True)
     seen = eta * (p > 0)  # a blocked pair has P = dS = 0 exactly
     e_ds = (u + theta + FP32_ADD) * np.abs(ds) + p * eps + seen  # dS as the mma reads it: fp32, rounded to Elem
     e_p = (u + theta) * p + seen  # P as the mma reads it
@@ -781,6 +788,33 @@ def test_emulated_backward_other_head_dims(emulator, D):
 def test_emulated_forward_then_backward(emulator, element):
     """The backward fed the emulated forward's own out and lse, as in training."""
     check_backward(emulator, (1, 2, 90), 90, element=element, forward=True, pattern=PrefixLM(prefix_len=40))
+
+
+@pytest.mark.parametrize("element", ["float16", "bfloat16"])
+def test_emulated_backward_equals_torch_autograd(emulator, element):
+    """Against PyTorch: float64 autograd through F.scaled_dot_product_attention on the same rounded inputs (the
+    kernel gets PyTorch's out rounded to Elem, so its D moves by a rounding: ``out_rounded``)."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(4)
+    (q64, qh), (k64, kh), (v64, vh), (do64, doh) = (to_half(rng.standard_normal((2, 2, 75, 64)), element)
+                                                    for _ in range(4))  # fmt: skip
+    pattern = Conv(text_len=5, width=7, kernel=3)
+    allowed = reference.pattern_mask(75, 75, pattern=pattern)
+    q, k, v = (torch.tensor(x, requires_grad=True) for x in (q64, k64, v64))
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=torch.tensor(allowed), scale=0.125)
+    out.backward(torch.tensor(do64))
+    out = out.detach().numpy()
+    o64, oh = to_half(out, element)
+    _, lse = reference.attention_forward(q64, k64, v64, scale=0.125, pattern=pattern)
+    lse32 = lse.astype(np.float32)
+    got = emulator.backward(cuda_tc.prepare_backward(qh, kh, vh, oh, lse32, doh, scale=0.125, pattern=pattern,
+                                                     element=element))  # fmt: skip
+    tols = backward_tolerances(q64, k64, v64, out, lse32.astype(np.float64), do64, element=element, scale=0.125,
+                               pattern=pattern, out_rounded=True)  # fmt: skip
+    for name, g, want, tol in zip(("dq", "dk", "dv"), got, (q.grad, k.grad, v.grad), tols):
+        err = np.abs(from_half(g, element) - want.numpy())
+        assert (err <= tol).all(), f"{name}: {np.max(err / tol):.3g} × the bound"
+        assert np.median(tol) <= 0.05 * np.sqrt(np.mean(want.numpy() ** 2)), name
 
 
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
