@@ -1,7 +1,7 @@
 """Tiled attention as numba.cuda kernels: shared-memory tiles, FlashAttention's online softmax, patterns in-kernel.
 
-The same algorithm as ``cpu.py``, in the shape of a GPU kernel (plain features only: shared memory and
-``syncthreads``):
+The same algorithm as ``cpu.py``, in the shape of a GPU kernel (plain features only: shared memory,
+``syncthreads`` and, in the fast path, warp shuffles):
 
 - ``forward``: one block per (query tile, batch·head), one thread per query row. The block loads its queries
   into shared memory once, then for each key tile that the pattern does not rule out (a block-uniform test, so
@@ -13,37 +13,43 @@ The same algorithm as ``cpu.py``, in the shape of a GPU kernel (plain features o
   tiles and accumulates dK_j = Σ_i dSᵀ Q_i · scale and dV_j = Σ_i Pᵀ dO_i. P and dS are recomputed in each
   (FlashAttention-2 uses atomic adds on dQ instead; two passes keep the result deterministic).
 
-The fast path (``fast_kernels(D)``, built per head dim D on first use): float32 with D = Dv, D a multiple of 8
-and at most 64, takes register-blocked kernels in the shape of FlashAttention-2 (Dao 2023, algorithm 1), because
-one thread per row, reading every operand from shared memory for one multiply-add, is bound by shared-memory
-loads and leaves the GPU nearly empty (H200, B·H = 32, N = 1024, D = 64: 0.4 TFLOP/s, 48× PyTorch's time):
+The general kernels exist for float32 and float64 (``KERNELS[dtype]``). Their memory layout: a tile's rows that
+each thread walks alone (its query and output rows in the forward and dQ kernels, its key and value rows in
+dK/dV) are stored with a padded stride D + 1, so that the 32 threads of a warp, reading element d of 32 different
+rows, hit 32 different shared-memory banks (an unpadded stride of 64 puts them all in one bank: a 32-way
+conflict). Tiles that every thread reads at the same index are broadcasts and stay unpadded. Tiles are loaded
+cooperatively, neighbouring threads reading neighbouring values (coalesced). Gradient rows are accumulated over a
+whole tile before one read-modify-write of global memory. The shared memory is dynamic: 32·(D + Dv + 2) +
+32·(D + Dv [+ 2]) values, 33 KiB at D = Dv = 64 in float32.
 
-- ``forward_fast``: a block of 128 threads takes BM = 64 queries and walks tiles of BN = 32 keys. Thread
-  (tx, ty) = (t mod 8, t // 8) owns query rows 4·ty + i (i < 4) and, of each score tile, keys 4·tx + j (j < 4):
-  its 4 × 4 scores, its 4 × D/8 output accumulators and its rows' running max and partial sums are
-  constant-size local arrays that the compiler keeps in registers (every index a constant once the short
-  loops are unrolled; the PTX has no local memory). S = Q Kᵀ reads, per d, the thread's 4 rows of the
-  transposed tile Qᵀ and its 4 keys of Kᵀ — consecutive floats on 16-byte boundaries, so each is one
-  ``ld.shared.v4`` — for 16 multiply-adds; O += P V reads 4 values of Pᵀ and D/8 of V (groups of 4 consecutive
-  columns, 32 apart, so that a warp's reads cover consecutive words) for 4·D/8. The 8 threads of a row are
-  neighbouring lanes of one warp, so the row max is three ``shfl_xor`` steps; each keeps its own partial row
-  sum l, and the parts meet once at the end. P goes through shared memory (Pᵀ) to the threads that own its
-  rows' output columns. Tiles in which every pair is visible and no mask applies skip the pattern test.
+The fast path (``fast_kernels(D)``, built per head dim D on first use, the sizes being compile-time constants):
+float32 with D = Dv, D a multiple of 32 and at most 64 (``fast_dims_ok``) takes register-blocked kernels in the
+shape of FlashAttention-2 (Dao 2023), because one thread per row, reading both operands of every multiply-add
+from shared memory, is bound by shared-memory loads and leaves the GPU nearly empty (H200, B·H = 32, N = 1024,
+D = 64, forward and backward: 0.4 TFLOP/s, 48× PyTorch's time). Register blocking as in a GEMM (Volkov & Demmel
+2008): a block of 128 threads owns a 64 × 32 tile of the scores, thread (tx, ty) = (t mod 8, t // 8) a 4 × 4
+micro-tile of it (rows 4·ty + i, columns 4·tx + j) and 4 rows × D/8 columns of each output, all in constant-size
+local arrays that the compiler keeps in registers (every index a constant once the short loops are unrolled;
+the tests check that the PTX has no local memory). A product over d reads, per step, the thread's 4 rows and 4
+columns from transposed shared tiles — consecutive floats on 16-byte boundaries, one ``ld.shared.v4`` each —
+for 16 multiply-adds; a product over the 32 columns reads 4 values of the (transposed) probability tile and
+D/8 of the row-major value tile (groups of 4 consecutive columns, 32 apart: a warp reads consecutive words)
+for 4·D/8. Every tile stays within the default 48 KiB of static shared memory.
 
-The Numba CUDA simulator runs one Python thread per CUDA thread, so there the tiles shrink (8 threads, BM = 16,
-BN = 8) and the shuffles become shared-memory exchanges. Everything else — float64, other head dims — takes the
-kernels above.
+- ``forward_fast`` (algorithm 1): a block takes BM = 64 queries and walks tiles of BN = 32 keys (skipped as
+  above). The 8 threads of a query row are neighbouring lanes of one warp, so the row max of the online softmax
+  is three ``shfl_xor`` steps; each thread keeps its own part of the row sum l, and the parts meet once at the
+  end. P goes through shared memory (Pᵀ) to the threads that own its rows' output columns.
+- ``dq_fast`` and ``dkdv_fast`` (algorithm 2, split in two as above, with ``rowdot`` first): a block takes 64
+  queries (64 keys) and walks tiles of 32 keys (32 queries); S and dP are recomputed 16 head dims at a time
+  (the whole Q and dO tiles beside the rest would not fit in 48 KiB), then P = exp(S − lse) and
+  dS = P ∘ (dP − D) go through shared memory for dQ += dS K (dV += Pᵀ dO, dK += dSᵀ Q).
 
-Every kernel exists for float32 and float64 (``KERNELS[dtype]``); the launch wrappers take NumPy arrays
-(under the Numba CUDA simulator, ``NUMBA_ENABLE_CUDASIM=1``) or CuPy arrays (on a GPU).
-Memory layout, the part that decides the speed on a real GPU: a tile's rows that each thread walks alone (its
-query and output rows in the forward and dQ kernels, its key and value rows in dK/dV) are stored with a padded
-stride D + 1, so that the 32 threads of a warp, reading element d of 32 different rows, hit 32 different
-shared-memory banks (an unpadded stride of 64 puts them all in one bank: a 32-way conflict). Tiles that every
-thread reads at the same index are broadcasts and stay unpadded. Tiles are loaded cooperatively, neighbouring
-threads reading neighbouring values (coalesced). Gradient rows are accumulated over a whole tile before one
-read-modify-write of global memory. The shared memory is dynamic: 32·(D + Dv + 2) + 32·(D + Dv [+ 2]) values,
-33 KiB at D = Dv = 64 in float32.
+Tiles that every pair of the pattern may see and no mask touches skip the pattern test. The Numba CUDA simulator
+runs one Python thread per CUDA thread, so there the tiles shrink (8 threads, tiles of 16 × 8, 4 head dims at a
+time) and the shuffles become shared-memory exchanges. Everything else — float64, other head dims — takes the
+general kernels. The launch wrappers take NumPy arrays (under the simulator, ``NUMBA_ENABLE_CUDASIM=1``) or
+CuPy arrays (on a GPU).
 """
 
 import math
@@ -439,7 +445,7 @@ def _build_fast(D):
         t = cuda.threadIdx.x & (NT - 1)  # (= threadIdx.x; the mask shows the compiler t ≥ 0: no negative-index wrap)
         tx, ty = t % TX, t // TX
         r0, c0 = TM * ty, TN * tx  # the thread's first row and first key of a tile
-        i0 = cuda.blockIdx.x * BM
+        i0 = (cuda.gridDim.x - 1 - cuda.blockIdx.x) * BM  # the last (under causality the longest) first
         bh = cuda.blockIdx.y
         b, h = bh // H, bh % H
         i1 = min(i0 + BM, L)
@@ -556,7 +562,7 @@ def _build_fast(D):
         t = cuda.threadIdx.x & (NT - 1)
         tx, ty = t % TX, t // TX
         r0, c0 = TM * ty, TN * tx
-        i0 = cuda.blockIdx.x * BM
+        i0 = (cuda.gridDim.x - 1 - cuda.blockIdx.x) * BM  # the last (under causality the longest) first
         bh = cuda.blockIdx.y
         b, h = bh // H, bh % H
         i1 = min(i0 + BM, L)

@@ -31,11 +31,14 @@ def test_cuda_kernels_equal_reference_on_gpu():
     if not cupy.is_available():
         pytest.skip("no CUDA GPU")
     from kernels.attention import Conv, attention_backward, attention_forward
+    from kernels.attention import cuda as attention_cuda
 
     rng = np.random.default_rng(0)
-    cases = ({"causal": True}, {"pattern": Conv(text_len=16, width=16, kernel=5)}, {"mask": rng.random((272,)) < 0.7})
-    for kw in cases:
-        q, k, v, do = (rng.standard_normal((2, 4, 272, 64)).astype(np.float32) for _ in range(4))
+    assert attention_cuda.fast_dims_ok(np.float32, 64, 64) and not attention_cuda.fast_dims_ok(np.float32, 48, 48)
+    cases = [({"causal": True}, 64), ({"pattern": Conv(text_len=16, width=16, kernel=5)}, 64)]
+    cases += [({"mask": rng.random((272,)) < 0.7}, 64), ({"causal": True}, 48)]  # 64: the fast path, 48: general
+    for kw, D in cases:
+        q, k, v, do = (rng.standard_normal((2, 4, 272, D)).astype(np.float32) for _ in range(4))
         out_r, lse_r = attention_forward(q, k, v, scale=0.125, form="reference", **kw)
         g_r = attention_backward(q, k, v, out_r, lse_r, do, scale=0.125, form="reference", **kw)
         dev = [cupy.asarray(x) for x in (q, k, v, do)]
