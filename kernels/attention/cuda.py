@@ -41,8 +41,8 @@ for 4·D/8. Every tile stays within the default 48 KiB of static shared memory.
   is three ``shfl_xor`` steps; each thread keeps its own part of the row sum l, and the parts meet once at the
   end. P goes through shared memory (Pᵀ) to the threads that own its rows' output columns.
 - ``dq_fast`` and ``dkdv_fast`` (algorithm 2, split in two as above, with ``rowdot`` first): a block takes 64
-  queries (64 keys) and walks tiles of 32 keys (32 queries); S and dP are recomputed 16 head dims at a time
-  (the whole Q and dO tiles beside the rest would not fit in 48 KiB), then P = exp(S − lse) and
+  queries (64 keys) and walks tiles of 32 keys (32 queries); S and dP are recomputed 32 (16) head dims at a
+  time (the whole Q and dO tiles beside the rest would not fit in 48 KiB), then P = exp(S − lse) and
   dS = P ∘ (dP − D) go through shared memory for dQ += dS K (dV += Pᵀ dO, dK += dSᵀ Q).
 
 Tiles that every pair of the pattern may see and no mask touches skip the pattern test. The Numba CUDA simulator
@@ -329,27 +329,27 @@ NT = TX * TY  # threads per block (128 on a GPU)
 BM = TY * TM  # queries per block (64)
 BN = TX * TN  # keys per tile (32)
 assert 32 % TX == 0 and NT % 32 == 0 or _SIM  # a row's TX owners lie within one warp
-DS = 4 if _SIM else 16  # head dims staged at a time in the backward's products over D
+DS = 4 if _SIM else 16  # head dims staged at a time in the backward's products over D: dK/dV kernel ...
+DSQ = 4 if _SIM else 32  # ... and dQ kernel (fewer operands beside the slices: wider ones fit)
 ALIGN = None if _SIM else 16  # shared tiles on 16 bytes: 4 consecutive floats load as one ld.shared.v4
 
 
 def _fast_smem(D):
     """Bytes of static shared memory of the largest fast kernel: the forward (Qᵀ, Kᵀ, V, Pᵀ), dQ (DS-slices
     of Qᵀ, dOᵀ, Kᵀ, Vᵀ; K; dSᵀ) or dK/dV (the same slices; Q, dO; Pᵀ, dSᵀ; lse and D of the query tile)."""
-    slices = 2 * DS * (BM + 4) + 2 * DS * (BN + 4)
     forward = D * (BM + 4) + D * (BN + 4) + BN * D + BN * (BM + 4)
-    dq = slices + BN * D + BN * (BM + 4)
-    dkdv = slices + 2 * BN * D + 2 * BN * (BM + 4) + 2 * BN
+    dq = 2 * DSQ * (BM + 4) + 2 * DSQ * (BN + 4) + BN * D + BN * (BM + 4)
+    dkdv = 2 * DS * (BM + 4) + 2 * DS * (BN + 4) + 2 * BN * D + 2 * BN * (BM + 4) + 2 * BN
     return 4 * max(forward, dq, dkdv)
 
 
 def fast_dims_ok(dtype, D, Dv):
     """Whether the register-blocked kernels take these arrays: float32, D == Dv, D a multiple of 4·TX (a thread
-    owns D / TX output columns, 4 consecutive ones at a time) and at most 64 (the registers; shared memory within
-    the default 48 KiB)."""
-    return np.dtype(dtype) == np.float32 and D == Dv and D % (4 * TX) == 0 and D % DS == 0 and 0 < D <= 64 and (
-        _fast_smem(D) <= SMEM_LIMIT
-    )
+    owns D / TX output columns, 4 consecutive ones at a time) and of the backward's slices, at most 64 (the
+    registers), and every kernel's shared memory within the default 48 KiB."""
+    if np.dtype(dtype) != np.float32 or D != Dv or not 0 < D <= 64:
+        return False
+    return D % (4 * TX) == 0 and D % DS == 0 and D % DSQ == 0 and _fast_smem(D) <= SMEM_LIMIT
 
 
 if _SIM:  # the simulator has no warp shuffles: exchange through shared memory (every thread calls this)
@@ -550,12 +550,13 @@ def _build_fast(D):
                     lse[bh, qi] = m[i]
 
     SL_Q, SL_K = (DS, BM + 4), (DS, BN + 4)  # d-slices of the transposed row-block and column-tile operands
+    SQ_Q, SQ_K = (DSQ, BM + 4), (DSQ, BN + 4)  # the same in the dQ kernel
     R_SHAPE, ROW_SHAPE = (BN, D), (BN,)
 
     @cuda.jit
     def dq_fast(q, k, v, lse, dout, Drow, mask, has_mask, H, kind, T, W, r, P, causal, scale, dq):
         """dQ for one block of BM queries (Dao 2023, algorithm 2, its dQ half, without atomics): for each key
-        tile, S = Q Kᵀ and dP = dO Vᵀ are recomputed, DS head dims staged at a time (all of Q and dO would not
+        tile, S = Q Kᵀ and dP = dO Vᵀ are recomputed, DSQ head dims staged at a time (all of Q and dO would not
         fit beside the rest in 48 KiB); P = exp(S − lse), dS = P ∘ (dP − D) · scale; dQ += dS K. Thread (tx, ty)
         owns query rows r0 + i, keys c0 + j of a tile and D/TX columns of dQ, all in registers."""
         L, S = q.shape[1], k.shape[1]
@@ -566,10 +567,10 @@ def _build_fast(D):
         bh = cuda.blockIdx.y
         b, h = bh // H, bh % H
         i1 = min(i0 + BM, L)
-        sQ = cuda.shared.array(SL_Q, float32, alignment=ALIGN)
-        sdO = cuda.shared.array(SL_Q, float32, alignment=ALIGN)
-        sK = cuda.shared.array(SL_K, float32, alignment=ALIGN)
-        sV = cuda.shared.array(SL_K, float32, alignment=ALIGN)
+        sQ = cuda.shared.array(SQ_Q, float32, alignment=ALIGN)
+        sdO = cuda.shared.array(SQ_Q, float32, alignment=ALIGN)
+        sK = cuda.shared.array(SQ_K, float32, alignment=ALIGN)
+        sV = cuda.shared.array(SQ_K, float32, alignment=ALIGN)
         sKr = cuda.shared.array(R_SHAPE, float32, alignment=ALIGN)  # the key tile, row-major, for dQ += dS K
         sdS = cuda.shared.array(P_SHAPE, float32, alignment=ALIGN)  # dSᵀ
         acc = cuda.local.array(ACC_SHAPE, float32)
@@ -597,10 +598,10 @@ def _build_fast(D):
                 for j in range(TN):
                     s[i, j] = zero
                     dp[i, j] = zero
-            for d0 in range(0, D, DS):
+            for d0 in range(0, D, DSQ):
                 cuda.syncthreads()  # the previous slice (and the previous tile's dS, K) are no longer read
-                for idx in range(t, BM * DS, NT):
-                    row, dd = idx // DS, idx % DS
+                for idx in range(t, BM * DSQ, NT):
+                    row, dd = idx // DSQ, idx % DSQ
                     x = zero
                     y = zero
                     if i0 + row < L:
@@ -608,8 +609,8 @@ def _build_fast(D):
                         y = dout[bh, i0 + row, d0 + dd]
                     sQ[dd, row] = x
                     sdO[dd, row] = y
-                for idx in range(t, BN * DS, NT):
-                    c, dd = idx // DS, idx % DS
+                for idx in range(t, BN * DSQ, NT):
+                    c, dd = idx // DSQ, idx % DSQ
                     x = zero
                     y = zero
                     if j0 + c < S:
@@ -626,7 +627,7 @@ def _build_fast(D):
                         sKr[c, d] = x
                 cuda.syncthreads()
                 d = 0
-                while d < DS:  # S += Q Kᵀ and dP += dO Vᵀ over this slice
+                while d < DSQ:  # S += Q Kᵀ and dP += dO Vᵀ over this slice
                     for i in range(TM):
                         a[i] = sQ[d, r0 + i]
                         a2[i] = sdO[d, r0 + i]
