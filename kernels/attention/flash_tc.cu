@@ -120,7 +120,8 @@ __device__ __forceinline__ void mma_16x8x16<__nv_bfloat16>(float (&c)[4], const 
 #endif
 
 // ------------------------------------------------------------------------------------------------------------
-// Structured patterns: the same rules as kernels/attention/patterns.py (visible, tile_may_attend), in C++.
+// Structured patterns: the same rules as kernels/attention/patterns.py (visible, tile_may_attend,
+// tile_all_visible), in C++.
 
 enum PatternKind { NONE = 0, CAUSAL = 1, ROW = 2, COLUMN = 3, CONV = 4, PREFIX = 5 };
 
@@ -170,6 +171,19 @@ __device__ __forceinline__ bool tile_may_attend(const Pattern& p, int q0, int q1
         case COLUMN: return (dmin + p.W - 1) / p.W * p.W <= dmax;  // a multiple of W in [dmin, dmax]
         default: return (max(q0, k0) - p.T) / p.W - (k1 - 1 - p.T) / p.W <= p.r;  // CONV: the row rule only
     }
+}
+
+// True only if every query in [q0, q1) may attend to every key in [k0, k1): the backward then skips the per-element
+// test. Conservative (false is always allowed); exact for no pattern, CAUSAL and PREFIX, as in patterns.py.
+__device__ __forceinline__ bool tile_all_visible(const Pattern& p, int q0, int q1, int k0, int k1) {
+    const int kmax = k1 - 1;
+    if (p.causal && kmax > q0) return false;
+    switch (p.kind) {
+        case NONE: return true;
+        case CAUSAL: return kmax <= q0;
+        case PREFIX: return kmax < p.P || kmax <= q0;
+    }
+    return kmax < p.T && kmax <= q0;  // the image patterns: all-text keys below every query
 }
 
 // ------------------------------------------------------------------------------------------------------------
@@ -406,10 +420,13 @@ __device__ __forceinline__ void c_to_a(unsigned (&a)[4], const float (&c)[2][4])
 }
 
 // P_ij = exp(S_ij · scale + mask_ij − lse_i), the forward's softmax recomputed (line 13), or 0 where the pattern,
-// causality or the bounds block the pair. `lse` is +∞ for a row that sees no key, so that all its P are 0.
-__device__ __forceinline__ float recompute_p(float s, const Pattern& pat, int qi, int kj, int L, int S, float scale,
-                                            const float* mask, long long mbh, long long msi, long long msj,
-                                            int has_mask, float lse) {
+// causality or the bounds block the pair. `lse` is +∞ for a row that sees no key, so that all its P are 0. `full`:
+// the tile is inside both bounds, fully visible and without a dense mask, so no test is needed (FlashAttention-2
+// masks only the tiles that need it, section 3.1.1).
+__device__ __forceinline__ float recompute_p(float s, bool full, const Pattern& pat, int qi, int kj, int L, int S,
+                                            float scale, const float* mask, long long mbh, long long msi,
+                                            long long msj, int has_mask, float lse) {
+    if (full) return expf(s * scale - lse);
     if (qi >= L || kj >= S || !visible(pat, qi, kj)) return 0.0f;
     float x = s * scale;
     if (has_mask) x += mask[mbh + qi * msi + kj * msj];
@@ -483,6 +500,7 @@ flash_backward_dq(const Elem* __restrict__ q, const Elem* __restrict__ k, const 
     for (int j0 = 0; j0 < S; j0 += BT) {
         const int j1 = min(j0 + BT, S);
         if (!tile_may_attend(pat, i0, i1, j0, j1)) continue;  // the same decision in the whole block
+        const bool full = !has_mask && i1 - i0 == BQ && j1 - j0 == BT && tile_all_visible(pat, i0, i1, j0, j1);
         __syncthreads();
         load_tile<Elem, D, BT>(sK, LDK, k, j0, S);
         load_tile_transposed<Elem, D, BT>(sKt, LDT, k, j0, S);
@@ -513,8 +531,8 @@ flash_backward_dq(const Elem* __restrict__ q, const Elem* __restrict__ k, const 
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int r = e / 2, kj = j0 + 16 * c + 8 * nn + 2 * t + e % 2;
-                    const float p = recompute_p(s[nn][e], pat, row[r], kj, L, S, scale, mask, mbh, msi, msj,
-                                                has_mask, lr[r]);
+                    const float p = recompute_p(s[nn][e], full, pat, row[r], kj, L, S, scale, mask, mbh, msi,
+                                                msj, has_mask, lr[r]);
                     s[nn][e] = p * (dp[nn][e] - dr[r]);
                 }
             }
@@ -589,6 +607,7 @@ flash_backward_dkdv(const Elem* __restrict__ q, const Elem* __restrict__ k, cons
     for (int i0 = 0; i0 < L; i0 += BT) {  // line 10
         const int i1 = min(i0 + BT, L);
         if (!tile_may_attend(pat, i0, i1, j0, j1)) continue;  // the same decision in the whole block
+        const bool full = !has_mask && i1 - i0 == BT && j1 - j0 == BK && tile_all_visible(pat, i0, i1, j0, j1);
         // Line 11: Q_i, dO_i (both ways), lse_i and D_i into shared memory.
         __syncthreads();
         load_tile<Elem, D, BT>(sQ, LDQ, q, i0, L);
@@ -626,8 +645,8 @@ flash_backward_dkdv(const Elem* __restrict__ q, const Elem* __restrict__ k, cons
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int ql = 16 * c + 8 * nn + 2 * t + e % 2;
-                    const float p = recompute_p(st[nn][e], pat, i0 + ql, key[e / 2], L, S, scale, mask, mbh, msi,
-                                                msj, has_mask, sL[ql]);
+                    const float p = recompute_p(st[nn][e], full, pat, i0 + ql, key[e / 2], L, S, scale, mask, mbh,
+                                                msi, msj, has_mask, sL[ql]);
                     st[nn][e] = p;
                     dpt[nn][e] = p * (dpt[nn][e] - sD[ql]);
                 }

@@ -414,14 +414,17 @@ int launch(int grid_x, int grid_y, const void* q, const void* k, const void* v, 
 
 // The pattern rules of the kernel, over a whole grid, for comparison with kernels/attention/patterns.py.
 extern "C" void pattern_grid(int kind, int T, int W, int r, int P, int causal, int n, int bq, int bk,
-                             unsigned char* visible_out, unsigned char* tile_out) {
+                             unsigned char* visible_out, unsigned char* tile_out, unsigned char* all_out) {
     const Pattern pat = {kind, T, W, r, P, causal != 0};
     for (int q = 0; q < n; ++q)
         for (int k = 0; k < n; ++k) visible_out[q * n + k] = visible(pat, q, k);
     const int nq = (n + bq - 1) / bq, nk = (n + bk - 1) / bk;
     for (int i = 0; i < nq; ++i)
-        for (int j = 0; j < nk; ++j)
-            tile_out[i * nk + j] = tile_may_attend(pat, i * bq, min(i * bq + bq, n), j * bk, min(j * bk + bk, n));
+        for (int j = 0; j < nk; ++j) {
+            const int q0 = i * bq, q1 = min(q0 + bq, n), k0 = j * bk, k1 = min(k0 + bk, n);
+            tile_out[i * nk + j] = tile_may_attend(pat, q0, q1, k0, k1);
+            all_out[i * nk + j] = tile_all_visible(pat, q0, q1, k0, k1);
+        }
 }
 
 #define EMU_CASE(E, ELEM, DIM) \
@@ -599,7 +602,8 @@ PATTERNS = [
 @pytest.mark.parametrize("pattern", [None, *PATTERNS, Row(0, 1), Column(3, 1), Conv(2, 4, 3), Conv(7, 5, 5)], ids=repr)
 @pytest.mark.parametrize("causal", [False, True])
 def test_kernel_pattern_rules_equal_patterns_module(emulator, pattern, causal):
-    """flash_tc.cu's visible / tile_may_attend (C++) are patterns.py's, on every pair and every tile of a grid."""
+    """flash_tc.cu's visible / tile_may_attend / tile_all_visible (C++) are patterns.py's, on every pair and every
+    tile of a grid."""
     from kernels.attention import patterns
 
     params, extra = patterns.resolve(pattern, causal)
@@ -609,9 +613,9 @@ def test_kernel_pattern_rules_equal_patterns_module(emulator, pattern, causal):
     expected &= (k <= q) | (not causal)
     for bq, bk in [(1, 1), (4, 6), (7, 3), (16, 16)]:
         nq, nk = -(-n // bq), -(-n // bk)
-        vis, tiles = np.zeros((n, n), np.uint8), np.zeros((nq, nk), np.uint8)
+        vis, tiles, full = np.zeros((n, n), np.uint8), np.zeros((nq, nk), np.uint8), np.zeros((nq, nk), np.uint8)
         emulator.pattern_grid(*(ctypes.c_int(x) for x in (*params, extra, n, bq, bk)),
-                              vis.ctypes.data_as(ctypes.c_void_p), tiles.ctypes.data_as(ctypes.c_void_p))  # fmt: skip
+                              *(a.ctypes.data_as(ctypes.c_void_p) for a in (vis, tiles, full)))  # fmt: skip
         np.testing.assert_array_equal(vis.astype(bool), expected)
         for i in range(nq):
             for j in range(nk):
@@ -620,6 +624,10 @@ def test_kernel_pattern_rules_equal_patterns_module(emulator, pattern, causal):
                 assert bool(tiles[i, j]) == want, (q0, q1, k0, k1)
                 if not want:  # a skipped tile really has no visible pair
                     assert not expected[q0:q1, k0:k1].any()
+                want_all = patterns.tile_all_visible(*params, q0, q1, k0, k1) and not (extra and k1 - 1 > q0)
+                assert bool(full[i, j]) == want_all, (q0, q1, k0, k1)
+                if want_all:  # a tile computed without the per-element test really is all visible
+                    assert expected[q0:q1, k0:k1].all()
 
 
 @pytest.mark.parametrize("element", ["float16", "bfloat16"])
