@@ -122,10 +122,10 @@ def attention_backward(q, k, v, out, lse, dout, *, scale=None, mask=None, causal
     """(dq, dk, dv) given dout = ∂loss/∂out and the forward's out and lse, through the chosen form."""
     form = _form(q, form)
     if form == "cuda_tc":
-        raise NotImplementedError(
-            "attention_backward: the tensor-core (float16/bfloat16) kernel has no backward yet; "
-            "cast q, k, v to float32 for training"
-        )
+        from . import cuda_tc
+
+        return cuda_tc.attention_backward(q, k, v, out, lse, dout, scale=scale, mask=mask, causal=causal,
+                                          pattern=pattern)
     if form == "reference":
         _check(q, k, v)
         sc = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale

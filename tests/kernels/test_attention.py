@@ -452,3 +452,16 @@ def test_cpu_exp_polynomial():
     np.testing.assert_array_equal(apply(np.array([-np.inf, -88.0, -1e4], dtype=np.float32)), 0.0)
     x64 = -np.linspace(0, 700, 1001)
     np.testing.assert_allclose(apply(x64), np.exp(x64), rtol=1e-15)
+
+
+def test_cuda_tc_form_routes_the_backward(monkeypatch):
+    """form="cuda_tc" (half precision on a GPU) sends the backward to the tensor-core kernel with every argument."""
+    from kernels import attention
+    from kernels.attention import cuda_tc
+
+    seen = {}
+    monkeypatch.setattr(cuda_tc, "attention_backward", lambda *a, **kw: seen.update(args=a, kw=kw) or "grads")
+    q, k, v, out, lse, do = (np.zeros((1, 2, 3, 4), np.float16) for _ in range(6))
+    got = attention.attention_backward(q, k, v, out, lse, do, scale=0.5, causal=True, form="cuda_tc")
+    assert got == "grads" and all(a is b for a, b in zip(seen["args"], (q, k, v, out, lse, do)))
+    assert seen["kw"] == dict(scale=0.5, mask=None, causal=True, pattern=None)
