@@ -391,6 +391,35 @@ def _row_sum(x):
 
 
 @cuda.jit(device=True, inline=True)
+def _stage_transposed(dst, src, bh, row0, col0, R, C, n):
+    """dst[col, row] = src[bh, row0 + row, col0 + col] for an R × C block (R a multiple of 4; zeros for rows
+    row0 + row ≥ n), by the block's NT threads. dst's row stride is 4 modulo 32 words, and a warp's 32
+    consecutive elements are 4 rows × G = min(8, C) consecutive columns: its global reads are 4 runs of G
+    values and its shared stores, at banks 4·col + row (mod 32), hit 32 distinct banks (32 consecutive columns
+    of one row would hit 8 banks, 4 times each)."""
+    G = min(8, C)
+    for idx in range(cuda.threadIdx.x & (NT - 1), R * C, NT):
+        sub, grp = idx % (4 * G), idx // (4 * G)
+        row, col = 4 * (grp % (R // 4)) + sub % 4, G * (grp // (R // 4)) + sub // 4
+        x = float32(0.0)
+        if row0 + row < n:
+            x = src[bh, row0 + row, col0 + col]
+        dst[col, row] = x
+
+
+@cuda.jit(device=True, inline=True)
+def _stage(dst, src, bh, row0, R, C, n):
+    """dst[row, col] = src[bh, row0 + row, col] for R whole rows of C values (zeros for rows row0 + row ≥ n),
+    by the block's NT threads, neighbouring threads on neighbouring values (coalesced, conflict-free)."""
+    for idx in range(cuda.threadIdx.x & (NT - 1), R * C, NT):
+        row, col = idx // C, idx % C
+        x = float32(0.0)
+        if row0 + row < n:
+            x = src[bh, row0 + row, col]
+        dst[row, col] = x
+
+
+@cuda.jit(device=True, inline=True)
 def _masked_scores(s, buf, r0, c0, row0, col0, qrows, L, S, scale, mask, has_mask, b, h, kind, T, W, r, P, causal):
     """s ← the masked scores of the thread's micro-tile: rows row0 + r0 + i, columns col0 + c0 + j of a tile
     (rows are queries and columns keys when ``qrows``, the reverse in the dK/dV kernel); −inf outside L × S.
@@ -462,12 +491,7 @@ def _build_fast(D):
         a = cuda.local.array(TM, float32)  # operands staged in registers: a column of Q or Pᵀ ...
         kb = cuda.local.array(TN, float32)  # ... and a row of Kᵀ ...
         vb = cuda.local.array(DT, float32)  # ... or of V
-        for idx in range(t, BM * D, NT):  # rows past L are zeros
-            row, d = idx // D, idx % D
-            x = zero
-            if i0 + row < L:
-                x = q[bh, i0 + row, d]
-            sQ[d, row] = x
+        _stage_transposed(sQ, q, bh, i0, 0, BM, D, L)  # rows past L are zeros
         for i in range(TM):
             m[i] = ninf
             lp[i] = zero
@@ -477,15 +501,8 @@ def _build_fast(D):
             if (causal and j0 > i1 - 1) or not _tile_may_attend(kind, T, W, r, P, i0, i1, j0, min(j0 + BN, S)):
                 continue  # the same decision in every thread of the block: every barrier is reached by all
             cuda.syncthreads()  # the previous tile is no longer read (and sQ is written, the first time)
-            for idx in range(t, BN * D, NT):  # coalesced; keys past S are zeros
-                c, d = idx // D, idx % D
-                x = zero
-                y = zero
-                if j0 + c < S:
-                    x = k[bh, j0 + c, d]
-                    y = v[bh, j0 + c, d]
-                sK[d, c] = x
-                sV[c, d] = y
+            _stage_transposed(sK, k, bh, j0, 0, BN, D, S)  # keys past S are zeros
+            _stage(sV, v, bh, j0, BN, D, S)
             cuda.syncthreads()
             for i in range(TM):  # S = Q Kᵀ: TM + TN shared loads for TM · TN multiply-adds per d
                 for j in range(TN):
@@ -515,11 +532,14 @@ def _build_fast(D):
                     p = zero
                     if mx != ninf:
                         p = math.exp(s[i, j] - mx)
-                    sP[c0 + j, r0 + i] = p
+                    s[i, j] = p
                     total += p
                 lp[i] = alpha * lp[i] + total  # each thread sums its own keys; the row's parts meet at the end
                 for e in range(DT):
                     acc[i, e] *= alpha
+            for j in range(TN):  # a key's 4 rows are consecutive in Pᵀ: one 16-byte store
+                for i in range(TM):
+                    sP[c0 + j, r0 + i] = s[i, j]
             cuda.syncthreads()  # P is complete
             c = 0
             while c < BN:  # O += P V: TM + DT shared loads for TM · DT multiply-adds per key
@@ -600,31 +620,12 @@ def _build_fast(D):
                     dp[i, j] = zero
             for d0 in range(0, D, DSQ):
                 cuda.syncthreads()  # the previous slice (and the previous tile's dS, K) are no longer read
-                for idx in range(t, BM * DSQ, NT):
-                    row, dd = idx // DSQ, idx % DSQ
-                    x = zero
-                    y = zero
-                    if i0 + row < L:
-                        x = q[bh, i0 + row, d0 + dd]
-                        y = dout[bh, i0 + row, d0 + dd]
-                    sQ[dd, row] = x
-                    sdO[dd, row] = y
-                for idx in range(t, BN * DSQ, NT):
-                    c, dd = idx // DSQ, idx % DSQ
-                    x = zero
-                    y = zero
-                    if j0 + c < S:
-                        x = k[bh, j0 + c, d0 + dd]
-                        y = v[bh, j0 + c, d0 + dd]
-                    sK[dd, c] = x
-                    sV[dd, c] = y
+                _stage_transposed(sQ, q, bh, i0, d0, BM, DSQ, L)
+                _stage_transposed(sdO, dout, bh, i0, d0, BM, DSQ, L)
+                _stage_transposed(sK, k, bh, j0, d0, BN, DSQ, S)
+                _stage_transposed(sV, v, bh, j0, d0, BN, DSQ, S)
                 if d0 == 0:
-                    for idx in range(t, BN * D, NT):
-                        c, d = idx // D, idx % D
-                        x = zero
-                        if j0 + c < S:
-                            x = k[bh, j0 + c, d]
-                        sKr[c, d] = x
+                    _stage(sKr, k, bh, j0, BN, D, S)
                 cuda.syncthreads()
                 d = 0
                 while d < DSQ:  # S += Q Kᵀ and dP += dO Vᵀ over this slice
@@ -645,7 +646,10 @@ def _build_fast(D):
                     p = zero
                     if lr[i] != ninf:
                         p = math.exp(s[i, j] - lr[i])  # P = exp(S − lse)
-                    sdS[c0 + j, r0 + i] = p * (dp[i, j] - dr[i]) * scale  # dS = P ∘ (dP − D), times scale
+                    s[i, j] = p * (dp[i, j] - dr[i]) * scale  # dS = P ∘ (dP − D), times scale
+            for j in range(TN):
+                for i in range(TM):
+                    sdS[c0 + j, r0 + i] = s[i, j]
             cuda.syncthreads()
             c = 0
             while c < BN:  # dQ += dS K
@@ -709,34 +713,13 @@ def _build_fast(D):
                     dp[i, j] = zero
             for d0 in range(0, D, DS):
                 cuda.syncthreads()  # the previous slice (and the previous tile's P, dS, Q, dO) are no longer read
-                for idx in range(t, BM * DS, NT):
-                    row, dd = idx // DS, idx % DS
-                    x = zero
-                    y = zero
-                    if j0 + row < S:
-                        x = k[bh, j0 + row, d0 + dd]
-                        y = v[bh, j0 + row, d0 + dd]
-                    sK[dd, row] = x
-                    sV[dd, row] = y
-                for idx in range(t, BN * DS, NT):
-                    c, dd = idx // DS, idx % DS
-                    x = zero
-                    y = zero
-                    if i0 + c < L:
-                        x = q[bh, i0 + c, d0 + dd]
-                        y = dout[bh, i0 + c, d0 + dd]
-                    sQ[dd, c] = x
-                    sdO[dd, c] = y
+                _stage_transposed(sK, k, bh, j0, d0, BM, DS, S)
+                _stage_transposed(sV, v, bh, j0, d0, BM, DS, S)
+                _stage_transposed(sQ, q, bh, i0, d0, BN, DS, L)
+                _stage_transposed(sdO, dout, bh, i0, d0, BN, DS, L)
                 if d0 == 0:
-                    for idx in range(t, BN * D, NT):
-                        c, d = idx // D, idx % D
-                        x = zero
-                        y = zero
-                        if i0 + c < L:
-                            x = q[bh, i0 + c, d]
-                            y = dout[bh, i0 + c, d]
-                        sQr[c, d] = x
-                        sdOr[c, d] = y
+                    _stage(sQr, q, bh, i0, BN, D, L)
+                    _stage(sdOr, dout, bh, i0, BN, D, L)
                     for c in range(t, BN, NT):
                         x = ninf  # queries past L: P = 0
                         y = zero
@@ -767,8 +750,12 @@ def _build_fast(D):
                     p = zero
                     if lq != ninf:
                         p = math.exp(s[i, j] - lq)
-                    sP[c0 + j, r0 + i] = p
-                    sdS[c0 + j, r0 + i] = p * (dp[i, j] - dq_) * scale
+                    s[i, j] = p
+                    dp[i, j] = p * (dp[i, j] - dq_) * scale
+            for j in range(TN):
+                for i in range(TM):
+                    sP[c0 + j, r0 + i] = s[i, j]
+                    sdS[c0 + j, r0 + i] = dp[i, j]
             cuda.syncthreads()
             c = 0
             while c < BN:  # dV += Pᵀ dO, dK += dSᵀ Q
