@@ -356,6 +356,7 @@ if _SIM:  # the simulator has no warp shuffles: exchange through shared memory (
 
     @cuda.jit(device=True)
     def _shfl_xor(x, o):
+        """x of thread t ^ o (what ``shfl_xor_sync`` returns on a GPU)."""
         buf = cuda.shared.array(NT, float32)
         t = cuda.threadIdx.x
         cuda.syncthreads()
@@ -367,6 +368,7 @@ else:
 
     @cuda.jit(device=True, inline=True)
     def _shfl_xor(x, o):
+        """x of lane (this lane) ^ o."""
         return cuda.shfl_xor_sync(0xFFFFFFFF, x, o)  # full warp: every lane reaches every call
 
 
@@ -428,8 +430,7 @@ def _masked_scores(s, buf, r0, c0, row0, col0, qrows, L, S, scale, mask, has_mas
     the compiler unrolls; the pattern/mask test is too big for that, so a tile that needs it passes the scores
     through the thread's own slots buf[c0 + j, r0 + i] of a shared tile. A tile where every pair is visible and
     no mask applies (a block-uniform test) only scales them."""
-    nr, nc = TM * (NT // TX), TN * TX  # the tile's extent
-    q0, nq, k0, nk = (row0, nr, col0, nc) if qrows else (col0, nc, row0, nr)
+    q0, nq, k0, nk = (row0, BM, col0, BN) if qrows else (col0, BN, row0, BM)  # the tile's queries and keys
     if (
         not has_mask
         and k0 + nk <= S
