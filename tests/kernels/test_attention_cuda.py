@@ -116,10 +116,11 @@ def fast_path_cases(dims):
     cases += [((9, 9), {"mask": np.zeros((9, 9), bool)})]  # every row blocked
     for n, ((L, S), kw) in enumerate(cases):
         D = dims[n % len(dims)]
-        B = 2 if "mask" in kw and kw["mask"].ndim == 4 else 1  # (the simulator's time: one batch where it can)
-        q, k = (rng.standard_normal((B, 2, n_, D)).astype(np.float32) for n_ in (L, S))
-        v = rng.standard_normal((B, 2, S, D)).astype(np.float32)
-        dout = rng.standard_normal((B, 2, L, D)).astype(np.float32)
+        # (the simulator's time: more than one batch and head only where a mask broadcasts over them)
+        B, H = (2 if "mask" in kw and kw["mask"].ndim == 4 else 1), (2 if "mask" in kw else 1)
+        q, k = (rng.standard_normal((B, H, n_, D)).astype(np.float32) for n_ in (L, S))
+        v = rng.standard_normal((B, H, S, D)).astype(np.float32)
+        dout = rng.standard_normal((B, H, L, D)).astype(np.float32)
         yield q, k, v, dout, {"scale": 0.6, **kw}
 
 
