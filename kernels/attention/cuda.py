@@ -479,8 +479,8 @@ def _build_fast(D):
         bh = cuda.blockIdx.y
         b, h = bh // H, bh % H
         i1 = min(i0 + BM, L)
-        # Transposed tiles: a thread reads its TM rows (TN keys) at one d; the +1 pads make the cooperative
-        # stores (neighbouring threads on neighbouring d) fall in distinct banks. Pᵀ's +4 does that for P's stores.
+        # Transposed tiles: a thread reads its TM rows (TN keys) at one d, 16 consecutive bytes. The +4 pads keep
+        # every row on a 16-byte boundary and make the row stride 4 mod 32 words (conflict-free staging).
         sQ = cuda.shared.array(Q_SHAPE, float32, alignment=ALIGN)
         sK = cuda.shared.array(K_SHAPE, float32, alignment=ALIGN)
         sV = cuda.shared.array(V_SHAPE, float32, alignment=ALIGN)
