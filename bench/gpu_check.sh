@@ -8,8 +8,17 @@ out=${1:-${OUT:-/tmp/t2i-gpu}}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 py=${PYTHON:-python3}
+# numba-cuda 0.30 registers an overload for np.row_stack, which numpy 2.5 removed: on such a machine (the lent H200's
+# image had numpy 2.5.2) alias it to np.vstack, which it was, through a sitecustomize seen only by these commands
+if ! $py -c "import numpy; numpy.row_stack" 2>/dev/null; then
+  shim=$(mktemp -d)
+  printf 'import numpy\nif not hasattr(numpy, "row_stack"):\n    numpy.row_stack = numpy.vstack\n' > "$shim/sitecustomize.py"
+  export PYTHONPATH=$shim:$PYTHONPATH
+  shim_note="numpy has no row_stack: aliased to vstack for numba-cuda ($shim/sitecustomize.py)"
+fi
 {
   date -u
+  [ -n "${shim_note:-}" ] && echo "$shim_note"
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv
   $py - <<'PY'
 import importlib
