@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks in one go, for a machine with a CUDA GPU, CuPy, numba-cuda and PyTorch (see README, "On a GPU"):
-# versions, the `gpu`-marked tests, then `t2i bench --device cuda` for the four kernel families.
+# versions, the `gpu`-marked tests, `t2i bench --device cuda` for the four kernel families, then where a numba.cuda
+# launch spends its host time (bench/launch_overhead.py). About 3 minutes on an H200.
 # Usage: bash bench/gpu_check.sh [OUT_DIR]   (default: $OUT, else /tmp/t2i-gpu). Writes log.txt, the bench JSON
 # and its plots there. Runs from a checkout without installing it (PYTHONPATH=.), the machine's Python as is.
 set -u -o pipefail
@@ -46,5 +47,8 @@ PY
   timeout "${BENCH_TIMEOUT:-300}" $py -m bench.cli ${BENCH_FAMILIES:-attention conv gumbel schedule} --device cuda \
     --out "$out"
   echo "bench rc=$?"
+  echo "=== host time of a numba.cuda launch (python -m bench.launch_overhead)"
+  timeout "${LAUNCH_TIMEOUT:-60}" $py -m bench.launch_overhead
+  echo "launch_overhead rc=$?"
   date -u
 } 2>&1 | tee "$out/log.txt"
