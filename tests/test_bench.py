@@ -217,3 +217,17 @@ def test_cuda_cases_are_built_without_a_gpu():
 def test_bad_family_is_refused(capsys):
     assert main(["bench", "nonsense"]) == 2
     assert "unknown family" in capsys.readouterr().err
+
+
+def test_gpu_check_script_parses():
+    """bench/gpu_check.sh runs only on a lent GPU machine, where a syntax error would cost a whole device session."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    bash = shutil.which("bash")
+    if bash is None:
+        pytest.skip("no bash")
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.sh"
+    proc = subprocess.run([bash, "-n", str(script)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
