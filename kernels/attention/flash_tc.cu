@@ -419,6 +419,29 @@ __device__ __forceinline__ void c_to_a(unsigned (&a)[4], const float (&c)[2][4])
     a[3] = pack2<Elem>(c[1][2], c[1][3]);
 }
 
+// Lines 12 and 15 of algorithm 2 in one pass: s = A·Bᵀ and dp = A2·B2ᵀ for 16 columns (two 16×8 tiles each),
+// columns 16c .. 16c + 15 of the row-major shared tiles B and B2 (row stride ld) read as the mma's B operand.
+// The dQ kernel calls it with (Q, dO; K, V), the dK/dV kernel transposed with (K, V; Q, dO).
+template <typename Elem, int D>
+__device__ __forceinline__ void two_products(float (&s)[2][4], float (&dp)[2][4], const unsigned (&a)[D / 16][4],
+                                             const unsigned (&a2)[D / 16][4], const Elem* sB, const Elem* sB2,
+                                             int ld, int c) {
+    const int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+#pragma unroll
+    for (int nn = 0; nn < 2; ++nn) {
+        s[nn][0] = s[nn][1] = s[nn][2] = s[nn][3] = 0.0f;
+        dp[nn][0] = dp[nn][1] = dp[nn][2] = dp[nn][3] = 0.0f;
+#pragma unroll
+        for (int kc = 0; kc < D / 16; ++kc) {
+            const int off = (16 * c + 8 * nn + g) * ld + 16 * kc + 2 * t;  // Bᵀ[2t..2t+1][g] = B[g][2t..2t+1]
+            const unsigned b[2] = {load2(sB + off), load2(sB + off + 8)};
+            const unsigned b2[2] = {load2(sB2 + off), load2(sB2 + off + 8)};
+            mma_16x8x16<Elem>(s[nn], a[kc], b);
+            mma_16x8x16<Elem>(dp[nn], a2[kc], b2);
+        }
+    }
+}
+
 // P_ij = exp(S_ij · scale + mask_ij − lse_i), the forward's softmax recomputed (line 13), or 0 where the pattern,
 // causality or the bounds block the pair. `lse` is +∞ for a row that sees no key, so that all its P are 0. `full`:
 // the tile is inside both bounds, fully visible and without a dense mask, so no test is needed (FlashAttention-2
@@ -509,21 +532,9 @@ flash_backward_dq(const Elem* __restrict__ q, const Elem* __restrict__ k, const 
 
 #pragma unroll 1
         for (int c = 0; c < BT / 16; ++c) {  // keys j0 + 16c .. j0 + 16c + 15
-            // Lines 12 and 15: S = Q_i K_jᵀ and dP = dO_i V_jᵀ for 16 keys (two 16×8 tiles each).
+            // Lines 12 and 15: S = Q_i K_jᵀ and dP = dO_i V_jᵀ for 16 keys.
             float s[2][4], dp[2][4];
-#pragma unroll
-            for (int nn = 0; nn < 2; ++nn) {
-                s[nn][0] = s[nn][1] = s[nn][2] = s[nn][3] = 0.0f;
-                dp[nn][0] = dp[nn][1] = dp[nn][2] = dp[nn][3] = 0.0f;
-#pragma unroll
-                for (int kc = 0; kc < D / 16; ++kc) {
-                    const int off = (16 * c + 8 * nn + g) * LDK + 16 * kc + 2 * t;  // Kᵀ[2t..2t+1][g] = K[g][2t..2t+1]
-                    const unsigned kb[2] = {load2(sK + off), load2(sK + off + 8)};
-                    const unsigned vb[2] = {load2(sV + off), load2(sV + off + 8)};
-                    mma_16x8x16<Elem>(s[nn], qa[kc], kb);
-                    mma_16x8x16<Elem>(dp[nn], da[kc], vb);
-                }
-            }
+            two_products<Elem, D>(s, dp, qa, da, sK, sV, LDK, c);
             // Lines 13 and 16: P, then dS = P ∘ (dP − D) in place of S. Element e of s[nn] is row[e / 2], key
             // j0 + 16c + 8nn + 2t + e % 2.
 #pragma unroll
@@ -625,19 +636,7 @@ flash_backward_dkdv(const Elem* __restrict__ q, const Elem* __restrict__ k, cons
         for (int c = 0; c < BT / 16; ++c) {  // queries i0 + 16c .. i0 + 16c + 15
             // Lines 12 and 15, transposed: Sᵀ = K_j Q_iᵀ and dPᵀ = V_j dO_iᵀ, this warp's 16 keys × 16 queries.
             float st[2][4], dpt[2][4];
-#pragma unroll
-            for (int nn = 0; nn < 2; ++nn) {
-                st[nn][0] = st[nn][1] = st[nn][2] = st[nn][3] = 0.0f;
-                dpt[nn][0] = dpt[nn][1] = dpt[nn][2] = dpt[nn][3] = 0.0f;
-#pragma unroll
-                for (int kc = 0; kc < D / 16; ++kc) {
-                    const int off = (16 * c + 8 * nn + g) * LDQ + 16 * kc + 2 * t;  // Qᵀ[2t..2t+1][g] = Q[g][2t..2t+1]
-                    const unsigned qb[2] = {load2(sQ + off), load2(sQ + off + 8)};
-                    const unsigned db[2] = {load2(sdO + off), load2(sdO + off + 8)};
-                    mma_16x8x16<Elem>(st[nn], ka[kc], qb);
-                    mma_16x8x16<Elem>(dpt[nn], va[kc], db);
-                }
-            }
+            two_products<Elem, D>(st, dpt, ka, va, sQ, sdO, LDQ, c);
             // Lines 13 and 16: Pᵀ in place of Sᵀ, dSᵀ = Pᵀ ∘ (dPᵀ − D) in place of dPᵀ. Element e of st[nn] is key
             // key[e / 2], query i0 + ql with ql = 16c + 8nn + 2t + e % 2.
 #pragma unroll
