@@ -456,6 +456,26 @@ def _masked_scores(s, buf, r0, c0, row0, col0, qrows, L, S, scale, mask, has_mas
                 s[i, j] = buf[c0 + j, r0 + i]
 
 
+@cuda.jit(device=True, inline=True)
+def _two_products(s, dp, A, A2, B, B2, r0, c0, n, a, a2, kb, vb):
+    """s += A_sliceᵀ B_slice and dp += A2_sliceᵀ B2_slice over the n staged head dims of transposed shared tiles,
+    for the thread's rows r0 + i and columns c0 + j (a, a2, kb, vb: its operand registers). Algorithm 2's S and dP
+    in one pass: the dQ kernel calls it with (Q, dO; K, V), the dK/dV kernel transposed with (K, V; Q, dO)."""
+    d = 0
+    while d < n:
+        for i in range(TM):
+            a[i] = A[d, r0 + i]
+            a2[i] = A2[d, r0 + i]
+        for j in range(TN):
+            kb[j] = B[d, c0 + j]
+            vb[j] = B2[d, c0 + j]
+        for i in range(TM):
+            for j in range(TN):
+                s[i, j] += a[i] * kb[j]
+                dp[i, j] += a2[i] * vb[j]
+        d += 1
+
+
 def _build_fast(D):
     """The register-blocked float32 kernels for head dim D = Dv (a compile-time constant: it sizes the register
     arrays and the static shared tiles)."""
@@ -628,19 +648,7 @@ def _build_fast(D):
                 if d0 == 0:
                     _stage(sKr, k, bh, j0, BN, D, S)
                 cuda.syncthreads()
-                d = 0
-                while d < DSQ:  # S += Q Kᵀ and dP += dO Vᵀ over this slice
-                    for i in range(TM):
-                        a[i] = sQ[d, r0 + i]
-                        a2[i] = sdO[d, r0 + i]
-                    for j in range(TN):
-                        kb[j] = sK[d, c0 + j]
-                        vb[j] = sV[d, c0 + j]
-                    for i in range(TM):
-                        for j in range(TN):
-                            s[i, j] += a[i] * kb[j]
-                            dp[i, j] += a2[i] * vb[j]
-                    d += 1
+                _two_products(s, dp, sQ, sdO, sK, sV, r0, c0, DSQ, a, a2, kb, vb)  # S += Q Kᵀ, dP += dO Vᵀ
             _masked_scores(s, sdS, r0, c0, i0, j0, True, L, S, scale, mask, has_mask, b, h, kind, T, W, r, P, causal)
             for i in range(TM):
                 for j in range(TN):
@@ -730,19 +738,7 @@ def _build_fast(D):
                         sL[c] = x
                         sDr[c] = y
                 cuda.syncthreads()
-                d = 0
-                while d < DS:  # Sᵀ += K Qᵀ and dPᵀ += V dOᵀ over this slice
-                    for i in range(TM):
-                        a[i] = sK[d, r0 + i]
-                        a2[i] = sV[d, r0 + i]
-                    for j in range(TN):
-                        kb[j] = sQ[d, c0 + j]
-                        vb[j] = sdO[d, c0 + j]
-                    for i in range(TM):
-                        for j in range(TN):
-                            s[i, j] += a[i] * kb[j]
-                            dp[i, j] += a2[i] * vb[j]
-                    d += 1
+                _two_products(s, dp, sK, sV, sQ, sdO, r0, c0, DS, a, a2, kb, vb)  # Sᵀ += K Qᵀ, dPᵀ += V dOᵀ
             _masked_scores(s, sP, r0, c0, j0, i0, False, L, S, scale, mask, has_mask, b, h, kind, T, W, r, P, causal)
             for j in range(TN):
                 lq = sL[c0 + j]
