@@ -72,6 +72,20 @@ def _make_kernels(dtype):
     zero = nbtype(0)
 
     @cuda.jit(device=True, inline=True)
+    def store_tile(out, acc, g, rows, m0, q0):
+        """out[n, g·rows + m, y, x] = acc[i, j] for this thread's results: rows m = m0 + ty + T·i (< rows), columns
+        q = q0 + tx + T·j, a column being the pixel (n, y, x) of out (the forward's y, the input gradient's dx)."""
+        n_img, hh, ww = out.shape[0], out.shape[2], out.shape[3]
+        for j in range(TN):
+            q = q0 + cuda.threadIdx.x + T * j
+            if q < n_img * hh * ww:
+                n, yy, xx = q // (hh * ww), (q // ww) % hh, q % ww
+                for i in range(TM):
+                    m = m0 + cuda.threadIdx.y + T * i
+                    if m < rows:
+                        out[n, g * rows + m, yy, xx] = acc[i, j]
+
+    @cuda.jit(device=True, inline=True)
     def multiply_slices(a, b, acc, depth):
         """acc[i, j] += Σ_{t < depth} a[ty + T·i, t] · b[t, tx + T·j]: this thread's micro-tile of the product."""
         tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
@@ -131,14 +145,7 @@ def _make_kernels(dtype):
             cuda.syncthreads()
             multiply_slices(a, b, acc, BK)
             cuda.syncthreads()
-        for j in range(TN):  # results: rows m0 + ty + T·i, columns q0 + tx + T·j
-            q = q0 + cuda.threadIdx.x + T * j
-            if q < q_total:
-                n, oh, ow = q // (ho * wo), (q // wo) % ho, q % wo
-                for i in range(TM):
-                    m = m0 + cuda.threadIdx.y + T * i
-                    if m < kg:
-                        y[n, g * kg + m, oh, ow] = acc[i, j]
+        store_tile(y, acc, g, kg, m0, q0)
 
     @cuda.jit
     def backward_input_kernel(gy, w, dx, kh, kw, sh, sw, pt, pl, dh, dw, groups):
@@ -189,14 +196,7 @@ def _make_kernels(dtype):
             cuda.syncthreads()
             multiply_slices(a, b, acc, BK)
             cuda.syncthreads()
-        for j in range(TN):
-            q = q0 + cuda.threadIdx.x + T * j
-            if q < q_total:
-                n, h, col = q // (h_in * w_in), (q // w_in) % h_in, q % w_in
-                for i in range(TM):
-                    m = m0 + cuda.threadIdx.y + T * i
-                    if m < cg:
-                        dx[n, g * cg + m, h, col] = acc[i, j]
+        store_tile(dx, acc, g, cg, m0, q0)
 
     @cuda.jit
     def backward_weight_kernel(x, gy, dwt, kh, kw, sh, sw, pt, pl, dh, dw, groups, splits):
