@@ -99,6 +99,7 @@ def check_ptx():
             ptx, _ = cuda.compile_ptx(kernel.py_func, sigs[name], cc=(9, 0))
             assert ".target sm_90" in ptx and ".entry" in ptx, name
             assert ".shared" in ptx and "bar.sync" in ptx, name  # tiles staged in shared memory behind barriers
+            assert ".local" not in ptx, name  # the micro-tile accumulators stay in registers
             if name == "backward_weight":  # partial sums over the batch chunks meet through atomics
                 assert "atom.global.add" in ptx or "red.global.add" in ptx, name
             if dtype == np.float32:  # no silent promotion to double precision arithmetic
