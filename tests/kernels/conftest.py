@@ -54,3 +54,12 @@ def ptx_sm90():
         return ptx
 
     return compile_ptx
+
+
+@pytest.fixture
+def cupy():
+    """CuPy on a usable CUDA GPU, or the test is skipped (the `gpu`-marked tests; CI has no GPU)."""
+    cupy = pytest.importorskip("cupy")
+    if not cupy.is_available():
+        pytest.skip("no CUDA GPU")
+    return cupy

@@ -661,16 +661,14 @@ def test_emulated_kernel_other_head_dims(emulator, D):
     check_against_reference(emulator, (1, 1, 70), 70, D=D, causal=True, element="bfloat16")
 
 
+# Shapes, patterns and elements the emulated forward and backward are checked on.
+DRAWN = dict(L=st.integers(1, 140), S=st.integers(1, 140), heads=st.integers(1, 2),
+             pattern=st.sampled_from([None, *PATTERNS]), causal=st.booleans(),
+             element=st.sampled_from(["float16", "bfloat16"]), seed=st.integers(0, 2**16))
+
+
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(
-    L=st.integers(1, 140),
-    S=st.integers(1, 140),
-    heads=st.integers(1, 2),
-    pattern=st.sampled_from([None, *PATTERNS]),
-    causal=st.booleans(),
-    element=st.sampled_from(["float16", "bfloat16"]),
-    seed=st.integers(0, 2**16),
-)
+@given(**DRAWN)
 def test_emulated_kernel_equals_reference_drawn_shapes(emulator, L, S, heads, pattern, causal, element, seed):
     check_against_reference(emulator, (1, heads, L), S, element=element, seed=seed, pattern=pattern, causal=causal)
 
@@ -826,15 +824,7 @@ def test_emulated_backward_equals_torch_autograd(emulator, element):
 
 
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(
-    L=st.integers(1, 140),
-    S=st.integers(1, 140),
-    heads=st.integers(1, 2),
-    pattern=st.sampled_from([None, *PATTERNS]),
-    causal=st.booleans(),
-    element=st.sampled_from(["float16", "bfloat16"]),
-    seed=st.integers(0, 2**16),
-)
+@given(**DRAWN)
 def test_emulated_backward_equals_reference_drawn_shapes(emulator, L, S, heads, pattern, causal, element, seed):
     check_backward(emulator, (1, heads, L), S, element=element, seed=seed, pattern=pattern, causal=causal, sharp=False)
 
@@ -845,10 +835,7 @@ def test_emulated_backward_equals_reference_drawn_shapes(emulator, L, S, heads, 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kw", [{}, {"causal": True}, {"pattern": Conv(text_len=16, width=16, kernel=5)}], ids=str)
-def test_gpu_kernel_equals_reference(kw):
-    cupy = pytest.importorskip("cupy")
-    if not cupy.is_available():
-        pytest.skip("no CUDA GPU")
+def test_gpu_kernel_equals_reference(cupy, kw):
     rng = np.random.default_rng(0)
     q64, q = to_half(rng.standard_normal((2, 4, 272, 64)), "float16")
     k64, k = to_half(rng.standard_normal((2, 4, 272, 64)), "float16")
@@ -901,30 +888,21 @@ def gpu_backward_case(cupy, element, shape, kw, D=64, seed=0):
      {"mask": np.random.default_rng(2).random((272, 272)) < 0.7}],
     ids=["dense", "causal", "conv", "prefix", "mask"],
 )  # fmt: skip
-def test_gpu_backward_equals_reference(kw):
+def test_gpu_backward_equals_reference(cupy, kw):
     """The backward kernels on a GPU (fp16, and bf16 through its bits), deterministic and within the bounds."""
-    cupy = pytest.importorskip("cupy")
-    if not cupy.is_available():
-        pytest.skip("no CUDA GPU")
     for element in ("float16", "bfloat16"):
         gpu_backward_case(cupy, element, (2, 4, 272), kw)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("D", [32, 128])
-def test_gpu_backward_other_head_dims(D):
-    cupy = pytest.importorskip("cupy")
-    if not cupy.is_available():
-        pytest.skip("no CUDA GPU")
+def test_gpu_backward_other_head_dims(cupy, D):
     gpu_backward_case(cupy, "float16" if D == 32 else "bfloat16", (1, 2, 200), {"causal": True}, D=D)
 
 
 @pytest.mark.gpu
-def test_gpu_backward_through_attention_backward():
+def test_gpu_backward_through_attention_backward(cupy):
     """The public entry point on float16 CuPy arrays, against the reference; prints its time next to the forward's."""
-    cupy = pytest.importorskip("cupy")
-    if not cupy.is_available():
-        pytest.skip("no CUDA GPU")
     rng = np.random.default_rng(3)
     arrays = [to_half(rng.standard_normal((2, 2, 130, 64)), "float16") for _ in range(4)]
     (q64, q), (k64, k), (v64, v), (do64, do) = arrays

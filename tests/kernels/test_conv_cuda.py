@@ -25,10 +25,7 @@ def test_cuda_kernels_compile_to_ptx_for_sm90(run_script):
 
 
 @pytest.mark.gpu
-def test_cuda_kernels_equal_reference_on_gpu():
-    cupy = pytest.importorskip("cupy")
-    if not cupy.is_available():
-        pytest.skip("no CUDA GPU")
+def test_cuda_kernels_equal_reference_on_gpu(cupy):
     from kernels import conv
     from kernels.conv import reference as ref
 

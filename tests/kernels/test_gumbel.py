@@ -141,11 +141,8 @@ def test_benchmark_helper_runs():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_cuda_equals_reference_on_gpu(dtype):
+def test_cuda_equals_reference_on_gpu(cupy, dtype):
     """On a real GPU with CuPy arrays: rows longer than the block, several rows per block, dim ≠ −1, hard and soft."""
-    cupy = pytest.importorskip("cupy")
-    if not cupy.is_available():
-        pytest.skip("no CUDA GPU")
     rng = np.random.default_rng(0)
     for shape, dim in (((64, 1000), -1), ((5, 7, 300), 1), ((1, 100_003), -1), ((9000, 3), -1)):
         logits = (rng.standard_normal(shape) * 3).astype(dtype)

@@ -220,11 +220,8 @@ def test_benchmark_helper_runs():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("sched", [LINEAR, COSINE], ids=["linear", "cosine"])
-def test_cuda_equals_reference_on_gpu(dtype, sched):
+def test_cuda_equals_reference_on_gpu(cupy, dtype, sched):
     """On a real GPU with CuPy arrays: every update, drawn noise and given noise, clipping and both variances."""
-    cupy = pytest.importorskip("cupy")
-    if not cupy.is_available():
-        pytest.skip("no CUDA GPU")
     rng = np.random.default_rng(1)
     shape = (16, 3, 33, 31)
     x, e, z = ((rng.standard_normal(shape) * 1.5).astype(dtype) for _ in range(3))
