@@ -33,24 +33,25 @@ CACHE_MAX = 10240  # the longest row whose float32 noise (40 KiB) a block keeps 
 
 
 @cuda.jit(device=True)
-def _z(r, j, n, l2, tau, seeded, k0, k1, g2, round32):
-    """z = (l + g)/τ for element j of row r, g from Philox (flat index r·n + j) or from the noise array."""
+def _g(r, j, n, seeded, k0, k1, g2, round32):
+    """The noise g of element j of row r: from Philox at the flat index r·n + j (rounded to float32 when round32,
+    as the reference rounds it), or from the noise array."""
     if seeded:
         g = -math.log(-math.log(_uniform_at(k0, k1, r * n + j)))
         if round32:
             g = np.float64(np.float32(g))
-    else:
-        g = np.float64(g2[r, j])
-    return (np.float64(l2[r, j]) + g) / tau
+        return g
+    return np.float64(g2[r, j])
 
 
 @cuda.jit(device=True)
-def _z_cached(r, j, n, l2, tau, seeded, k0, k1, g2, round32, gs, cache, first):
-    """_z, with float32 noise kept in shared memory (gs) from the first pass for the next two when `cache`."""
+def _z(r, j, n, l2, tau, seeded, k0, k1, g2, round32, gs, cache, first):
+    """z = (l + g)/τ for element j of row r; with `cache`, g is kept in shared memory (gs) by the first pass and
+    read back by the next two (cache implies float32 rows, where g is already a float32: the copy is exact)."""
     if not cache:
-        return _z(r, j, n, l2, tau, seeded, k0, k1, g2, round32)
-    if first:  # cache implies float32 rows, where _z rounds g to float32: the stored value is exact
-        gs[j] = np.float32(-math.log(-math.log(_uniform_at(k0, k1, r * n + j))))
+        return (np.float64(l2[r, j]) + _g(r, j, n, seeded, k0, k1, g2, round32)) / tau
+    if first:
+        gs[j] = np.float32(_g(r, j, n, seeded, k0, k1, g2, round32))
     return (np.float64(l2[r, j]) + np.float64(gs[j])) / tau
 
 
@@ -87,7 +88,7 @@ def forward_rows_kernel(l2, tau, hard, seeded, k0, k1, g2, round32, cache, y2, y
         m = -math.inf
         a = n
         for j in range(tid, n, THREADS):
-            z = _z_cached(r, j, n, l2, tau, seeded, k0, k1, g2, round32, gs, cache, True)
+            z = _z(r, j, n, l2, tau, seeded, k0, k1, g2, round32, gs, cache, True)
             if z > m or a == n:
                 m = z
                 a = j
@@ -109,11 +110,11 @@ def forward_rows_kernel(l2, tau, hard, seeded, k0, k1, g2, round32, cache, y2, y
         # pass 2: the softmax denominator
         s = 0.0
         for j in range(tid, n, THREADS):
-            s += math.exp(_z_cached(r, j, n, l2, tau, seeded, k0, k1, g2, round32, gs, cache, False) - z_max)
+            s += math.exp(_z(r, j, n, l2, tau, seeded, k0, k1, g2, round32, gs, cache, False) - z_max)
         total = _block_sum(vbuf, s)
         # pass 3: normalize (and the one-hot)
         for j in range(tid, n, THREADS):
-            ys2[r, j] = math.exp(_z_cached(r, j, n, l2, tau, seeded, k0, k1, g2, round32, gs, cache, False)
+            ys2[r, j] = math.exp(_z(r, j, n, l2, tau, seeded, k0, k1, g2, round32, gs, cache, False)
                                  - z_max) / total
             if hard:
                 y2[r, j] = 1.0 if j == arg else 0.0
