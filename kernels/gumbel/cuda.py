@@ -8,7 +8,7 @@ Each block walks its row with THREADS threads in a strided loop and reduces thro
 z is recomputed in each pass rather than stored in global memory, and the result is rounded once, like the
 reference's. The Philox rounds and two float64 logs are not free on a GPU, though (an H200 measured this kernel at
 3× PyTorch's time): for float32 rows of up to CACHE_MAX values, pass 1 keeps the noise — float32 there, exactly
-as _z rounds it — in shared memory for passes 2 and 3. The backward kernel reduces
+as _g rounds it — in shared memory for passes 2 and 3. The backward kernel reduces
 ⟨g_y, y_soft⟩ the same way and writes y_soft ∘ (g_y − ⟨g_y, y_soft⟩)/τ.
 
 Runs on CuPy arrays on a GPU, and on NumPy arrays under the Numba CUDA simulator (NUMBA_ENABLE_CUDASIM=1).
