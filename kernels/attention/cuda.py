@@ -70,6 +70,15 @@ _tile_may_attend = cuda.jit(device=True)(patterns.tile_may_attend)
 _tile_all_visible = cuda.jit(device=True)(patterns.tile_all_visible)
 
 
+@cuda.jit(device=True)
+def _load_padded(dst, src, bh, row0, rows, tid, nthreads):
+    """dst[r·(C + 1) + col] = src[bh, row0 + r, col] for `rows` rows of C = src.shape[2] values (the padded stride
+    of the general kernels), by nthreads threads: neighbouring threads read neighbouring values (coalesced)."""
+    C = src.shape[2]
+    for idx in range(tid, rows * C, nthreads):
+        dst[(idx // C) * (C + 1) + idx % C] = src[bh, row0 + idx // C, idx % C]
+
+
 def _make_score(ftype):
     """The masked score device function for one floating type (shared by the general and the fast kernels)."""
     ninf = ftype(-math.inf)
@@ -119,8 +128,7 @@ def _build(ftype):
         sK = smem[BQ * (PD + PV) : BQ * (PD + PV) + BK * D]  # read by all threads at once: a broadcast, no padding
         sV = smem[BQ * (PD + PV) + BK * D : BQ * (PD + PV) + BK * (D + Dv)]
         p = cuda.local.array(BK, dtype=ftype)  # this row's scores, then probabilities, for one key tile
-        for idx in range(a, (i1 - i0) * D, BQ):  # coalesced: neighbouring threads read neighbouring values
-            sQ[(idx // D) * PD + idx % D] = q[bh, i0 + idx // D, idx % D]
+        _load_padded(sQ, q, bh, i0, i1 - i0, a, BQ)
         for d in range(Dv):
             sO[a * PV + d] = 0.0
         m = ninf
@@ -199,10 +207,8 @@ def _build(ftype):
         sK = smem[BQ * (PD + PV) : BQ * (PD + PV) + BK * D]
         sV = smem[BQ * (PD + PV) + BK * D : BQ * (PD + PV) + BK * (D + Dv)]
         ds = cuda.local.array(BK, dtype=ftype)  # this row's dS for one key tile
-        for idx in range(a, (i1 - i0) * D, BQ):
-            sQ[(idx // D) * PD + idx % D] = q[bh, i0 + idx // D, idx % D]
-        for idx in range(a, (i1 - i0) * Dv, BQ):
-            sdO[(idx // Dv) * PV + idx % Dv] = dout[bh, i0 + idx // Dv, idx % Dv]
+        _load_padded(sQ, q, bh, i0, i1 - i0, a, BQ)
+        _load_padded(sdO, dout, bh, i0, i1 - i0, a, BQ)
         la = ninf
         Da = ftype(0.0)
         if active:
@@ -260,10 +266,8 @@ def _build(ftype):
         sVr = smem[o + BK * PD : o + BK * (PD + PV)]
         pr = cuda.local.array(BQ, dtype=ftype)  # P of this key against the tile's queries
         dsr = cuda.local.array(BQ, dtype=ftype)  # dS likewise
-        for idx in range(c, (j1 - j0) * D, BK):
-            sKr[(idx // D) * PD + idx % D] = k[bh, j0 + idx // D, idx % D]
-        for idx in range(c, (j1 - j0) * Dv, BK):
-            sVr[(idx // Dv) * PV + idx % Dv] = v[bh, j0 + idx // Dv, idx % Dv]
+        _load_padded(sKr, k, bh, j0, j1 - j0, c, BK)
+        _load_padded(sVr, v, bh, j0, j1 - j0, c, BK)
         if active:
             for d in range(D):
                 dk[bh, kj, d] = 0.0
