@@ -44,7 +44,6 @@ predictions per sequence for about the same compute, which a short run needs), w
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import numpy as np
 
@@ -238,39 +237,6 @@ def make_pairs(docs, n, context, sp, rng, short_prob=0.1):
     return ids, segments, is_next
 
 
-@functools.lru_cache(maxsize=2)
-def encoded_documents(split):
-    """The corpus documents of `split` as sentences of token ids (tuples of lists, cached: do not change them),
-    cut out of corpus.tokens(split) at the sentences' byte offsets (a sentence's ids are the ids of its text,
-    see models.corpus.sentences)."""
-    from models import corpus
-
-    tok, docs = corpus.tokenizer(), corpus.documents(split)
-    ids = corpus.tokens(split)
-    ends = np.cumsum(np.array([len(v) for v in tok.vocab])[ids])  # byte offset where each token ends
-    eot = len(corpus.EOT.encode())
-    cuts, at = [], 0  # byte offsets where the sentences end, in text(split)
-    for d in docs:
-        for sentence in d:
-            at += len(sentence.encode("utf-8", errors="surrogatepass"))
-            cuts.append(at)
-        at += eot
-    cuts = np.array(cuts)
-    index = np.searchsorted(ends, cuts, side="right")  # tokens ending at or before each cut
-    if not np.array_equal(ends[index - 1], cuts) or at - eot != ends[-1]:
-        raise AssertionError(f"bert: corpus.tokens({split!r}) does not break at the sentences' ends")
-    ids, out, k, prev = ids.tolist(), [], 0, 0
-    for d in docs:
-        sents = []
-        for _ in d:
-            sents.append(ids[prev : index[k]])
-            prev = index[k]
-            k += 1
-        out.append(tuple(sents))
-        prev += 1  # the <|endoftext|> between documents
-    return tuple(out)
-
-
 def trim(*arrays, pad_id):
     """The arrays (B, L, ...) cut to the batch's longest sequence (the first array's last non-[PAD] column + 1):
     the cut columns are padding only, which no real position sees."""
@@ -309,7 +275,7 @@ def train(cfg, out, *, resume=True, progress=True):
     if cfg.vocab_size != tok.vocab_size:
         raise UsageError(f"bert: vocab_size {cfg.vocab_size} differs from the corpus tokenizer's {tok.vocab_size}")
     sp = Specials(tok)
-    data = make_pairs(encoded_documents("train"), cfg.examples, cfg.context, sp,
+    data = make_pairs(corpus.sentence_ids("train"), cfg.examples, cfg.context, sp,
                       np.random.default_rng([cfg.seed, 0]), cfg.short_prob)
     core.manual_seed(cfg.seed)
     model = build(cfg, sp)
@@ -400,7 +366,7 @@ def evaluate(model, cfg, *, seed=0):
 
     tok = corpus.tokenizer()
     sp = Specials(tok)
-    ids, segments, is_next = make_pairs(encoded_documents("val"), cfg.eval_examples, cfg.context, sp,
+    ids, segments, is_next = make_pairs(corpus.sentence_ids("val"), cfg.eval_examples, cfg.context, sp,
                                         np.random.default_rng([seed, 2]), cfg.short_prob)
     inputs, labels = mask_tokens(ids, sp, np.random.default_rng([seed, 3]), EVAL_MASK_PROB, replace=(1.0, 0.0))
     preds, p_next = predict(model, inputs, segments, labels)

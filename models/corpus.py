@@ -182,6 +182,37 @@ def tokens(split):
     return _tokens(split)
 
 
+@functools.lru_cache(maxsize=2)
+def sentence_ids(split):
+    """The documents of `split` as sentences of token ids (tuples of lists, cached: do not change them), cut out
+    of tokens(split) at the sentences' byte offsets (a sentence's ids are the ids of its text, see `sentences`);
+    BERT's next-sentence pairs are drawn from them."""
+    tok, docs = tokenizer(), documents(split)
+    ids = tokens(split)
+    ends = np.cumsum(np.array([len(v) for v in tok.vocab])[ids])  # byte offset where each token ends
+    eot = len(EOT.encode())
+    cuts, at = [], 0  # byte offsets where the sentences end, in text(split)
+    for d in docs:
+        for sentence in d:
+            at += len(sentence.encode("utf-8", errors="surrogatepass"))
+            cuts.append(at)
+        at += eot
+    cuts = np.array(cuts)
+    index = np.searchsorted(ends, cuts, side="right")  # tokens ending at or before each cut
+    if not np.array_equal(ends[index - 1], cuts) or at - eot != ends[-1]:
+        raise AssertionError(f"corpus: tokens({split!r}) does not break at the sentences' ends")
+    ids, out, k, prev = ids.tolist(), [], 0, 0
+    for d in docs:
+        sents = []
+        for _ in d:
+            sents.append(ids[prev : index[k]])
+            prev = index[k]
+            k += 1
+        out.append(tuple(sents))
+        prev += 1  # the <|endoftext|> between documents
+    return tuple(out)
+
+
 def train_tokenizer(vocab_size=VOCAB_SIZE):
     """Train the tokenizer from text("train") (what models/weights/bpe.json holds, for vocab_size=VOCAB_SIZE)."""
     return Tokenizer.train(text("train"), vocab_size)

@@ -197,14 +197,6 @@ def test_pairs_are_contiguous_or_from_another_document():
         bert.make_pairs([[[1, 2]]], 4, 16, sp, np.random.default_rng(0))
 
 
-def test_encoded_documents_are_the_sentences_ids():
-    tok, docs = corpus.tokenizer(), corpus.documents("val")
-    enc = bert.encoded_documents("val")
-    assert len(enc) == len(docs)
-    for d, e in list(zip(docs, enc))[::5]:
-        assert [tok.encode(s, allowed_special="none") for s in d] == list(e)
-
-
 def test_truncation_keeps_the_budget():
     docs = [[list(range(1000 * d, 1000 * d + 80))] for d in range(5)]  # one long sentence each
     sp = SimpleNamespace(cls=-1, sep=-2, pad=-3)
@@ -295,7 +287,7 @@ def test_cli_train_sample_eval_in_process(tmp_path, capsys):
     assert result["pairs"] == 64 and len(result["samples"]) == 3
     # evaluate masks BERT's 15% of the held-out tokens even though training masked 40%
     sp = bert.Specials(corpus.tokenizer())
-    ids, _, _ = bert.make_pairs(bert.encoded_documents("val"), 64, 16, sp, np.random.default_rng([0, 2]), 0.1)
+    ids, _, _ = bert.make_pairs(corpus.sentence_ids("val"), 64, 16, sp, np.random.default_rng([0, 2]), 0.1)
     assert tiny().mask_prob == 0.4
     assert result["masked_tokens"] == np.maximum(1, np.rint(0.15 * (ids < sp.ordinary).sum(1))).sum()
     with pytest.raises(SystemExit) as e:  # a prompt without [MASK]

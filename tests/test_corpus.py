@@ -82,3 +82,11 @@ def test_bad_split():
 @pytest.mark.slow
 def test_shipped_tokenizer_equals_retrain():
     assert corpus.train_tokenizer() == Tokenizer.load(corpus.WEIGHTS)
+
+
+def test_sentence_ids_are_the_sentences_ids():
+    tok, docs = corpus.tokenizer(), corpus.documents("val")
+    enc = corpus.sentence_ids("val")
+    assert len(enc) == len(docs)
+    for d, e in list(zip(docs, enc))[::5]:
+        assert [tok.encode(s, allowed_special="none") for s in d] == list(e)
