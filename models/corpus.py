@@ -4,6 +4,7 @@
     tok = corpus.tokenizer()             # the shipped byte-level BPE (models/weights/bpe.json), loaded once
     ids = corpus.tokens("train")         # int32 array: every document encoded, joined by <|endoftext|>
     docs = corpus.documents("val")       # list of documents, each a list of sentences
+    sents = corpus.sentence_ids("val")   # the same documents, each sentence as its token ids
     text = corpus.text("train")          # the documents' text joined by "<|endoftext|>"
 
 What it holds:
