@@ -82,6 +82,12 @@ def main():
         rows["empty kernel compiled for its signature, 1 Numba array"] = lambda: sig_kernel[1, 32](nd)
     except Exception as e:  # report and go on
         print("signature compile failed:", type(e).__name__, e)
+    try:  # the compiled kernel launched without the dispatcher (no argument typing, no launch-config object)
+        overload = next(iter(one.overloads.values()))
+        rows["empty kernel, overload.launch direct, 1 Numba array"] = lambda: overload.launch((nd,), (1, 1, 1),
+                                                                                              (32, 1, 1), 0, 0)
+    except Exception as e:  # a private API of one numba-cuda version: report and go on
+        print("direct overload launch unavailable:", type(e).__name__, e)
     sched = schedule.Schedule.linear(1000)
     xs = cupy.zeros((64, 3, 64, 64), dtype=cupy.float32)
     t = np.arange(1, 65) * 10
@@ -91,6 +97,41 @@ def main():
             print(f"{_per_call(fn, sync):9.1f} µs  {name}", flush=True)
         except Exception as e:  # report and go on
             print(f"{'error':>9}     {name}: {type(e).__name__}: {e}", flush=True)
+    big = cupy.zeros((64, 3, 512, 512), dtype=cupy.float32)
+    big_rows = {"q_sample (64,3,512,512)": lambda: schedule.q_sample(big, t, sched, seed=1),
+                "ddim_step (64,3,512,512)": lambda: schedule.ddim_step(big, big, t, t - 1, sched, 0.0, seed=1)}
+    for name, fn in big_rows.items():
+        fn()
+        start, end = cupy.cuda.Event(), cupy.cuda.Event()
+        t0 = time.perf_counter()
+        start.record()
+        for _ in range(20):
+            fn()
+        end.record()
+        end.synchronize()
+        wall = (time.perf_counter() - t0) / 20 * 1e3
+        print(f"{name}: {cupy.cuda.get_elapsed_time(start, end) / 20:.3f} ms GPU (events), {wall:.3f} ms wall")
+    try:  # kernel durations on the GPU itself (CUPTI through PyTorch's profiler sees every kernel in the process)
+        import torch
+        from torch.profiler import ProfilerActivity, profile
+
+        from kernels import attention, gumbel
+
+        logits = cupy.zeros((16384, 8192), dtype=cupy.float32)
+        q = cupy.asarray(np.random.default_rng(0).standard_normal((4, 8, 1024, 64), dtype=np.float32))
+        o, lse = attention.attention_forward(q, q, q, causal=True)
+        with profile(activities=[ProfilerActivity.CUDA]) as kp:
+            for _ in range(5):
+                schedule.q_sample(big, t, sched, seed=1)
+                schedule.ddim_step(big, big, t, t - 1, sched, 0.0, seed=1)
+                schedule.ddim_step(big, big, t, t - 1, sched, 1.0, seed=1)
+                gumbel.gumbel_softmax_forward(logits, seed=1)
+                attention.attention_forward(q, q, q, causal=True)
+                attention.attention_backward(q, q, q, o, lse, o, causal=True)
+            torch.cuda.synchronize()
+        print(kp.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=60))
+    except Exception as e:  # report and go on
+        print("kernel profile unavailable:", type(e).__name__, e)
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(50):
