@@ -1,21 +1,27 @@
 """Diffusion updates as one fused numba.cuda kernel (the GPU form of kernels.schedule).
 
 The same per-element update as cpu.py (see there for how q_sample, the DDPM step and the DDIM step become
-out = A·clip(p·x − q·e) + Bx·x + Be·e + S·z with per-sample coefficients). Each CUDA thread takes one Philox
-block — four consecutive elements, whose four normals one Philox call and two Box–Muller transforms give — in a
-grid-stride loop; an elementwise kernel needs no shared memory: it is bound by memory bandwidth, and the
-Philox rounds are cheap integer work hidden behind the loads.
+out = A·clip(p·x − q·e) + Bx·x + Be·e + S·z with per-sample coefficients). The noise of element i is normal i mod 4
+of Philox block i // 4 — four normals from one Philox call and two Box–Muller transforms, as on the CPU. A thread
+block takes tiles of 4·THREADS consecutive elements: thread t draws the four normals of the tile's Philox block t
+into shared memory, then the block updates the tile in four coalesced sweeps (element c·THREADS + t in sweep c), so
+a warp's loads and stores are contiguous — a thread updating its own four neighbours would touch memory with a
+16-byte stride. The sample of element i, i // per_sample, is a float64 multiply by 1/per_sample (exact below 2^50
+elements; a 64-bit integer division costs dozens of instructions per element on a GPU).
 
-Runs on CuPy arrays on a GPU, and on NumPy arrays under the Numba CUDA simulator (NUMBA_ENABLE_CUDASIM=1).
+Runs on CuPy arrays on a GPU (launched through kernels.dispatch.launch), and on NumPy arrays under the Numba CUDA
+simulator (NUMBA_ENABLE_CUDASIM=1).
 """
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
-from numba import cuda
+from numba import cuda, float64
 
 from kernels import philox
-from kernels.dispatch import cuda_array
+from kernels.dispatch import launch
 from kernels.schedule.cpu import (
     NO_CLIP,
     clip_value,
@@ -25,16 +31,24 @@ from kernels.schedule.cpu import (
 )
 from kernels.schedule.reference import Schedule, per_sample_t
 
-THREADS = 128
+# Threads per block; 32 under the simulator, which runs one Python thread per CUDA thread.
+THREADS = 32 if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1" else 256
+TILE = 4 * THREADS
+MAX_BLOCKS = 4096  # a grid-stride loop takes the tiles beyond MAX_BLOCKS · TILE
 _normal4 = philox.cuda_device_functions().normal4
 
 
-@cuda.jit(device=True)
-def _update_one(i, zs, x, e, has_e, coef, per_sample, clip, seeded, z, write_z, z_out, round32, out):
-    """The update of element i (zs: its Philox normal when seeded)."""
-    s = i // per_sample
+@cuda.jit(device=True, inline=True)
+def _sample(i, inv_per_sample):
+    """i // per_sample, as floor((i + ½) · (1/per_sample)): the ½ keeps the rounding away from the integers."""
+    return np.int64((i + 0.5) * inv_per_sample)
+
+
+@cuda.jit(device=True, inline=True)
+def _update_one(i, zi, x, e, has_e, coef, inv_per_sample, clip, seeded, z, write_z, z_out, round32, out):
+    """The update of element i (zi: its Philox normal when seeded)."""
+    s = _sample(i, inv_per_sample)
     if seeded:
-        zi = zs
         if round32:
             zi = np.float64(np.float32(zi))
         if write_z:
@@ -56,23 +70,32 @@ def _update_one(i, zs, x, e, has_e, coef, per_sample, clip, seeded, z, write_z, 
 
 
 @cuda.jit
-def fused_update_kernel(x, e, has_e, coef, per_sample, clip, seeded, k0, k1, z, write_z, z_out, round32, out):
-    """out = A·clip(p·x − q·e) + Bx·x + Be·e + S·z over flat arrays; thread ↔ Philox block of 4 elements."""
+def fused_update_kernel(x, e, has_e, coef, inv_per_sample, clip, seeded, k0, k1, z, write_z, z_out, round32, out):
+    """out = A·clip(p·x − q·e) + Bx·x + Be·e + S·z over flat arrays, tile by tile (see the module docstring)."""
+    zs = cuda.shared.array(TILE, float64)
+    t = cuda.threadIdx.x
     n = x.size
-    for b in range(cuda.grid(1), (n + 3) // 4, cuda.gridsize(1)):
-        i = 4 * b
-        z0 = z1 = z2 = z3 = 0.0
-        # no draw where the noise is not used: S = 0 for both samples the four elements may touch (DDIM η = 0,
-        # DDPM's last step), unless the noise itself is an output (q_sample)
-        if seeded and (write_z or coef[i // per_sample, 5] != 0.0 or coef[min(i + 3, n - 1) // per_sample, 5] != 0.0):
-            z0, z1, z2, z3 = _normal4(k0, k1, np.uint64(b))
-        _update_one(i, z0, x, e, has_e, coef, per_sample, clip, seeded, z, write_z, z_out, round32, out)
-        if i + 1 < n:
-            _update_one(i + 1, z1, x, e, has_e, coef, per_sample, clip, seeded, z, write_z, z_out, round32, out)
-        if i + 2 < n:
-            _update_one(i + 2, z2, x, e, has_e, coef, per_sample, clip, seeded, z, write_z, z_out, round32, out)
-        if i + 3 < n:
-            _update_one(i + 3, z3, x, e, has_e, coef, per_sample, clip, seeded, z, write_z, z_out, round32, out)
+    for base in range(cuda.blockIdx.x * TILE, n, cuda.gridDim.x * TILE):
+        if seeded:
+            i = base + 4 * t  # the first element of Philox block i // 4
+            z0 = z1 = z2 = z3 = 0.0
+            # no draw where the noise is unused: S = 0 for both samples its four elements may touch (DDIM η = 0,
+            # DDPM's last step), unless the noise itself is an output (q_sample)
+            if i < n and (write_z or coef[_sample(i, inv_per_sample), 5] != 0.0
+                          or coef[_sample(min(i + 3, n - 1), inv_per_sample), 5] != 0.0):
+                z0, z1, z2, z3 = _normal4(k0, k1, np.uint64(i // 4))
+            zs[4 * t] = z0
+            zs[4 * t + 1] = z1
+            zs[4 * t + 2] = z2
+            zs[4 * t + 3] = z3
+            cuda.syncthreads()
+        for c in range(4):
+            i = base + c * THREADS + t
+            if i < n:
+                _update_one(i, zs[c * THREADS + t], x, e, has_e, coef, inv_per_sample, clip, seeded, z, write_z,
+                            z_out, round32, out)
+        if seeded:
+            cuda.syncthreads()  # the tile's noise is read before the next tile's overwrites it
 
 
 def _xp(a):
@@ -86,12 +109,6 @@ def _xp(a):
 
 def _host(a):
     return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else np.asarray(a)
-
-
-def launch_config(n_items: int):
-    """(blocks, threads) covering n_items work items; a grid-stride loop takes any excess."""
-    threads = min(THREADS, max(32, -(-n_items // 32) * 32))
-    return max(1, min(-(-n_items // threads), 4096)), threads
 
 
 def run(x, e, coef, clip, seed, noise, want_noise):
@@ -122,12 +139,12 @@ def run(x, e, coef, clip, seed, noise, want_noise):
         k0 = k1 = np.uint64(0)
         z_flat = xp.ascontiguousarray(noise).reshape(-1)
         z_out = xp.empty(1, dtype=x.dtype)
+    if n >= 2**50:
+        raise ValueError(f"{n} elements: the kernel's float64 sample index is exact below 2**50")
     if n:
-        blocks, threads = launch_config((n + 3) // 4)
-        dev = cuda_array
-        fused_update_kernel[blocks, threads](dev(flat), dev(e_flat), has_e, dev(coef), per_sample, clip, seeded, k0,
-                                             k1, dev(z_flat), seeded and want_noise, dev(z_out.reshape(-1)),
-                                             x.dtype == np.float32, dev(out.reshape(-1)))
+        launch(fused_update_kernel, min(-(-n // TILE), MAX_BLOCKS), THREADS, flat, e_flat, has_e, coef,
+               1.0 / per_sample, float(clip), seeded, k0, k1, z_flat, seeded and want_noise, z_out.reshape(-1),
+               x.dtype == np.float32, out.reshape(-1))
     if not seeded:
         return out, noise
     return out, (z_out if want_noise else None)
@@ -156,10 +173,10 @@ def ddim_step(x_t, eps_hat, t, t_prev, sched: Schedule, eta: float = 0.0, *, see
 
 SIGNATURES = {
     # (kernel, signature) pairs that tests compile to PTX for sm_90 (float32 and float64 arrays).
-    "fused_update_f32": (fused_update_kernel, "void(float32[::1], float32[::1], boolean, float64[:, ::1], int64, "
+    "fused_update_f32": (fused_update_kernel, "void(float32[::1], float32[::1], boolean, float64[:, ::1], float64, "
                          "float64, boolean, uint64, uint64, float32[::1], boolean, float32[::1], boolean, "
                          "float32[::1])"),
-    "fused_update_f64": (fused_update_kernel, "void(float64[::1], float64[::1], boolean, float64[:, ::1], int64, "
+    "fused_update_f64": (fused_update_kernel, "void(float64[::1], float64[::1], boolean, float64[:, ::1], float64, "
                          "float64, boolean, uint64, uint64, float64[::1], boolean, float64[::1], boolean, "
                          "float64[::1])"),
 }

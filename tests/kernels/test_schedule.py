@@ -211,6 +211,17 @@ def test_cuda_kernels_compile_for_sm90(ptx_sm90, name):
     assert ".entry" in ptx
 
 
+@settings(max_examples=200, deadline=None)
+@given(per_sample=st.integers(1, 2**40), k=st.integers(1, 2**49))
+def test_cuda_sample_index_is_exact_at_sample_boundaries(per_sample, k):
+    """The kernel's i // per_sample by a float64 multiply is exact at the indices where it could round the wrong
+    way (either side of a sample boundary), for every array below its 2^50-element limit."""
+    k = min(k, (2**50 - 1) // per_sample)
+    i = np.array([k * per_sample - 1, k * per_sample, k * per_sample + per_sample - 1, 0], dtype=np.int64)
+    got = cuda._sample.py_func(i, 1.0 / per_sample)
+    np.testing.assert_array_equal(got, i // per_sample)
+
+
 def test_benchmark_helper_runs():
     result = cpu.benchmark_q_sample(shape=(4, 3, 16, 16), repeats=2, threads=1)
     assert set(result) >= {"ours_s", "torch_s", "ours_GBps", "torch_GBps", "speedup"}

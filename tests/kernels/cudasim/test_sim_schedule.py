@@ -82,3 +82,20 @@ def test_cuda_noise_is_the_reference_noise():
     x = np.zeros((3, 7), dtype=np.float64)  # 21 elements: the last Philox block is partial
     _, eps = sched_cuda.q_sample(x, [0, 1, 2], LINEAR, seed=5)
     np.testing.assert_allclose(eps, philox.normal(5, np.arange(21)).reshape(3, 7), rtol=1e-14, atol=1e-14)
+
+
+def test_cuda_tiles_grid_stride_and_samples_that_skip_the_draw(monkeypatch):
+    """Many tiles over few blocks (the grid-stride loop), samples whose size is odd (Philox blocks straddle two
+    samples) and DDPM's last step (t = 0: σ = 0, no draw) beside samples that draw: equal to the reference."""
+    monkeypatch.setattr(sched_cuda, "MAX_BLOCKS", 3)
+    rng = np.random.default_rng(5)
+    shape = (5, 3, 7, 11)  # 231 values per sample, 10 tiles of 128
+    x, e = (rng.standard_normal(shape) for _ in range(2))
+    t = np.array([0, 500, 0, 999, 1])
+    for got, want in zip(sched_cuda.q_sample(x, t, LINEAR, seed=9), ref.q_sample(x, t, LINEAR, seed=9)):
+        np.testing.assert_allclose(got, want, **TOL[np.float64])
+    np.testing.assert_allclose(sched_cuda.ddpm_step(x, e, t, LINEAR, seed=9), ref.ddpm_step(x, e, t, LINEAR, seed=9),
+                               **TOL[np.float64])
+    t_prev = np.array([-1, 400, -1, 10, 0])
+    np.testing.assert_allclose(sched_cuda.ddim_step(x, e, t, t_prev, LINEAR, 1.0, seed=9),
+                               ref.ddim_step(x, e, t, t_prev, LINEAR, 1.0, seed=9), **TOL[np.float64])
