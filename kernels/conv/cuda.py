@@ -41,7 +41,7 @@ import os
 import numpy as np
 from numba import cuda, types
 
-from kernels.dispatch import cuda_array
+from kernels.dispatch import launch
 
 _SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 T = 2 if _SIM else 16  # threads per block side: T × T threads
@@ -266,7 +266,7 @@ def signatures(dtype):
 
 
 # --- the public signature (CuPy arrays on a GPU, NumPy arrays under the simulator) ----------------------------
-# CuPy arrays reach the launches through kernels.dispatch.cuda_array: no stream synchronization per argument.
+# CuPy arrays are launched through kernels.dispatch.launch (a few µs of host time where Numba's launch takes 100s).
 
 
 def _xp(a):
@@ -307,8 +307,8 @@ def conv2d_forward(x, w, *, stride=(1, 1), padding=(0, 0), dilation=(1, 1), grou
     y = xp.empty((x.shape[0], k, ho, wo), dtype=x.dtype)
     if y.size:
         grid = _blocks(x.shape[0] * ho * wo, k // groups, groups)
-        kern["forward"][grid, (T, T)](*map(cuda_array, (x, w.reshape(k, -1), y)), kh, kw,
-                                      *_geometry(stride, padding, dilation), groups)
+        launch(kern["forward"], grid, (T, T), x, w.reshape(k, -1), y, kh, kw, *_geometry(stride, padding, dilation),
+               groups)
     if bias is not None:
         y += bias.reshape(1, k, 1, 1)
     return y
@@ -322,8 +322,8 @@ def conv2d_backward_input(gy, w, x_shape, *, stride=(1, 1), padding=(0, 0), dila
     dx = xp.zeros(x_shape, dtype=gy.dtype)
     if dx.size and gy.size:
         grid = _blocks(n * h * wd, cg, groups)
-        kern["backward_input"][grid, (T, T)](*map(cuda_array, (gy, w.reshape(k, cg, kh * kw), dx)), kh, kw,
-                                             *_geometry(stride, padding, dilation), groups)
+        launch(kern["backward_input"], grid, (T, T), gy, w.reshape(k, cg, kh * kw), dx, kh, kw,
+               *_geometry(stride, padding, dilation), groups)
     return dx
 
 
@@ -338,6 +338,6 @@ def conv2d_backward_weight(x, gy, w_shape, *, stride=(1, 1), padding=(0, 0), dil
         q_slices = -(-gy.shape[0] * gy.shape[2] * gy.shape[3] // BK_W)
         splits = max(1, min(q_slices // MIN_CHUNK, 512 // (tiles[0] * tiles[1] * groups)))
         grid = (tiles[0], tiles[1], groups * splits)
-        kern["backward_weight"][grid, (T, T)](*map(cuda_array, (x, gy, dw.reshape(k, cg * kh * kw))), kh, kw,
-                                              *_geometry(stride, padding, dilation), groups, splits)
+        launch(kern["backward_weight"], grid, (T, T), x, gy, dw.reshape(k, cg * kh * kw), kh, kw,
+               *_geometry(stride, padding, dilation), groups, splits)
     return dw
