@@ -3,8 +3,9 @@
 On a GPU our elementwise kernels measured a floor of ~0.5 ms per call at any size (PyTorch: ~0.05 ms), so the
 time is spent before the kernel runs. This times, per call (median of 200 calls, synchronized once at the end):
 an empty kernel with one argument, the same with fourteen (the schedule kernel's count), arguments passed as
-CuPy arrays, as the Numba device arrays they wrap, and through the dispatcher or a kernel compiled for its
-signature; then cProfile of one DDIM step through `kernels.schedule` names the functions that take the time.
+CuPy arrays, as the Numba device arrays they wrap, through the dispatcher or a kernel compiled for its signature,
+and through kernels.dispatch.launch (Numba's compiled kernel launched by CuPy); then the GPU time of the schedule,
+Gumbel and attention kernels (CUPTI, through PyTorch's profiler) and cProfile of DDIM steps.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def main():
     from numba import cuda
 
     from kernels import schedule
-    from kernels.dispatch import cuda_array
+    from kernels.dispatch import cuda_array, launch
 
     sync = cupy.cuda.Device().synchronize
 
@@ -82,12 +83,9 @@ def main():
         rows["empty kernel compiled for its signature, 1 Numba array"] = lambda: sig_kernel[1, 32](nd)
     except Exception as e:  # report and go on
         print("signature compile failed:", type(e).__name__, e)
-    try:  # the compiled kernel launched without the dispatcher (no argument typing, no launch-config object)
-        overload = next(iter(one.overloads.values()))
-        rows["empty kernel, overload.launch direct, 1 Numba array"] = lambda: overload.launch((nd,), (1, 1, 1),
-                                                                                              (32, 1, 1), 0, 0)
-    except Exception as e:  # a private API of one numba-cuda version: report and go on
-        print("direct overload launch unavailable:", type(e).__name__, e)
+    rows["empty kernel through kernels.dispatch.launch, 1 CuPy array"] = lambda: launch(one, 1, 32, x)
+    rows["empty kernel through kernels.dispatch.launch, 6 CuPy arrays + 8 scalars"] = lambda: launch(
+        many, 1, 32, x, x, x, x, x, x, *args)
     sched = schedule.Schedule.linear(1000)
     xs = cupy.zeros((64, 3, 64, 64), dtype=cupy.float32)
     t = np.arange(1, 65) * 10
