@@ -85,6 +85,15 @@ def flatten(args, pointer):
     return out
 
 
+def _image(code):
+    """The bytes of a linked image (numba-cuda ≥ 0.2x hands a cuda.core ObjectCode, older ones bytes)."""
+    code = getattr(code, "code", code)
+    if isinstance(code, str) and not code.lstrip().startswith("//"):  # a path
+        with open(code, "rb") as f:
+            return f.read()
+    return code.encode() if isinstance(code, str) else bytes(code)
+
+
 def _function(kernel, args):
     """The CuPy Function of `kernel` compiled by Numba for these arguments' types (compiled and loaded once)."""
     import cupy
@@ -99,7 +108,7 @@ def _function(kernel, args):
         if lib._setup_functions or lib._teardown_functions:
             raise NotImplementedError(f"{kernel.__name__} needs module setup (NRT?): launch it through Numba")
         module = cupy.cuda.function.Module()
-        module.load(lib.get_cubin())  # Numba's own link: libdevice and any helper files it linked are in it
+        module.load(_image(lib.get_cubin()))  # Numba's own link: libdevice and any helper files it linked are in it
         fn = _FUNCTIONS[key] = (module, module.get_function(compiled.entry_name))
     return fn[1]
 
