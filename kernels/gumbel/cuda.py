@@ -1,15 +1,23 @@
 """Gumbel-softmax as numba.cuda kernels (the GPU form of kernels.gumbel): one thread block per row.
 
-Each block walks its row with THREADS threads in a strided loop and reduces through shared memory:
-  pass 1: z_j = (l_j + g_j)/τ (g_j = −log(−log u_j) from Philox at the element's flat index), per-thread
-          (max, first argmax), then a tree reduction of the pairs in shared memory;
+The forward kernel makes three passes over its row, its THREADS threads each taking 4 elements per step:
+  pass 1: g_j = −log(−log u_j) from Philox at the element's flat index, one Philox call per 4 elements (a thread's
+          step is a whole Philox block); z_j = (l_j + g_j)·(1/τ); per-thread (max, first argmax), then a tree
+          reduction of the pairs in shared memory;
   pass 2: Σ exp(z_j − max), the same tree reduction for the sum;
-  pass 3: y_soft_j = exp(z_j − max)/sum (and the one-hot of the argmax when hard).
-z is recomputed in each pass rather than stored in global memory, and the result is rounded once, like the
-reference's. The Philox rounds and two float64 logs are not free on a GPU, though (an H200 measured this kernel at
-3× PyTorch's time): for float32 rows of up to CACHE_MAX values, pass 1 keeps the noise — float32 there, exactly
-as _g rounds it — in shared memory for passes 2 and 3. The backward kernel reduces
-⟨g_y, y_soft⟩ the same way and writes y_soft ∘ (g_y − ⟨g_y, y_soft⟩)/τ.
+  pass 3: y_soft_j = exp(z_j − max)·(1/sum) (and the one-hot of the argmax when hard).
+The noise costs most (ten Philox rounds and two float64 logs per element, kept exact so that every form draws the
+same g), so it is drawn once, in pass 1, which leaves g for passes 2 and 3: for float32 rows of up to CACHE_MAX
+values in shared memory (float32 there, exactly as _gumbel rounds it), for others in y_soft's own array, where pass 3
+reads each g just before it writes y over it. Passes 2 and 3 read the logits again (just read: from L2).
+z and z − max are float64, as the reference's are (rounding z to float32 would move it by up to 2⁻²⁴|z|, too much
+for large |z|/τ); for float32 rows only exp(z − max) and the normalization are float32 (z − max ≤ 0 rounded to
+float32 is exact to 2⁻²⁴|z − max|, which moves y by at most 2⁻²⁴/e ≈ 2·10⁻⁸), with the sum in float64. The backward
+kernel reduces ⟨g_y, y_soft⟩ the same way and writes y_soft ∘ (g_y − ⟨g_y, y_soft⟩)·(1/τ).
+
+Passes 2, 3 and the backward read their elements j, j + THREADS, j + 2·THREADS, j + 3·THREADS in one step: the four
+loads are independent (more bytes in flight per thread), a warp's loads stay coalesced and its shared-memory reads
+hit 32 distinct banks.
 
 Runs on CuPy arrays on a GPU, and on NumPy arrays under the Numba CUDA simulator (NUMBA_ENABLE_CUDASIM=1).
 """
@@ -25,34 +33,37 @@ from numba import cuda, float32, float64, int64
 from kernels import philox
 from kernels.dispatch import cuda_array
 
-# Threads per block (a power of two, for the tree reductions); 32 under the simulator, which runs one Python
-# thread per CUDA thread — the same code, a narrower tree.
-THREADS = 32 if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1" else 128
-_uniform_at = philox.cuda_device_functions().uniform_at
-CACHE_MAX = 10240  # the longest row whose float32 noise (40 KiB) a block keeps in shared memory
+# Threads per block (a power of two, for the tree reductions) and the longest row whose float32 noise (40 KiB) a
+# block keeps in shared memory; the simulator runs one Python thread per CUDA thread, so there both are small
+# (the same code: a narrower tree, and tests reach rows longer than the cache).
+_SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+THREADS = 32 if _SIM else 256
+CACHE_MAX = 48 if _SIM else 10240
+_philox = philox.cuda_device_functions()
+_block, _uniform = _philox.block, _philox.uniform
 
 
 @cuda.jit(device=True)
-def _g(r, j, n, seeded, k0, k1, g2, round32):
-    """The noise g of element j of row r: from Philox at the flat index r·n + j (rounded to float32 when round32,
-    as the reference rounds it), or from the noise array."""
-    if seeded:
-        g = -math.log(-math.log(_uniform_at(k0, k1, r * n + j)))
-        if round32:
-            g = np.float64(np.float32(g))
-        return g
-    return np.float64(g2[r, j])
+def _gumbel(u, round32):
+    """g = −log(−log u), in float64 (rounded to float32 when round32, as the reference rounds it)."""
+    g = -math.log(-math.log(u))
+    if round32:
+        g = np.float64(np.float32(g))
+    return g
 
 
 @cuda.jit(device=True)
-def _z(r, j, n, l2, tau, seeded, k0, k1, g2, round32, gs, cache, first):
-    """z = (l + g)/τ for element j of row r; with `cache`, g is kept in shared memory (gs) by the first pass and
-    read back by the next two (cache implies float32 rows, where g is already a float32: the copy is exact)."""
-    if not cache:
-        return (np.float64(l2[r, j]) + _g(r, j, n, seeded, k0, k1, g2, round32)) / tau
-    if first:
-        gs[j] = np.float32(_g(r, j, n, seeded, k0, k1, g2, round32))
-    return (np.float64(l2[r, j]) + np.float64(gs[j])) / tau
+def _word(w0, w1, w2, w3, k):
+    """Word k of a Philox block."""
+    return w0 if k == 0 else (w1 if k == 1 else (w2 if k == 2 else w3))
+
+
+@cuda.jit(device=True)
+def _z(r, j, l2, inv_tau, g2, gs, cache):
+    """z = (l + g)/τ of element j of row r in passes 2 and 3, bit for bit pass 1's: g from the shared-memory cache
+    (float32 rows, where g is a float32: the copy is exact) or from g2 (the noise given, or the one pass 1 drew)."""
+    g = np.float64(gs[j]) if cache else np.float64(g2[r, j])
+    return (np.float64(l2[r, j]) + g) * inv_tau
 
 
 @cuda.jit(device=True)
@@ -72,52 +83,87 @@ def _block_sum(buf, value):
     return total
 
 
+@cuda.jit(device=True)
+def _block_argmax(vbuf, ibuf, m, a, n):
+    """(max, first argmax) over the block's threads' pairs (m, a), a = n for a thread that saw no element: a tree
+    reduction in the shared arrays vbuf, ibuf (all threads get it)."""
+    tid = cuda.threadIdx.x
+    vbuf[tid] = m
+    ibuf[tid] = a
+    cuda.syncthreads()
+    step = THREADS // 2
+    while step > 0:
+        if tid < step:
+            om, oa = vbuf[tid + step], ibuf[tid + step]
+            if oa < n and (ibuf[tid] == n or om > vbuf[tid] or (om == vbuf[tid] and oa < ibuf[tid])):
+                vbuf[tid] = om
+                ibuf[tid] = oa
+        cuda.syncthreads()
+        step //= 2
+    m, a = vbuf[0], ibuf[0]
+    cuda.syncthreads()
+    return m, a
+
+
 @cuda.jit
 def forward_rows_kernel(l2, tau, hard, seeded, k0, k1, g2, round32, cache, y2, ys2):
     """Fused Gumbel-softmax over the rows of (rows, n) arrays; block b takes rows b, b + gridDim, …
 
-    With `cache` (seeded float32 rows that fit), pass 1 keeps each g in shared memory: each thread reads back only
-    the entries it wrote, so no barrier is needed, and passes 2 and 3 skip the Philox rounds and two logs."""
+    g2 is the noise, or when `seeded` the scratch where pass 1 leaves the g it draws for passes 2 and 3 (y_soft's
+    own array: the same dtype, so the copy is exact), or with `cache` (float32 rows that fit) shared memory does;
+    the reduction after pass 1 is the barrier between those writes and their reads by other threads."""
     vbuf = cuda.shared.array(THREADS, float64)
     ibuf = cuda.shared.array(THREADS, int64)
     gs = cuda.shared.array(0, float32)  # the row's noise (dynamic: n values when cache, else none)
     tid = cuda.threadIdx.x
     rows, n = l2.shape
+    inv_tau = 1.0 / tau
+    zero = np.uint64(0)
     for r in range(cuda.blockIdx.x, rows, cuda.gridDim.x):
-        # pass 1: max and first argmax of z
+        # pass 1: max and first argmax of z, a thread's step being the 4 elements of Philox block b
+        first = r * n  # the flat index of the row's first element
         m = -math.inf
         a = n
-        for j in range(tid, n, THREADS):
-            z = _z(r, j, n, l2, tau, seeded, k0, k1, g2, round32, gs, cache, True)
-            if z > m or a == n:
-                m = z
-                a = j
-        vbuf[tid] = m
-        ibuf[tid] = a
-        cuda.syncthreads()
-        step = THREADS // 2
-        while step > 0:
-            if tid < step:
-                om, oa = vbuf[tid + step], ibuf[tid + step]
-                if oa < n and (ibuf[tid] == n or om > vbuf[tid] or (om == vbuf[tid] and oa < ibuf[tid])):
-                    vbuf[tid] = om
-                    ibuf[tid] = oa
-            cuda.syncthreads()
-            step //= 2
-        z_max = vbuf[0]
-        arg = ibuf[0]
-        cuda.syncthreads()
+        for b in range((first >> 2) + tid, (first + n + 3) >> 2, THREADS):
+            w0, w1, w2, w3 = _block(k0, k1, np.uint64(b)) if seeded else (zero, zero, zero, zero)
+            for k in range(4):
+                j = 4 * b + k - first
+                if 0 <= j < n:  # a row whose start or end is not a multiple of 4 shares its end blocks
+                    if seeded:
+                        g = _gumbel(_uniform(_word(w0, w1, w2, w3, k)), round32)
+                        if cache:
+                            gs[j] = np.float32(g)
+                        else:
+                            g2[r, j] = g  # g2 is y_soft here: pass 3 reads each g before it writes y there
+                    else:
+                        g = np.float64(g2[r, j])
+                    z = (np.float64(l2[r, j]) + g) * inv_tau
+                    if z > m or a == n:
+                        m = z
+                        a = j
+        z_max, arg = _block_argmax(vbuf, ibuf, m, a, n)
         # pass 2: the softmax denominator
         s = 0.0
-        for j in range(tid, n, THREADS):
-            s += math.exp(_z(r, j, n, l2, tau, seeded, k0, k1, g2, round32, gs, cache, False) - z_max)
-        total = _block_sum(vbuf, s)
+        for j0 in range(tid, n, 4 * THREADS):
+            for k in range(4):
+                j = j0 + k * THREADS
+                if j < n:
+                    z = _z(r, j, l2, inv_tau, g2, gs, cache)
+                    s += np.float64(math.exp(np.float32(z - z_max))) if round32 else math.exp(z - z_max)
+        inv_total = 1.0 / _block_sum(vbuf, s)
+        inv_total32 = np.float32(inv_total)
         # pass 3: normalize (and the one-hot)
-        for j in range(tid, n, THREADS):
-            ys2[r, j] = math.exp(_z(r, j, n, l2, tau, seeded, k0, k1, g2, round32, gs, cache, False)
-                                 - z_max) / total
-            if hard:
-                y2[r, j] = 1.0 if j == arg else 0.0
+        for j0 in range(tid, n, 4 * THREADS):
+            for k in range(4):
+                j = j0 + k * THREADS
+                if j < n:
+                    z = _z(r, j, l2, inv_tau, g2, gs, cache)
+                    if round32:
+                        ys2[r, j] = math.exp(np.float32(z - z_max)) * inv_total32
+                    else:
+                        ys2[r, j] = math.exp(z - z_max) * inv_total
+                    if hard:
+                        y2[r, j] = 1.0 if j == arg else 0.0
 
 
 @cuda.jit
@@ -126,21 +172,31 @@ def backward_rows_kernel(gy2, ys2, tau, out2):
     vbuf = cuda.shared.array(THREADS, float64)
     tid = cuda.threadIdx.x
     rows, n = ys2.shape
+    inv_tau = 1.0 / tau
     for r in range(cuda.blockIdx.x, rows, cuda.gridDim.x):
         d = 0.0
-        for j in range(tid, n, THREADS):
-            d += np.float64(gy2[r, j]) * np.float64(ys2[r, j])
+        for j0 in range(tid, n, 4 * THREADS):
+            for k in range(4):
+                j = j0 + k * THREADS
+                if j < n:
+                    d += np.float64(gy2[r, j]) * np.float64(ys2[r, j])
         dot = _block_sum(vbuf, d)
-        for j in range(tid, n, THREADS):
-            out2[r, j] = np.float64(ys2[r, j]) * (np.float64(gy2[r, j]) - dot) / tau
+        for j0 in range(tid, n, 4 * THREADS):
+            for k in range(4):
+                j = j0 + k * THREADS
+                if j < n:
+                    out2[r, j] = np.float64(ys2[r, j]) * (np.float64(gy2[r, j]) - dot) * inv_tau
 
 
 @cuda.jit
 def gumbel_noise_kernel(k0, k1, round32, out):
-    """out[i] = −log(−log u_i) for every flat index i (rounded to float32 when round32)."""
-    for i in range(cuda.grid(1), out.size, cuda.gridsize(1)):
-        g = -math.log(-math.log(_uniform_at(k0, k1, i)))
-        out[i] = np.float32(g) if round32 else g
+    """out[i] = −log(−log u_i) for every flat index i (rounded to float32 when round32), a Philox block a step."""
+    for b in range(cuda.grid(1), (out.size + 3) >> 2, cuda.gridsize(1)):
+        w0, w1, w2, w3 = _block(k0, k1, np.uint64(b))
+        for k in range(4):
+            i = 4 * b + k
+            if i < out.size:
+                out[i] = _gumbel(_uniform(_word(w0, w1, w2, w3, k)), round32)
 
 
 def _xp(a):
@@ -160,8 +216,8 @@ def gumbel_noise(seed, shape, dtype=np.float64, xp=np):
     out = xp.empty(shape, dtype=dtype)
     k0, k1 = philox.seed_key(seed)
     if out.size:
-        gumbel_noise_kernel[_blocks(-(-out.size // THREADS)), THREADS](k0, k1, out.dtype == np.float32,
-                                                                        cuda_array(out.reshape(-1)))
+        gumbel_noise_kernel[_blocks(-(-out.size // (4 * THREADS))), THREADS](k0, k1, out.dtype == np.float32,
+                                                                              cuda_array(out.reshape(-1)))
     return out
 
 
@@ -187,9 +243,9 @@ def gumbel_softmax_forward(logits, tau=1.0, hard=False, *, seed=None, noise=None
     if seed is not None and dim != logits.ndim - 1:  # draw in the original layout, then move the axis
         noise, seed = gumbel_noise(seed, logits.shape, logits.dtype, xp), None
     l2 = _rows(xp, logits, dim)
-    g2 = _rows(xp, noise, dim) if noise is not None else l2
     k0, k1 = philox.seed_key(seed) if seed is not None else (np.uint64(0), np.uint64(0))
     ys2 = xp.empty_like(l2)
+    g2 = _rows(xp, noise, dim) if noise is not None else ys2  # seeded: the kernel's scratch for g (see there)
     y2 = xp.empty_like(l2) if hard else ys2
     if l2.size:
         dev = cuda_array

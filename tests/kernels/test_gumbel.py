@@ -132,6 +132,8 @@ def test_cuda_kernels_compile_for_sm90(ptx_sm90, name):
     ptx = ptx_sm90(kernel, signature)
     if name.startswith(("forward", "backward")):
         assert ".shared" in ptx and "bar.sync" in ptx  # the shared-memory reductions survived compilation
+        assert ".local" not in ptx  # every per-thread value (the Philox words, z, the running max) in registers
+        assert "div.rn" not in ptx  # 1/τ and 1/sum are taken once per row: the elements multiply by them
 
 
 def test_benchmark_helper_runs():

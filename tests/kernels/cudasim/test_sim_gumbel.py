@@ -44,3 +44,37 @@ def test_hard_ties_and_huge_logits():
     y, y_soft = gcuda.gumbel_softmax_forward(logits, 0.1, True, noise=noise)
     np.testing.assert_array_equal(y, [[1, 0, 0, 0], [1, 0, 0, 0]])
     np.testing.assert_allclose(y_soft, ref.gumbel_softmax_forward(logits, 0.1, True, noise=noise)[1], rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n", [gcuda.CACHE_MAX, gcuda.CACHE_MAX + 3])
+def test_rows_in_and_beyond_the_noise_cache(dtype, n):
+    # float32 rows of up to CACHE_MAX keep g in shared memory, longer ones (and float64 rows) in y_soft's array
+    # between the passes; 3 rows of odd n start and end inside Philox blocks, which neighbouring rows share
+    rng = np.random.default_rng(n)
+    logits = (rng.standard_normal((3, n)) * 3).astype(dtype)
+    for hard in (False, True):
+        y, y_soft = gcuda.gumbel_softmax_forward(logits, 0.25, hard, seed=99)
+        y_ref, y_soft_ref = ref.gumbel_softmax_forward(logits, 0.25, hard, seed=99)
+        np.testing.assert_allclose(y_soft, y_soft_ref, **TOL[dtype])
+        np.testing.assert_array_equal(y, y_ref) if hard else np.testing.assert_allclose(y, y_ref, **TOL[dtype])
+
+
+def test_long_rows_noise_given_dim_and_backward():
+    # rows longer than 4·THREADS (several steps of 4 elements per thread), noise given, τ ≠ 1, dim ≠ −1
+    rng = np.random.default_rng(5)
+    n = 4 * gcuda.THREADS + 37
+    logits = (rng.standard_normal((n, 2)) * 3).astype(np.float32)
+    noise = rng.gumbel(size=logits.shape).astype(np.float32)
+    y, y_soft = gcuda.gumbel_softmax_forward(logits, 3.0, True, noise=noise, dim=0)
+    y_ref, y_soft_ref = ref.gumbel_softmax_forward(logits, 3.0, True, noise=noise, dim=0)
+    np.testing.assert_allclose(y_soft, y_soft_ref, **TOL[np.float32])
+    np.testing.assert_array_equal(y, y_ref)
+    grad = rng.standard_normal(logits.shape).astype(np.float32)
+    np.testing.assert_allclose(gcuda.gumbel_softmax_backward(grad, y_soft_ref, 3.0, dim=0),
+                               ref.gumbel_softmax_backward(grad, y_soft_ref, 3.0, dim=0), **TOL[np.float32])
+    # seeded with dim ≠ −1: the noise is drawn in the original layout (flat index), then moved with the axis
+    y, y_soft = gcuda.gumbel_softmax_forward(logits, 0.5, True, seed=7, dim=0)
+    y_ref, y_soft_ref = ref.gumbel_softmax_forward(logits, 0.5, True, seed=7, dim=0)
+    np.testing.assert_allclose(y_soft, y_soft_ref, **TOL[np.float32])
+    np.testing.assert_array_equal(y, y_ref)
