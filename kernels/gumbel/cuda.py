@@ -33,12 +33,14 @@ from numba import cuda, float32, float64, int64
 from kernels import philox
 from kernels.dispatch import cuda_array
 
-# Threads per block (a power of two, for the tree reductions) and the longest row whose float32 noise (40 KiB) a
-# block keeps in shared memory; the simulator runs one Python thread per CUDA thread, so there both are small
-# (the same code: a narrower tree, and tests reach rows longer than the cache).
+# Threads per block (a power of two, for the tree reductions), the longest row whose float32 noise (40 KiB) a block
+# keeps in shared memory, and the most blocks a launch has (each then takes rows, or Philox blocks, a grid apart).
+# The simulator runs one Python thread per CUDA thread, so there all three are small: the same code, a narrower
+# tree, and tests reach rows longer than the cache and blocks that take several rows.
 _SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 THREADS = 32 if _SIM else 256
 CACHE_MAX = 48 if _SIM else 10240
+GRID_MAX = 2 if _SIM else 8192
 _philox = philox.cuda_device_functions()
 _block, _uniform = _philox.block, _philox.uniform
 
@@ -164,6 +166,7 @@ def forward_rows_kernel(l2, tau, hard, seeded, k0, k1, g2, round32, cache, y2, y
                         ys2[r, j] = math.exp(z - z_max) * inv_total
                     if hard:
                         y2[r, j] = 1.0 if j == arg else 0.0
+        cuda.syncthreads()  # the next row's pass 1 writes gs entries that other threads read in this pass 3
 
 
 @cuda.jit
@@ -208,7 +211,7 @@ def _xp(a):
 
 
 def _blocks(rows):
-    return max(1, min(rows, 8192))
+    return max(1, min(rows, GRID_MAX))
 
 
 def gumbel_noise(seed, shape, dtype=np.float64, xp=np):
