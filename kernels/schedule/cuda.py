@@ -6,8 +6,10 @@ of Philox block i // 4 — four normals from one Philox call and two Box–Mulle
 block takes tiles of 4·THREADS consecutive elements: thread t draws the four normals of the tile's Philox block t
 into shared memory, then the block updates the tile in four coalesced sweeps (element c·THREADS + t in sweep c), so
 a warp's loads and stores are contiguous — a thread updating its own four neighbours would touch memory with a
-16-byte stride. The sample of element i, i // per_sample, is a float64 multiply by 1/per_sample (exact below 2^50
-elements; a 64-bit integer division costs dozens of instructions per element on a GPU).
+16-byte stride. A thread issues its loads of x and ε̂ for all four sweeps before it draws, so that they are in
+flight during the Philox rounds and Box–Muller. The sample of element i, i // per_sample, is a float64 multiply by
+1/per_sample (exact below 2^50 elements; a 64-bit integer division costs dozens of instructions per element on a
+GPU).
 
 Runs on CuPy arrays on a GPU (launched through kernels.dispatch.launch), and on NumPy arrays under the Numba CUDA
 simulator (NUMBA_ENABLE_CUDASIM=1).
@@ -45,8 +47,16 @@ def _sample(i, inv_per_sample):
 
 
 @cuda.jit(device=True, inline=True)
-def _update_one(i, zi, x, e, has_e, coef, inv_per_sample, clip, seeded, z, write_z, z_out, round32, out):
-    """The update of element i (zi: its Philox normal when seeded)."""
+def _load(a, i, n):
+    """a[i] as a float64, 0 past the end."""
+    return np.float64(a[i]) if i < n else 0.0
+
+
+@cuda.jit(device=True, inline=True)
+def _update_one(i, n, zi, xi, ei, has_e, coef, inv_per_sample, clip, seeded, z, write_z, z_out, round32, out):
+    """The update of element i from its values xi, ei (and zi, its Philox normal when seeded)."""
+    if i >= n:
+        return
     s = _sample(i, inv_per_sample)
     if seeded:
         if round32:
@@ -57,10 +67,8 @@ def _update_one(i, zi, x, e, has_e, coef, inv_per_sample, clip, seeded, z, write
         zi = np.float64(z[i])
     else:
         zi = 0.0  # S = 0: the noise array is not read
-    xi = np.float64(x[i])
     acc = coef[s, 3] * xi + coef[s, 5] * zi
     if has_e:
-        ei = np.float64(e[i])
         acc += coef[s, 4] * ei
         A = coef[s, 2]
         if A != 0.0:
@@ -76,6 +84,13 @@ def fused_update_kernel(x, e, has_e, coef, inv_per_sample, clip, seeded, k0, k1,
     t = cuda.threadIdx.x
     n = x.size
     for base in range(cuda.blockIdx.x * TILE, n, cuda.gridDim.x * TILE):
+        i0 = base + t  # this thread's element in each of the four sweeps
+        i1, i2, i3 = i0 + THREADS, i0 + 2 * THREADS, i0 + 3 * THREADS
+        # the loads go out first, and are on their way while the normals are drawn
+        x0, x1, x2, x3 = _load(x, i0, n), _load(x, i1, n), _load(x, i2, n), _load(x, i3, n)
+        e0 = e1 = e2 = e3 = 0.0
+        if has_e:
+            e0, e1, e2, e3 = _load(e, i0, n), _load(e, i1, n), _load(e, i2, n), _load(e, i3, n)
         if seeded:
             i = base + 4 * t  # the first element of Philox block i // 4
             z0 = z1 = z2 = z3 = 0.0
@@ -89,11 +104,9 @@ def fused_update_kernel(x, e, has_e, coef, inv_per_sample, clip, seeded, k0, k1,
             zs[4 * t + 2] = z2
             zs[4 * t + 3] = z3
             cuda.syncthreads()
-        for c in range(4):
-            i = base + c * THREADS + t
-            if i < n:
-                _update_one(i, zs[c * THREADS + t], x, e, has_e, coef, inv_per_sample, clip, seeded, z, write_z,
-                            z_out, round32, out)
+        for i, zi, xi, ei in ((i0, zs[t], x0, e0), (i1, zs[t + THREADS], x1, e1),
+                              (i2, zs[t + 2 * THREADS], x2, e2), (i3, zs[t + 3 * THREADS], x3, e3)):
+            _update_one(i, n, zi, xi, ei, has_e, coef, inv_per_sample, clip, seeded, z, write_z, z_out, round32, out)
         if seeded:
             cuda.syncthreads()  # the tile's noise is read before the next tile's overwrites it
 
