@@ -3,7 +3,8 @@
 # versions, the `gpu`-marked tests, `t2i bench --device cuda` for the four kernel families, then where a numba.cuda
 # launch spends its host time (bench/launch_overhead.py). About 3 minutes on an H200.
 # Usage: bash bench/gpu_check.sh [OUT_DIR]   (default: $OUT, else /tmp/t2i-gpu). Writes log.txt, the bench JSON
-# and its plots there; TESTS (test paths) and BENCH_FAMILIES narrow what runs. Runs from a checkout without installing it (PYTHONPATH=.), the machine's Python as is.
+# and its plots there; TESTS (test paths) and BENCH_FAMILIES narrow what runs. Runs from a checkout without
+# installing it (PYTHONPATH=.), the machine's Python as is.
 set -u -o pipefail
 out=${1:-${OUT:-/tmp/t2i-gpu}}
 mkdir -p "$out"
