@@ -3,7 +3,8 @@
 # versions, the `gpu`-marked tests, `t2i bench --device cuda` for the four kernel families, then where a numba.cuda
 # launch spends its host time (bench/launch_overhead.py). About 3 minutes on an H200.
 # Usage: bash bench/gpu_check.sh [OUT_DIR]   (default: $OUT, else /tmp/t2i-gpu). Writes log.txt, the bench JSON
-# and its plots there; TESTS (test paths) and BENCH_FAMILIES narrow what runs. Runs from a checkout without
+# and its plots there; TESTS (test paths) and BENCH_FAMILIES narrow what runs,
+# EXTRA adds a command at the end. Runs from a checkout without
 # installing it (PYTHONPATH=.), the machine's Python as is.
 set -u -o pipefail
 out=${1:-${OUT:-/tmp/t2i-gpu}}
@@ -51,5 +52,10 @@ PY
   echo "=== host time of a numba.cuda launch (python -m bench.launch_overhead)"
   timeout "${LAUNCH_TIMEOUT:-60}" $py -m bench.launch_overhead
   echo "launch_overhead rc=$?"
+  if [ -n "${EXTRA:-}" ]; then  # one more command for this run (an A/B script, say)
+    echo "=== $EXTRA"
+    timeout "${EXTRA_TIMEOUT:-90}" $EXTRA
+    echo "extra rc=$?"
+  fi
   date -u
 } 2>&1 | tee "$out/log.txt"
