@@ -4,20 +4,20 @@ The forward kernel makes three passes over its row, its THREADS threads each tak
   pass 1: g_j = −log(−log u_j) from Philox at the element's flat index, one Philox call per 4 elements (a thread's
           step is a whole Philox block); z_j = (l_j + g_j)·(1/τ); per-thread (max, first argmax), then a tree
           reduction of the pairs in shared memory;
-  pass 2: Σ exp(z_j − max), the same tree reduction for the sum;
-  pass 3: y_soft_j = exp(z_j − max)·(1/sum) (and the one-hot of the argmax when hard).
+  pass 2: e_j = exp(z_j − max) and Σ e_j, the same tree reduction for the sum;
+  pass 3: y_soft_j = e_j·(1/Σ) (and the one-hot of the argmax when hard).
 The noise costs most (ten Philox rounds and two float64 logs per element, kept exact so that every form draws the
-same g), so it is drawn once, in pass 1, which leaves g for passes 2 and 3: for float32 rows of up to CACHE_MAX
-values in shared memory (float32 there, exactly as _gumbel rounds it), for others in y_soft's own array, where pass 3
-reads each g just before it writes y over it. Passes 2 and 3 read the logits again (just read: from L2).
+same g), so it is drawn once: pass 1 leaves g for pass 2, which leaves e for pass 3, each in the place of the one
+before — for float32 rows of up to CACHE_MAX values in shared memory (g float32 there, exactly as _gumbel rounds it),
+for other rows in y_soft's own array. Pass 2 reads the logits again (just read: from L2).
 z and z − max are float64, as the reference's are (rounding z to float32 would move it by up to 2⁻²⁴|z|, too much
 for large |z|/τ); for float32 rows only exp(z − max) and the normalization are float32 (z − max ≤ 0 rounded to
 float32 is exact to 2⁻²⁴|z − max|, which moves y by at most 2⁻²⁴/e ≈ 2·10⁻⁸), with the sum in float64. The backward
 kernel reduces ⟨g_y, y_soft⟩ the same way and writes y_soft ∘ (g_y − ⟨g_y, y_soft⟩)·(1/τ).
 
-Passes 2, 3 and the backward read their elements j, j + THREADS, j + 2·THREADS, j + 3·THREADS in one step: the four
-loads are independent (more bytes in flight per thread), a warp's loads stay coalesced and its shared-memory reads
-hit 32 distinct banks.
+Passes 2 and 3 and the backward read their elements j, j + THREADS, j + 2·THREADS, j + 3·THREADS in one step: the
+four loads are independent (more bytes in flight per thread), a warp's loads stay coalesced and its shared-memory
+reads hit 32 distinct banks.
 
 Runs on CuPy arrays on a GPU, and on NumPy arrays under the Numba CUDA simulator (NUMBA_ENABLE_CUDASIM=1).
 """
@@ -58,14 +58,6 @@ def _gumbel(u, round32):
 def _word(w0, w1, w2, w3, k):
     """Word k of a Philox block."""
     return w0 if k == 0 else (w1 if k == 1 else (w2 if k == 2 else w3))
-
-
-@cuda.jit(device=True)
-def _z(r, j, l2, inv_tau, g2, gs, cache):
-    """z = (l + g)/τ of element j of row r in passes 2 and 3, bit for bit pass 1's: g from the shared-memory cache
-    (float32 rows, where g is a float32: the copy is exact) or from g2 (the noise given, or the one pass 1 drew)."""
-    g = np.float64(gs[j]) if cache else np.float64(g2[r, j])
-    return (np.float64(l2[r, j]) + g) * inv_tau
 
 
 @cuda.jit(device=True)
@@ -111,9 +103,10 @@ def _block_argmax(vbuf, ibuf, m, a, n):
 def forward_rows_kernel(l2, tau, hard, seeded, k0, k1, g2, round32, cache, y2, ys2):
     """Fused Gumbel-softmax over the rows of (rows, n) arrays; block b takes rows b, b + gridDim, …
 
-    g2 is the noise, or when `seeded` the scratch where pass 1 leaves the g it draws for passes 2 and 3 (y_soft's
-    own array: the same dtype, so the copy is exact), or with `cache` (float32 rows that fit) shared memory does;
-    the reduction after pass 1 is the barrier between those writes and their reads by other threads."""
+    g2 is the noise, or when `seeded` the scratch where pass 1 leaves the g it draws for pass 2 (y_soft's own
+    array: the same dtype, so the copy is exact), or with `cache` (float32 rows that fit) shared memory does; the
+    reduction after pass 1 is the barrier between those writes and their reads by other threads. Pass 2 keeps each
+    e in shared memory (cache) or y_soft's array, where the thread that wrote it reads it in pass 3."""
     vbuf = cuda.shared.array(THREADS, float64)
     ibuf = cuda.shared.array(THREADS, int64)
     gs = cuda.shared.array(0, float32)  # the row's noise (dynamic: n values when cache, else none)
@@ -144,29 +137,39 @@ def forward_rows_kernel(l2, tau, hard, seeded, k0, k1, g2, round32, cache, y2, y
                         m = z
                         a = j
         z_max, arg = _block_argmax(vbuf, ibuf, m, a, n)
-        # pass 2: the softmax denominator
+        # pass 2: e = exp(z − max) and the softmax denominator; e is kept where g was, or in y_soft's array
         s = 0.0
         for j0 in range(tid, n, 4 * THREADS):
             for k in range(4):
                 j = j0 + k * THREADS
                 if j < n:
-                    z = _z(r, j, l2, inv_tau, g2, gs, cache)
-                    s += np.float64(math.exp(np.float32(z - z_max))) if round32 else math.exp(z - z_max)
+                    g = np.float64(gs[j]) if cache else np.float64(g2[r, j])
+                    d = (np.float64(l2[r, j]) + g) * inv_tau - z_max  # pass 1's z, bit for bit
+                    if round32:
+                        e = math.exp(np.float32(d))
+                        s += np.float64(e)
+                        if cache:
+                            gs[j] = e
+                        else:
+                            ys2[r, j] = e
+                    else:
+                        e64 = math.exp(d)
+                        s += e64
+                        ys2[r, j] = e64
         inv_total = 1.0 / _block_sum(vbuf, s)
         inv_total32 = np.float32(inv_total)
-        # pass 3: normalize (and the one-hot)
+        # pass 3: normalize (and the one-hot); each thread reads the e it kept in pass 2
         for j0 in range(tid, n, 4 * THREADS):
             for k in range(4):
                 j = j0 + k * THREADS
                 if j < n:
-                    z = _z(r, j, l2, inv_tau, g2, gs, cache)
                     if round32:
-                        ys2[r, j] = math.exp(np.float32(z - z_max)) * inv_total32
+                        ys2[r, j] = (gs[j] if cache else np.float32(ys2[r, j])) * inv_total32
                     else:
-                        ys2[r, j] = math.exp(z - z_max) * inv_total
+                        ys2[r, j] = ys2[r, j] * inv_total
                     if hard:
                         y2[r, j] = 1.0 if j == arg else 0.0
-        cuda.syncthreads()  # the next row's pass 1 writes gs entries that other threads read in this pass 3
+        cuda.syncthreads()  # the next row's pass 1 writes gs entries that other threads still read in this pass 3
 
 
 @cuda.jit
