@@ -34,7 +34,11 @@ the tests check that the PTX has no local memory). A product over d reads, per s
 columns from transposed shared tiles — consecutive floats on 16-byte boundaries, one ``ld.shared.v4`` each —
 for 16 multiply-adds; a product over the 32 columns reads 4 values of the (transposed) probability tile and
 D/8 of the row-major value tile (groups of 4 consecutive columns, 32 apart: a warp reads consecutive words)
-for 4·D/8. Every tile stays within the default 48 KiB of static shared memory.
+for 4·D/8. Every tile stays within the default 48 KiB of static shared memory. Tiles come from global memory
+in batches of SB values per thread at offsets that are compile-time constants — no index division, no branch
+(rows past the end are clamped reads whose results the masks discard) — so a batch's loads are in flight
+together. The grid is (batch·head, row blocks) with the longest row blocks first, and launch bounds ask ptxas
+for registers that let 4 forward (3 backward) blocks share an SM.
 
 - ``forward_fast`` (algorithm 1): a block takes BM = 64 queries and walks tiles of BN = 32 keys (skipped as
   above). The 8 threads of a query row are neighbouring lanes of one warp, so the row max of the online softmax
@@ -48,8 +52,9 @@ for 4·D/8. Every tile stays within the default 48 KiB of static shared memory.
 Tiles that every pair of the pattern may see and no mask touches skip the pattern test. The Numba CUDA simulator
 runs one Python thread per CUDA thread, so there the tiles shrink (8 threads, tiles of 16 × 8, 4 head dims at a
 time) and the shuffles become shared-memory exchanges. Everything else — float64, other head dims — takes the
-general kernels. The launch wrappers take NumPy arrays (under the simulator, ``NUMBA_ENABLE_CUDASIM=1``) or
-CuPy arrays (on a GPU).
+general kernels. ``FAST_V1 = True`` makes the launches take the fast kernels' first version (per-element
+staging, grid (row blocks, batch·head), no launch bounds), kept for A/B timing. The launch wrappers take NumPy
+arrays (under the simulator, ``NUMBA_ENABLE_CUDASIM=1``) or CuPy arrays (on a GPU).
 """
 
 import math
@@ -335,6 +340,8 @@ BN = TX * TN  # keys per tile (32)
 assert 32 % TX == 0 and NT % 32 == 0 or _SIM  # a row's TX owners lie within one warp
 DS = 4 if _SIM else 16  # head dims staged at a time in the backward's products over D: dK/dV kernel ...
 DSQ = 4 if _SIM else 32  # ... and dQ kernel (fewer operands beside the slices: wider ones fit)
+# Blocks per SM that each kernel's launch bounds ask ptxas to fit: at most 65536 / (NT · that) registers per thread.
+FAST_BLOCKS_PER_SM = {"forward_fast": 4, "dq_fast": 3, "dkdv_fast": 3}
 ALIGN = None if _SIM else 16  # shared tiles on 16 bytes: 4 consecutive floats load as one ld.shared.v4
 
 
@@ -396,13 +403,69 @@ def _row_sum(x):
     return x
 
 
+SG = 2 if _SIM else 8  # columns of a staging cell: a cell is 4 rows × SG columns, one warp's 32 elements on a GPU
+NG = NT // (4 * SG)  # staging cells a block fills at once (4 on a GPU: one per warp)
+SB = 8  # values a thread loads before it stores them: its loads in flight at once
+
+
 @cuda.jit(device=True, inline=True)
 def _stage_transposed(dst, src, bh, row0, col0, R, C, n):
-    """dst[col, row] = src[bh, row0 + row, col0 + col] for an R × C block (R a multiple of 4; zeros for rows
-    row0 + row ≥ n), by the block's NT threads. dst's row stride is 4 modulo 32 words, and a warp's 32
-    consecutive elements are 4 rows × G = min(8, C) consecutive columns: its global reads are 4 runs of G
-    values and its shared stores, at banks 4·col + row (mod 32), hit 32 distinct banks (32 consecutive columns
-    of one row would hit 8 banks, 4 times each)."""
+    """dst[col, row] = src[bh, row0 + row, col0 + col] for an R × C block (R a multiple of 4·NG, C of SG), by the
+    block's NT threads; rows row0 + row ≥ n repeat row n − 1 (see ``_stage``). dst's row stride is 4 modulo 32
+    words, and a warp's 32 elements form a cell of 4 rows × SG = 8 consecutive columns: its global reads are 4
+    runs of 32 bytes and its shared stores, at banks 4·col + row (mod 32), hit 32 distinct banks (32 consecutive
+    columns of one row would hit 8 banks, 4 times each).
+
+    A thread's place in its cell is fixed and the cells it visits are constant steps apart: in a batch's
+    unrolled loops every offset is a constant (no division per element) and nothing branches (the row index
+    is clamped), so the batch's SB loads are in flight together before its stores."""
+    t = cuda.threadIdx.x & (NT - 1)
+    rt = 4 * (t // (4 * SG)) + t % 4  # the thread's row and column in the first cell it fills
+    ct = (t // 4) % SG
+    RQ = R // (4 * NG)  # cells down a column of cells, per thread
+    CB = min(SB // RQ, C // SG)  # columns of cells per batch
+    last = n - 1 - row0
+    buf = cuda.local.array(SB, float32)
+    c = 0
+    while c < C // SG:
+        for w in range(RQ * CB):
+            buf[w] = src[bh, row0 + min(rt + 4 * NG * (w % RQ), last), col0 + ct + SG * (c + w // RQ)]
+        for w in range(RQ * CB):
+            row = rt + 4 * NG * (w % RQ)
+            dst[ct + SG * (c + w // RQ), row] = buf[w]
+        c += CB
+
+
+@cuda.jit(device=True, inline=True)
+def _stage(dst, src, bh, row0, R, C, n):
+    """dst[row, col] = src[bh, row0 + row, col] for R whole rows of C values, by the block's NT threads,
+    neighbouring threads on neighbouring values (coalesced, conflict-free); batches of SB loads with constant
+    offsets and no branch, as in ``_stage_transposed``. C divides NT (on a GPU) or NT divides C (the simulator).
+
+    Rows row0 + row ≥ n repeat row n − 1 (clamped reads, not zeros): finite values that no result sees, since
+    the kernels mask the scores of keys past S (P = 0, dS = 0 against their K and V rows), give queries past L
+    lse = −inf (P = dS = 0 against their Q and dO rows) and never write rows past L or S."""
+    t = cuda.threadIdx.x & (NT - 1)
+    RS = max(NT // C, 1)  # rows per step of NT values
+    CS = max(C // NT, 1)  # steps per row
+    rt, ct = t // C if NT >= C else 0, t % C if NT >= C else t
+    W = min(SB, R * C // NT)  # steps per batch
+    last = n - 1 - row0
+    buf = cuda.local.array(SB, float32)
+    u = 0
+    while u < R * C // NT:  # step u: row rt + RS·(u // CS), column ct + NT·(u % CS)
+        for w in range(W):
+            buf[w] = src[bh, row0 + min(rt + RS * ((u + w) // CS), last), ct + NT * ((u + w) % CS)]
+        for w in range(W):
+            row = rt + RS * ((u + w) // CS)
+            dst[row, ct + NT * ((u + w) % CS)] = buf[w]
+        u += W
+
+
+@cuda.jit(device=True, inline=True)
+def _stage_transposed_v1(dst, src, bh, row0, col0, R, C, n):
+    """The first version of ``_stage_transposed`` (kept for A/B timing, ``FAST_V1``): one element per loop step,
+    its row and column divided out of a flat index, its load behind a branch (zeros for rows ≥ n)."""
     G = min(8, C)
     for idx in range(cuda.threadIdx.x & (NT - 1), R * C, NT):
         sub, grp = idx % (4 * G), idx // (4 * G)
@@ -414,9 +477,8 @@ def _stage_transposed(dst, src, bh, row0, col0, R, C, n):
 
 
 @cuda.jit(device=True, inline=True)
-def _stage(dst, src, bh, row0, R, C, n):
-    """dst[row, col] = src[bh, row0 + row, col] for R whole rows of C values (zeros for rows row0 + row ≥ n),
-    by the block's NT threads, neighbouring threads on neighbouring values (coalesced, conflict-free)."""
+def _stage_v1(dst, src, bh, row0, R, C, n):
+    """The first version of ``_stage`` (``FAST_V1``), in the same way as ``_stage_transposed_v1``."""
     for idx in range(cuda.threadIdx.x & (NT - 1), R * C, NT):
         row, col = idx // C, idx % C
         x = float32(0.0)
@@ -480,9 +542,37 @@ def _two_products(s, dp, A, A2, B, B2, r0, c0, n, a, a2, kb, vb):
         d += 1
 
 
-def _build_fast(D):
+@cuda.jit(device=True, inline=True)
+def _block_of():
+    """(row block, row blocks, batch·head) of this block in a fast kernel's grid (BH, row blocks): the grid's
+    first axis runs fastest, so the blocks start a row block of every batch·head at a time, longest first (the
+    longest-processing-time order: no long block is left to start late and run alone at the end)."""
+    return cuda.blockIdx.y, cuda.gridDim.y, cuda.blockIdx.x
+
+
+@cuda.jit(device=True, inline=True)
+def _block_of_v1():
+    """The first version's grid: (row blocks, BH)."""
+    return cuda.blockIdx.x, cuda.gridDim.x, cuda.blockIdx.y
+
+
+def _fast_grid(blocks, BH, v1):
+    """The fast kernels' grid for `blocks` row blocks per batch·head (see ``_block_of``)."""
+    return (blocks, BH) if v1 else (BH, blocks)
+
+
+def _build_fast(D, v1=False):
     """The register-blocked float32 kernels for head dim D = Dv (a compile-time constant: it sizes the register
-    arrays and the static shared tiles)."""
+    arrays and the static shared tiles); ``v1`` builds them with the first version's staging (A/B timing)."""
+    stage_t, stage = (_stage_transposed_v1, _stage_v1) if v1 else (_stage_transposed, _stage)
+    block_of = _block_of_v1 if v1 else _block_of
+
+    def kernel(name):
+        """cuda.jit with the kernel's launch bounds (not for v1, nor the simulator, whose jit has no such option)."""
+        if v1 or _SIM or not FAST_BLOCKS_PER_SM[name]:
+            return cuda.jit
+        return cuda.jit(launch_bounds=(NT, FAST_BLOCKS_PER_SM[name]))
+
     DT = D // TX  # output columns per thread: 4·tx + 4·TX·(e // 4) + e % 4, four consecutive at a time
     # (shapes of shared and local arrays must be compile-time constants: tuples built here, frozen into the kernel)
     Q_SHAPE, K_SHAPE, V_SHAPE, P_SHAPE = (D, BM + 4), (D, BN + 4), (BN, D), (BN, BM + 4)
@@ -490,7 +580,7 @@ def _build_fast(D):
     ninf = float32(-math.inf)
     zero = float32(0.0)
 
-    @cuda.jit
+    @kernel("forward_fast")
     def forward_fast(q, k, v, mask, has_mask, H, kind, T, W, r, P, causal, scale, out, lse):
         """One block of NT threads per (BM queries, batch·head). Thread (tx, ty) owns rows TM·ty + i of the block
         and, in each BM × BN score tile, keys TN·tx + j; its TM × TN scores, its TM × DT output accumulators and
@@ -499,8 +589,8 @@ def _build_fast(D):
         t = cuda.threadIdx.x & (NT - 1)  # (= threadIdx.x; the mask shows the compiler t ≥ 0: no negative-index wrap)
         tx, ty = t % TX, t // TX
         r0, c0 = TM * ty, TN * tx  # the thread's first row and first key of a tile
-        i0 = (cuda.gridDim.x - 1 - cuda.blockIdx.x) * BM  # the last (under causality the longest) first
-        bh = cuda.blockIdx.y
+        blk, nblk, bh = block_of()
+        i0 = (nblk - 1 - blk) * BM  # the last (under causality the longest) first
         b, h = bh // H, bh % H
         i1 = min(i0 + BM, L)
         # Transposed tiles: a thread reads its TM rows (TN keys) at one d, 16 consecutive bytes. The +4 pads keep
@@ -516,7 +606,7 @@ def _build_fast(D):
         a = cuda.local.array(TM, float32)  # operands staged in registers: a column of Q or Pᵀ ...
         kb = cuda.local.array(TN, float32)  # ... and a row of Kᵀ ...
         vb = cuda.local.array(DT, float32)  # ... or of V
-        _stage_transposed(sQ, q, bh, i0, 0, BM, D, L)  # rows past L are zeros
+        stage_t(sQ, q, bh, i0, 0, BM, D, L)  # rows past L are zeros
         for i in range(TM):
             m[i] = ninf
             lp[i] = zero
@@ -526,8 +616,8 @@ def _build_fast(D):
             if (causal and j0 > i1 - 1) or not _tile_may_attend(kind, T, W, r, P, i0, i1, j0, min(j0 + BN, S)):
                 continue  # the same decision in every thread of the block: every barrier is reached by all
             cuda.syncthreads()  # the previous tile is no longer read (and sQ is written, the first time)
-            _stage_transposed(sK, k, bh, j0, 0, BN, D, S)  # keys past S are zeros
-            _stage(sV, v, bh, j0, BN, D, S)
+            stage_t(sK, k, bh, j0, 0, BN, D, S)  # keys past S are zeros
+            stage(sV, v, bh, j0, BN, D, S)
             cuda.syncthreads()
             for i in range(TM):  # S = Q Kᵀ: TM + TN shared loads for TM · TN multiply-adds per d
                 for j in range(TN):
@@ -598,7 +688,7 @@ def _build_fast(D):
     SQ_Q, SQ_K = (DSQ, BM + 4), (DSQ, BN + 4)  # the same in the dQ kernel
     R_SHAPE, ROW_SHAPE = (BN, D), (BN,)
 
-    @cuda.jit
+    @kernel("dq_fast")
     def dq_fast(q, k, v, lse, dout, Drow, mask, has_mask, H, kind, T, W, r, P, causal, scale, dq):
         """dQ for one block of BM queries (Dao 2023, algorithm 2, its dQ half, without atomics): for each key
         tile, S = Q Kᵀ and dP = dO Vᵀ are recomputed, DSQ head dims staged at a time (all of Q and dO would not
@@ -608,8 +698,8 @@ def _build_fast(D):
         t = cuda.threadIdx.x & (NT - 1)
         tx, ty = t % TX, t // TX
         r0, c0 = TM * ty, TN * tx
-        i0 = (cuda.gridDim.x - 1 - cuda.blockIdx.x) * BM  # the last (under causality the longest) first
-        bh = cuda.blockIdx.y
+        blk, nblk, bh = block_of()
+        i0 = (nblk - 1 - blk) * BM  # the last (under causality the longest) first
         b, h = bh // H, bh % H
         i1 = min(i0 + BM, L)
         sQ = cuda.shared.array(SQ_Q, float32, alignment=ALIGN)
@@ -645,12 +735,12 @@ def _build_fast(D):
                     dp[i, j] = zero
             for d0 in range(0, D, DSQ):
                 cuda.syncthreads()  # the previous slice (and the previous tile's dS, K) are no longer read
-                _stage_transposed(sQ, q, bh, i0, d0, BM, DSQ, L)
-                _stage_transposed(sdO, dout, bh, i0, d0, BM, DSQ, L)
-                _stage_transposed(sK, k, bh, j0, d0, BN, DSQ, S)
-                _stage_transposed(sV, v, bh, j0, d0, BN, DSQ, S)
+                stage_t(sQ, q, bh, i0, d0, BM, DSQ, L)
+                stage_t(sdO, dout, bh, i0, d0, BM, DSQ, L)
+                stage_t(sK, k, bh, j0, d0, BN, DSQ, S)
+                stage_t(sV, v, bh, j0, d0, BN, DSQ, S)
                 if d0 == 0:
-                    _stage(sKr, k, bh, j0, BN, D, S)
+                    stage(sKr, k, bh, j0, BN, D, S)
                 cuda.syncthreads()
                 _two_products(s, dp, sQ, sdO, sK, sV, r0, c0, DSQ, a, a2, kb, vb)  # S += Q Kᵀ, dP += dO Vᵀ
             _masked_scores(s, sdS, r0, c0, i0, j0, True, L, S, scale, mask, has_mask, b, h, kind, T, W, r, P, causal)
@@ -679,7 +769,7 @@ def _build_fast(D):
                 for e in range(DT):
                     dq[bh, i0 + r0 + i, 4 * tx + 4 * TX * (e // 4) + e % 4] = acc[i, e]
 
-    @cuda.jit
+    @kernel("dkdv_fast")
     def dkdv_fast(q, k, v, lse, dout, Drow, mask, has_mask, H, kind, T, W, r, P, causal, scale, dk, dv):
         """dK and dV for one block of BM keys (Dao 2023, algorithm 2): for each query tile of BN queries,
         Sᵀ = K Qᵀ and dPᵀ = V dOᵀ (DS head dims at a time), Pᵀ and dSᵀ as in dq_fast, then dV += Pᵀ dO and
@@ -688,8 +778,8 @@ def _build_fast(D):
         t = cuda.threadIdx.x & (NT - 1)
         tx, ty = t % TX, t // TX
         r0, c0 = TM * ty, TN * tx
-        j0 = cuda.blockIdx.x * BM
-        bh = cuda.blockIdx.y
+        blk, nblk, bh = block_of()
+        j0 = blk * BM  # (under causality the first key blocks are the longest)
         b, h = bh // H, bh % H
         j1 = min(j0 + BM, S)
         sK = cuda.shared.array(SL_Q, float32, alignment=ALIGN)
@@ -726,13 +816,13 @@ def _build_fast(D):
                     dp[i, j] = zero
             for d0 in range(0, D, DS):
                 cuda.syncthreads()  # the previous slice (and the previous tile's P, dS, Q, dO) are no longer read
-                _stage_transposed(sK, k, bh, j0, d0, BM, DS, S)
-                _stage_transposed(sV, v, bh, j0, d0, BM, DS, S)
-                _stage_transposed(sQ, q, bh, i0, d0, BN, DS, L)
-                _stage_transposed(sdO, dout, bh, i0, d0, BN, DS, L)
+                stage_t(sK, k, bh, j0, d0, BM, DS, S)
+                stage_t(sV, v, bh, j0, d0, BM, DS, S)
+                stage_t(sQ, q, bh, i0, d0, BN, DS, L)
+                stage_t(sdO, dout, bh, i0, d0, BN, DS, L)
                 if d0 == 0:
-                    _stage(sQr, q, bh, i0, BN, D, L)
-                    _stage(sdOr, dout, bh, i0, BN, D, L)
+                    stage(sQr, q, bh, i0, BN, D, L)
+                    stage(sdOr, dout, bh, i0, BN, D, L)
                     for c in range(t, BN, NT):
                         x = ninf  # queries past L: P = 0
                         y = zero
@@ -781,13 +871,16 @@ def _build_fast(D):
 
 
 _FAST = {}
+FAST_V1 = False  # True: the launches take the fast kernels' first version (bench/ab_attention.py times both)
 
 
-def fast_kernels(D):
-    """The fast kernels for head dim D, compiled on first use (and cached: one build per head dim)."""
-    if D not in _FAST:
-        _FAST[D] = _build_fast(D)
-    return _FAST[D]
+def fast_kernels(D, v1=None):
+    """The fast kernels for head dim D, compiled on first use (and cached: one build per head dim and version);
+    ``v1`` None follows ``FAST_V1``."""
+    v1 = FAST_V1 if v1 is None else bool(v1)
+    if (D, v1) not in _FAST:
+        _FAST[D, v1] = _build_fast(D, v1)
+    return _FAST[D, v1]
 
 
 def signatures(dtype):
@@ -849,7 +942,7 @@ def forward(q, k, v, mask, has_mask, H, kind, T, W, r, P, causal, scale, out, ls
     dq, dk, dv, dm, do, dl = _on_device(host, q, k, v, mask, out, lse)
     args = (dq, dk, dv, dm, has_mask, H, kind, T, W, r, P, causal, sc, do, dl)
     if fast_dims_ok(q.dtype, D, Dv):
-        fast_kernels(D)["forward_fast"][((L + BM - 1) // BM, BH), NT](*args)
+        fast_kernels(D)["forward_fast"][_fast_grid((L + BM - 1) // BM, BH, FAST_V1), NT](*args)
     else:
         smem = _smem(q.dtype, D, Dv, BQ * (D + Dv + 2) + BK * (D + Dv))
         KERNELS[np.dtype(q.dtype)]["forward"][((L + BQ - 1) // BQ, BH), BQ, 0, smem](*args)
@@ -868,8 +961,8 @@ def backward(q, k, v, out, lse, dout, mask, has_mask, H, kind, T, W, r, P, causa
     ks["rowdot"][(BH * L + 127) // 128, 128](o_, do_, D_)
     if fast_dims_ok(q.dtype, D, Dv):
         fk = fast_kernels(D)
-        fk["dq_fast"][((L + BM - 1) // BM, BH), NT](q_, k_, v_, l_, do_, D_, *pat, dq_)
-        fk["dkdv_fast"][((S + BM - 1) // BM, BH), NT](q_, k_, v_, l_, do_, D_, *pat, dk_, dv_)
+        fk["dq_fast"][_fast_grid((L + BM - 1) // BM, BH, FAST_V1), NT](q_, k_, v_, l_, do_, D_, *pat, dq_)
+        fk["dkdv_fast"][_fast_grid((S + BM - 1) // BM, BH, FAST_V1), NT](q_, k_, v_, l_, do_, D_, *pat, dk_, dv_)
         _copy_back(host, (dq, dk, dv))
         return
     smem = _smem(q.dtype, D, Dv, BQ * (D + Dv + 2) + BK * (D + Dv))

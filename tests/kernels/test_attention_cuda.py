@@ -8,6 +8,7 @@ On a machine with a GPU, the ``gpu``-marked test runs the same comparison on the
 """
 
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -123,6 +124,8 @@ def fast_path_cases(dims):
 
 def check_fast_path(assert_same, attention_cuda):
     """The fast kernels equal the reference on the cases they take; float64 and D ≠ Dv go to the general ones."""
+    from kernels.attention import Row
+
     dims = [d for d in range(1, 9) if attention_cuda.fast_dims_ok(np.float32, d, d)]
     assert dims, "no head dim takes the fast path under the simulator"
     assert not attention_cuda.fast_dims_ok(np.float64, dims[0], dims[0])
@@ -130,6 +133,13 @@ def check_fast_path(assert_same, attention_cuda):
     for q, k, v, dout, kw in fast_path_cases(dims):
         assert attention_cuda.fast_dims_ok(q.dtype, q.shape[-1], v.shape[-1])
         assert_same("cuda", q, k, v, dout, kw)
+    # Wider heads: a thread stages several batches of values per tile, and whole rows wider than the block
+    rng = np.random.default_rng(6)
+    for D, (L, S), kw in [(16, (19, 23), {"causal": True}), (24, (23, 11), {"pattern": Row(text_len=3, width=4)})]:
+        assert attention_cuda.fast_dims_ok(np.float32, D, D) and D > attention_cuda.NT
+        q, dout = (rng.standard_normal((1, 1, L, D)).astype(np.float32) for _ in range(2))
+        k, v = (rng.standard_normal((1, 1, S, D)).astype(np.float32) for _ in range(2))
+        assert_same("cuda", q, k, v, dout, {"scale": 0.4, **kw})
 
 
 def check_ptx():
@@ -159,17 +169,44 @@ def check_ptx():
     # The register-blocked kernels: their accumulators must stay in registers (no local memory at all: a local
     # array indexed where the compiler cannot resolve the index would go to slow local memory), their static
     # shared tiles within the default 48 KiB, their row reductions warp shuffles, their shared reads vectorized.
+    # Their launch bounds (threads, blocks per SM) reach the PTX; where ptxas is installed, the registers it
+    # allocates must let that many blocks share an SM (65536 registers per SM).
+    ptxas = shutil.which("ptxas")
     for D in (32, 64):
         sigs = attention_cuda.signatures(np.float32)
         for name, kernel in attention_cuda.fast_kernels(D).items():
-            ptx, _ = cuda.compile_ptx(kernel.py_func, sigs[name], cc=(9, 0))
+            blocks = attention_cuda.FAST_BLOCKS_PER_SM[name]
+            ptx, _ = cuda.compile_ptx(kernel.py_func, sigs[name], cc=(9, 0), launch_bounds=(attention_cuda.NT, blocks))
             assert ".local" not in ptx and "ld.local" not in ptx and "st.local" not in ptx, (name, D)
             shared = sum(int(n) for n in re.findall(r"\.shared \.align \d+ \.b8 \w+\[(\d+)\]", ptx))
             assert 0 < shared <= attention_cuda.SMEM_LIMIT, (name, D, shared)
             assert "bar.sync" in ptx and ".f64" not in ptx, (name, D)
             assert ("shfl.sync.bfly" in ptx) == (name == "forward_fast"), (name, D)  # the online softmax's row max
             assert "ld.shared.v4.f32" in ptx, (name, D)  # the micro-tiles' operands load 4 floats at a time
-            print(f"ptx ok {name} D={D} ({shared} bytes of shared memory)")
+            assert f".maxntid {attention_cuda.NT}, 1, 1" in ptx and f".minnctapersm {blocks}" in ptx, (name, D)
+            regs = ""
+            if ptxas:
+                regs = _ptxas_registers(ptxas, ptx)
+                assert regs[0] * attention_cuda.NT * blocks <= 65536, (name, D, regs)
+                regs = f", {regs[0]} registers, {regs[1]} bytes spilled"
+            print(f"ptx ok {name} D={D} ({shared} bytes of shared memory{regs})")
+
+
+def _ptxas_registers(ptxas, ptx):
+    """(registers per thread, bytes of spill stores) that ptxas allocates for sm_90 (a PTX ISA version above 9.0,
+    newer than the CUDA 13.0 ptxas knows, is lowered to 9.0: the kernels use nothing newer)."""
+    import subprocess
+    import tempfile
+
+    version = re.search(r"^\.version (\d+)\.(\d+)", ptx, flags=re.M)
+    if (int(version[1]), int(version[2])) > (9, 0):
+        ptx = ptx.replace(version[0], ".version 9.0", 1)
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "k.ptx"
+        src.write_text(ptx)
+        out = subprocess.run([ptxas, "-arch=sm_90", "-v", str(src), "-o", str(Path(tmp) / "k.cubin")],
+                             capture_output=True, text=True, check=True).stderr
+    return int(re.search(r"Used (\d+) registers", out)[1]), int(re.search(r"(\d+) bytes spill stores", out)[1])
 
 
 if __name__ == "__main__":
