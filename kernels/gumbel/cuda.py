@@ -142,18 +142,20 @@ def forward_rows_kernel(l2, tau, hard, seeded, k0, k1, g2, round32, cache, y2, y
         for j0 in range(tid, n, 4 * THREADS):
             for k in range(4):
                 j = j0 + k * THREADS
-                if j < n:
-                    g = np.float64(gs[j]) if cache else np.float64(g2[r, j])
-                    d = (np.float64(l2[r, j]) + g) * inv_tau - z_max  # pass 1's z, bit for bit
-                    if round32:
-                        e = math.exp(np.float32(d))
+                c = min(j, n - 1)  # past the row's end: load its last element, and leave it out
+                g = np.float64(gs[c]) if cache else np.float64(g2[r, c])
+                d = (np.float64(l2[r, c]) + g) * inv_tau - z_max  # pass 1's z, bit for bit
+                if round32:
+                    e = math.exp(np.float32(d))
+                    if j < n:
                         s += np.float64(e)
                         if cache:
                             gs[j] = e
                         else:
                             ys2[r, j] = e
-                    else:
-                        e64 = math.exp(d)
+                else:
+                    e64 = math.exp(d)
+                    if j < n:
                         s += e64
                         ys2[r, j] = e64
         inv_total = 1.0 / _block_sum(vbuf, s)
@@ -162,13 +164,17 @@ def forward_rows_kernel(l2, tau, hard, seeded, k0, k1, g2, round32, cache, y2, y
         for j0 in range(tid, n, 4 * THREADS):
             for k in range(4):
                 j = j0 + k * THREADS
-                if j < n:
-                    if round32:
-                        ys2[r, j] = (gs[j] if cache else np.float32(ys2[r, j])) * inv_total32
-                    else:
-                        ys2[r, j] = ys2[r, j] * inv_total
-                    if hard:
-                        y2[r, j] = 1.0 if j == arg else 0.0
+                c = min(j, n - 1)
+                if round32:  # (two variables: one would be typed float64, and cost two conversions)
+                    y32 = (gs[c] if cache else np.float32(ys2[r, c])) * inv_total32
+                    if j < n:
+                        ys2[r, j] = y32
+                else:
+                    y64 = ys2[r, c] * inv_total
+                    if j < n:
+                        ys2[r, j] = y64
+                if hard and j < n:
+                    y2[r, j] = 1.0 if j == arg else 0.0
         cuda.syncthreads()  # the next row's pass 1 writes gs entries that other threads still read in this pass 3
 
 
@@ -184,14 +190,18 @@ def backward_rows_kernel(gy2, ys2, tau, out2):
         for j0 in range(tid, n, 4 * THREADS):
             for k in range(4):
                 j = j0 + k * THREADS
+                c = min(j, n - 1)  # past the row's end: load its last element, and leave it out
+                v = np.float64(gy2[r, c]) * np.float64(ys2[r, c])
                 if j < n:
-                    d += np.float64(gy2[r, j]) * np.float64(ys2[r, j])
+                    d += v
         dot = _block_sum(vbuf, d)
         for j0 in range(tid, n, 4 * THREADS):
             for k in range(4):
                 j = j0 + k * THREADS
+                c = min(j, n - 1)
+                v = np.float64(ys2[r, c]) * (np.float64(gy2[r, c]) - dot) * inv_tau
                 if j < n:
-                    out2[r, j] = np.float64(ys2[r, j]) * (np.float64(gy2[r, j]) - dot) * inv_tau
+                    out2[r, j] = v
 
 
 @cuda.jit
