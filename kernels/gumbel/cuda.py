@@ -15,9 +15,10 @@ for large |z|/τ); for float32 rows only exp(z − max) and the normalization ar
 float32 is exact to 2⁻²⁴|z − max|, which moves y by at most 2⁻²⁴/e ≈ 2·10⁻⁸), with the sum in float64. The backward
 kernel reduces ⟨g_y, y_soft⟩ the same way and writes y_soft ∘ (g_y − ⟨g_y, y_soft⟩)·(1/τ).
 
-Passes 2 and 3 and the backward read their elements j, j + THREADS, j + 2·THREADS, j + 3·THREADS in one step: the
-four loads are independent (more bytes in flight per thread), a warp's loads stay coalesced and its shared-memory
-reads hit 32 distinct banks.
+Loads run ahead of the arithmetic that needs them: pass 1 loads a Philox block's four logits before its Philox
+rounds, and passes 2 and 3 and the backward read elements j, j + THREADS, j + 2·THREADS, j + 3·THREADS in one step,
+four independent loads (a warp's coalesced, its shared-memory reads on 32 distinct banks). Indices past the row's
+end are clamped into it, so that no branch separates the loads; only the stores are guarded.
 
 Runs on CuPy arrays on a GPU, and on NumPy arrays under the Numba CUDA simulator (NUMBA_ENABLE_CUDASIM=1).
 """
@@ -55,9 +56,15 @@ def _gumbel(u, round32):
 
 
 @cuda.jit(device=True)
-def _word(w0, w1, w2, w3, k):
-    """Word k of a Philox block."""
-    return w0 if k == 0 else (w1 if k == 1 else (w2 if k == 2 else w3))
+def _pick(v0, v1, v2, v3, k):
+    """v_k, for k in 0…3 (a word of a Philox block, or one of its four logits)."""
+    return v0 if k == 0 else (v1 if k == 1 else (v2 if k == 2 else v3))
+
+
+@cuda.jit(device=True)
+def _at(row, j):
+    """row[j] at j clamped into the row: a load that needs no branch (its value unused when j is outside)."""
+    return row[min(max(j, 0), row.shape[0] - 1)]
 
 
 @cuda.jit(device=True)
@@ -119,20 +126,24 @@ def forward_rows_kernel(l2, tau, hard, seeded, k0, k1, g2, round32, cache, y2, y
         first = r * n  # the flat index of the row's first element
         m = -math.inf
         a = n
+        lrow = l2[r]
         for b in range((first >> 2) + tid, (first + n + 3) >> 2, THREADS):
+            j4 = 4 * b - first  # the row index of the block's first element
+            # its four logits, loaded first: their latency hides behind the Philox rounds and the logs
+            x0, x1, x2, x3 = _at(lrow, j4), _at(lrow, j4 + 1), _at(lrow, j4 + 2), _at(lrow, j4 + 3)
             w0, w1, w2, w3 = _block(k0, k1, np.uint64(b)) if seeded else (zero, zero, zero, zero)
             for k in range(4):
-                j = 4 * b + k - first
+                j = j4 + k
                 if 0 <= j < n:  # a row whose start or end is not a multiple of 4 shares its end blocks
                     if seeded:
-                        g = _gumbel(_uniform(_word(w0, w1, w2, w3, k)), round32)
+                        g = _gumbel(_uniform(_pick(w0, w1, w2, w3, k)), round32)
                         if cache:
                             gs[j] = np.float32(g)
                         else:
                             g2[r, j] = g  # g2 is y_soft here: pass 3 reads each g before it writes y there
                     else:
                         g = np.float64(g2[r, j])
-                    z = (np.float64(l2[r, j]) + g) * inv_tau
+                    z = (np.float64(_pick(x0, x1, x2, x3, k)) + g) * inv_tau
                     if z > m or a == n:
                         m = z
                         a = j
@@ -212,7 +223,7 @@ def gumbel_noise_kernel(k0, k1, round32, out):
         for k in range(4):
             i = 4 * b + k
             if i < out.size:
-                out[i] = _gumbel(_uniform(_word(w0, w1, w2, w3, k)), round32)
+                out[i] = _gumbel(_uniform(_pick(w0, w1, w2, w3, k)), round32)
 
 
 def _xp(a):
