@@ -4,6 +4,9 @@ a numba.cuda kernel is launched on CuPy arrays (`launch`)."""
 from __future__ import annotations
 
 import importlib
+import struct
+import threading
+import warnings
 
 import numpy as np
 
@@ -35,8 +38,9 @@ def cuda_array(a):
     return cuda.from_cuda_array_interface(a.__cuda_array_interface__, owner=a, sync=not on_default)
 
 
-_FUNCTIONS = {}  # (kernel, argument key) → CuPy Function of the kernel compiled for those argument types
-_ZERO = np.uint64(0)
+_LAUNCHERS = {}  # (kernel, device, argument key) → _Launcher of the kernel compiled for those argument types
+_SLOT = {"bool": "?7x", "int8": "b7x", "uint8": "B7x", "int16": "h6x", "uint16": "H6x", "int32": "i4x",
+         "uint32": "I4x", "int64": "q", "uint64": "Q", "float32": "f4x", "float64": "d"}
 
 
 def _is_cupy(a):
@@ -65,24 +69,84 @@ def argument_types(args):
                  for a in args)
 
 
-def flatten(args, pointer):
-    """The kernel parameters of a Numba-compiled kernel, in the order its PTX declares them: an array becomes
-    (meminfo, parent, nitems, itemsize, data, shape…, strides…) — Numba's array model, with no meminfo or parent on
-    a device —, a scalar its value at the width Numba types it (Python bool: 1 byte, int: int64, float: float64)."""
+def slots(argtypes):
+    """The struct format of a Numba-compiled kernel's parameters, one 8-byte slot each, in the order its PTX
+    declares them: an array becomes (meminfo, parent, nitems, itemsize, data, shape…, strides…) — Numba's array
+    model —, a scalar its value at the width of its Numba type (a bool one byte)."""
+    from numba import types
+
+    fmt = []
+    for t in argtypes:
+        if isinstance(t, types.Array):
+            fmt += ["Q", "Q", "q", "q", "Q"] + ["q"] * (2 * t.ndim)
+        elif str(t) in _SLOT:
+            fmt.append(_SLOT[str(t)])
+        else:
+            raise TypeError(f"launch: no kernel parameter for an argument of type {t}")
+    return fmt
+
+
+def values(args, pointer):
+    """The parameter values for `slots`: no meminfo or parent on a device, then the array's size, item size, data
+    pointer, shape and strides (in bytes); scalars as they are."""
     out = []
     for a in args:
         if _is_array(a):
-            out += (_ZERO, _ZERO, np.int64(a.size), np.int64(a.itemsize), np.uint64(pointer(a)))
-            out += [np.int64(n) for n in a.shape] + [np.int64(n) for n in a.strides]
-        elif isinstance(a, bool):
-            out.append(np.bool_(a))
-        elif isinstance(a, int):
-            out.append(np.int64(a))
-        elif isinstance(a, float):
-            out.append(np.float64(a))
-        else:  # a NumPy scalar: its own type
+            out += (0, 0, a.size, a.itemsize, pointer(a), *a.shape, *a.strides)
+        else:
             out.append(a)
     return out
+
+
+class _Launcher:
+    """A kernel compiled by Numba for one signature, loaded through CuPy and launched with cuLaunchKernel: the
+    parameters are packed into one buffer of 8-byte slots with a pointer to each (the driver reads each
+    parameter's size from the image)."""
+
+    def __init__(self, kernel, args):
+        import cupy
+        from numba.core import types
+
+        argtypes = argument_types(args)
+        compiled = kernel.compile(types.void(*argtypes))
+        lib = compiled._codelibrary
+        if lib._setup_functions or lib._teardown_functions:
+            raise NotImplementedError(f"{kernel.__name__} needs module setup (NRT?): launch it through Numba")
+        self.module = cupy.cuda.function.Module()
+        self.module.load(_image(lib.get_cubin()))  # Numba's own link: libdevice and any files it linked are in it
+        self._parameters(argtypes, self.module.get_function(compiled.entry_name))
+
+    def _parameters(self, argtypes, function):
+        """The parameter buffer of 8-byte slots, and the array of pointers to them that cuLaunchKernel takes."""
+        self.function = function
+        fmt = slots(argtypes)
+        self.fmt = struct.Struct("<" + "".join(fmt))
+        self.scalar = [np.dtype(f[0]).type for f in fmt]  # for CuPy's launch, should the driver call fail
+        self.buffer = np.zeros(max(self.fmt.size, 8), dtype=np.uint8)
+        self.pointers = self.buffer.ctypes.data + 8 * np.arange(self.fmt.size // 8, dtype=np.uint64)
+        self.lock = threading.Lock()
+        self.direct = True
+
+    def __call__(self, grid, block, args, shared, stream):
+        vals = values(args, lambda a: a.data.ptr)
+        if self.direct:
+            try:
+                return self._cu_launch(grid, block, vals, shared, stream)
+            except Exception as e:  # noqa: BLE001 — CuPy's launch below is the same kernel, slower to call
+                warnings.warn(f"launch: cuLaunchKernel failed ({type(e).__name__}: {e}); using CuPy's launch",
+                              RuntimeWarning, stacklevel=3)
+                self.direct = False
+        self.function(grid, block, [t(v) for t, v in zip(self.scalar, vals)], shared_mem=shared)  # on CuPy's stream
+
+    def _cu_launch(self, grid, block, vals, shared, stream):
+        from cuda.bindings import driver
+
+        with self.lock:  # the buffer is reused: the driver has copied the parameters when cuLaunchKernel returns
+            self.fmt.pack_into(self.buffer, 0, *vals)
+            (err,) = driver.cuLaunchKernel(driver.CUfunction(self.function.ptr), *grid, *block, shared,
+                                           driver.CUstream(stream), self.pointers.ctypes.data, 0)
+        if err != driver.CUresult.CUDA_SUCCESS:
+            raise RuntimeError(f"cuLaunchKernel: {err}")
 
 
 def _image(code):
@@ -94,38 +158,23 @@ def _image(code):
     return code.encode() if isinstance(code, str) else bytes(code)
 
 
-def _function(kernel, args):
-    """The CuPy Function of `kernel` compiled by Numba for these arguments' types (compiled and loaded once)."""
-    import cupy
-
-    key = (kernel, tuple(map(_key, args)))
-    fn = _FUNCTIONS.get(key)
-    if fn is None:
-        from numba.core import types
-
-        compiled = kernel.compile(types.void(*argument_types(args)))
-        lib = compiled._codelibrary
-        if lib._setup_functions or lib._teardown_functions:
-            raise NotImplementedError(f"{kernel.__name__} needs module setup (NRT?): launch it through Numba")
-        module = cupy.cuda.function.Module()
-        module.load(_image(lib.get_cubin()))  # Numba's own link: libdevice and any helper files it linked are in it
-        fn = _FUNCTIONS[key] = (module, module.get_function(compiled.entry_name))
-    return fn[1]
-
-
 def _dim3(d):
     d = (d,) if isinstance(d, (int, np.integer)) else tuple(d)
     return tuple(int(x) for x in d) + (1,) * (3 - len(d))
 
 
 def launch(kernel, grid, block, *args, shared=0):
-    """kernel[grid, block, 0, shared](*args) for a `@cuda.jit` kernel, on CuPy arrays launched through CuPy.
+    """kernel[grid, block, 0, shared](*args) for a `@cuda.jit` kernel, on CuPy arrays launched by the driver.
 
-    Numba's own launch costs 0.1–0.4 ms of host time per call on a GPU (typing the arguments, wrapping each CuPy
-    array, marshalling through cuda.core: measured on an H200 with bench/launch_overhead.py), longer than an
-    elementwise kernel over 50 M values runs; the same kernel, compiled by Numba once per argument types and
-    launched by CuPy on its current stream, costs a few µs. Without CuPy arrays (NumPy arrays under the CUDA
-    simulator) this is Numba's launch."""
+    Numba's own launch costs 40–60 µs of host time per call with a dozen arguments, and wrapping each CuPy array
+    for it 14 µs more (measured on an H200 with bench/launch_overhead.py): a DDIM step took 0.4 ms however small.
+    Here the kernel is compiled by Numba once per argument types and loaded by CuPy, and a call packs the
+    parameters and calls cuLaunchKernel on CuPy's current stream. Without CuPy arrays (NumPy arrays under the
+    CUDA simulator) this is Numba's launch."""
     if not any(map(_is_cupy, args)):
         return kernel[grid, block, 0, shared](*args)
-    _function(kernel, args)(_dim3(grid), _dim3(block), flatten(args, lambda a: a.data.ptr), shared_mem=shared)
+    import cupy
+
+    key = (kernel, cupy.cuda.runtime.getDevice(), tuple(map(_key, args)))  # a module is loaded on one device
+    launcher = _LAUNCHERS.get(key) or _LAUNCHERS.setdefault(key, _Launcher(kernel, args))
+    launcher(_dim3(grid), _dim3(block), args, shared, cupy.cuda.get_current_stream().ptr)

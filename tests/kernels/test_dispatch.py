@@ -1,8 +1,9 @@
-"""kernels.dispatch.launch hands a Numba-compiled kernel to CuPy: its parameters must be laid out exactly as the
-kernel's PTX declares them, or the kernel reads garbage. Checked here against the sm_90 PTX of kernels of every
-family (CI has no GPU; the `gpu` tests run the launches themselves)."""
+"""kernels.dispatch.launch hands a Numba-compiled kernel to the driver itself: its parameters must be what the
+kernel's PTX declares, in that order, or the kernel reads garbage. Checked here against the sm_90 PTX of kernels of
+every family (CI has no GPU; the `gpu` tests run the launches themselves)."""
 
 import re
+import struct
 
 import numpy as np
 import pytest
@@ -14,9 +15,6 @@ from kernels.attention import cuda as attention_cuda
 from kernels.conv import cuda as conv_cuda
 from kernels.gumbel import cuda as gumbel_cuda
 from kernels.schedule import cuda as schedule_cuda
-
-WIDTH = {"u8": 1, "b8": 1, "s8": 1, "u16": 2, "u32": 4, "s32": 4, "f32": 4, "b32": 4, "u64": 8, "s64": 8, "f64": 8,
-         "b64": 8}
 
 
 def _example(ty):
@@ -43,22 +41,31 @@ def _cases():
 CASES = _cases()
 
 
+PTX_FORMAT = {"u8": "B", "b8": "B", "s8": "b", "u16": "H", "u32": "I", "s32": "i", "f32": "f", "b32": "I", "u64": "Q",
+              "s64": "q", "f64": "d", "b64": "Q"}
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_flattened_arguments_match_the_ptx_parameters(name, ptx_sm90):
+def test_packed_parameters_are_what_the_ptx_reads(name, ptx_sm90):
+    """Pack an example call's arguments as launch does, then read each kernel parameter back the way the driver
+    does (the PTX declares its type; launch gives each its own 8-byte slot): every value arrives intact."""
     kernel, signature = CASES[name]
     argtypes, _ = sigutils.normalize_signature(signature)
     args = [_example(t) for t in argtypes]
     assert dispatch.argument_types(args) == tuple(argtypes)  # the launch compiles the signature the tests check
     ptx = ptx_sm90(kernel, signature)
     params = re.search(r"\.entry\s+\S+\((.*?)\)", ptx, re.S).group(1)
-    widths = [WIDTH[w] for w, _ in re.findall(r"\.param\s+\.(\w+)\s+\S*?_param_(\d+)", params)]
-    flat = dispatch.flatten(args, lambda a: a.ctypes.data)
-    assert [np.asarray(p).itemsize for p in flat] == widths
-    # an array's data pointer lands where its kernel parameter is (meminfo, parent, nitems, itemsize, data, ...)
+    ptx_types = [t for t, _ in re.findall(r"\.param\s+\.(\w+)\s+\S*?_param_(\d+)", params)]
+    fmt = dispatch.slots(argtypes)
+    vals = dispatch.values(args, lambda a: a.ctypes.data)
+    assert len(fmt) == len(vals) == len(ptx_types)
+    packed = struct.pack("<" + "".join(fmt), *vals)
+    read = [struct.unpack_from("<" + PTX_FORMAT[t], packed, 8 * k)[0] for k, t in enumerate(ptx_types)]
+    assert read == [float(v) if isinstance(v, float) else int(v) for v in vals]
+    # and the values are Numba's array model: meminfo, parent, nitems, itemsize, data, shape, strides
     i = next(i for i, a in enumerate(args) if isinstance(a, np.ndarray))  # scalars before it: one parameter each
     a = args[i]
-    assert flat[i + 2] == a.size and flat[i + 3] == a.itemsize and flat[i + 4] == a.ctypes.data
-    assert list(flat[i + 5:i + 5 + 2 * a.ndim]) == list(a.shape) + list(a.strides)
+    assert read[i:i + 5 + 2 * a.ndim] == [0, 0, a.size, a.itemsize, a.ctypes.data, *a.shape, *a.strides]
 
 
 def test_key_tells_layouts_dtypes_and_scalars_apart():
@@ -77,3 +84,38 @@ def test_without_cupy_arrays_launch_is_numbas(monkeypatch):
 
     dispatch.launch(Kernel(), (2, 3), 64, np.zeros(3), 1.0, shared=128)
     assert calls[0][0] == ((2, 3), 64, 0, 128) and calls[0][1][1] == 1.0
+
+
+def test_the_driver_gets_pointers_to_each_value(monkeypatch):
+    """What cuLaunchKernel receives (faked here: CI has no driver): an array of pointers, the k-th pointing at
+    parameter k's value; grid, block, shared memory and stream as given."""
+    import ctypes
+
+    from cuda.bindings import driver
+
+    args = [np.zeros((3, 5), np.float32), True, 7, 0.25, np.uint64(2**40 + 1), np.zeros(4)]
+    argtypes = dispatch.argument_types(args)
+    seen = {}
+
+    def fake_launch(f, gx, gy, gz, bx, by, bz, shared, stream, params, extra):
+        pointers = (ctypes.c_uint64 * len(dispatch.slots(argtypes))).from_address(params)
+        seen.update(f=int(f), dims=(gx, gy, gz, bx, by, bz, shared), stream=int(stream), extra=extra,
+                    slots=[ctypes.string_at(p, 8) for p in pointers])
+        return (driver.CUresult.CUDA_SUCCESS,)
+
+    class Function:
+        ptr = 1234
+
+    monkeypatch.setattr(driver, "cuLaunchKernel", fake_launch)
+    launcher = object.__new__(dispatch._Launcher)
+    launcher._parameters(argtypes, Function())
+    arrays = {id(a): 1000 * (k + 1) for k, a in enumerate(args)}  # stand-in device pointers
+    launcher._cu_launch((2, 1, 1), (64, 1, 1), dispatch.values(args, lambda a: arrays[id(a)]), 96, 77)
+    assert seen["f"] == 1234 and seen["dims"] == (2, 1, 1, 64, 1, 1, 96) and seen["stream"] == 77
+    assert seen["extra"] == 0
+    want = [0, 0, 15, 4, 1000, 3, 5, 20, 4,  # the float32 (3, 5) array
+            True, 7, 0.25, 2**40 + 1,
+            0, 0, 4, 8, 6000, 4, 8]  # the float64 (4,) array
+    fmts = dispatch.slots(argtypes)
+    got = [struct.unpack("<" + f, b)[0] for f, b in zip(fmts, seen["slots"])]
+    assert got == want
