@@ -97,7 +97,8 @@ def main():
             print(f"{'error':>9}     {name}: {type(e).__name__}: {e}", flush=True)
     from kernels import dispatch
 
-    print("dispatch.launch through cuLaunchKernel:", {k[0].__name__: v.direct for k, v in dispatch._LAUNCHERS.items()})
+    direct = [(key[0].py_func.__name__, launcher.direct) for key, launcher in dispatch._LAUNCHERS.items()]
+    print("dispatch.launch through cuLaunchKernel (False: fell back to CuPy's launch):", direct)
     big = cupy.zeros((64, 3, 512, 512), dtype=cupy.float32)
     big_rows = {"q_sample (64,3,512,512)": lambda: schedule.q_sample(big, t, sched, seed=1),
                 "ddim_step (64,3,512,512)": lambda: schedule.ddim_step(big, big, t, t - 1, sched, 0.0, seed=1)}
