@@ -62,9 +62,10 @@ def _pick(v0, v1, v2, v3, k):
 
 
 @cuda.jit(device=True)
-def _at(row, j):
-    """row[j] at j clamped into the row: a load that needs no branch (its value unused when j is outside)."""
-    return row[min(max(j, 0), row.shape[0] - 1)]
+def _clamp(j, n):
+    """j clamped into 0 … n − 1, so that a load needs no branch (its value is left out when j is outside), as an
+    unsigned index: Numba then leaves out the wraparound of negative indices (Python's a[−1])."""
+    return np.uint64(min(max(j, 0), n - 1))
 
 
 @cuda.jit(device=True)
@@ -116,7 +117,7 @@ def forward_rows_kernel(l2, tau, hard, seeded, k0, k1, g2, round32, cache, y2, y
     e in shared memory (cache) or y_soft's array, where the thread that wrote it reads it in pass 3."""
     vbuf = cuda.shared.array(THREADS, float64)
     ibuf = cuda.shared.array(THREADS, int64)
-    gs = cuda.shared.array(0, float32)  # the row's noise (dynamic: n values when cache, else none)
+    gs = cuda.shared.array(0, float32)  # the row's g, then its e (dynamic: n values when cache, else none)
     tid = cuda.threadIdx.x
     rows, n = l2.shape
     inv_tau = 1.0 / tau
@@ -124,25 +125,27 @@ def forward_rows_kernel(l2, tau, hard, seeded, k0, k1, g2, round32, cache, y2, y
     for r in range(cuda.blockIdx.x, rows, cuda.gridDim.x):
         # pass 1: max and first argmax of z, a thread's step being the 4 elements of Philox block b
         first = r * n  # the flat index of the row's first element
+        lrow, grow, yrow, hrow = l2[r], g2[r], ys2[r], y2[r]
         m = -math.inf
         a = n
-        lrow = l2[r]
         for b in range((first >> 2) + tid, (first + n + 3) >> 2, THREADS):
             j4 = 4 * b - first  # the row index of the block's first element
             # its four logits, loaded first: their latency hides behind the Philox rounds and the logs
-            x0, x1, x2, x3 = _at(lrow, j4), _at(lrow, j4 + 1), _at(lrow, j4 + 2), _at(lrow, j4 + 3)
+            x0, x1 = lrow[_clamp(j4, n)], lrow[_clamp(j4 + 1, n)]
+            x2, x3 = lrow[_clamp(j4 + 2, n)], lrow[_clamp(j4 + 3, n)]
             w0, w1, w2, w3 = _block(k0, k1, np.uint64(b)) if seeded else (zero, zero, zero, zero)
             for k in range(4):
                 j = j4 + k
                 if 0 <= j < n:  # a row whose start or end is not a multiple of 4 shares its end blocks
+                    c = np.uint64(j)
                     if seeded:
                         g = _gumbel(_uniform(_pick(w0, w1, w2, w3, k)), round32)
                         if cache:
-                            gs[j] = np.float32(g)
+                            gs[c] = np.float32(g)
                         else:
-                            g2[r, j] = g  # g2 is y_soft here: pass 3 reads each g before it writes y there
+                            grow[c] = g  # g2 is ys2 here: pass 2 reads each g before it writes e in its place
                     else:
-                        g = np.float64(g2[r, j])
+                        g = np.float64(grow[c])
                     z = (np.float64(_pick(x0, x1, x2, x3, k)) + g) * inv_tau
                     if z > m or a == n:
                         m = z
@@ -153,39 +156,39 @@ def forward_rows_kernel(l2, tau, hard, seeded, k0, k1, g2, round32, cache, y2, y
         for j0 in range(tid, n, 4 * THREADS):
             for k in range(4):
                 j = j0 + k * THREADS
-                c = min(j, n - 1)  # past the row's end: load its last element, and leave it out
-                g = np.float64(gs[c]) if cache else np.float64(g2[r, c])
-                d = (np.float64(l2[r, c]) + g) * inv_tau - z_max  # pass 1's z, bit for bit
+                c = _clamp(j, n)
+                g = np.float64(gs[c]) if cache else np.float64(grow[c])
+                d = (np.float64(lrow[c]) + g) * inv_tau - z_max  # pass 1's z, bit for bit
                 if round32:
                     e = math.exp(np.float32(d))
                     if j < n:
                         s += np.float64(e)
                         if cache:
-                            gs[j] = e
+                            gs[c] = e
                         else:
-                            ys2[r, j] = e
+                            yrow[c] = e
                 else:
                     e64 = math.exp(d)
                     if j < n:
                         s += e64
-                        ys2[r, j] = e64
+                        yrow[c] = e64
         inv_total = 1.0 / _block_sum(vbuf, s)
         inv_total32 = np.float32(inv_total)
         # pass 3: normalize (and the one-hot); each thread reads the e it kept in pass 2
         for j0 in range(tid, n, 4 * THREADS):
             for k in range(4):
                 j = j0 + k * THREADS
-                c = min(j, n - 1)
+                c = _clamp(j, n)
                 if round32:  # (two variables: one would be typed float64, and cost two conversions)
-                    y32 = (gs[c] if cache else np.float32(ys2[r, c])) * inv_total32
+                    y32 = (gs[c] if cache else np.float32(yrow[c])) * inv_total32
                     if j < n:
-                        ys2[r, j] = y32
+                        yrow[c] = y32
                 else:
-                    y64 = ys2[r, c] * inv_total
+                    y64 = yrow[c] * inv_total
                     if j < n:
-                        ys2[r, j] = y64
+                        yrow[c] = y64
                 if hard and j < n:
-                    y2[r, j] = 1.0 if j == arg else 0.0
+                    hrow[c] = 1.0 if j == arg else 0.0
         cuda.syncthreads()  # the next row's pass 1 writes gs entries that other threads still read in this pass 3
 
 
@@ -197,22 +200,23 @@ def backward_rows_kernel(gy2, ys2, tau, out2):
     rows, n = ys2.shape
     inv_tau = 1.0 / tau
     for r in range(cuda.blockIdx.x, rows, cuda.gridDim.x):
+        gyrow, yrow, orow = gy2[r], ys2[r], out2[r]
         d = 0.0
         for j0 in range(tid, n, 4 * THREADS):
             for k in range(4):
                 j = j0 + k * THREADS
-                c = min(j, n - 1)  # past the row's end: load its last element, and leave it out
-                v = np.float64(gy2[r, c]) * np.float64(ys2[r, c])
+                c = _clamp(j, n)
+                v = np.float64(gyrow[c]) * np.float64(yrow[c])
                 if j < n:
                     d += v
         dot = _block_sum(vbuf, d)
         for j0 in range(tid, n, 4 * THREADS):
             for k in range(4):
                 j = j0 + k * THREADS
-                c = min(j, n - 1)
-                v = np.float64(ys2[r, c]) * (np.float64(gy2[r, c]) - dot) * inv_tau
+                c = _clamp(j, n)
+                v = np.float64(yrow[c]) * (np.float64(gyrow[c]) - dot) * inv_tau
                 if j < n:
-                    out2[r, j] = v
+                    orow[c] = v
 
 
 @cuda.jit
