@@ -2,18 +2,19 @@
 
 The forward kernel makes three passes over its row, its THREADS threads each taking 4 elements per step:
   pass 1: g_j = −log(−log u_j) from Philox at the element's flat index, one Philox call per 4 elements (a thread's
-          step is a whole Philox block); z_j = (l_j + g_j)·(1/τ); per-thread (max, first argmax), then a tree
-          reduction of the pairs in shared memory;
-  pass 2: e_j = exp(z_j − max) and Σ e_j, the same tree reduction for the sum;
+          step is a whole Philox block); z_j = (l_j + g_j)·(log₂e/τ), in base-2 units; per-thread (max, first
+          argmax), then a tree reduction of the pairs in shared memory;
+  pass 2: e_j = 2^(z_j − max) = exp((l_j + g_j)/τ − max_k (l_k + g_k)/τ) and Σ e_j, the same tree reduction;
   pass 3: y_soft_j = e_j·(1/Σ) (and the one-hot of the argmax when hard).
 The noise costs most (ten Philox rounds and two float64 logs per element, kept exact so that every form draws the
 same g), so it is drawn once: pass 1 leaves g for pass 2, which leaves e for pass 3, each in the place of the one
 before — for float32 rows of up to CACHE_MAX values in shared memory (g float32 there, exactly as _gumbel rounds it),
 for other rows in y_soft's own array. Pass 2 reads the logits again (just read: from L2).
 z and z − max are float64, as the reference's are (rounding z to float32 would move it by up to 2⁻²⁴|z|, too much
-for large |z|/τ); for float32 rows only exp(z − max) and the normalization are float32 (z − max ≤ 0 rounded to
-float32 is exact to 2⁻²⁴|z − max|, which moves y by at most 2⁻²⁴/e ≈ 2·10⁻⁸), with the sum in float64. The backward
-kernel reduces ⟨g_y, y_soft⟩ the same way and writes y_soft ∘ (g_y − ⟨g_y, y_soft⟩)·(1/τ).
+for large |z|/τ); for float32 rows only 2^(z − max) (one ex2.approx.f32, ≤ 2 ulp) and the normalization are
+float32 (z − max ≤ 0 rounded to float32 is exact to 2⁻²⁴|z − max|, which moves y by at most 2⁻²⁴/e ≈ 2·10⁻⁸), with
+the sum in float64. The backward kernel reduces ⟨g_y, y_soft⟩ the same way and writes
+y_soft ∘ (g_y − ⟨g_y, y_soft⟩)·(1/τ).
 
 Loads run ahead of the arithmetic that needs them: pass 1 loads a Philox block's four logits before its Philox
 rounds, and passes 2 and 3 and the backward read elements j, j + THREADS, j + 2·THREADS, j + 3·THREADS in one step,
@@ -42,6 +43,7 @@ _SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 THREADS = 32 if _SIM else 256
 CACHE_MAX = 48 if _SIM else 10240
 GRID_MAX = 2 if _SIM else 8192
+LOG2_E = 1.0 / math.log(2.0)
 _philox = philox.cuda_device_functions()
 _block, _uniform = _philox.block, _philox.uniform
 
@@ -120,7 +122,7 @@ def forward_rows_kernel(l2, tau, hard, seeded, k0, k1, g2, round32, cache, y2, y
     gs = cuda.shared.array(0, float32)  # the row's g, then its e (dynamic: n values when cache, else none)
     tid = cuda.threadIdx.x
     rows, n = l2.shape
-    inv_tau = 1.0 / tau
+    scale = LOG2_E * (1.0 / tau)  # z in base-2 units: 2^(z − max) = exp((l + g − max(l + g))/τ)
     zero = np.uint64(0)
     for r in range(cuda.blockIdx.x, rows, cuda.gridDim.x):
         # pass 1: max and first argmax of z, a thread's step being the 4 elements of Philox block b
@@ -146,7 +148,7 @@ def forward_rows_kernel(l2, tau, hard, seeded, k0, k1, g2, round32, cache, y2, y
                             grow[c] = g  # g2 is ys2 here: pass 2 reads each g before it writes e in its place
                     else:
                         g = np.float64(grow[c])
-                    z = (np.float64(_pick(x0, x1, x2, x3, k)) + g) * inv_tau
+                    z = (np.float64(_pick(x0, x1, x2, x3, k)) + g) * scale
                     if z > m or a == n:
                         m = z
                         a = j
@@ -158,9 +160,9 @@ def forward_rows_kernel(l2, tau, hard, seeded, k0, k1, g2, round32, cache, y2, y
                 j = j0 + k * THREADS
                 c = _clamp(j, n)
                 g = np.float64(gs[c]) if cache else np.float64(grow[c])
-                d = (np.float64(lrow[c]) + g) * inv_tau - z_max  # pass 1's z, bit for bit
+                d = (np.float64(lrow[c]) + g) * scale - z_max  # pass 1's z, bit for bit
                 if round32:
-                    e = math.exp(np.float32(d))
+                    e = math.exp2(np.float32(d))  # one instruction, ex2.approx.f32 (≤ 2 ulp)
                     if j < n:
                         s += np.float64(e)
                         if cache:
@@ -168,7 +170,7 @@ def forward_rows_kernel(l2, tau, hard, seeded, k0, k1, g2, round32, cache, y2, y
                         else:
                             yrow[c] = e
                 else:
-                    e64 = math.exp(d)
+                    e64 = math.exp2(d)
                     if j < n:
                         s += e64
                         yrow[c] = e64
