@@ -78,3 +78,14 @@ def test_long_rows_noise_given_dim_and_backward():
     y_ref, y_soft_ref = ref.gumbel_softmax_forward(logits, 0.5, True, seed=7, dim=0)
     np.testing.assert_allclose(y_soft, y_soft_ref, **TOL[np.float32])
     np.testing.assert_array_equal(y, y_ref)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_noise_kernel_over_several_grid_steps(dtype):
+    # 305 values: a thread takes a Philox block (4 values) a step, the last block partly outside; more blocks than
+    # the grid has threads, so threads take several steps
+    shape = (5, 61)
+    assert np.prod(shape) > 4 * gcuda.THREADS * gcuda.GRID_MAX
+    exact32 = dtype == np.float32
+    np.testing.assert_allclose(gcuda.gumbel_noise(3, shape, dtype), ref.gumbel_noise(3, shape, dtype),
+                               rtol=0 if exact32 else 1e-14, atol=0 if exact32 else 1e-14)
