@@ -338,6 +338,7 @@ NT = TX * TY  # threads per block (128 on a GPU)
 BM = TY * TM  # queries per block (64)
 BN = TX * TN  # keys per tile (32)
 assert 32 % TX == 0 and NT % 32 == 0 or _SIM  # a row's TX owners lie within one warp
+assert NT >= BN  # (one thread per query of a tile loads its lse and D in dkdv_fast)
 DS = 4 if _SIM else 16  # head dims staged at a time in the backward's products over D: dK/dV kernel ...
 DSQ = 4 if _SIM else 32  # ... and dQ kernel (fewer operands beside the slices: wider ones fit)
 # Blocks per SM that each kernel's launch bounds ask ptxas to fit: at most 65536 / (NT · that) registers per thread.
@@ -406,12 +407,14 @@ def _row_sum(x):
 SG = 2 if _SIM else 8  # columns of a staging cell: a cell is 4 rows × SG columns, one warp's 32 elements on a GPU
 NG = NT // (4 * SG)  # staging cells a block fills at once (4 on a GPU: one per warp)
 SB = 8  # values a thread loads before it stores them: its loads in flight at once
+NN = 0x7FFFFFFF  # i & NN = i for the indices here, and tells the compiler i ≥ 0: no negative-index wraparound code
 
 
 @cuda.jit(device=True, inline=True)
-def _stage_transposed(dst, src, bh, row0, col0, R, C, n):
+def _stage_transposed(dst, src, bh, row0, col0, R, C, n, rows=None):
     """dst[col, row] = src[bh, row0 + row, col0 + col] for an R × C block (R a multiple of 4·NG, C of SG), by the
-    block's NT threads; rows row0 + row ≥ n repeat row n − 1 (see ``_stage``). dst's row stride is 4 modulo 32
+    block's NT threads, and rows[row, col0 + col] too if given (the backward needs some tiles both ways: one
+    load, two stores); rows row0 + row ≥ n repeat row n − 1 (see ``_stage``). dst's row stride is 4 modulo 32
     words, and a warp's 32 elements form a cell of 4 rows × SG = 8 consecutive columns: its global reads are 4
     runs of 32 bytes and its shared stores, at banks 4·col + row (mod 32), hit 32 distinct banks (32 consecutive
     columns of one row would hit 8 banks, 4 times each).
@@ -424,15 +427,17 @@ def _stage_transposed(dst, src, bh, row0, col0, R, C, n):
     ct = (t // 4) % SG
     RQ = R // (4 * NG)  # cells down a column of cells, per thread
     CB = min(SB // RQ, C // SG)  # columns of cells per batch
-    last = n - 1 - row0
+    g, rg, cg, last = bh & NN, (row0 + rt) & NN, (col0 + ct) & NN, (n - 1) & NN
     buf = cuda.local.array(SB, float32)
     c = 0
     while c < C // SG:
         for w in range(RQ * CB):
-            buf[w] = src[bh, row0 + min(rt + 4 * NG * (w % RQ), last), col0 + ct + SG * (c + w // RQ)]
+            buf[w] = src[g, min(rg + 4 * NG * (w % RQ), last), cg + SG * (c + w // RQ)]
         for w in range(RQ * CB):
-            row = rt + 4 * NG * (w % RQ)
-            dst[ct + SG * (c + w // RQ), row] = buf[w]
+            row, col = rt + 4 * NG * (w % RQ), ct + SG * (c + w // RQ)
+            dst[col, row] = buf[w]
+            if rows is not None:  # (decided at compile time)
+                rows[row, cg - ct + col] = buf[w]
         c += CB
 
 
@@ -450,12 +455,12 @@ def _stage(dst, src, bh, row0, R, C, n):
     CS = max(C // NT, 1)  # steps per row
     rt, ct = t // C if NT >= C else 0, t % C if NT >= C else t
     W = min(SB, R * C // NT)  # steps per batch
-    last = n - 1 - row0
+    g, rg, last = bh & NN, (row0 + rt) & NN, (n - 1) & NN
     buf = cuda.local.array(SB, float32)
     u = 0
     while u < R * C // NT:  # step u: row rt + RS·(u // CS), column ct + NT·(u % CS)
         for w in range(W):
-            buf[w] = src[bh, row0 + min(rt + RS * ((u + w) // CS), last), ct + NT * ((u + w) % CS)]
+            buf[w] = src[g, min(rg + RS * ((u + w) // CS), last), ct + NT * ((u + w) % CS)]
         for w in range(W):
             row = rt + RS * ((u + w) // CS)
             dst[row, ct + NT * ((u + w) % CS)] = buf[w]
@@ -550,26 +555,18 @@ def _block_of():
     return cuda.blockIdx.y, cuda.gridDim.y, cuda.blockIdx.x
 
 
-@cuda.jit(device=True, inline=True)
-def _block_of_v1():
-    """The first version's grid: (row blocks, BH)."""
-    return cuda.blockIdx.x, cuda.gridDim.x, cuda.blockIdx.y
-
-
 def _fast_grid(blocks, BH, v1):
     """The fast kernels' grid for `blocks` row blocks per batch·head (see ``_block_of``)."""
     return (blocks, BH) if v1 else (BH, blocks)
 
 
-def _build_fast(D, v1=False):
+def _build_fast(D):
     """The register-blocked float32 kernels for head dim D = Dv (a compile-time constant: it sizes the register
-    arrays and the static shared tiles); ``v1`` builds them with the first version's staging (A/B timing)."""
-    stage_t, stage = (_stage_transposed_v1, _stage_v1) if v1 else (_stage_transposed, _stage)
-    block_of = _block_of_v1 if v1 else _block_of
+    arrays and the static shared tiles)."""
 
     def kernel(name):
-        """cuda.jit with the kernel's launch bounds (not for v1, nor the simulator, whose jit has no such option)."""
-        if v1 or _SIM or not FAST_BLOCKS_PER_SM[name]:
+        """cuda.jit with the kernel's launch bounds (not in the simulator, whose jit has no such option)."""
+        if _SIM:
             return cuda.jit
         return cuda.jit(launch_bounds=(NT, FAST_BLOCKS_PER_SM[name]))
 
@@ -589,7 +586,7 @@ def _build_fast(D, v1=False):
         t = cuda.threadIdx.x & (NT - 1)  # (= threadIdx.x; the mask shows the compiler t ≥ 0: no negative-index wrap)
         tx, ty = t % TX, t // TX
         r0, c0 = TM * ty, TN * tx  # the thread's first row and first key of a tile
-        blk, nblk, bh = block_of()
+        blk, nblk, bh = _block_of()
         i0 = (nblk - 1 - blk) * BM  # the last (under causality the longest) first
         b, h = bh // H, bh % H
         i1 = min(i0 + BM, L)
@@ -606,7 +603,7 @@ def _build_fast(D, v1=False):
         a = cuda.local.array(TM, float32)  # operands staged in registers: a column of Q or Pᵀ ...
         kb = cuda.local.array(TN, float32)  # ... and a row of Kᵀ ...
         vb = cuda.local.array(DT, float32)  # ... or of V
-        stage_t(sQ, q, bh, i0, 0, BM, D, L)  # rows past L are zeros
+        _stage_transposed(sQ, q, bh, i0, 0, BM, D, L)  # rows past L are zeros
         for i in range(TM):
             m[i] = ninf
             lp[i] = zero
@@ -616,8 +613,8 @@ def _build_fast(D, v1=False):
             if (causal and j0 > i1 - 1) or not _tile_may_attend(kind, T, W, r, P, i0, i1, j0, min(j0 + BN, S)):
                 continue  # the same decision in every thread of the block: every barrier is reached by all
             cuda.syncthreads()  # the previous tile is no longer read (and sQ is written, the first time)
-            stage_t(sK, k, bh, j0, 0, BN, D, S)  # keys past S are zeros
-            stage(sV, v, bh, j0, BN, D, S)
+            _stage_transposed(sK, k, bh, j0, 0, BN, D, S)  # keys past S are zeros
+            _stage(sV, v, bh, j0, BN, D, S)
             cuda.syncthreads()
             for i in range(TM):  # S = Q Kᵀ: TM + TN shared loads for TM · TN multiply-adds per d
                 for j in range(TN):
@@ -698,7 +695,7 @@ def _build_fast(D, v1=False):
         t = cuda.threadIdx.x & (NT - 1)
         tx, ty = t % TX, t // TX
         r0, c0 = TM * ty, TN * tx
-        blk, nblk, bh = block_of()
+        blk, nblk, bh = _block_of()
         i0 = (nblk - 1 - blk) * BM  # the last (under causality the longest) first
         b, h = bh // H, bh % H
         i1 = min(i0 + BM, L)
@@ -735,12 +732,10 @@ def _build_fast(D, v1=False):
                     dp[i, j] = zero
             for d0 in range(0, D, DSQ):
                 cuda.syncthreads()  # the previous slice (and the previous tile's dS, K) are no longer read
-                stage_t(sQ, q, bh, i0, d0, BM, DSQ, L)
-                stage_t(sdO, dout, bh, i0, d0, BM, DSQ, L)
-                stage_t(sK, k, bh, j0, d0, BN, DSQ, S)
-                stage_t(sV, v, bh, j0, d0, BN, DSQ, S)
-                if d0 == 0:
-                    stage(sKr, k, bh, j0, BN, D, S)
+                _stage_transposed(sQ, q, bh, i0, d0, BM, DSQ, L)
+                _stage_transposed(sdO, dout, bh, i0, d0, BM, DSQ, L)
+                _stage_transposed(sK, k, bh, j0, d0, BN, DSQ, S, sKr)  # K's slice both ways
+                _stage_transposed(sV, v, bh, j0, d0, BN, DSQ, S)
                 cuda.syncthreads()
                 _two_products(s, dp, sQ, sdO, sK, sV, r0, c0, DSQ, a, a2, kb, vb)  # S += Q Kᵀ, dP += dO Vᵀ
             _masked_scores(s, sdS, r0, c0, i0, j0, True, L, S, scale, mask, has_mask, b, h, kind, T, W, r, P, causal)
@@ -778,7 +773,7 @@ def _build_fast(D, v1=False):
         t = cuda.threadIdx.x & (NT - 1)
         tx, ty = t % TX, t // TX
         r0, c0 = TM * ty, TN * tx
-        blk, nblk, bh = block_of()
+        blk, nblk, bh = _block_of()
         j0 = blk * BM  # (under causality the first key blocks are the longest)
         b, h = bh // H, bh % H
         j1 = min(j0 + BM, S)
@@ -816,13 +811,306 @@ def _build_fast(D, v1=False):
                     dp[i, j] = zero
             for d0 in range(0, D, DS):
                 cuda.syncthreads()  # the previous slice (and the previous tile's P, dS, Q, dO) are no longer read
-                stage_t(sK, k, bh, j0, d0, BM, DS, S)
-                stage_t(sV, v, bh, j0, d0, BM, DS, S)
-                stage_t(sQ, q, bh, i0, d0, BN, DS, L)
-                stage_t(sdO, dout, bh, i0, d0, BN, DS, L)
+                _stage_transposed(sK, k, bh, j0, d0, BM, DS, S)
+                _stage_transposed(sV, v, bh, j0, d0, BM, DS, S)
+                _stage_transposed(sQ, q, bh, i0, d0, BN, DS, L, sQr)  # Q's and dO's slices both ways
+                _stage_transposed(sdO, dout, bh, i0, d0, BN, DS, L, sdOr)
+                qt = t % BN  # lse and D of the tile's queries, at every slice and by every thread (the same value to
+                x = lse[bh, min(i0 + qt, L - 1)]  # the same place): no branch between the slices' loads
+                sL[qt] = x if i0 + qt < L else ninf  # queries past L: P = 0
+                sDr[qt] = Drow[bh, min(i0 + qt, L - 1)]
+                cuda.syncthreads()
+                _two_products(s, dp, sK, sV, sQ, sdO, r0, c0, DS, a, a2, kb, vb)  # Sᵀ += K Qᵀ, dPᵀ += V dOᵀ
+            _masked_scores(s, sP, r0, c0, j0, i0, False, L, S, scale, mask, has_mask, b, h, kind, T, W, r, P, causal)
+            for j in range(TN):
+                lq = sL[c0 + j]
+                dq_ = sDr[c0 + j]
+                for i in range(TM):
+                    p = zero
+                    if lq != ninf:
+                        p = math.exp(s[i, j] - lq)
+                    s[i, j] = p
+                    dp[i, j] = p * (dp[i, j] - dq_) * scale
+            for j in range(TN):
+                for i in range(TM):
+                    sP[c0 + j, r0 + i] = s[i, j]
+                    sdS[c0 + j, r0 + i] = dp[i, j]
+            cuda.syncthreads()
+            c = 0
+            while c < BN:  # dV += Pᵀ dO, dK += dSᵀ Q
+                for i in range(TM):
+                    a[i] = sP[c, r0 + i]
+                    a2[i] = sdS[c, r0 + i]
+                for e in range(DT):
+                    ob[e] = sdOr[c, 4 * tx + 4 * TX * (e // 4) + e % 4]
+                    qb[e] = sQr[c, 4 * tx + 4 * TX * (e // 4) + e % 4]
+                for i in range(TM):
+                    for e in range(DT):
+                        gv[i, e] += a[i] * ob[e]
+                        gk[i, e] += a2[i] * qb[e]
+                c += 1
+        for i in range(TM):
+            if j0 + r0 + i < S:
+                for e in range(DT):
+                    dv[bh, j0 + r0 + i, 4 * tx + 4 * TX * (e // 4) + e % 4] = gv[i, e]
+                    dk[bh, j0 + r0 + i, 4 * tx + 4 * TX * (e // 4) + e % 4] = gk[i, e]
+
+    return {"forward_fast": forward_fast, "dq_fast": dq_fast, "dkdv_fast": dkdv_fast}
+
+
+def _build_fast_v1(D):
+    """The fast kernels' first version (per-element staging, grid (row blocks, batch·head), no launch bounds),
+    verbatim but for the staging helpers' names: kept only for A/B timing (``FAST_V1``, bench/ab_attention.py)."""
+    DT = D // TX  # output columns per thread: 4·tx + 4·TX·(e // 4) + e % 4, four consecutive at a time
+    # (shapes of shared and local arrays must be compile-time constants: tuples built here, frozen into the kernel)
+    Q_SHAPE, K_SHAPE, V_SHAPE, P_SHAPE = (D, BM + 4), (D, BN + 4), (BN, D), (BN, BM + 4)
+    ACC_SHAPE, S_SHAPE = (TM, DT), (TM, TN)
+    ninf = float32(-math.inf)
+    zero = float32(0.0)
+
+    @cuda.jit
+    def forward_fast(q, k, v, mask, has_mask, H, kind, T, W, r, P, causal, scale, out, lse):
+        """One block of NT threads per (BM queries, batch·head). Thread (tx, ty) owns rows TM·ty + i of the block
+        and, in each BM × BN score tile, keys TN·tx + j; its TM × TN scores, its TM × DT output accumulators and
+        its rows' running max m and partial sums l live in registers (constant-size local arrays)."""
+        L, S = q.shape[1], k.shape[1]
+        t = cuda.threadIdx.x & (NT - 1)  # (= threadIdx.x; the mask shows the compiler t ≥ 0: no negative-index wrap)
+        tx, ty = t % TX, t // TX
+        r0, c0 = TM * ty, TN * tx  # the thread's first row and first key of a tile
+        i0 = (cuda.gridDim.x - 1 - cuda.blockIdx.x) * BM  # the last (under causality the longest) first
+        bh = cuda.blockIdx.y
+        b, h = bh // H, bh % H
+        i1 = min(i0 + BM, L)
+        # Transposed tiles: a thread reads its TM rows (TN keys) at one d, 16 consecutive bytes. The +4 pads keep
+        # every row on a 16-byte boundary and make the row stride 4 mod 32 words (conflict-free staging).
+        sQ = cuda.shared.array(Q_SHAPE, float32, alignment=ALIGN)
+        sK = cuda.shared.array(K_SHAPE, float32, alignment=ALIGN)
+        sV = cuda.shared.array(V_SHAPE, float32, alignment=ALIGN)
+        sP = cuda.shared.array(P_SHAPE, float32, alignment=ALIGN)
+        acc = cuda.local.array(ACC_SHAPE, float32)  # the unnormalized output rows
+        s = cuda.local.array(S_SHAPE, float32)  # scores, then probabilities
+        m = cuda.local.array(TM, float32)  # running row max (the same in the row's TX threads)
+        lp = cuda.local.array(TM, float32)  # this thread's part of the running row sum
+        a = cuda.local.array(TM, float32)  # operands staged in registers: a column of Q or Pᵀ ...
+        kb = cuda.local.array(TN, float32)  # ... and a row of Kᵀ ...
+        vb = cuda.local.array(DT, float32)  # ... or of V
+        _stage_transposed_v1(sQ, q, bh, i0, 0, BM, D, L)  # rows past L are zeros
+        for i in range(TM):
+            m[i] = ninf
+            lp[i] = zero
+            for e in range(DT):
+                acc[i, e] = zero
+        for j0 in range(0, S, BN):
+            if (causal and j0 > i1 - 1) or not _tile_may_attend(kind, T, W, r, P, i0, i1, j0, min(j0 + BN, S)):
+                continue  # the same decision in every thread of the block: every barrier is reached by all
+            cuda.syncthreads()  # the previous tile is no longer read (and sQ is written, the first time)
+            _stage_transposed_v1(sK, k, bh, j0, 0, BN, D, S)  # keys past S are zeros
+            _stage_v1(sV, v, bh, j0, BN, D, S)
+            cuda.syncthreads()
+            for i in range(TM):  # S = Q Kᵀ: TM + TN shared loads for TM · TN multiply-adds per d
+                for j in range(TN):
+                    s[i, j] = zero
+            d = 0
+            while d < D:  # (a while loop: Numba's range loop index defeats the 16-byte alignment proof, no v4 loads)
+                for i in range(TM):
+                    a[i] = sQ[d, r0 + i]
+                for j in range(TN):
+                    kb[j] = sK[d, c0 + j]
+                for i in range(TM):
+                    for j in range(TN):
+                        s[i, j] += a[i] * kb[j]
+                d += 1
+            _masked_scores(s, sP, r0, c0, i0, j0, True, L, S, scale, mask, has_mask, b, h, kind, T, W, r, P, causal)
+            for i in range(TM):  # the online softmax (Dao 2023, algorithm 1, lines 8-10)
+                mx = m[i]
+                for j in range(TN):
+                    mx = max(mx, s[i, j])
+                mx = _row_max(mx)  # m' = max(m, rowmax(S)), outside any branch: all 32 lanes shuffle
+                alpha = float32(1.0)
+                if mx != ninf:  # else the row has seen no key yet: nothing to rescale, P = 0
+                    alpha = math.exp(m[i] - mx)  # exp(m − m'), 0 while m = −inf
+                m[i] = mx
+                total = zero
+                for j in range(TN):
+                    p = zero
+                    if mx != ninf:
+                        p = math.exp(s[i, j] - mx)
+                    s[i, j] = p
+                    total += p
+                lp[i] = alpha * lp[i] + total  # each thread sums its own keys; the row's parts meet at the end
+                for e in range(DT):
+                    acc[i, e] *= alpha
+            for j in range(TN):  # a key's 4 rows are consecutive in Pᵀ: one 16-byte store
+                for i in range(TM):
+                    sP[c0 + j, r0 + i] = s[i, j]
+            cuda.syncthreads()  # P is complete
+            c = 0
+            while c < BN:  # O += P V: TM + DT shared loads for TM · DT multiply-adds per key
+                for i in range(TM):
+                    a[i] = sP[c, r0 + i]
+                for e in range(DT):
+                    vb[e] = sV[c, 4 * tx + 4 * TX * (e // 4) + e % 4]
+                for i in range(TM):
+                    for e in range(DT):
+                        acc[i, e] += a[i] * vb[e]
+                c += 1
+        for i in range(TM):  # O = acc / l, lse = m + log l (lines 12-13); a fully blocked row: 0 and −inf
+            lsum = _row_sum(lp[i])
+            inv = zero
+            if lsum > zero:
+                inv = float32(1.0) / lsum
+                m[i] += math.log(lsum)
+            else:
+                m[i] = ninf
+            for e in range(DT):
+                acc[i, e] *= inv
+        for i in range(TM):
+            qi = i0 + r0 + i
+            if qi < L:
+                for e in range(DT):
+                    out[bh, qi, 4 * tx + 4 * TX * (e // 4) + e % 4] = acc[i, e]
+                if tx == 0:
+                    lse[bh, qi] = m[i]
+
+    SL_Q, SL_K = (DS, BM + 4), (DS, BN + 4)  # d-slices of the transposed row-block and column-tile operands
+    SQ_Q, SQ_K = (DSQ, BM + 4), (DSQ, BN + 4)  # the same in the dQ kernel
+    R_SHAPE, ROW_SHAPE = (BN, D), (BN,)
+
+    @cuda.jit
+    def dq_fast(q, k, v, lse, dout, Drow, mask, has_mask, H, kind, T, W, r, P, causal, scale, dq):
+        """dQ for one block of BM queries (Dao 2023, algorithm 2, its dQ half, without atomics): for each key
+        tile, S = Q Kᵀ and dP = dO Vᵀ are recomputed, DSQ head dims staged at a time (all of Q and dO would not
+        fit beside the rest in 48 KiB); P = exp(S − lse), dS = P ∘ (dP − D) · scale; dQ += dS K. Thread (tx, ty)
+        owns query rows r0 + i, keys c0 + j of a tile and D/TX columns of dQ, all in registers."""
+        L, S = q.shape[1], k.shape[1]
+        t = cuda.threadIdx.x & (NT - 1)
+        tx, ty = t % TX, t // TX
+        r0, c0 = TM * ty, TN * tx
+        i0 = (cuda.gridDim.x - 1 - cuda.blockIdx.x) * BM  # the last (under causality the longest) first
+        bh = cuda.blockIdx.y
+        b, h = bh // H, bh % H
+        i1 = min(i0 + BM, L)
+        sQ = cuda.shared.array(SQ_Q, float32, alignment=ALIGN)
+        sdO = cuda.shared.array(SQ_Q, float32, alignment=ALIGN)
+        sK = cuda.shared.array(SQ_K, float32, alignment=ALIGN)
+        sV = cuda.shared.array(SQ_K, float32, alignment=ALIGN)
+        sKr = cuda.shared.array(R_SHAPE, float32, alignment=ALIGN)  # the key tile, row-major, for dQ += dS K
+        sdS = cuda.shared.array(P_SHAPE, float32, alignment=ALIGN)  # dSᵀ
+        acc = cuda.local.array(ACC_SHAPE, float32)
+        s = cuda.local.array(S_SHAPE, float32)
+        dp = cuda.local.array(S_SHAPE, float32)
+        lr = cuda.local.array(TM, float32)  # lse and D of the thread's rows
+        dr = cuda.local.array(TM, float32)
+        a = cuda.local.array(TM, float32)
+        a2 = cuda.local.array(TM, float32)
+        kb = cuda.local.array(TN, float32)
+        vb = cuda.local.array(TN, float32)
+        cb = cuda.local.array(DT, float32)
+        for i in range(TM):
+            lr[i] = ninf  # rows past L: P = 0
+            dr[i] = zero
+            if i0 + r0 + i < L:
+                lr[i] = lse[bh, i0 + r0 + i]
+                dr[i] = Drow[bh, i0 + r0 + i]
+            for e in range(DT):
+                acc[i, e] = zero
+        for j0 in range(0, S, BN):
+            if (causal and j0 > i1 - 1) or not _tile_may_attend(kind, T, W, r, P, i0, i1, j0, min(j0 + BN, S)):
+                continue  # block-uniform
+            for i in range(TM):
+                for j in range(TN):
+                    s[i, j] = zero
+                    dp[i, j] = zero
+            for d0 in range(0, D, DSQ):
+                cuda.syncthreads()  # the previous slice (and the previous tile's dS, K) are no longer read
+                _stage_transposed_v1(sQ, q, bh, i0, d0, BM, DSQ, L)
+                _stage_transposed_v1(sdO, dout, bh, i0, d0, BM, DSQ, L)
+                _stage_transposed_v1(sK, k, bh, j0, d0, BN, DSQ, S)
+                _stage_transposed_v1(sV, v, bh, j0, d0, BN, DSQ, S)
                 if d0 == 0:
-                    stage(sQr, q, bh, i0, BN, D, L)
-                    stage(sdOr, dout, bh, i0, BN, D, L)
+                    _stage_v1(sKr, k, bh, j0, BN, D, S)
+                cuda.syncthreads()
+                _two_products(s, dp, sQ, sdO, sK, sV, r0, c0, DSQ, a, a2, kb, vb)  # S += Q Kᵀ, dP += dO Vᵀ
+            _masked_scores(s, sdS, r0, c0, i0, j0, True, L, S, scale, mask, has_mask, b, h, kind, T, W, r, P, causal)
+            for i in range(TM):
+                for j in range(TN):
+                    p = zero
+                    if lr[i] != ninf:
+                        p = math.exp(s[i, j] - lr[i])  # P = exp(S − lse)
+                    s[i, j] = p * (dp[i, j] - dr[i]) * scale  # dS = P ∘ (dP − D), times scale
+            for j in range(TN):
+                for i in range(TM):
+                    sdS[c0 + j, r0 + i] = s[i, j]
+            cuda.syncthreads()
+            c = 0
+            while c < BN:  # dQ += dS K
+                for i in range(TM):
+                    a[i] = sdS[c, r0 + i]
+                for e in range(DT):
+                    cb[e] = sKr[c, 4 * tx + 4 * TX * (e // 4) + e % 4]
+                for i in range(TM):
+                    for e in range(DT):
+                        acc[i, e] += a[i] * cb[e]
+                c += 1
+        for i in range(TM):
+            if i0 + r0 + i < L:
+                for e in range(DT):
+                    dq[bh, i0 + r0 + i, 4 * tx + 4 * TX * (e // 4) + e % 4] = acc[i, e]
+
+    @cuda.jit
+    def dkdv_fast(q, k, v, lse, dout, Drow, mask, has_mask, H, kind, T, W, r, P, causal, scale, dk, dv):
+        """dK and dV for one block of BM keys (Dao 2023, algorithm 2): for each query tile of BN queries,
+        Sᵀ = K Qᵀ and dPᵀ = V dOᵀ (DS head dims at a time), Pᵀ and dSᵀ as in dq_fast, then dV += Pᵀ dO and
+        dK += dSᵀ Q. Thread (tx, ty) owns keys r0 + i, queries c0 + j of a tile and D/TX columns of dK and dV."""
+        L, S = q.shape[1], k.shape[1]
+        t = cuda.threadIdx.x & (NT - 1)
+        tx, ty = t % TX, t // TX
+        r0, c0 = TM * ty, TN * tx
+        j0 = cuda.blockIdx.x * BM
+        bh = cuda.blockIdx.y
+        b, h = bh // H, bh % H
+        j1 = min(j0 + BM, S)
+        sK = cuda.shared.array(SL_Q, float32, alignment=ALIGN)
+        sV = cuda.shared.array(SL_Q, float32, alignment=ALIGN)
+        sQ = cuda.shared.array(SL_K, float32, alignment=ALIGN)
+        sdO = cuda.shared.array(SL_K, float32, alignment=ALIGN)
+        sQr = cuda.shared.array(R_SHAPE, float32, alignment=ALIGN)  # the query tile, row-major, for dK += dSᵀ Q
+        sdOr = cuda.shared.array(R_SHAPE, float32, alignment=ALIGN)  # and dO, for dV += Pᵀ dO
+        sP = cuda.shared.array(P_SHAPE, float32, alignment=ALIGN)  # P[query, key]
+        sdS = cuda.shared.array(P_SHAPE, float32, alignment=ALIGN)
+        sL = cuda.shared.array(ROW_SHAPE, float32)  # lse and D of the tile's queries
+        sDr = cuda.shared.array(ROW_SHAPE, float32)
+        gv = cuda.local.array(ACC_SHAPE, float32)  # dV rows
+        gk = cuda.local.array(ACC_SHAPE, float32)  # dK rows
+        s = cuda.local.array(S_SHAPE, float32)
+        dp = cuda.local.array(S_SHAPE, float32)
+        a = cuda.local.array(TM, float32)
+        a2 = cuda.local.array(TM, float32)
+        kb = cuda.local.array(TN, float32)
+        vb = cuda.local.array(TN, float32)
+        ob = cuda.local.array(DT, float32)
+        qb = cuda.local.array(DT, float32)
+        for i in range(TM):
+            for e in range(DT):
+                gv[i, e] = zero
+                gk[i, e] = zero
+        i_start = j0 // BN * BN if causal else 0  # causal: earlier query tiles see none of these keys
+        for i0 in range(i_start, L, BN):
+            if not _tile_may_attend(kind, T, W, r, P, i0, min(i0 + BN, L), j0, j1):
+                continue  # block-uniform
+            for i in range(TM):
+                for j in range(TN):
+                    s[i, j] = zero
+                    dp[i, j] = zero
+            for d0 in range(0, D, DS):
+                cuda.syncthreads()  # the previous slice (and the previous tile's P, dS, Q, dO) are no longer read
+                _stage_transposed_v1(sK, k, bh, j0, d0, BM, DS, S)
+                _stage_transposed_v1(sV, v, bh, j0, d0, BM, DS, S)
+                _stage_transposed_v1(sQ, q, bh, i0, d0, BN, DS, L)
+                _stage_transposed_v1(sdO, dout, bh, i0, d0, BN, DS, L)
+                if d0 == 0:
+                    _stage_v1(sQr, q, bh, i0, BN, D, L)
+                    _stage_v1(sdOr, dout, bh, i0, BN, D, L)
                     for c in range(t, BN, NT):
                         x = ninf  # queries past L: P = 0
                         y = zero
@@ -879,7 +1167,7 @@ def fast_kernels(D, v1=None):
     ``v1`` None follows ``FAST_V1``."""
     v1 = FAST_V1 if v1 is None else bool(v1)
     if (D, v1) not in _FAST:
-        _FAST[D, v1] = _build_fast(D, v1)
+        _FAST[D, v1] = _build_fast_v1(D) if v1 else _build_fast(D)
     return _FAST[D, v1]
 
 
