@@ -5,7 +5,8 @@
 B = 4, H = 8, N = 1024, D = 64, float32, causal and dense, scale 1/8. For each: the forward (``forward_fast``)
 and forward+backward (+ ``rowdot``, ``dq_fast``, ``dkdv_fast``) of ``kernels.attention.cuda`` built as its
 first version (``fast_kernels(D, v1=True)``: per-element staging, grid (row blocks, B·H), no launch bounds) and
-as now, launched directly on arrays converted once (kernel time, not the launch wrappers' host work), and
+as now, launched directly through ``kernels.dispatch.launch`` (kernel time: a few µs of host time per launch,
+far under the kernels', so the GPU never waits on the host; not the wrappers' reshapes and copies), and
 PyTorch's ``scaled_dot_product_attention`` in float32 with TF32 off, on the same inputs. Times: CUDA events
 around ``REPS`` back-to-back calls, divided by REPS, median of ``SAMPLES`` such samples after a warm-up call.
 Then the largest |difference| of out, lse, dq, dk, dv between the two versions (expected 0: the same
@@ -28,7 +29,7 @@ import torch  # noqa: E402
 
 from kernels.attention import cuda as ac  # noqa: E402
 from kernels.attention import patterns  # noqa: E402
-from kernels.dispatch import cuda_array  # noqa: E402
+from kernels.dispatch import launch  # noqa: E402
 
 B, H, N, D = 4, 8, 1024, 64
 SCALE = 1.0 / math.sqrt(D)
@@ -71,7 +72,7 @@ def torch_elapsed(a, b):
 
 
 class Ours:
-    """One version's kernels and its own outputs, on device arrays made once."""
+    """One version's kernels and its own outputs."""
 
     def __init__(self, v1, causal, q, k, v, do):
         self.fk = ac.fast_kernels(D, v1)
@@ -79,22 +80,19 @@ class Ours:
         self.grid = ac._fast_grid(N // ac.BM, B * H, v1)
         kind = patterns.CAUSAL if causal else patterns.NONE
         mask = cp.zeros((1, 1, 1, 1), cp.float32)
-        self.pat = (cuda_array(mask), False, H, kind, 0, 1, 0, 0, False, np.float32(SCALE))
-        self.host = [q, k, v, do]
+        self.pat = (mask, False, H, kind, 0, 1, 0, 0, False, np.float32(SCALE))
+        self.q, self.k, self.v, self.do = q, k, v, do
         self.out, self.dq, self.dk, self.dv = (cp.empty_like(q) for _ in range(4))
         self.lse, self.Drow = cp.empty((B * H, N), cp.float32), cp.empty((B * H, N), cp.float32)
-        self.q, self.k, self.v, self.do, self.o, self.dq_, self.dk_, self.dv_ = map(
-            cuda_array, (q, k, v, do, self.out, self.dq, self.dk, self.dv))
-        self.l, self.D = cuda_array(self.lse), cuda_array(self.Drow)
 
     def forward(self):
-        self.fk["forward_fast"][self.grid, ac.NT](self.q, self.k, self.v, *self.pat, self.o, self.l)
+        launch(self.fk["forward_fast"], self.grid, ac.NT, self.q, self.k, self.v, *self.pat, self.out, self.lse)
 
     def backward(self):
-        self.rowdot[(B * H * N + 127) // 128, 128](self.o, self.do, self.D)
-        args = (self.q, self.k, self.v, self.l, self.do, self.D, *self.pat)
-        self.fk["dq_fast"][self.grid, ac.NT](*args, self.dq_)
-        self.fk["dkdv_fast"][self.grid, ac.NT](*args, self.dk_, self.dv_)
+        launch(self.rowdot, (B * H * N + 127) // 128, 128, self.out, self.do, self.Drow)
+        args = (self.q, self.k, self.v, self.lse, self.do, self.Drow, *self.pat)
+        launch(self.fk["dq_fast"], self.grid, ac.NT, *args, self.dq)
+        launch(self.fk["dkdv_fast"], self.grid, ac.NT, *args, self.dk, self.dv)
 
     def both(self):
         self.forward()
