@@ -71,6 +71,25 @@ def _clamp(j, n):
 
 
 @cuda.jit(device=True)
+def _pass1(m, a, j, x, w, seeded, cache, round32, scale, grow, gs):
+    """Pass 1 at element j of a row (logit x, Philox word w): g (drawn, and kept for pass 2 in gs or grow — y_soft's
+    row then —, or read from grow, the noise), z = (x + g)·scale, and the running (max, first argmax) (m, a)."""
+    c = np.uint64(j)
+    if seeded:
+        g = _gumbel(_uniform(w), round32)
+        if cache:
+            gs[c] = np.float32(g)
+        else:
+            grow[c] = g  # pass 2 reads each g before it writes e in its place
+    else:
+        g = np.float64(grow[c])
+    z = (np.float64(x) + g) * scale
+    if z > m or a == grow.shape[0]:
+        return z, j
+    return m, a
+
+
+@cuda.jit(device=True)
 def _block_sum(buf, value):
     """Sum of `value` over the block's threads, by a tree reduction in the shared array buf (all threads get it)."""
     tid = cuda.threadIdx.x
@@ -136,22 +155,16 @@ def forward_rows_kernel(l2, tau, hard, seeded, k0, k1, g2, round32, cache, y2, y
             x0, x1 = lrow[_clamp(j4, n)], lrow[_clamp(j4 + 1, n)]
             x2, x3 = lrow[_clamp(j4 + 2, n)], lrow[_clamp(j4 + 3, n)]
             w0, w1, w2, w3 = _block(k0, k1, np.uint64(b)) if seeded else (zero, zero, zero, zero)
-            for k in range(4):
-                j = j4 + k
-                if 0 <= j < n:  # a row whose start or end is not a multiple of 4 shares its end blocks
-                    c = np.uint64(j)
-                    if seeded:
-                        g = _gumbel(_uniform(_pick(w0, w1, w2, w3, k)), round32)
-                        if cache:
-                            gs[c] = np.float32(g)
-                        else:
-                            grow[c] = g  # g2 is ys2 here: pass 2 reads each g before it writes e in its place
-                    else:
-                        g = np.float64(grow[c])
-                    z = (np.float64(_pick(x0, x1, x2, x3, k)) + g) * scale
-                    if z > m or a == n:
-                        m = z
-                        a = j
+            if 0 <= j4 and j4 + 4 <= n:  # the whole block in the row: four steps with no index checks
+                m, a = _pass1(m, a, j4, x0, w0, seeded, cache, round32, scale, grow, gs)
+                m, a = _pass1(m, a, j4 + 1, x1, w1, seeded, cache, round32, scale, grow, gs)
+                m, a = _pass1(m, a, j4 + 2, x2, w2, seeded, cache, round32, scale, grow, gs)
+                m, a = _pass1(m, a, j4 + 3, x3, w3, seeded, cache, round32, scale, grow, gs)
+            else:  # a row whose start or end is not a multiple of 4 shares its end blocks
+                for k in range(4):
+                    if 0 <= j4 + k < n:
+                        m, a = _pass1(m, a, j4 + k, _pick(x0, x1, x2, x3, k), _pick(w0, w1, w2, w3, k), seeded,
+                                      cache, round32, scale, grow, gs)
         z_max, arg = _block_argmax(vbuf, ibuf, m, a, n)
         # pass 2: e = exp(z − max) and the softmax denominator; e is kept where g was, or in y_soft's array
         s = 0.0
