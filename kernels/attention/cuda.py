@@ -576,6 +576,7 @@ def _build_fast(D):
     ACC_SHAPE, S_SHAPE = (TM, DT), (TM, TN)
     ninf = float32(-math.inf)
     zero = float32(0.0)
+    log2e = float32(math.log2(math.e))  # exp(x) = exp2(x · log2 e): exp2 is one hardware instruction (ex2.approx)
 
     @kernel("forward_fast")
     def forward_fast(q, k, v, mask, has_mask, H, kind, T, W, r, P, causal, scale, out, lse):
@@ -637,13 +638,14 @@ def _build_fast(D):
                 mx = _row_max(mx)  # m' = max(m, rowmax(S)), outside any branch: all 32 lanes shuffle
                 alpha = float32(1.0)
                 if mx != ninf:  # else the row has seen no key yet: nothing to rescale, P = 0
-                    alpha = math.exp(m[i] - mx)  # exp(m − m'), 0 while m = −inf
+                    alpha = math.exp2((m[i] - mx) * log2e)  # exp(m − m'), 0 while m = −inf
                 m[i] = mx
+                ml = mx * log2e
                 total = zero
                 for j in range(TN):
                     p = zero
                     if mx != ninf:
-                        p = math.exp(s[i, j] - mx)
+                        p = math.exp2(s[i, j] * log2e - ml)  # exp(s − m'): one fused multiply-add, one ex2
                     s[i, j] = p
                     total += p
                 lp[i] = alpha * lp[i] + total  # each thread sums its own keys; the row's parts meet at the end
@@ -710,6 +712,7 @@ def _build_fast(D):
         dp = cuda.local.array(S_SHAPE, float32)
         lr = cuda.local.array(TM, float32)  # lse and D of the thread's rows
         dr = cuda.local.array(TM, float32)
+        ll = cuda.local.array(TM, float32)  # lse · log2 e
         a = cuda.local.array(TM, float32)
         a2 = cuda.local.array(TM, float32)
         kb = cuda.local.array(TN, float32)
@@ -721,6 +724,7 @@ def _build_fast(D):
             if i0 + r0 + i < L:
                 lr[i] = lse[bh, i0 + r0 + i]
                 dr[i] = Drow[bh, i0 + r0 + i]
+            ll[i] = lr[i] * log2e
             for e in range(DT):
                 acc[i, e] = zero
         for j0 in range(0, S, BN):
@@ -743,7 +747,7 @@ def _build_fast(D):
                 for j in range(TN):
                     p = zero
                     if lr[i] != ninf:
-                        p = math.exp(s[i, j] - lr[i])  # P = exp(S − lse)
+                        p = math.exp2(s[i, j] * log2e - ll[i])  # P = exp(S − lse)
                     s[i, j] = p * (dp[i, j] - dr[i]) * scale  # dS = P ∘ (dP − D), times scale
             for j in range(TN):
                 for i in range(TM):
@@ -825,10 +829,11 @@ def _build_fast(D):
             for j in range(TN):
                 lq = sL[c0 + j]
                 dq_ = sDr[c0 + j]
+                ll = lq * log2e
                 for i in range(TM):
                     p = zero
                     if lq != ninf:
-                        p = math.exp(s[i, j] - lq)
+                        p = math.exp2(s[i, j] * log2e - ll)
                     s[i, j] = p
                     dp[i, j] = p * (dp[i, j] - dq_) * scale
             for j in range(TN):
