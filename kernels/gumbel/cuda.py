@@ -21,7 +21,8 @@ rounds, and passes 2 and 3 and the backward read elements j, j + THREADS, j + 2Â
 four independent loads (a warp's coalesced, its shared-memory reads on 32 distinct banks). Indices past the row's
 end are clamped into it, so that no branch separates the loads; only the stores are guarded.
 
-Runs on CuPy arrays on a GPU, and on NumPy arrays under the Numba CUDA simulator (NUMBA_ENABLE_CUDASIM=1).
+Runs on CuPy arrays on a GPU (launched through kernels.dispatch.launch), and on NumPy arrays under the Numba CUDA
+simulator (NUMBA_ENABLE_CUDASIM=1).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import numpy as np
 from numba import cuda, float32, float64, int64
 
 from kernels import philox
-from kernels.dispatch import cuda_array
+from kernels.dispatch import launch
 
 # Threads per block (a power of two, for the tree reductions), the longest row whose float32 noise (40 KiB) a block
 # keeps in shared memory, and the most blocks a launch has (each then takes rows, or Philox blocks, a grid apart).
@@ -262,8 +263,8 @@ def gumbel_noise(seed, shape, dtype=np.float64, xp=np):
     out = xp.empty(shape, dtype=dtype)
     k0, k1 = philox.seed_key(seed)
     if out.size:
-        gumbel_noise_kernel[_blocks(-(-out.size // (4 * THREADS))), THREADS](k0, k1, out.dtype == np.float32,
-                                                                              cuda_array(out.reshape(-1)))
+        launch(gumbel_noise_kernel, _blocks(-(-out.size // (4 * THREADS))), THREADS, k0, k1, out.dtype == np.float32,
+               out.reshape(-1))
     return out
 
 
@@ -294,13 +295,11 @@ def gumbel_softmax_forward(logits, tau=1.0, hard=False, *, seed=None, noise=None
     g2 = _rows(xp, noise, dim) if noise is not None else ys2  # seeded: the kernel's scratch for g (see there)
     y2 = xp.empty_like(l2) if hard else ys2
     if l2.size:
-        dev = cuda_array
         round32 = logits.dtype == np.float32
         cache = seed is not None and round32 and l2.shape[1] <= CACHE_MAX
         smem = l2.shape[1] * 4 if cache else 0
-        forward_rows_kernel[_blocks(l2.shape[0]), THREADS, 0, smem](dev(l2), float(tau), hard, seed is not None,
-                                                                      k0, k1, dev(g2), round32, cache, dev(y2),
-                                                                      dev(ys2))
+        launch(forward_rows_kernel, _blocks(l2.shape[0]), THREADS, l2, float(tau), bool(hard), seed is not None, k0, k1,
+               g2, round32, cache, y2, ys2, shared=smem)
     shape = xp.moveaxis(logits, dim, -1).shape
     y_soft = xp.moveaxis(ys2.reshape(shape), -1, dim)
     return (xp.moveaxis(y2.reshape(shape), -1, dim) if hard else y_soft), y_soft
@@ -315,8 +314,7 @@ def gumbel_softmax_backward(grad_y, y_soft, tau=1.0, *, dim=-1):
     ys2, gy2 = _rows(xp, y_soft, dim), _rows(xp, grad_y, dim)
     out2 = xp.empty_like(ys2)
     if ys2.size:
-        backward_rows_kernel[_blocks(ys2.shape[0]), THREADS](cuda_array(gy2), cuda_array(ys2), float(tau),
-                                                             cuda_array(out2))
+        launch(backward_rows_kernel, _blocks(ys2.shape[0]), THREADS, gy2, ys2, float(tau), out2)
     return xp.moveaxis(out2.reshape(xp.moveaxis(y_soft, dim, -1).shape), -1, dim)
 
 
