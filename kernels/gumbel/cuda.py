@@ -167,7 +167,7 @@ def forward_rows_kernel(l2, tau, hard, seeded, k0, k1, g2, round32, cache, y2, y
                         m, a = _pass1(m, a, j4 + k, _pick(x0, x1, x2, x3, k), _pick(w0, w1, w2, w3, k), seeded,
                                       cache, round32, scale, grow, gs)
         z_max, arg = _block_argmax(vbuf, ibuf, m, a, n)
-        # pass 2: e = exp(z − max) and the softmax denominator; e is kept where g was, or in y_soft's array
+        # pass 2: e = 2^(z − max) and the softmax denominator; e is kept where g was, or in y_soft's array
         s = 0.0
         for j0 in range(tid, n, 4 * THREADS):
             for k in range(4):
