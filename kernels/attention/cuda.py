@@ -407,6 +407,7 @@ def _row_sum(x):
 SG = 2 if _SIM else 8  # columns of a staging cell: a cell is 4 rows × SG columns, one warp's 32 elements on a GPU
 NG = NT // (4 * SG)  # staging cells a block fills at once (4 on a GPU: one per warp)
 SB = 8  # values a thread loads before it stores them: its loads in flight at once
+WS = min(32, NT)  # values of a row that a warp copies at once in ``_stage``
 NN = 0x7FFFFFFF  # i & NN = i for the indices here, and tells the compiler i ≥ 0: no negative-index wraparound code
 
 
@@ -443,27 +444,26 @@ def _stage_transposed(dst, src, bh, row0, col0, R, C, n, rows=None):
 
 @cuda.jit(device=True, inline=True)
 def _stage(dst, src, bh, row0, R, C, n):
-    """dst[row, col] = src[bh, row0 + row, col] for R whole rows of C values, by the block's NT threads,
-    neighbouring threads on neighbouring values (coalesced, conflict-free); batches of SB loads with constant
-    offsets and no branch, as in ``_stage_transposed``. C divides NT (on a GPU) or NT divides C (the simulator).
+    """dst[row, col] = src[bh, row0 + row, col] for R whole rows of C values, by the block's NT threads: a warp
+    copies WS = 32 consecutive values of one row (one 128-byte run, 32 banks), a thread the same columns of
+    R·WS/NT rows (few row addresses to compute); batches of SB loads with constant offsets and no branch, as
+    in ``_stage_transposed``. C is a multiple of WS.
 
     Rows row0 + row ≥ n repeat row n − 1 (clamped reads, not zeros): finite values that no result sees, since
     the kernels mask the scores of keys past S (P = 0, dS = 0 against their K and V rows), give queries past L
     lse = −inf (P = dS = 0 against their Q and dO rows) and never write rows past L or S."""
     t = cuda.threadIdx.x & (NT - 1)
-    RS = max(NT // C, 1)  # rows per step of NT values
-    CS = max(C // NT, 1)  # steps per row
-    rt, ct = t // C if NT >= C else 0, t % C if NT >= C else t
-    W = min(SB, R * C // NT)  # steps per batch
+    NR, CW = NT // WS, C // WS  # rows the block copies at once, runs per row
+    lane, rt = t % WS, t // WS
+    W = min(SB, R * C // NT)  # values per batch
     g, rg, last = bh & NN, (row0 + rt) & NN, (n - 1) & NN
     buf = cuda.local.array(SB, float32)
     u = 0
-    while u < R * C // NT:  # step u: row rt + RS·(u // CS), column ct + NT·(u % CS)
+    while u < R * C // NT:  # value u of the thread: row rt + NR·(u // CW), column lane + WS·(u % CW)
         for w in range(W):
-            buf[w] = src[g, min(rg + RS * ((u + w) // CS), last), ct + NT * ((u + w) % CS)]
+            buf[w] = src[g, min(rg + NR * ((u + w) // CW), last), lane + WS * ((u + w) % CW)]
         for w in range(W):
-            row = rt + RS * ((u + w) // CS)
-            dst[row, ct + NT * ((u + w) % CS)] = buf[w]
+            dst[rt + NR * ((u + w) // CW), lane + WS * ((u + w) % CW)] = buf[w]
         u += W
 
 
