@@ -577,6 +577,7 @@ def _build_fast(D):
     ninf = float32(-math.inf)
     zero = float32(0.0)
     log2e = float32(math.log2(math.e))  # exp(x) = exp2(x · log2 e): exp2 is one hardware instruction (ex2.approx)
+    inf = float32(math.inf)
 
     @kernel("forward_fast")
     def forward_fast(q, k, v, mask, has_mask, H, kind, T, W, r, P, causal, scale, out, lse):
@@ -636,16 +637,12 @@ def _build_fast(D):
                 for j in range(TN):
                     mx = max(mx, s[i, j])
                 mx = _row_max(mx)  # m' = max(m, rowmax(S)), outside any branch: all 32 lanes shuffle
-                alpha = float32(1.0)
-                if mx != ninf:  # else the row has seen no key yet: nothing to rescale, P = 0
-                    alpha = math.exp2((m[i] - mx) * log2e)  # exp(m − m'), 0 while m = −inf
+                ml = (mx if mx != ninf else zero) * log2e  # a row that has seen no key yet: S = m = −inf, P = 0
+                alpha = math.exp2(m[i] * log2e - ml)  # exp(m − m'), 0 while m = −inf
                 m[i] = mx
-                ml = mx * log2e
                 total = zero
                 for j in range(TN):
-                    p = zero
-                    if mx != ninf:
-                        p = math.exp2(s[i, j] * log2e - ml)  # exp(s − m'): one fused multiply-add, one ex2
+                    p = math.exp2(s[i, j] * log2e - ml)  # exp(s − m'): one fused multiply-add, one ex2
                     s[i, j] = p
                     total += p
                 lp[i] = alpha * lp[i] + total  # each thread sums its own keys; the row's parts meet at the end
@@ -724,7 +721,7 @@ def _build_fast(D):
             if i0 + r0 + i < L:
                 lr[i] = lse[bh, i0 + r0 + i]
                 dr[i] = Drow[bh, i0 + r0 + i]
-            ll[i] = lr[i] * log2e
+            ll[i] = lr[i] * log2e if lr[i] != ninf else inf  # a row with no key: P = exp2(−inf) = 0
             for e in range(DT):
                 acc[i, e] = zero
         for j0 in range(0, S, BN):
@@ -745,9 +742,7 @@ def _build_fast(D):
             _masked_scores(s, sdS, r0, c0, i0, j0, True, L, S, scale, mask, has_mask, b, h, kind, T, W, r, P, causal)
             for i in range(TM):
                 for j in range(TN):
-                    p = zero
-                    if lr[i] != ninf:
-                        p = math.exp2(s[i, j] * log2e - ll[i])  # P = exp(S − lse)
+                    p = math.exp2(s[i, j] * log2e - ll[i])  # P = exp(S − lse)
                     s[i, j] = p * (dp[i, j] - dr[i]) * scale  # dS = P ∘ (dP − D), times scale
             for j in range(TN):
                 for i in range(TM):
@@ -789,7 +784,7 @@ def _build_fast(D):
         sdOr = cuda.shared.array(R_SHAPE, float32, alignment=ALIGN)  # and dO, for dV += Pᵀ dO
         sP = cuda.shared.array(P_SHAPE, float32, alignment=ALIGN)  # P[query, key]
         sdS = cuda.shared.array(P_SHAPE, float32, alignment=ALIGN)
-        sL = cuda.shared.array(ROW_SHAPE, float32)  # lse and D of the tile's queries
+        sL = cuda.shared.array(ROW_SHAPE, float32)  # lse · log2 e (+inf: P = 0) and D of the tile's queries
         sDr = cuda.shared.array(ROW_SHAPE, float32)
         gv = cuda.local.array(ACC_SHAPE, float32)  # dV rows
         gk = cuda.local.array(ACC_SHAPE, float32)  # dK rows
@@ -821,19 +816,16 @@ def _build_fast(D):
                 _stage_transposed(sdO, dout, bh, i0, d0, BN, DS, L, sdOr)
                 qt = t % BN  # lse and D of the tile's queries, at every slice and by every thread (the same value to
                 x = lse[bh, min(i0 + qt, L - 1)]  # the same place): no branch between the slices' loads
-                sL[qt] = x if i0 + qt < L else ninf  # queries past L: P = 0
+                sL[qt] = x * log2e if i0 + qt < L and x != ninf else inf  # lse · log2 e; +inf: P = 0
                 sDr[qt] = Drow[bh, min(i0 + qt, L - 1)]
                 cuda.syncthreads()
                 _two_products(s, dp, sK, sV, sQ, sdO, r0, c0, DS, a, a2, kb, vb)  # Sᵀ += K Qᵀ, dPᵀ += V dOᵀ
             _masked_scores(s, sP, r0, c0, j0, i0, False, L, S, scale, mask, has_mask, b, h, kind, T, W, r, P, causal)
             for j in range(TN):
-                lq = sL[c0 + j]
+                ll = sL[c0 + j]
                 dq_ = sDr[c0 + j]
-                ll = lq * log2e
                 for i in range(TM):
-                    p = zero
-                    if lq != ninf:
-                        p = math.exp2(s[i, j] * log2e - ll)
+                    p = math.exp2(s[i, j] * log2e - ll)
                     s[i, j] = p
                     dp[i, j] = p * (dp[i, j] - dq_) * scale
             for j in range(TN):
