@@ -637,12 +637,12 @@ def _build_fast(D):
                 for j in range(TN):
                     mx = max(mx, s[i, j])
                 mx = _row_max(mx)  # m' = max(m, rowmax(S)), outside any branch: all 32 lanes shuffle
-                ml = (mx if mx != ninf else zero) * log2e  # a row that has seen no key yet: S = m = −inf, P = 0
-                alpha = math.exp2(m[i] * log2e - ml)  # exp(m − m'), 0 while m = −inf
+                ms = mx if mx != ninf else zero  # a row that has seen no key yet: S = m = −inf, P = 0
+                alpha = math.exp2((m[i] - ms) * log2e)  # exp(m − m'), 0 while m = −inf
                 m[i] = mx
                 total = zero
-                for j in range(TN):
-                    p = math.exp2(s[i, j] * log2e - ml)  # exp(s − m'): one fused multiply-add, one ex2
+                for j in range(TN):  # (s − m')·log2 e: s·log2 e − m'·log2 e would round m'·log2 e (a −1e9 mask: ±64)
+                    p = math.exp2((s[i, j] - ms) * log2e)  # exp(s − m')
                     s[i, j] = p
                     total += p
                 lp[i] = alpha * lp[i] + total  # each thread sums its own keys; the row's parts meet at the end
@@ -709,7 +709,7 @@ def _build_fast(D):
         dp = cuda.local.array(S_SHAPE, float32)
         lr = cuda.local.array(TM, float32)  # lse and D of the thread's rows
         dr = cuda.local.array(TM, float32)
-        ll = cuda.local.array(TM, float32)  # lse · log2 e
+        ll = cuda.local.array(TM, float32)  # lse, +inf for a row with no key
         a = cuda.local.array(TM, float32)
         a2 = cuda.local.array(TM, float32)
         kb = cuda.local.array(TN, float32)
@@ -721,7 +721,7 @@ def _build_fast(D):
             if i0 + r0 + i < L:
                 lr[i] = lse[bh, i0 + r0 + i]
                 dr[i] = Drow[bh, i0 + r0 + i]
-            ll[i] = lr[i] * log2e if lr[i] != ninf else inf  # a row with no key: P = exp2(−inf) = 0
+            ll[i] = lr[i] if lr[i] != ninf else inf  # a row with no key: P = exp2(−inf) = 0
             for e in range(DT):
                 acc[i, e] = zero
         for j0 in range(0, S, BN):
@@ -742,7 +742,7 @@ def _build_fast(D):
             _masked_scores(s, sdS, r0, c0, i0, j0, True, L, S, scale, mask, has_mask, b, h, kind, T, W, r, P, causal)
             for i in range(TM):
                 for j in range(TN):
-                    p = math.exp2(s[i, j] * log2e - ll[i])  # P = exp(S − lse)
+                    p = math.exp2((s[i, j] - ll[i]) * log2e)  # P = exp(S − lse)
                     s[i, j] = p * (dp[i, j] - dr[i]) * scale  # dS = P ∘ (dP − D), times scale
             for j in range(TN):
                 for i in range(TM):
@@ -784,7 +784,7 @@ def _build_fast(D):
         sdOr = cuda.shared.array(R_SHAPE, float32, alignment=ALIGN)  # and dO, for dV += Pᵀ dO
         sP = cuda.shared.array(P_SHAPE, float32, alignment=ALIGN)  # P[query, key]
         sdS = cuda.shared.array(P_SHAPE, float32, alignment=ALIGN)
-        sL = cuda.shared.array(ROW_SHAPE, float32)  # lse · log2 e (+inf: P = 0) and D of the tile's queries
+        sL = cuda.shared.array(ROW_SHAPE, float32)  # lse (+inf: P = 0) and D of the tile's queries
         sDr = cuda.shared.array(ROW_SHAPE, float32)
         gv = cuda.local.array(ACC_SHAPE, float32)  # dV rows
         gk = cuda.local.array(ACC_SHAPE, float32)  # dK rows
@@ -816,7 +816,7 @@ def _build_fast(D):
                 _stage_transposed(sdO, dout, bh, i0, d0, BN, DS, L, sdOr)
                 qt = t % BN  # lse and D of the tile's queries, at every slice and by every thread (the same value to
                 x = lse[bh, min(i0 + qt, L - 1)]  # the same place): no branch between the slices' loads
-                sL[qt] = x * log2e if i0 + qt < L and x != ninf else inf  # lse · log2 e; +inf: P = 0
+                sL[qt] = x if i0 + qt < L and x != ninf else inf  # +inf: P = 0 (no key, or past L)
                 sDr[qt] = Drow[bh, min(i0 + qt, L - 1)]
                 cuda.syncthreads()
                 _two_products(s, dp, sK, sV, sQ, sdO, r0, c0, DS, a, a2, kb, vb)  # Sᵀ += K Qᵀ, dPᵀ += V dOᵀ
@@ -825,7 +825,7 @@ def _build_fast(D):
                 ll = sL[c0 + j]
                 dq_ = sDr[c0 + j]
                 for i in range(TM):
-                    p = math.exp2(s[i, j] * log2e - ll)
+                    p = math.exp2((s[i, j] - ll) * log2e)
                     s[i, j] = p
                     dp[i, j] = p * (dp[i, j] - dq_) * scale
             for j in range(TN):

@@ -35,6 +35,7 @@ def test_cuda_kernels_equal_reference_on_gpu(cupy):
     assert attention_cuda.fast_dims_ok(np.float32, 64, 64) and not attention_cuda.fast_dims_ok(np.float32, 48, 48)
     cases = [({"causal": True}, 64), ({"pattern": Conv(text_len=16, width=16, kernel=5)}, 64)]
     cases += [({"mask": rng.random((272,)) < 0.7}, 64), ({"causal": True}, 48)]  # 64: the fast path, 48: general
+    cases += [({"mask": np.where(rng.random((272,)) < 0.3, -1e9, 0.0), "causal": True}, 64)]  # huge finite scores
     for kw, D in cases:
         q, k, v, do = (rng.standard_normal((2, 4, 272, D)).astype(np.float32) for _ in range(4))
         out_r, lse_r = attention_forward(q, k, v, scale=0.125, form="reference", **kw)
