@@ -36,9 +36,11 @@ for 16 multiply-adds; a product over the 32 columns reads 4 values of the (trans
 D/8 of the row-major value tile (groups of 4 consecutive columns, 32 apart: a warp reads consecutive words)
 for 4·D/8. Every tile stays within the default 48 KiB of static shared memory. Tiles come from global memory
 in batches of SB values per thread at offsets that are compile-time constants — no index division, no branch
-(rows past the end are clamped reads whose results the masks discard) — so a batch's loads are in flight
-together. The grid is (batch·head, row blocks) with the longest row blocks first, and launch bounds ask ptxas
-for registers that let 4 forward (3 backward) blocks share an SM.
+(rows past the end are clamped reads whose results the masks discard), indices known non-negative (no
+wraparound code) — so a batch's loads are in flight together (in the first version, ~45 instructions an
+element and four loads at a time cost more than the products). The grid is (batch·head, row blocks) with the
+longest row blocks first, and launch bounds ask ptxas for registers that let 4 forward (3 backward) blocks
+share an SM. exp is exp2 of (x − m)·log2 e (one ``ex2.approx`` in place of libdevice's expf).
 
 - ``forward_fast`` (algorithm 1): a block takes BM = 64 queries and walks tiles of BN = 32 keys (skipped as
   above). The 8 threads of a query row are neighbouring lanes of one warp, so the row max of the online softmax
@@ -47,7 +49,9 @@ for registers that let 4 forward (3 backward) blocks share an SM.
 - ``dq_fast`` and ``dkdv_fast`` (algorithm 2, split in two as above, with ``rowdot`` first): a block takes 64
   queries (64 keys) and walks tiles of 32 keys (32 queries); S and dP are recomputed 32 (16) head dims at a
   time (the whole Q and dO tiles beside the rest would not fit in 48 KiB), then P = exp(S − lse) and
-  dS = P ∘ (dP − D) go through shared memory for dQ += dS K (dV += Pᵀ dO, dK += dSᵀ Q).
+  dS = P ∘ (dP − D) go through shared memory for dQ += dS K (dV += Pᵀ dO, dK += dSᵀ Q). The row-major K (Q and
+  dO) these need are stored from the same loads as the slices. No atomics: every output is written by one
+  thread, so the results do not depend on the order in which blocks run (deterministic).
 
 Tiles that every pair of the pattern may see and no mask touches skip the pattern test. The Numba CUDA simulator
 runs one Python thread per CUDA thread, so there the tiles shrink (8 threads, tiles of 16 × 8, 4 head dims at a
