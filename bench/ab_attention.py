@@ -110,7 +110,8 @@ def main():
     g = torch.Generator(device="cuda").manual_seed(0)
     qt, kt, vt, dot = (torch.randn(B * H, N, D, device="cuda", generator=g) for _ in range(4))
     q, k, v, do = (cp.from_dlpack(x) for x in (qt, kt, vt, dot))  # the same memory
-    print(f"B={B} H={H} N={N} D={D} float32, {cp.cuda.runtime.getDeviceProperties(0)['name'].decode()}")
+    name = cp.cuda.runtime.getDeviceProperties(0)["name"]
+    print(f"B={B} H={H} N={N} D={D} float32, {name.decode() if isinstance(name, bytes) else name}")
     for causal in (True, False):
         old, new = Ours(True, causal, q, k, v, do), Ours(False, causal, q, k, v, do)
         row = {}
