@@ -342,7 +342,7 @@ NT = TX * TY  # threads per block (128 on a GPU)
 BM = TY * TM  # queries per block (64)
 BN = TX * TN  # keys per tile (32)
 assert 32 % TX == 0 and NT % 32 == 0 or _SIM  # a row's TX owners lie within one warp
-assert NT >= BN  # (one thread per query of a tile loads its lse and D in dkdv_fast)
+assert NT >= BN  # (dkdv_fast: every query of a tile has threads that stage its lse and D)
 DS = 4 if _SIM else 16  # head dims staged at a time in the backward's products over D: dK/dV kernel ...
 DSQ = 4 if _SIM else 32  # ... and dQ kernel (fewer operands beside the slices: wider ones fit)
 # Blocks per SM that each kernel's launch bounds ask ptxas to fit: at most 65536 / (NT · that) registers per thread.
@@ -351,8 +351,8 @@ ALIGN = None if _SIM else 16  # shared tiles on 16 bytes: 4 consecutive floats l
 
 
 def _fast_smem(D):
-    """Bytes of static shared memory of the largest fast kernel: the forward (Qᵀ, Kᵀ, V, Pᵀ), dQ (DS-slices
-    of Qᵀ, dOᵀ, Kᵀ, Vᵀ; K; dSᵀ) or dK/dV (the same slices; Q, dO; Pᵀ, dSᵀ; lse and D of the query tile)."""
+    """Bytes of static shared memory of the largest fast kernel: the forward (Qᵀ, Kᵀ, V, Pᵀ), dQ (DSQ-slices
+    of Qᵀ, dOᵀ, Kᵀ, Vᵀ; K; dSᵀ) or dK/dV (DS-slices of the same; Q, dO; Pᵀ, dSᵀ; lse and D of the query tile)."""
     forward = D * (BM + 4) + D * (BN + 4) + BN * D + BN * (BM + 4)
     dq = 2 * DSQ * (BM + 4) + 2 * DSQ * (BN + 4) + BN * D + BN * (BM + 4)
     dkdv = 2 * DS * (BM + 4) + 2 * DS * (BN + 4) + 2 * BN * D + 2 * BN * (BM + 4) + 2 * BN
@@ -711,21 +711,20 @@ def _build_fast(D):
         acc = cuda.local.array(ACC_SHAPE, float32)
         s = cuda.local.array(S_SHAPE, float32)
         dp = cuda.local.array(S_SHAPE, float32)
-        lr = cuda.local.array(TM, float32)  # lse and D of the thread's rows
+        ll = cuda.local.array(TM, float32)  # lse of the thread's rows (+inf: P = 0) and D
         dr = cuda.local.array(TM, float32)
-        ll = cuda.local.array(TM, float32)  # lse, +inf for a row with no key
         a = cuda.local.array(TM, float32)
         a2 = cuda.local.array(TM, float32)
         kb = cuda.local.array(TN, float32)
         vb = cuda.local.array(TN, float32)
         cb = cuda.local.array(DT, float32)
         for i in range(TM):
-            lr[i] = ninf  # rows past L: P = 0
+            ll[i] = inf  # rows past L, and rows that may attend to no key (lse = −inf): P = exp2(−inf) = 0
             dr[i] = zero
             if i0 + r0 + i < L:
-                lr[i] = lse[bh, i0 + r0 + i]
+                x = lse[bh, i0 + r0 + i]
+                ll[i] = x if x != ninf else inf
                 dr[i] = Drow[bh, i0 + r0 + i]
-            ll[i] = lr[i] if lr[i] != ninf else inf  # a row with no key: P = exp2(−inf) = 0
             for e in range(DT):
                 acc[i, e] = zero
         for j0 in range(0, S, BN):
