@@ -177,6 +177,7 @@ def check_ptx():
         sigs = attention_cuda.signatures(np.float32)
         for name, kernel in attention_cuda.fast_kernels(D).items():
             blocks = attention_cuda.FAST_BLOCKS_PER_SM[name]
+            assert kernel.targetoptions["launch_bounds"] == (attention_cuda.NT, blocks), name  # what a launch compiles
             ptx, _ = cuda.compile_ptx(kernel.py_func, sigs[name], cc=(9, 0), launch_bounds=(attention_cuda.NT, blocks))
             assert ".local" not in ptx and "ld.local" not in ptx and "st.local" not in ptx, (name, D)
             shared = sum(int(n) for n in re.findall(r"\.shared \.align \d+ \.b8 \w+\[(\d+)\]", ptx))
