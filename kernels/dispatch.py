@@ -170,9 +170,9 @@ def launch(kernel, grid, block, *args, shared=0):
     for it 14 µs more (measured on an H200 with bench/launch_overhead.py): a DDIM step took 0.4 ms however small.
     Here the kernel is compiled by Numba once per argument types and loaded by CuPy, and a call packs the
     parameters and calls cuLaunchKernel on CuPy's current stream. Without CuPy arrays (NumPy arrays under the
-    CUDA simulator) this is Numba's launch."""
-    if not any(map(_is_cupy, args)):
-        return kernel[grid, block, 0, shared](*args)
+    CUDA simulator), or with Numba's own device arrays among them, this is Numba's launch."""
+    if not any(map(_is_cupy, args)) or any(hasattr(a, "__cuda_array_interface__") and not _is_cupy(a) for a in args):
+        return kernel[grid, block, 0, shared](*map(cuda_array, args))  # the simulator, or Numba's device arrays
     import cupy
 
     key = (kernel, cupy.cuda.runtime.getDevice(), tuple(map(_key, args)))  # a module is loaded on one device

@@ -67,7 +67,7 @@ import os
 import numpy as np
 from numba import cuda, float32, float64
 
-from kernels.dispatch import cuda_array
+from kernels.dispatch import launch
 
 from . import patterns
 
@@ -1202,8 +1202,9 @@ def _smem(dtype, D, Dv, values):
 
 
 def _on_device(host, *arrays):
-    """The arrays as device arrays: CuPy arrays pass as they are; NumPy arrays (the simulator, or a GPU fed from
-    the host) are copied over, and ``host`` collects the (device, numpy) output pairs to copy back."""
+    """The arrays as device arrays: CuPy arrays pass as they are (kernels.dispatch.launch takes them); NumPy arrays
+    (the simulator, or a GPU fed from the host) are copied over, and ``host`` collects the (device, numpy) output
+    pairs to copy back."""
     result = []
     for a in arrays:
         if isinstance(a, np.ndarray):
@@ -1211,7 +1212,7 @@ def _on_device(host, *arrays):
             host.append((d, a))
             result.append(d)
         else:
-            result.append(cuda_array(a))
+            result.append(a)
     return result
 
 
@@ -1230,10 +1231,10 @@ def forward(q, k, v, mask, has_mask, H, kind, T, W, r, P, causal, scale, out, ls
     dq, dk, dv, dm, do, dl = _on_device(host, q, k, v, mask, out, lse)
     args = (dq, dk, dv, dm, has_mask, H, kind, T, W, r, P, causal, sc, do, dl)
     if fast_dims_ok(q.dtype, D, Dv):
-        fast_kernels(D)["forward_fast"][_fast_grid((L + BM - 1) // BM, BH, FAST_V1), NT](*args)
+        launch(fast_kernels(D)["forward_fast"], _fast_grid((L + BM - 1) // BM, BH, FAST_V1), NT, *args)
     else:
         smem = _smem(q.dtype, D, Dv, BQ * (D + Dv + 2) + BK * (D + Dv))
-        KERNELS[np.dtype(q.dtype)]["forward"][((L + BQ - 1) // BQ, BH), BQ, 0, smem](*args)
+        launch(KERNELS[np.dtype(q.dtype)]["forward"], ((L + BQ - 1) // BQ, BH), BQ, *args, shared=smem)
     _copy_back(host, (out, lse))
 
 
@@ -1246,17 +1247,18 @@ def backward(q, k, v, out, lse, dout, mask, has_mask, H, kind, T, W, r, P, causa
     host = []
     q_, k_, v_, o_, l_, do_, m_, dq_, dk_, dv_, D_ = _on_device(host, q, k, v, out, lse, dout, mask, dq, dk, dv, Drow)
     pat = (m_, has_mask, H, kind, T, W, r, P, causal, sc)
-    ks["rowdot"][(BH * L + 127) // 128, 128](o_, do_, D_)
+    launch(ks["rowdot"], (BH * L + 127) // 128, 128, o_, do_, D_)
     if fast_dims_ok(q.dtype, D, Dv):
         fk = fast_kernels(D)
-        fk["dq_fast"][_fast_grid((L + BM - 1) // BM, BH, FAST_V1), NT](q_, k_, v_, l_, do_, D_, *pat, dq_)
-        fk["dkdv_fast"][_fast_grid((S + BM - 1) // BM, BH, FAST_V1), NT](q_, k_, v_, l_, do_, D_, *pat, dk_, dv_)
+        launch(fk["dq_fast"], _fast_grid((L + BM - 1) // BM, BH, FAST_V1), NT, q_, k_, v_, l_, do_, D_, *pat, dq_)
+        launch(fk["dkdv_fast"], _fast_grid((S + BM - 1) // BM, BH, FAST_V1), NT, q_, k_, v_, l_, do_, D_, *pat, dk_,
+               dv_)
         _copy_back(host, (dq, dk, dv))
         return
     smem = _smem(q.dtype, D, Dv, BQ * (D + Dv + 2) + BK * (D + Dv))
-    ks["dq"][((L + BQ - 1) // BQ, BH), BQ, 0, smem](q_, k_, v_, l_, do_, D_, *pat, dq_)
+    launch(ks["dq"], ((L + BQ - 1) // BQ, BH), BQ, q_, k_, v_, l_, do_, D_, *pat, dq_, shared=smem)
     smem = _smem(q.dtype, D, Dv, BQ * (D + Dv + 2) + BK * (D + Dv + 2))
-    ks["dkdv"][((S + BK - 1) // BK, BH), BK, 0, smem](q_, k_, v_, l_, do_, D_, *pat, dk_, dv_)
+    launch(ks["dkdv"], ((S + BK - 1) // BK, BH), BK, q_, k_, v_, l_, do_, D_, *pat, dk_, dv_, shared=smem)
     _copy_back(host, (dq, dk, dv))
 
 
