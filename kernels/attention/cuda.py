@@ -56,9 +56,8 @@ share an SM. exp is exp2 of (x − m)·log2 e (one ``ex2.approx`` in place of li
 Tiles that every pair of the pattern may see and no mask touches skip the pattern test. The Numba CUDA simulator
 runs one Python thread per CUDA thread, so there the tiles shrink (8 threads, tiles of 16 × 8, 4 head dims at a
 time) and the shuffles become shared-memory exchanges. Everything else — float64, other head dims — takes the
-general kernels. ``FAST_V1 = True`` makes the launches take the fast kernels' first version (per-element
-staging, grid (row blocks, batch·head), no launch bounds), kept for A/B timing. The launch wrappers take NumPy
-arrays (under the simulator, ``NUMBA_ENABLE_CUDASIM=1``) or CuPy arrays (on a GPU).
+general kernels. The launch wrappers take NumPy arrays (under the simulator, ``NUMBA_ENABLE_CUDASIM=1``) or CuPy
+arrays (on a GPU, launched through kernels.dispatch.launch).
 """
 
 import math
@@ -472,31 +471,6 @@ def _stage(dst, src, bh, row0, R, C, n):
 
 
 @cuda.jit(device=True, inline=True)
-def _stage_transposed_v1(dst, src, bh, row0, col0, R, C, n):
-    """The first version of ``_stage_transposed`` (kept for A/B timing, ``FAST_V1``): one element per loop step,
-    its row and column divided out of a flat index, its load behind a branch (zeros for rows ≥ n)."""
-    G = min(8, C)
-    for idx in range(cuda.threadIdx.x & (NT - 1), R * C, NT):
-        sub, grp = idx % (4 * G), idx // (4 * G)
-        row, col = 4 * (grp % (R // 4)) + sub % 4, G * (grp // (R // 4)) + sub // 4
-        x = float32(0.0)
-        if row0 + row < n:
-            x = src[bh, row0 + row, col0 + col]
-        dst[col, row] = x
-
-
-@cuda.jit(device=True, inline=True)
-def _stage_v1(dst, src, bh, row0, R, C, n):
-    """The first version of ``_stage`` (``FAST_V1``), in the same way as ``_stage_transposed_v1``."""
-    for idx in range(cuda.threadIdx.x & (NT - 1), R * C, NT):
-        row, col = idx // C, idx % C
-        x = float32(0.0)
-        if row0 + row < n:
-            x = src[bh, row0 + row, col]
-        dst[row, col] = x
-
-
-@cuda.jit(device=True, inline=True)
 def _masked_scores(s, buf, r0, c0, row0, col0, qrows, L, S, scale, mask, has_mask, b, h, kind, T, W, r, P, causal):
     """s ← the masked scores of the thread's micro-tile: rows row0 + r0 + i, columns col0 + c0 + j of a tile
     (rows are queries and columns keys when ``qrows``, the reverse in the dK/dV kernel); −inf outside L × S.
@@ -559,9 +533,9 @@ def _block_of():
     return cuda.blockIdx.y, cuda.gridDim.y, cuda.blockIdx.x
 
 
-def _fast_grid(blocks, BH, v1):
+def _fast_grid(blocks, BH):
     """The fast kernels' grid for `blocks` row blocks per batch·head (see ``_block_of``)."""
-    return (blocks, BH) if v1 else (BH, blocks)
+    return (BH, blocks)
 
 
 def _build_fast(D):
@@ -858,317 +832,14 @@ def _build_fast(D):
     return {"forward_fast": forward_fast, "dq_fast": dq_fast, "dkdv_fast": dkdv_fast}
 
 
-def _build_fast_v1(D):
-    """The fast kernels' first version (per-element staging, grid (row blocks, batch·head), no launch bounds),
-    verbatim but for the staging helpers' names: kept only for A/B timing (``FAST_V1``, bench/ab_attention.py)."""
-    DT = D // TX  # output columns per thread: 4·tx + 4·TX·(e // 4) + e % 4, four consecutive at a time
-    # (shapes of shared and local arrays must be compile-time constants: tuples built here, frozen into the kernel)
-    Q_SHAPE, K_SHAPE, V_SHAPE, P_SHAPE = (D, BM + 4), (D, BN + 4), (BN, D), (BN, BM + 4)
-    ACC_SHAPE, S_SHAPE = (TM, DT), (TM, TN)
-    ninf = float32(-math.inf)
-    zero = float32(0.0)
-
-    @cuda.jit
-    def forward_fast(q, k, v, mask, has_mask, H, kind, T, W, r, P, causal, scale, out, lse):
-        """One block of NT threads per (BM queries, batch·head). Thread (tx, ty) owns rows TM·ty + i of the block
-        and, in each BM × BN score tile, keys TN·tx + j; its TM × TN scores, its TM × DT output accumulators and
-        its rows' running max m and partial sums l live in registers (constant-size local arrays)."""
-        L, S = q.shape[1], k.shape[1]
-        t = cuda.threadIdx.x & (NT - 1)  # (= threadIdx.x; the mask shows the compiler t ≥ 0: no negative-index wrap)
-        tx, ty = t % TX, t // TX
-        r0, c0 = TM * ty, TN * tx  # the thread's first row and first key of a tile
-        i0 = (cuda.gridDim.x - 1 - cuda.blockIdx.x) * BM  # the last (under causality the longest) first
-        bh = cuda.blockIdx.y
-        b, h = bh // H, bh % H
-        i1 = min(i0 + BM, L)
-        # Transposed tiles: a thread reads its TM rows (TN keys) at one d, 16 consecutive bytes. The +4 pads keep
-        # every row on a 16-byte boundary and make the row stride 4 mod 32 words (conflict-free staging).
-        sQ = cuda.shared.array(Q_SHAPE, float32, alignment=ALIGN)
-        sK = cuda.shared.array(K_SHAPE, float32, alignment=ALIGN)
-        sV = cuda.shared.array(V_SHAPE, float32, alignment=ALIGN)
-        sP = cuda.shared.array(P_SHAPE, float32, alignment=ALIGN)
-        acc = cuda.local.array(ACC_SHAPE, float32)  # the unnormalized output rows
-        s = cuda.local.array(S_SHAPE, float32)  # scores, then probabilities
-        m = cuda.local.array(TM, float32)  # running row max (the same in the row's TX threads)
-        lp = cuda.local.array(TM, float32)  # this thread's part of the running row sum
-        a = cuda.local.array(TM, float32)  # operands staged in registers: a column of Q or Pᵀ ...
-        kb = cuda.local.array(TN, float32)  # ... and a row of Kᵀ ...
-        vb = cuda.local.array(DT, float32)  # ... or of V
-        _stage_transposed_v1(sQ, q, bh, i0, 0, BM, D, L)  # rows past L are zeros
-        for i in range(TM):
-            m[i] = ninf
-            lp[i] = zero
-            for e in range(DT):
-                acc[i, e] = zero
-        for j0 in range(0, S, BN):
-            if (causal and j0 > i1 - 1) or not _tile_may_attend(kind, T, W, r, P, i0, i1, j0, min(j0 + BN, S)):
-                continue  # the same decision in every thread of the block: every barrier is reached by all
-            cuda.syncthreads()  # the previous tile is no longer read (and sQ is written, the first time)
-            _stage_transposed_v1(sK, k, bh, j0, 0, BN, D, S)  # keys past S are zeros
-            _stage_v1(sV, v, bh, j0, BN, D, S)
-            cuda.syncthreads()
-            for i in range(TM):  # S = Q Kᵀ: TM + TN shared loads for TM · TN multiply-adds per d
-                for j in range(TN):
-                    s[i, j] = zero
-            d = 0
-            while d < D:  # (a while loop: Numba's range loop index defeats the 16-byte alignment proof, no v4 loads)
-                for i in range(TM):
-                    a[i] = sQ[d, r0 + i]
-                for j in range(TN):
-                    kb[j] = sK[d, c0 + j]
-                for i in range(TM):
-                    for j in range(TN):
-                        s[i, j] += a[i] * kb[j]
-                d += 1
-            _masked_scores(s, sP, r0, c0, i0, j0, True, L, S, scale, mask, has_mask, b, h, kind, T, W, r, P, causal)
-            for i in range(TM):  # the online softmax (Dao 2023, algorithm 1, lines 8-10)
-                mx = m[i]
-                for j in range(TN):
-                    mx = max(mx, s[i, j])
-                mx = _row_max(mx)  # m' = max(m, rowmax(S)), outside any branch: all 32 lanes shuffle
-                alpha = float32(1.0)
-                if mx != ninf:  # else the row has seen no key yet: nothing to rescale, P = 0
-                    alpha = math.exp(m[i] - mx)  # exp(m − m'), 0 while m = −inf
-                m[i] = mx
-                total = zero
-                for j in range(TN):
-                    p = zero
-                    if mx != ninf:
-                        p = math.exp(s[i, j] - mx)
-                    s[i, j] = p
-                    total += p
-                lp[i] = alpha * lp[i] + total  # each thread sums its own keys; the row's parts meet at the end
-                for e in range(DT):
-                    acc[i, e] *= alpha
-            for j in range(TN):  # a key's 4 rows are consecutive in Pᵀ: one 16-byte store
-                for i in range(TM):
-                    sP[c0 + j, r0 + i] = s[i, j]
-            cuda.syncthreads()  # P is complete
-            c = 0
-            while c < BN:  # O += P V: TM + DT shared loads for TM · DT multiply-adds per key
-                for i in range(TM):
-                    a[i] = sP[c, r0 + i]
-                for e in range(DT):
-                    vb[e] = sV[c, 4 * tx + 4 * TX * (e // 4) + e % 4]
-                for i in range(TM):
-                    for e in range(DT):
-                        acc[i, e] += a[i] * vb[e]
-                c += 1
-        for i in range(TM):  # O = acc / l, lse = m + log l (lines 12-13); a fully blocked row: 0 and −inf
-            lsum = _row_sum(lp[i])
-            inv = zero
-            if lsum > zero:
-                inv = float32(1.0) / lsum
-                m[i] += math.log(lsum)
-            else:
-                m[i] = ninf
-            for e in range(DT):
-                acc[i, e] *= inv
-        for i in range(TM):
-            qi = i0 + r0 + i
-            if qi < L:
-                for e in range(DT):
-                    out[bh, qi, 4 * tx + 4 * TX * (e // 4) + e % 4] = acc[i, e]
-                if tx == 0:
-                    lse[bh, qi] = m[i]
-
-    SL_Q, SL_K = (DS, BM + 4), (DS, BN + 4)  # d-slices of the transposed row-block and column-tile operands
-    SQ_Q, SQ_K = (DSQ, BM + 4), (DSQ, BN + 4)  # the same in the dQ kernel
-    R_SHAPE, ROW_SHAPE = (BN, D), (BN,)
-
-    @cuda.jit
-    def dq_fast(q, k, v, lse, dout, Drow, mask, has_mask, H, kind, T, W, r, P, causal, scale, dq):
-        """dQ for one block of BM queries (Dao 2023, algorithm 2, its dQ half, without atomics): for each key
-        tile, S = Q Kᵀ and dP = dO Vᵀ are recomputed, DSQ head dims staged at a time (all of Q and dO would not
-        fit beside the rest in 48 KiB); P = exp(S − lse), dS = P ∘ (dP − D) · scale; dQ += dS K. Thread (tx, ty)
-        owns query rows r0 + i, keys c0 + j of a tile and D/TX columns of dQ, all in registers."""
-        L, S = q.shape[1], k.shape[1]
-        t = cuda.threadIdx.x & (NT - 1)
-        tx, ty = t % TX, t // TX
-        r0, c0 = TM * ty, TN * tx
-        i0 = (cuda.gridDim.x - 1 - cuda.blockIdx.x) * BM  # the last (under causality the longest) first
-        bh = cuda.blockIdx.y
-        b, h = bh // H, bh % H
-        i1 = min(i0 + BM, L)
-        sQ = cuda.shared.array(SQ_Q, float32, alignment=ALIGN)
-        sdO = cuda.shared.array(SQ_Q, float32, alignment=ALIGN)
-        sK = cuda.shared.array(SQ_K, float32, alignment=ALIGN)
-        sV = cuda.shared.array(SQ_K, float32, alignment=ALIGN)
-        sKr = cuda.shared.array(R_SHAPE, float32, alignment=ALIGN)  # the key tile, row-major, for dQ += dS K
-        sdS = cuda.shared.array(P_SHAPE, float32, alignment=ALIGN)  # dSᵀ
-        acc = cuda.local.array(ACC_SHAPE, float32)
-        s = cuda.local.array(S_SHAPE, float32)
-        dp = cuda.local.array(S_SHAPE, float32)
-        lr = cuda.local.array(TM, float32)  # lse and D of the thread's rows
-        dr = cuda.local.array(TM, float32)
-        a = cuda.local.array(TM, float32)
-        a2 = cuda.local.array(TM, float32)
-        kb = cuda.local.array(TN, float32)
-        vb = cuda.local.array(TN, float32)
-        cb = cuda.local.array(DT, float32)
-        for i in range(TM):
-            lr[i] = ninf  # rows past L: P = 0
-            dr[i] = zero
-            if i0 + r0 + i < L:
-                lr[i] = lse[bh, i0 + r0 + i]
-                dr[i] = Drow[bh, i0 + r0 + i]
-            for e in range(DT):
-                acc[i, e] = zero
-        for j0 in range(0, S, BN):
-            if (causal and j0 > i1 - 1) or not _tile_may_attend(kind, T, W, r, P, i0, i1, j0, min(j0 + BN, S)):
-                continue  # block-uniform
-            for i in range(TM):
-                for j in range(TN):
-                    s[i, j] = zero
-                    dp[i, j] = zero
-            for d0 in range(0, D, DSQ):
-                cuda.syncthreads()  # the previous slice (and the previous tile's dS, K) are no longer read
-                _stage_transposed_v1(sQ, q, bh, i0, d0, BM, DSQ, L)
-                _stage_transposed_v1(sdO, dout, bh, i0, d0, BM, DSQ, L)
-                _stage_transposed_v1(sK, k, bh, j0, d0, BN, DSQ, S)
-                _stage_transposed_v1(sV, v, bh, j0, d0, BN, DSQ, S)
-                if d0 == 0:
-                    _stage_v1(sKr, k, bh, j0, BN, D, S)
-                cuda.syncthreads()
-                _two_products(s, dp, sQ, sdO, sK, sV, r0, c0, DSQ, a, a2, kb, vb)  # S += Q Kᵀ, dP += dO Vᵀ
-            _masked_scores(s, sdS, r0, c0, i0, j0, True, L, S, scale, mask, has_mask, b, h, kind, T, W, r, P, causal)
-            for i in range(TM):
-                for j in range(TN):
-                    p = zero
-                    if lr[i] != ninf:
-                        p = math.exp(s[i, j] - lr[i])  # P = exp(S − lse)
-                    s[i, j] = p * (dp[i, j] - dr[i]) * scale  # dS = P ∘ (dP − D), times scale
-            for j in range(TN):
-                for i in range(TM):
-                    sdS[c0 + j, r0 + i] = s[i, j]
-            cuda.syncthreads()
-            c = 0
-            while c < BN:  # dQ += dS K
-                for i in range(TM):
-                    a[i] = sdS[c, r0 + i]
-                for e in range(DT):
-                    cb[e] = sKr[c, 4 * tx + 4 * TX * (e // 4) + e % 4]
-                for i in range(TM):
-                    for e in range(DT):
-                        acc[i, e] += a[i] * cb[e]
-                c += 1
-        for i in range(TM):
-            if i0 + r0 + i < L:
-                for e in range(DT):
-                    dq[bh, i0 + r0 + i, 4 * tx + 4 * TX * (e // 4) + e % 4] = acc[i, e]
-
-    @cuda.jit
-    def dkdv_fast(q, k, v, lse, dout, Drow, mask, has_mask, H, kind, T, W, r, P, causal, scale, dk, dv):
-        """dK and dV for one block of BM keys (Dao 2023, algorithm 2): for each query tile of BN queries,
-        Sᵀ = K Qᵀ and dPᵀ = V dOᵀ (DS head dims at a time), Pᵀ and dSᵀ as in dq_fast, then dV += Pᵀ dO and
-        dK += dSᵀ Q. Thread (tx, ty) owns keys r0 + i, queries c0 + j of a tile and D/TX columns of dK and dV."""
-        L, S = q.shape[1], k.shape[1]
-        t = cuda.threadIdx.x & (NT - 1)
-        tx, ty = t % TX, t // TX
-        r0, c0 = TM * ty, TN * tx
-        j0 = cuda.blockIdx.x * BM
-        bh = cuda.blockIdx.y
-        b, h = bh // H, bh % H
-        j1 = min(j0 + BM, S)
-        sK = cuda.shared.array(SL_Q, float32, alignment=ALIGN)
-        sV = cuda.shared.array(SL_Q, float32, alignment=ALIGN)
-        sQ = cuda.shared.array(SL_K, float32, alignment=ALIGN)
-        sdO = cuda.shared.array(SL_K, float32, alignment=ALIGN)
-        sQr = cuda.shared.array(R_SHAPE, float32, alignment=ALIGN)  # the query tile, row-major, for dK += dSᵀ Q
-        sdOr = cuda.shared.array(R_SHAPE, float32, alignment=ALIGN)  # and dO, for dV += Pᵀ dO
-        sP = cuda.shared.array(P_SHAPE, float32, alignment=ALIGN)  # P[query, key]
-        sdS = cuda.shared.array(P_SHAPE, float32, alignment=ALIGN)
-        sL = cuda.shared.array(ROW_SHAPE, float32)  # lse and D of the tile's queries
-        sDr = cuda.shared.array(ROW_SHAPE, float32)
-        gv = cuda.local.array(ACC_SHAPE, float32)  # dV rows
-        gk = cuda.local.array(ACC_SHAPE, float32)  # dK rows
-        s = cuda.local.array(S_SHAPE, float32)
-        dp = cuda.local.array(S_SHAPE, float32)
-        a = cuda.local.array(TM, float32)
-        a2 = cuda.local.array(TM, float32)
-        kb = cuda.local.array(TN, float32)
-        vb = cuda.local.array(TN, float32)
-        ob = cuda.local.array(DT, float32)
-        qb = cuda.local.array(DT, float32)
-        for i in range(TM):
-            for e in range(DT):
-                gv[i, e] = zero
-                gk[i, e] = zero
-        i_start = j0 // BN * BN if causal else 0  # causal: earlier query tiles see none of these keys
-        for i0 in range(i_start, L, BN):
-            if not _tile_may_attend(kind, T, W, r, P, i0, min(i0 + BN, L), j0, j1):
-                continue  # block-uniform
-            for i in range(TM):
-                for j in range(TN):
-                    s[i, j] = zero
-                    dp[i, j] = zero
-            for d0 in range(0, D, DS):
-                cuda.syncthreads()  # the previous slice (and the previous tile's P, dS, Q, dO) are no longer read
-                _stage_transposed_v1(sK, k, bh, j0, d0, BM, DS, S)
-                _stage_transposed_v1(sV, v, bh, j0, d0, BM, DS, S)
-                _stage_transposed_v1(sQ, q, bh, i0, d0, BN, DS, L)
-                _stage_transposed_v1(sdO, dout, bh, i0, d0, BN, DS, L)
-                if d0 == 0:
-                    _stage_v1(sQr, q, bh, i0, BN, D, L)
-                    _stage_v1(sdOr, dout, bh, i0, BN, D, L)
-                    for c in range(t, BN, NT):
-                        x = ninf  # queries past L: P = 0
-                        y = zero
-                        if i0 + c < L:
-                            x = lse[bh, i0 + c]
-                            y = Drow[bh, i0 + c]
-                        sL[c] = x
-                        sDr[c] = y
-                cuda.syncthreads()
-                _two_products(s, dp, sK, sV, sQ, sdO, r0, c0, DS, a, a2, kb, vb)  # Sᵀ += K Qᵀ, dPᵀ += V dOᵀ
-            _masked_scores(s, sP, r0, c0, j0, i0, False, L, S, scale, mask, has_mask, b, h, kind, T, W, r, P, causal)
-            for j in range(TN):
-                lq = sL[c0 + j]
-                dq_ = sDr[c0 + j]
-                for i in range(TM):
-                    p = zero
-                    if lq != ninf:
-                        p = math.exp(s[i, j] - lq)
-                    s[i, j] = p
-                    dp[i, j] = p * (dp[i, j] - dq_) * scale
-            for j in range(TN):
-                for i in range(TM):
-                    sP[c0 + j, r0 + i] = s[i, j]
-                    sdS[c0 + j, r0 + i] = dp[i, j]
-            cuda.syncthreads()
-            c = 0
-            while c < BN:  # dV += Pᵀ dO, dK += dSᵀ Q
-                for i in range(TM):
-                    a[i] = sP[c, r0 + i]
-                    a2[i] = sdS[c, r0 + i]
-                for e in range(DT):
-                    ob[e] = sdOr[c, 4 * tx + 4 * TX * (e // 4) + e % 4]
-                    qb[e] = sQr[c, 4 * tx + 4 * TX * (e // 4) + e % 4]
-                for i in range(TM):
-                    for e in range(DT):
-                        gv[i, e] += a[i] * ob[e]
-                        gk[i, e] += a2[i] * qb[e]
-                c += 1
-        for i in range(TM):
-            if j0 + r0 + i < S:
-                for e in range(DT):
-                    dv[bh, j0 + r0 + i, 4 * tx + 4 * TX * (e // 4) + e % 4] = gv[i, e]
-                    dk[bh, j0 + r0 + i, 4 * tx + 4 * TX * (e // 4) + e % 4] = gk[i, e]
-
-    return {"forward_fast": forward_fast, "dq_fast": dq_fast, "dkdv_fast": dkdv_fast}
-
-
 _FAST = {}
-FAST_V1 = False  # True: the launches take the fast kernels' first version (bench/ab_attention.py times both)
 
 
-def fast_kernels(D, v1=None):
-    """The fast kernels for head dim D, compiled on first use (and cached: one build per head dim and version);
-    ``v1`` None follows ``FAST_V1``."""
-    v1 = FAST_V1 if v1 is None else bool(v1)
-    if (D, v1) not in _FAST:
-        _FAST[D, v1] = _build_fast_v1(D) if v1 else _build_fast(D)
-    return _FAST[D, v1]
+def fast_kernels(D):
+    """The fast kernels for head dim D, compiled on first use (and cached: one build per head dim)."""
+    if D not in _FAST:
+        _FAST[D] = _build_fast(D)
+    return _FAST[D]
 
 
 def signatures(dtype):
@@ -1231,7 +902,7 @@ def forward(q, k, v, mask, has_mask, H, kind, T, W, r, P, causal, scale, out, ls
     dq, dk, dv, dm, do, dl = _on_device(host, q, k, v, mask, out, lse)
     args = (dq, dk, dv, dm, has_mask, H, kind, T, W, r, P, causal, sc, do, dl)
     if fast_dims_ok(q.dtype, D, Dv):
-        launch(fast_kernels(D)["forward_fast"], _fast_grid((L + BM - 1) // BM, BH, FAST_V1), NT, *args)
+        launch(fast_kernels(D)["forward_fast"], _fast_grid((L + BM - 1) // BM, BH), NT, *args)
     else:
         smem = _smem(q.dtype, D, Dv, BQ * (D + Dv + 2) + BK * (D + Dv))
         launch(KERNELS[np.dtype(q.dtype)]["forward"], ((L + BQ - 1) // BQ, BH), BQ, *args, shared=smem)
@@ -1250,8 +921,8 @@ def backward(q, k, v, out, lse, dout, mask, has_mask, H, kind, T, W, r, P, causa
     launch(ks["rowdot"], (BH * L + 127) // 128, 128, o_, do_, D_)
     if fast_dims_ok(q.dtype, D, Dv):
         fk = fast_kernels(D)
-        launch(fk["dq_fast"], _fast_grid((L + BM - 1) // BM, BH, FAST_V1), NT, q_, k_, v_, l_, do_, D_, *pat, dq_)
-        launch(fk["dkdv_fast"], _fast_grid((S + BM - 1) // BM, BH, FAST_V1), NT, q_, k_, v_, l_, do_, D_, *pat, dk_,
+        launch(fk["dq_fast"], _fast_grid((L + BM - 1) // BM, BH), NT, q_, k_, v_, l_, do_, D_, *pat, dq_)
+        launch(fk["dkdv_fast"], _fast_grid((S + BM - 1) // BM, BH), NT, q_, k_, v_, l_, do_, D_, *pat, dk_,
                dv_)
         _copy_back(host, (dq, dk, dv))
         return
