@@ -6,10 +6,11 @@ of Philox block i // 4 — four normals from one Philox call and two Box–Mulle
 block takes tiles of 4·THREADS consecutive elements: thread t draws the four normals of the tile's Philox block t
 into shared memory, then the block updates the tile in four coalesced sweeps (element c·THREADS + t in sweep c), so
 a warp's loads and stores are contiguous — a thread updating its own four neighbours would touch memory with a
-16-byte stride. A thread issues its loads of x and ε̂ for all four sweeps before it draws, so that they are in
-flight during the Philox rounds and Box–Muller. The sample of element i, i // per_sample, is a float64 multiply by
-1/per_sample (exact below 2^50 elements; a 64-bit integer division costs dozens of instructions per element on a
-GPU).
+16-byte stride. The loads are software-pipelined: a thread loads its x and ε̂ of the next tile (eight loads, indices
+clamped into the array so that no branch separates them) before it draws and updates the current one, so that
+memory is busy while the Philox rounds and Box–Muller run. The sample of element i, i // per_sample, is a float64
+multiply by 1/per_sample (exact below 2^50 elements; a 64-bit integer division costs dozens of instructions per
+element on a GPU).
 
 Runs on CuPy arrays on a GPU (launched through kernels.dispatch.launch), and on NumPy arrays under the Numba CUDA
 simulator (NUMBA_ENABLE_CUDASIM=1).
@@ -34,9 +35,13 @@ from kernels.schedule.cpu import (
 from kernels.schedule.reference import Schedule, per_sample_t
 
 # Threads per block; 32 under the simulator, which runs one Python thread per CUDA thread.
-THREADS = 32 if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1" else 256
+_SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+THREADS = 32 if _SIM else 256
 TILE = 4 * THREADS
 MAX_BLOCKS = 4096  # a grid-stride loop takes the tiles beyond MAX_BLOCKS · TILE
+# launch bounds: blocks of THREADS per SM whose registers the compiler must fit — float32 in 48 registers for 5
+# blocks (ptxas 13.0: no spills), float64 (whose values take two registers each) in 64 for 4
+BLOCKS_PER_SM = {np.dtype(np.float32): 5, np.dtype(np.float64): 4}
 _normal4 = philox.cuda_device_functions().normal4
 
 
@@ -47,9 +52,11 @@ def _sample(i, inv_per_sample):
 
 
 @cuda.jit(device=True, inline=True)
-def _load(a, i, n):
-    """a[i] as a float64, 0 past the end."""
-    return np.float64(a[i]) if i < n else 0.0
+def _load4(a, i, n):
+    """a at i, i + THREADS, i + 2·THREADS, i + 3·THREADS (clamped into the array: no branch between the loads; the
+    values past the end are never used)."""
+    return (a[min(i, n - 1)], a[min(i + THREADS, n - 1)], a[min(i + 2 * THREADS, n - 1)],
+            a[min(i + 3 * THREADS, n - 1)])
 
 
 @cuda.jit(device=True, inline=True)
@@ -67,8 +74,10 @@ def _update_one(i, n, zi, xi, ei, has_e, coef, inv_per_sample, clip, seeded, z, 
         zi = np.float64(z[i])
     else:
         zi = 0.0  # S = 0: the noise array is not read
+    xi = np.float64(xi)
     acc = coef[s, 3] * xi + coef[s, 5] * zi
     if has_e:
+        ei = np.float64(ei)
         acc += coef[s, 4] * ei
         A = coef[s, 2]
         if A != 0.0:
@@ -77,20 +86,19 @@ def _update_one(i, n, zi, xi, ei, has_e, coef, inv_per_sample, clip, seeded, z, 
     out[i] = acc
 
 
-@cuda.jit
 def fused_update_kernel(x, e, has_e, coef, inv_per_sample, clip, seeded, k0, k1, z, write_z, z_out, round32, out):
     """out = A·clip(p·x − q·e) + Bx·x + Be·e + S·z over flat arrays, tile by tile (see the module docstring)."""
     zs = cuda.shared.array(TILE, float64)
     t = cuda.threadIdx.x
     n = x.size
-    for base in range(cuda.blockIdx.x * TILE, n, cuda.gridDim.x * TILE):
-        i0 = base + t  # this thread's element in each of the four sweeps
-        i1, i2, i3 = i0 + THREADS, i0 + 2 * THREADS, i0 + 3 * THREADS
-        # the loads go out first, and are on their way while the normals are drawn
-        x0, x1, x2, x3 = _load(x, i0, n), _load(x, i1, n), _load(x, i2, n), _load(x, i3, n)
-        e0 = e1 = e2 = e3 = 0.0
-        if has_e:
-            e0, e1, e2, e3 = _load(e, i0, n), _load(e, i1, n), _load(e, i2, n), _load(e, i3, n)
+    step = cuda.gridDim.x * TILE
+    base = cuda.blockIdx.x * TILE
+    # software pipelining: a tile's x and ε̂ are loaded while the tile before it is drawn and updated
+    x0, x1, x2, x3 = _load4(x, base + t, n)
+    e0, e1, e2, e3 = _load4(e, base + t, n)  # (e is x when there is no ε̂: the same addresses, from L1)
+    while base < n:
+        nx0, nx1, nx2, nx3 = _load4(x, base + step + t, n)
+        ne0, ne1, ne2, ne3 = _load4(e, base + step + t, n)
         if seeded:
             i = base + 4 * t  # the first element of Philox block i // 4
             z0 = z1 = z2 = z3 = 0.0
@@ -104,12 +112,20 @@ def fused_update_kernel(x, e, has_e, coef, inv_per_sample, clip, seeded, k0, k1,
             zs[4 * t + 2] = z2
             zs[4 * t + 3] = z3
             cuda.syncthreads()
-        for i, zi, xi, ei in ((i0, zs[t], x0, e0), (i1, zs[t + THREADS], x1, e1),
-                              (i2, zs[t + 2 * THREADS], x2, e2), (i3, zs[t + 3 * THREADS], x3, e3)):
+        i0 = base + t  # this thread's element in each of the four sweeps
+        for i, zi, xi, ei in ((i0, zs[t], x0, e0), (i0 + THREADS, zs[t + THREADS], x1, e1),
+                              (i0 + 2 * THREADS, zs[t + 2 * THREADS], x2, e2),
+                              (i0 + 3 * THREADS, zs[t + 3 * THREADS], x3, e3)):
             _update_one(i, n, zi, xi, ei, has_e, coef, inv_per_sample, clip, seeded, z, write_z, z_out, round32, out)
         if seeded:
             cuda.syncthreads()  # the tile's noise is read before the next tile's overwrites it
+        x0, x1, x2, x3, e0, e1, e2, e3 = nx0, nx1, nx2, nx3, ne0, ne1, ne2, ne3
+        base += step
 
+
+# one compiled kernel per dtype, with its launch bounds (the simulator's jit has no such option)
+KERNELS = {dt: (cuda.jit if _SIM else cuda.jit(launch_bounds=(THREADS, blocks)))(fused_update_kernel)
+           for dt, blocks in BLOCKS_PER_SM.items()}
 
 def _xp(a):
     """The array module of a: CuPy for CuPy arrays, NumPy otherwise (the simulator runs on NumPy arrays)."""
@@ -155,7 +171,7 @@ def run(x, e, coef, clip, seed, noise, want_noise):
     if n >= 2**50:
         raise ValueError(f"{n} elements: the kernel's float64 sample index is exact below 2**50")
     if n:
-        launch(fused_update_kernel, min(-(-n // TILE), MAX_BLOCKS), THREADS, flat, e_flat, has_e, coef,
+        launch(KERNELS[x.dtype], min(-(-n // TILE), MAX_BLOCKS), THREADS, flat, e_flat, has_e, coef,
                1.0 / per_sample, float(clip), seeded, k0, k1, z_flat, seeded and want_noise, z_out.reshape(-1),
                x.dtype == np.float32, out.reshape(-1))
     if not seeded:
@@ -184,12 +200,11 @@ def ddim_step(x_t, eps_hat, t, t_prev, sched: Schedule, eta: float = 0.0, *, see
     return run(x_t, eps_hat, coef, clip_value(clip_x0), seed, noise, want_noise=False)[0]
 
 
-SIGNATURES = {
-    # (kernel, signature) pairs that tests compile to PTX for sm_90 (float32 and float64 arrays).
-    "fused_update_f32": (fused_update_kernel, "void(float32[::1], float32[::1], boolean, float64[:, ::1], float64, "
-                         "float64, boolean, uint64, uint64, float32[::1], boolean, float32[::1], boolean, "
-                         "float32[::1])"),
-    "fused_update_f64": (fused_update_kernel, "void(float64[::1], float64[::1], boolean, float64[:, ::1], float64, "
-                         "float64, boolean, uint64, uint64, float64[::1], boolean, float64[::1], boolean, "
-                         "float64[::1])"),
-}
+def _signature(f):
+    a = f"{f}[::1]"
+    return (f"void({a}, {a}, boolean, float64[:, ::1], float64, float64, boolean, uint64, uint64, {a}, boolean, {a}, "
+            f"boolean, {a})")
+
+
+# (kernel, signature) pairs that tests compile to PTX for sm_90 (float32 and float64 arrays).
+SIGNATURES = {f"fused_update_f{b}": (KERNELS[np.dtype(f"float{b}")], _signature(f"float{b}")) for b in (32, 64)}

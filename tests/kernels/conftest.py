@@ -48,8 +48,9 @@ def ptx_sm90():
 
     def compile_ptx(kernel, signature):
         pyfunc = getattr(kernel, "py_func", kernel)
+        bounds = getattr(kernel, "targetoptions", {}).get("launch_bounds")  # as a launch compiles it
         with mock.patch.object(dispatcher, "get_current_device", lambda: _SM90()):
-            ptx, _ = cuda.compile_ptx(pyfunc, signature, cc=(9, 0))
+            ptx, _ = cuda.compile_ptx(pyfunc, signature, cc=(9, 0), launch_bounds=bounds)
         assert ".target sm_90" in ptx
         return ptx
 

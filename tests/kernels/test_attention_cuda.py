@@ -8,7 +8,6 @@ On a machine with a GPU, the ``gpu``-marked test runs the same comparison on the
 """
 
 import re
-import shutil
 import sys
 from pathlib import Path
 
@@ -151,6 +150,9 @@ def check_ptx():
     from numba import cuda
     from numba.cuda import config
 
+    sys.path.insert(0, str(Path(__file__).parent))
+    from ptx_tools import ptxas_usage
+
     from kernels.attention import cuda as attention_cuda
 
     assert not config.ENABLE_CUDASIM
@@ -172,7 +174,6 @@ def check_ptx():
     # shared tiles within the default 48 KiB, their row reductions warp shuffles, their shared reads vectorized.
     # Their launch bounds (threads, blocks per SM) reach the PTX; where ptxas is installed, the registers it
     # allocates must let that many blocks share an SM (65536 registers per SM).
-    ptxas = shutil.which("ptxas")
     for D in (32, 64):
         sigs = attention_cuda.signatures(np.float32)
         for name, kernel in attention_cuda.fast_kernels(D).items():
@@ -186,29 +187,11 @@ def check_ptx():
             assert ("shfl.sync.bfly" in ptx) == (name == "forward_fast"), (name, D)  # the online softmax's row max
             assert "ld.shared.v4.f32" in ptx, (name, D)  # the micro-tiles' operands load 4 floats at a time
             assert f".maxntid {attention_cuda.NT}, 1, 1" in ptx and f".minnctapersm {blocks}" in ptx, (name, D)
-            regs = ""
-            if ptxas:
-                regs = _ptxas_registers(ptxas, ptx)
+            regs = ptxas_usage(ptx)
+            if regs:
                 assert regs[0] * attention_cuda.NT * blocks <= 65536, (name, D, regs)
-                regs = f", {regs[0]} registers, {regs[1]} bytes spilled"
+            regs = f", {regs[0]} registers, {regs[1]} bytes spilled" if regs else ""
             print(f"ptx ok {name} D={D} ({shared} bytes of shared memory{regs})")
-
-
-def _ptxas_registers(ptxas, ptx):
-    """(registers per thread, bytes of spill stores) that ptxas allocates for sm_90 (a PTX ISA version above 9.0,
-    newer than the CUDA 13.0 ptxas knows, is lowered to 9.0: the kernels use nothing newer)."""
-    import subprocess
-    import tempfile
-
-    version = re.search(r"^\.version (\d+)\.(\d+)", ptx, flags=re.M)
-    if (int(version[1]), int(version[2])) > (9, 0):
-        ptx = ptx.replace(version[0], ".version 9.0", 1)
-    with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "k.ptx"
-        src.write_text(ptx)
-        out = subprocess.run([ptxas, "-arch=sm_90", "-v", str(src), "-o", str(Path(tmp) / "k.cubin")],
-                             capture_output=True, text=True, check=True).stderr
-    return int(re.search(r"Used (\d+) registers", out)[1]), int(re.search(r"(\d+) bytes spill stores", out)[1])
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from ptx_tools import ptxas_usage
 
 from kernels import philox, schedule
 from kernels.schedule import cpu, cuda
@@ -206,9 +207,17 @@ def test_seeded_noise_round_trips_through_explicit_noise():
 # ---------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", sorted(cuda.SIGNATURES))
 def test_cuda_kernels_compile_for_sm90(ptx_sm90, name):
+    """The kernel compiles for sm_90 with its launch bounds; where ptxas is installed, the registers it allocates
+    let BLOCKS_PER_SM blocks share an SM (65536 registers) with nothing spilled to local memory."""
     kernel, signature = cuda.SIGNATURES[name]
+    blocks = cuda.BLOCKS_PER_SM[np.dtype(np.float32 if name.endswith("f32") else np.float64)]
     ptx = ptx_sm90(kernel, signature)
-    assert ".entry" in ptx
+    assert ".entry" in ptx and ".local" not in ptx
+    assert f".maxntid {cuda.THREADS}, 1, 1" in ptx and f".minnctapersm {blocks}" in ptx
+    usage = ptxas_usage(ptx)
+    if usage:
+        registers, spilled = usage
+        assert registers * cuda.THREADS * blocks <= 65536 and spilled == 0, usage
 
 
 @settings(max_examples=200, deadline=None)
