@@ -526,15 +526,19 @@ def _two_products(s, dp, A, A2, B, B2, r0, c0, n, a, a2, kb, vb):
 
 
 @cuda.jit(device=True, inline=True)
-def _block_of():
-    """(row block, row blocks, batch·head) of this block in a fast kernel's grid (BH, row blocks): the grid's
-    first axis runs fastest, so the blocks start a row block of every batch·head at a time, longest first (the
-    longest-processing-time order: no long block is left to start late and run alone at the end)."""
-    return cuda.blockIdx.y, cuda.gridDim.y, cuda.blockIdx.x
+def _place(H):
+    """Where this thread works in a fast kernel: (t, tx, r0, c0, row block, row blocks, batch·head, b, h). Thread
+    t = (tx, ty) owns rows r0 + i = TM·ty + i and columns c0 + j = TN·tx + j of each tile. The grid is (BH, row
+    blocks): its first axis runs fastest, so the blocks start a row block of every batch·head at a time, longest
+    first (the longest-processing-time order: no long block is left to start late and run alone at the end)."""
+    t = cuda.threadIdx.x & (NT - 1)  # (= threadIdx.x; the mask shows the compiler t ≥ 0: no negative-index wrap)
+    tx, ty = t % TX, t // TX
+    bh = cuda.blockIdx.x
+    return t, tx, TM * ty, TN * tx, cuda.blockIdx.y, cuda.gridDim.y, bh, bh // H, bh % H
 
 
 def _fast_grid(blocks, BH):
-    """The fast kernels' grid for `blocks` row blocks per batch·head (see ``_block_of``)."""
+    """The fast kernels' grid for `blocks` row blocks per batch·head (see ``_place``)."""
     return (BH, blocks)
 
 
@@ -563,12 +567,8 @@ def _build_fast(D):
         and, in each BM × BN score tile, keys TN·tx + j; its TM × TN scores, its TM × DT output accumulators and
         its rows' running max m and partial sums l live in registers (constant-size local arrays)."""
         L, S = q.shape[1], k.shape[1]
-        t = cuda.threadIdx.x & (NT - 1)  # (= threadIdx.x; the mask shows the compiler t ≥ 0: no negative-index wrap)
-        tx, ty = t % TX, t // TX
-        r0, c0 = TM * ty, TN * tx  # the thread's first row and first key of a tile
-        blk, nblk, bh = _block_of()
+        t, tx, r0, c0, blk, nblk, bh, b, h = _place(H)  # r0, c0: the thread's first row and first key of a tile
         i0 = (nblk - 1 - blk) * BM  # the last (under causality the longest) first
-        b, h = bh // H, bh % H
         i1 = min(i0 + BM, L)
         # Transposed tiles: a thread reads its TM rows (TN keys) at one d, 16 consecutive bytes. The +4 pads keep
         # every row on a 16-byte boundary and make the row stride 4 mod 32 words (conflict-free staging).
@@ -669,12 +669,8 @@ def _build_fast(D):
         fit beside the rest in 48 KiB); P = exp(S − lse), dS = P ∘ (dP − D) · scale; dQ += dS K. Thread (tx, ty)
         owns query rows r0 + i, keys c0 + j of a tile and D/TX columns of dQ, all in registers."""
         L, S = q.shape[1], k.shape[1]
-        t = cuda.threadIdx.x & (NT - 1)
-        tx, ty = t % TX, t // TX
-        r0, c0 = TM * ty, TN * tx
-        blk, nblk, bh = _block_of()
+        t, tx, r0, c0, blk, nblk, bh, b, h = _place(H)
         i0 = (nblk - 1 - blk) * BM  # the last (under causality the longest) first
-        b, h = bh // H, bh % H
         i1 = min(i0 + BM, L)
         sQ = cuda.shared.array(SQ_Q, float32, alignment=ALIGN)
         sdO = cuda.shared.array(SQ_Q, float32, alignment=ALIGN)
@@ -746,12 +742,8 @@ def _build_fast(D):
         Sᵀ = K Qᵀ and dPᵀ = V dOᵀ (DS head dims at a time), Pᵀ and dSᵀ as in dq_fast, then dV += Pᵀ dO and
         dK += dSᵀ Q. Thread (tx, ty) owns keys r0 + i, queries c0 + j of a tile and D/TX columns of dK and dV."""
         L, S = q.shape[1], k.shape[1]
-        t = cuda.threadIdx.x & (NT - 1)
-        tx, ty = t % TX, t // TX
-        r0, c0 = TM * ty, TN * tx
-        blk, nblk, bh = _block_of()
+        t, tx, r0, c0, blk, nblk, bh, b, h = _place(H)
         j0 = blk * BM  # (under causality the first key blocks are the longest)
-        b, h = bh // H, bh % H
         j1 = min(j0 + BM, S)
         sK = cuda.shared.array(SL_Q, float32, alignment=ALIGN)
         sV = cuda.shared.array(SL_Q, float32, alignment=ALIGN)
