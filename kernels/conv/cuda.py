@@ -66,6 +66,15 @@ assert all(T * T % d == 0 and BM % (T * T // d) == 0 and BN % (T * T // d) == 0 
 MIN_CHUNK = 2 if _SIM else 32  # fewest slices of positions that one weight-gradient block contracts
 
 
+@cuda.jit(device=True, inline=True)
+def _unflatten(i, total, rows, cols, row_step, col_step, pt, pl):
+    """Flat index i over (·, rows, cols) as (its leading index, or −1 at or past total; its row·row_step − pt; its
+    column·col_step − pl): an output position's image and the top-left of its receptive field, or a weight
+    column's input channel and the offsets of its tap."""
+    lead = i // (rows * cols) if i < total else -1
+    return lead, (i // cols) % rows * row_step - pt, i % cols * col_step - pl
+
+
 def _make_kernels(dtype):
     """The three kernels for one dtype (a shared or local array's dtype is fixed when the kernel is compiled)."""
     nbtype = types.float32 if dtype == np.float32 else types.float64
@@ -119,10 +128,7 @@ def _make_kernels(dtype):
         m0, q0 = cuda.blockIdx.y * BM, cuda.blockIdx.x * BN
         q_total = n_img * ho * wo
         for e in range(B_LOADS):  # this thread stages b[tid // SPAN, tid % SPAN + SPAN·e]
-            q = q0 + tid % SPAN + SPAN * e
-            img[e] = q // (ho * wo) if q < q_total else -1
-            top[e] = (q // wo) % ho * sh - pt
-            left[e] = q % wo * sw - pl
+            img[e], top[e], left[e] = _unflatten(q0 + tid % SPAN + SPAN * e, q_total, ho, wo, sh, sw, pt, pl)
         for i in range(TM):
             for j in range(TN):
                 acc[i, j] = zero
@@ -217,10 +223,7 @@ def _make_kernels(dtype):
         q_total = n_img * ho * wo
         chunk = ((q_total + splits - 1) // splits + BK_W - 1) // BK_W * BK_W
         for e in range(B_LOADS_W):  # this thread stages b[tid % BK_W, tid // BK_W + SPAN_W·e]
-            r = r0 + tid // BK_W + SPAN_W * e
-            chan[e] = r // (kh * kw) if r < r_total else -1
-            top[e] = (r // kw) % kh * dh - pt
-            left[e] = r % kw * dw - pl
+            chan[e], top[e], left[e] = _unflatten(r0 + tid // BK_W + SPAN_W * e, r_total, kh, kw, dh, dw, pt, pl)
         for i in range(TM):
             for j in range(TN):
                 acc[i, j] = zero
