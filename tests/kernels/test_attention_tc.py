@@ -379,6 +379,17 @@ void mma_16x8x16(float (&c)[4], const unsigned (&a)[4], const unsigned (&b)[2]) 
 
 #include "flash_tc.cu"
 
+// block_body over a grid_x × grid_y grid, one block after the other (false: a block deadlocked).
+static bool run_grid(int grid_x, int grid_y) {
+    for (int by = 0; by < grid_y; ++by)
+        for (int bx = 0; bx < grid_x; ++bx) {
+            blockIdx.x = bx;
+            blockIdx.y = by;
+            if (!run_block()) return false;
+        }
+    return true;
+}
+
 template <typename Elem, int D>
 bool run_blocks(int grid_x, int grid_y, const void* q, const void* k, const void* v, void* out, float* lse, int L,
                 int S, int H, float scale, const float* mask, long long msb, long long msh, long long msi,
@@ -387,13 +398,7 @@ bool run_blocks(int grid_x, int grid_y, const void* q, const void* k, const void
         flash_forward<Elem, D>((const Elem*)q, (const Elem*)k, (const Elem*)v, (Elem*)out, lse, L, S, H, scale, mask,
                                msb, msh, msi, msj, has_mask, kind, T, W, r, P, causal);
     };
-    for (int by = 0; by < grid_y; ++by)
-        for (int bx = 0; bx < grid_x; ++bx) {
-            blockIdx.x = bx;
-            blockIdx.y = by;
-            if (!run_block()) return false;
-        }
-    return true;
+    return run_grid(grid_x, grid_y);
 }
 
 template <typename Elem, int D>
@@ -442,15 +447,6 @@ extern "C" int emulate(int element, int D, int gx, int gy, const void* q, const 
 }
 
 // The backward: flash_backward_dq over its grid, then flash_backward_dkdv over its own (it reads dq's delta).
-static bool run_grid(int grid_x, int grid_y) {
-    for (int by = 0; by < grid_y; ++by)
-        for (int bx = 0; bx < grid_x; ++bx) {
-            blockIdx.x = bx;
-            blockIdx.y = by;
-            if (!run_block()) return false;
-        }
-    return true;
-}
 
 template <typename Elem, int D>
 bool run_backward(int gq, int gk, int gy, const Elem* q, const Elem* k, const Elem* v, const Elem* out,
