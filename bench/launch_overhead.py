@@ -95,10 +95,6 @@ def main():
             print(f"{_per_call(fn, sync):9.1f} µs  {name}", flush=True)
         except Exception as e:  # report and go on
             print(f"{'error':>9}     {name}: {type(e).__name__}: {e}", flush=True)
-    from kernels import dispatch
-
-    direct = [(key[0].py_func.__name__, launcher.direct) for key, launcher in dispatch._LAUNCHERS.items()]
-    print("dispatch.launch through cuLaunchKernel (False: fell back to CuPy's launch):", direct)
     big = cupy.zeros((64, 3, 512, 512), dtype=cupy.float32)
     big_rows = {"q_sample (64,3,512,512)": lambda: schedule.q_sample(big, t, sched, seed=1),
                 "ddim_step (64,3,512,512)": lambda: schedule.ddim_step(big, big, t, t - 1, sched, 0.0, seed=1)}

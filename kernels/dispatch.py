@@ -6,17 +6,20 @@ from __future__ import annotations
 import importlib
 import struct
 import threading
-import warnings
 
 import numpy as np
 
 FORMS = ("reference", "cpu", "cuda")
 
 
+def _is_cupy(a):
+    return type(a).__module__.startswith("cupy")
+
+
 def form_module(family: str, form, a):
     """The module `kernels.<family>.<form>`; form None means cpu for NumPy arrays and cuda for CuPy arrays."""
     if form is None:
-        form = "cuda" if type(a).__module__.startswith("cupy") else "cpu"
+        form = "cuda" if _is_cupy(a) else "cpu"
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
     return importlib.import_module(f"kernels.{family}.{form}")
@@ -29,7 +32,7 @@ def cuda_array(a):
     argument: on a GPU that cost more than the elementwise kernels themselves. Skipped where it is safe: when CuPy
     works on the default stream, as Numba's launches do, the two stay in order without it.
     """
-    if not type(a).__module__.startswith("cupy"):
+    if not _is_cupy(a):
         return a
     import cupy
     from numba import cuda
@@ -41,10 +44,6 @@ def cuda_array(a):
 _LAUNCHERS = {}  # (kernel, device, argument key) → _Launcher of the kernel compiled for those argument types
 _SLOT = {"bool": "?7x", "int8": "b7x", "uint8": "B7x", "int16": "h6x", "uint16": "H6x", "int32": "i4x",
          "uint32": "I4x", "int64": "q", "uint64": "Q", "float32": "f4x", "float64": "d"}
-
-
-def _is_cupy(a):
-    return type(a).__module__.startswith("cupy")
 
 
 def _layout(a):
@@ -111,51 +110,36 @@ class _Launcher:
         compiled = kernel.compile(types.void(*argtypes))
         lib = compiled._codelibrary
         if lib._setup_functions or lib._teardown_functions:
-            raise NotImplementedError(f"{kernel.__name__} needs module setup (NRT?): launch it through Numba")
+            raise NotImplementedError(f"{kernel.py_func.__name__} needs module setup (NRT?): launch it through Numba")
         self.module = cupy.cuda.function.Module()
         self.module.load(_image(lib.get_cubin()))  # Numba's own link: libdevice and any files it linked are in it
         self._parameters(argtypes, self.module.get_function(compiled.entry_name))
 
     def _parameters(self, argtypes, function):
         """The parameter buffer of 8-byte slots, and the array of pointers to them that cuLaunchKernel takes."""
-        self.function = function
-        fmt = slots(argtypes)
-        self.fmt = struct.Struct("<" + "".join(fmt))
-        self.scalar = [np.dtype(f[0]).type for f in fmt]  # for CuPy's launch, should the driver call fail
+        from cuda.bindings import driver
+
+        self.driver = driver
+        self.handle = driver.CUfunction(function.ptr)
+        self.fmt = struct.Struct("<" + "".join(slots(argtypes)))
         self.buffer = np.zeros(max(self.fmt.size, 8), dtype=np.uint8)
         self.pointers = self.buffer.ctypes.data + 8 * np.arange(self.fmt.size // 8, dtype=np.uint64)
         self.lock = threading.Lock()
-        self.direct = True
 
-    def __call__(self, grid, block, args, shared, stream):
-        vals = values(args, lambda a: a.data.ptr)
-        if self.direct:
-            try:
-                return self._cu_launch(grid, block, vals, shared, stream)
-            except Exception as e:  # noqa: BLE001 — CuPy's launch below is the same kernel, slower to call
-                warnings.warn(f"launch: cuLaunchKernel failed ({type(e).__name__}: {e}); using CuPy's launch",
-                              RuntimeWarning, stacklevel=3)
-                self.direct = False
-        self.function(grid, block, [t(v) for t, v in zip(self.scalar, vals)], shared_mem=shared)  # on CuPy's stream
-
-    def _cu_launch(self, grid, block, vals, shared, stream):
-        from cuda.bindings import driver
-
+    def __call__(self, grid, block, vals, shared, stream):
+        """Launch with the parameter values `vals` (see `values`) on the CUDA stream handle `stream`."""
+        driver = self.driver
         with self.lock:  # the buffer is reused: the driver has copied the parameters when cuLaunchKernel returns
             self.fmt.pack_into(self.buffer, 0, *vals)
-            (err,) = driver.cuLaunchKernel(driver.CUfunction(self.function.ptr), *grid, *block, shared,
-                                           driver.CUstream(stream), self.pointers.ctypes.data, 0)
+            (err,) = driver.cuLaunchKernel(self.handle, *grid, *block, shared, driver.CUstream(stream),
+                                           self.pointers.ctypes.data, 0)
         if err != driver.CUresult.CUDA_SUCCESS:
             raise RuntimeError(f"cuLaunchKernel: {err}")
 
 
 def _image(code):
-    """The bytes of a linked image (numba-cuda ≥ 0.2x hands a cuda.core ObjectCode, older ones bytes)."""
-    code = getattr(code, "code", code)
-    if isinstance(code, str) and not code.lstrip().startswith("//"):  # a path
-        with open(code, "rb") as f:
-            return f.read()
-    return code.encode() if isinstance(code, str) else bytes(code)
+    """The bytes of a linked image (numba-cuda 0.30 hands a cuda.core ObjectCode, older versions bytes)."""
+    return bytes(getattr(code, "code", code))
 
 
 def _dim3(d):
@@ -177,4 +161,4 @@ def launch(kernel, grid, block, *args, shared=0):
 
     key = (kernel, cupy.cuda.runtime.getDevice(), tuple(map(_key, args)))  # a module is loaded on one device
     launcher = _LAUNCHERS.get(key) or _LAUNCHERS.setdefault(key, _Launcher(kernel, args))
-    launcher(_dim3(grid), _dim3(block), args, shared, cupy.cuda.get_current_stream().ptr)
+    launcher(_dim3(grid), _dim3(block), values(args, lambda a: a.data.ptr), shared, cupy.cuda.get_current_stream().ptr)

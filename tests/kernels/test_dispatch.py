@@ -110,7 +110,7 @@ def test_the_driver_gets_pointers_to_each_value(monkeypatch):
     launcher = object.__new__(dispatch._Launcher)
     launcher._parameters(argtypes, Function())
     arrays = {id(a): 1000 * (k + 1) for k, a in enumerate(args)}  # stand-in device pointers
-    launcher._cu_launch((2, 1, 1), (64, 1, 1), dispatch.values(args, lambda a: arrays[id(a)]), 96, 77)
+    launcher((2, 1, 1), (64, 1, 1), dispatch.values(args, lambda a: arrays[id(a)]), 96, 77)
     assert seen["f"] == 1234 and seen["dims"] == (2, 1, 1, 64, 1, 1, 96) and seen["stream"] == 77
     assert seen["extra"] == 0
     want = [0, 0, 15, 4, 1000, 3, 5, 20, 4,  # the float32 (3, 5) array
