@@ -127,6 +127,7 @@ def fused_update_kernel(x, e, has_e, coef, inv_per_sample, clip, seeded, k0, k1,
 KERNELS = {dt: (cuda.jit if _SIM else cuda.jit(launch_bounds=(THREADS, blocks)))(fused_update_kernel)
            for dt, blocks in BLOCKS_PER_SM.items()}
 
+
 def _xp(a):
     """The array module of a: CuPy for CuPy arrays, NumPy otherwise (the simulator runs on NumPy arrays)."""
     if type(a).__module__.startswith("cupy"):
