@@ -6,11 +6,18 @@ of Philox block i // 4 — four normals from one Philox call and two Box–Mulle
 block takes tiles of 4·THREADS consecutive elements: thread t draws the four normals of the tile's Philox block t
 into shared memory, then the block updates the tile in four coalesced sweeps (element c·THREADS + t in sweep c), so
 a warp's loads and stores are contiguous — a thread updating its own four neighbours would touch memory with a
-16-byte stride. The loads are software-pipelined: a thread loads its x and ε̂ of the next tile (eight loads, indices
-clamped into the array so that no branch separates them) before it draws and updates the current one, so that
-memory is busy while the Philox rounds and Box–Muller run. The sample of element i, i // per_sample, is a float64
-multiply by 1/per_sample (exact below 2^50 elements; a 64-bit integer division costs dozens of instructions per
-element on a GPU).
+16-byte stride. A thread issues its loads of x and ε̂ for all four sweeps before it draws, so that they are in
+flight during the Philox rounds and Box–Muller. A tile that lies in one sample (all but a few) reads that sample's
+six coefficients once; the sample of element i, i // per_sample, is a float64 multiply by 1/per_sample (exact
+below 2^50 elements; a 64-bit integer division costs dozens of instructions per element on a GPU). Where no sample
+adds noise and none is returned (DDIM with η = 0, DDPM's last step) the launch says so and nothing is drawn: the
+kernel is then a pure pass over memory.
+
+Cost, read off the sm_90 SASS (static counts): a Philox block's four float64 normals take about 520 instructions
+(the rounds ~80, two logs, two square roots, two angle reductions), some 130 per element, beside ~45 for the update
+itself. At ~175 instructions per element an H200 (132 SMs × 4 schedulers × 1.98 GHz) needs ≥ 1.0 ms to issue them
+for 64×3×1024×1024 elements, where moving their 2.4 GB at 70% of copy bandwidth takes 0.81 ms: q_sample and the
+DDPM step are bound by the float64 noise's arithmetic, the DDIM step without noise by memory.
 
 Runs on CuPy arrays on a GPU (launched through kernels.dispatch.launch), and on NumPy arrays under the Numba CUDA
 simulator (NUMBA_ENABLE_CUDASIM=1).
@@ -18,6 +25,7 @@ simulator (NUMBA_ENABLE_CUDASIM=1).
 
 from __future__ import annotations
 
+import functools
 import os
 
 import numpy as np
@@ -38,10 +46,12 @@ from kernels.schedule.reference import Schedule, per_sample_t
 _SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 THREADS = 32 if _SIM else 256
 TILE = 4 * THREADS
-MAX_BLOCKS = 4096  # a grid-stride loop takes the tiles beyond MAX_BLOCKS · TILE
-# launch bounds: blocks of THREADS per SM whose registers the compiler must fit — float32 in 48 registers for 5
-# blocks (ptxas 13.0: no spills), float64 (whose values take two registers each) in 64 for 4
-BLOCKS_PER_SM = {np.dtype(np.float32): 5, np.dtype(np.float64): 4}
+WAVES = 2  # a grid of two waves of resident blocks at most; a grid-stride loop takes the tiles beyond
+MAX_BLOCKS = 4096  # the grid's cap under the simulator (and where the device's size is not known)
+# launch bounds: resident blocks of THREADS per SM the compiler must fit in registers. Measured on an H200
+# (2026-11-26, float32, 64×3×1024×1024): 6 blocks (40 registers, 76 bytes spilled) beat 4 blocks (62 registers)
+# and no bound by 20% on the DDIM step and 2–5% on the noisy updates. float64 (unmeasured): 5, its no-spill bound.
+BLOCKS_PER_SM = {np.dtype(np.float32): 6, np.dtype(np.float64): 5}
 _normal4 = philox.cuda_device_functions().normal4
 
 
@@ -52,38 +62,44 @@ def _sample(i, inv_per_sample):
 
 
 @cuda.jit(device=True, inline=True)
-def _load4(a, i, n):
-    """a at i, i + THREADS, i + 2·THREADS, i + 3·THREADS (clamped into the array: no branch between the loads; the
-    values past the end are never used)."""
-    return (a[min(i, n - 1)], a[min(i + THREADS, n - 1)], a[min(i + 2 * THREADS, n - 1)],
-            a[min(i + 3 * THREADS, n - 1)])
+def _u(i):
+    """A non-negative index as uint64: Numba then indexes without the wraparound code for negative indices."""
+    return np.uint64(i)
 
 
 @cuda.jit(device=True, inline=True)
-def _update_one(i, n, zi, xi, ei, has_e, coef, inv_per_sample, clip, seeded, z, write_z, z_out, round32, out):
-    """The update of element i from its values xi, ei (and zi, its Philox normal when seeded)."""
+def _load(a, i, n):
+    """a[i] as a float64, 0 past the end."""
+    return np.float64(a[_u(i)]) if i < n else 0.0
+
+
+@cuda.jit(device=True, inline=True)
+def _coefs(coef, s):
+    """The six coefficients of sample s: p, q, A, Bx, Be, S."""
+    return coef[s, 0], coef[s, 1], coef[s, 2], coef[s, 3], coef[s, 4], coef[s, 5]
+
+
+@cuda.jit(device=True, inline=True)
+def _element(i, n, j, xi, ei, zs, seeded, z, write_z, z_out, round32, has_e, clip, p, q, A, Bx, Be, S, out):
+    """out[i] = A·clip(p·x − q·e) + Bx·x + Be·e + S·z for element i (its x and ε̂ given, its drawn normal at zs[j])."""
     if i >= n:
         return
-    s = _sample(i, inv_per_sample)
     if seeded:
+        zi = zs[_u(j)]
         if round32:
             zi = np.float64(np.float32(zi))
         if write_z:
-            z_out[i] = zi
-    elif coef[s, 5] != 0.0:
-        zi = np.float64(z[i])
+            z_out[_u(i)] = zi
+    elif S != 0.0:
+        zi = np.float64(z[_u(i)])
     else:
-        zi = 0.0  # S = 0: the noise array is not read
-    xi = np.float64(xi)
-    acc = coef[s, 3] * xi + coef[s, 5] * zi
+        zi = 0.0  # S = 0: the noise array is not read (a NaN there stays out)
+    acc = Bx * xi + S * zi
     if has_e:
-        ei = np.float64(ei)
-        acc += coef[s, 4] * ei
-        A = coef[s, 2]
+        acc += Be * ei
         if A != 0.0:
-            x0 = coef[s, 0] * xi - coef[s, 1] * ei
-            acc += A * min(max(x0, -clip), clip)
-    out[i] = acc
+            acc += A * min(max(p * xi - q * ei, -clip), clip)
+    out[_u(i)] = acc
 
 
 def fused_update_kernel(x, e, has_e, coef, inv_per_sample, clip, seeded, k0, k1, z, write_z, z_out, round32, out):
@@ -91,14 +107,14 @@ def fused_update_kernel(x, e, has_e, coef, inv_per_sample, clip, seeded, k0, k1,
     zs = cuda.shared.array(TILE, float64)
     t = cuda.threadIdx.x
     n = x.size
-    step = cuda.gridDim.x * TILE
-    base = cuda.blockIdx.x * TILE
-    # software pipelining: a tile's x and ε̂ are loaded while the tile before it is drawn and updated
-    x0, x1, x2, x3 = _load4(x, base + t, n)
-    e0, e1, e2, e3 = _load4(e, base + t, n)  # (e is x when there is no ε̂: the same addresses, from L1)
-    while base < n:
-        nx0, nx1, nx2, nx3 = _load4(x, base + step + t, n)
-        ne0, ne1, ne2, ne3 = _load4(e, base + step + t, n)
+    for base in range(cuda.blockIdx.x * TILE, n, cuda.gridDim.x * TILE):
+        i0 = base + t  # this thread's element in each of the four sweeps
+        i1, i2, i3 = i0 + THREADS, i0 + 2 * THREADS, i0 + 3 * THREADS
+        # the loads go out first, and are on their way while the normals are drawn
+        x0, x1, x2, x3 = _load(x, i0, n), _load(x, i1, n), _load(x, i2, n), _load(x, i3, n)
+        e0 = e1 = e2 = e3 = 0.0
+        if has_e:
+            e0, e1, e2, e3 = _load(e, i0, n), _load(e, i1, n), _load(e, i2, n), _load(e, i3, n)
         if seeded:
             i = base + 4 * t  # the first element of Philox block i // 4
             z0 = z1 = z2 = z3 = 0.0
@@ -112,15 +128,24 @@ def fused_update_kernel(x, e, has_e, coef, inv_per_sample, clip, seeded, k0, k1,
             zs[4 * t + 2] = z2
             zs[4 * t + 3] = z3
             cuda.syncthreads()
-        i0 = base + t  # this thread's element in each of the four sweeps
-        for i, zi, xi, ei in ((i0, zs[t], x0, e0), (i0 + THREADS, zs[t + THREADS], x1, e1),
-                              (i0 + 2 * THREADS, zs[t + 2 * THREADS], x2, e2),
-                              (i0 + 3 * THREADS, zs[t + 3 * THREADS], x3, e3)):
-            _update_one(i, n, zi, xi, ei, has_e, coef, inv_per_sample, clip, seeded, z, write_z, z_out, round32, out)
+        first, last = _sample(base, inv_per_sample), _sample(min(base + TILE, n) - 1, inv_per_sample)
+        if first == last:  # the whole tile is one sample's (all but a few tiles): its coefficients once
+            p, q, A, Bx, Be, S = _coefs(coef, first)
+            _element(i0, n, t, x0, e0, zs, seeded, z, write_z, z_out, round32, has_e, clip, p, q, A, Bx, Be, S, out)
+            _element(i1, n, t + THREADS, x1, e1, zs, seeded, z, write_z, z_out, round32, has_e, clip, p, q, A, Bx,
+                     Be, S, out)
+            _element(i2, n, t + 2 * THREADS, x2, e2, zs, seeded, z, write_z, z_out, round32, has_e, clip, p, q, A,
+                     Bx, Be, S, out)
+            _element(i3, n, t + 3 * THREADS, x3, e3, zs, seeded, z, write_z, z_out, round32, has_e, clip, p, q, A,
+                     Bx, Be, S, out)
+        else:  # a tile across samples: each element's own (an index past the end reads the last sample's)
+            for c, xi, ei in ((0, x0, e0), (1, x1, e1), (2, x2, e2), (3, x3, e3)):
+                i = i0 + c * THREADS
+                p, q, A, Bx, Be, S = _coefs(coef, _sample(min(i, n - 1), inv_per_sample))
+                _element(i, n, t + c * THREADS, xi, ei, zs, seeded, z, write_z, z_out, round32, has_e, clip, p, q,
+                         A, Bx, Be, S, out)
         if seeded:
             cuda.syncthreads()  # the tile's noise is read before the next tile's overwrites it
-        x0, x1, x2, x3, e0, e1, e2, e3 = nx0, nx1, nx2, nx3, ne0, ne1, ne2, ne3
-        base += step
 
 
 # one compiled kernel per dtype, with its launch bounds (the simulator's jit has no such option)
@@ -135,6 +160,20 @@ def _xp(a):
 
         return cupy
     return np
+
+
+@functools.cache
+def _sm_count():
+    """Streaming multiprocessors of the current GPU."""
+    import cupy
+
+    return cupy.cuda.Device().attributes["MultiProcessorCount"]
+
+
+def _blocks(n, dtype, xp):
+    """Blocks to launch over n elements: one per tile, capped at WAVES waves of resident blocks."""
+    cap = MAX_BLOCKS if xp is np else WAVES * _sm_count() * BLOCKS_PER_SM[np.dtype(dtype)]
+    return min(-(-n // TILE), cap)
 
 
 def _host(a):
@@ -157,22 +196,24 @@ def run(x, e, coef, clip, seed, noise, want_noise):
     e_flat = xp.ascontiguousarray(e).reshape(-1) if has_e else flat
     if has_e and e_flat.size != n:
         raise ValueError(f"eps_hat shape {e.shape} != x shape {x.shape}")
+    if noise is not None and noise.shape != x.shape:
+        raise ValueError(f"noise shape {noise.shape} != x shape {x.shape}")
+    # no sample adds noise (DDIM with η = 0, DDPM's last step) and none is returned: nothing to draw, and no noise
+    # array is read either (the kernel reads z only where S ≠ 0), so the kernel runs its pass without the draw
+    seeded = seed is not None and (want_noise or bool(np.any(coef[:, 5] != 0.0)))
     coef = xp.asarray(coef)
-    seeded = seed is not None
     if seeded:
         k0, k1 = philox.seed_key(seed)
         z_flat = flat
         z_out = xp.empty_like(x) if want_noise else xp.empty(1, dtype=x.dtype)
     else:
-        if noise.shape != x.shape:
-            raise ValueError(f"noise shape {noise.shape} != x shape {x.shape}")
         k0 = k1 = np.uint64(0)
-        z_flat = xp.ascontiguousarray(noise).reshape(-1)
+        z_flat = flat if noise is None else xp.ascontiguousarray(noise).reshape(-1)
         z_out = xp.empty(1, dtype=x.dtype)
     if n >= 2**50:
         raise ValueError(f"{n} elements: the kernel's float64 sample index is exact below 2**50")
     if n:
-        launch(KERNELS[x.dtype], min(-(-n // TILE), MAX_BLOCKS), THREADS, flat, e_flat, has_e, coef,
+        launch(KERNELS[x.dtype], _blocks(n, x.dtype, xp), THREADS, flat, e_flat, has_e, coef,
                1.0 / per_sample, float(clip), seeded, k0, k1, z_flat, seeded and want_noise, z_out.reshape(-1),
                x.dtype == np.float32, out.reshape(-1))
     if not seeded:

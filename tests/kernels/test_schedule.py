@@ -208,7 +208,8 @@ def test_seeded_noise_round_trips_through_explicit_noise():
 @pytest.mark.parametrize("name", sorted(cuda.SIGNATURES))
 def test_cuda_kernels_compile_for_sm90(ptx_sm90, name):
     """The kernel compiles for sm_90 with its launch bounds; where ptxas is installed, the registers it allocates
-    let BLOCKS_PER_SM blocks share an SM (65536 registers) with nothing spilled to local memory."""
+    let BLOCKS_PER_SM blocks share an SM (65536 registers), spilling no more than the bounds were measured with
+    (float32 at 6 blocks: 76 bytes, faster on an H200 than 4 blocks without spills; float64 at 5: none)."""
     kernel, signature = cuda.SIGNATURES[name]
     blocks = cuda.BLOCKS_PER_SM[np.dtype(np.float32 if name.endswith("f32") else np.float64)]
     ptx = ptx_sm90(kernel, signature)
@@ -217,7 +218,18 @@ def test_cuda_kernels_compile_for_sm90(ptx_sm90, name):
     usage = ptxas_usage(ptx)
     if usage:
         registers, spilled = usage
-        assert registers * cuda.THREADS * blocks <= 65536 and spilled == 0, usage
+        assert registers * cuda.THREADS * blocks <= 65536 and spilled <= (96 if name.endswith("f32") else 0), usage
+
+
+def test_cuda_grid_is_two_waves_of_resident_blocks(monkeypatch):
+    """One block per tile up to WAVES waves of the blocks an SM holds (the grid-stride loop takes the rest); the
+    simulator's NumPy arrays use MAX_BLOCKS."""
+    monkeypatch.setattr(cuda, "_sm_count", lambda: 132)
+    gpu = object()  # any array module but NumPy
+    assert cuda._blocks(5 * cuda.TILE + 1, np.float32, gpu) == 6
+    assert cuda._blocks(10**9, np.float32, gpu) == 2 * 132 * cuda.BLOCKS_PER_SM[np.dtype(np.float32)]
+    assert cuda._blocks(10**9, np.float64, gpu) == 2 * 132 * cuda.BLOCKS_PER_SM[np.dtype(np.float64)]
+    assert cuda._blocks(10**9, np.float32, np) == cuda.MAX_BLOCKS
 
 
 @settings(max_examples=200, deadline=None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from numba import cuda
@@ -84,18 +85,23 @@ def test_cuda_noise_is_the_reference_noise():
     np.testing.assert_allclose(eps, philox.normal(5, np.arange(21)).reshape(3, 7), rtol=1e-14, atol=1e-14)
 
 
-def test_cuda_tiles_grid_stride_and_samples_that_skip_the_draw(monkeypatch):
-    """Many tiles over few blocks (the grid-stride loop), samples whose size is odd (Philox blocks straddle two
-    samples) and DDPM's last step (t = 0: σ = 0, no draw) beside samples that draw: equal to the reference."""
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_cuda_tiles_grid_stride_and_samples_that_skip_the_draw(monkeypatch, dtype):
+    """Many tiles over few blocks (the grid-stride loop), tiles inside one sample (coefficients read once) and
+    across samples, samples whose size is odd (Philox blocks straddle two samples), DDPM's last step (t = 0: σ = 0,
+    no draw) beside samples that draw, the clipped x̂_0, and a step where no sample draws: equal to the reference."""
     monkeypatch.setattr(sched_cuda, "MAX_BLOCKS", 3)
     rng = np.random.default_rng(5)
     shape = (5, 3, 7, 11)  # 231 values per sample, 10 tiles of 128
-    x, e = (rng.standard_normal(shape) for _ in range(2))
+    x, e = ((rng.standard_normal(shape) * 2).astype(dtype) for _ in range(2))
     t = np.array([0, 500, 0, 999, 1])
+    tol = TOL[dtype]
     for got, want in zip(sched_cuda.q_sample(x, t, LINEAR, seed=9), ref.q_sample(x, t, LINEAR, seed=9)):
-        np.testing.assert_allclose(got, want, **TOL[np.float64])
-    np.testing.assert_allclose(sched_cuda.ddpm_step(x, e, t, LINEAR, seed=9), ref.ddpm_step(x, e, t, LINEAR, seed=9),
-                               **TOL[np.float64])
+        np.testing.assert_allclose(got, want, **tol)
+    for clip in (None, 1.0):
+        np.testing.assert_allclose(sched_cuda.ddpm_step(x, e, t, LINEAR, seed=9, clip_x0=clip),
+                                   ref.ddpm_step(x, e, t, LINEAR, seed=9, clip_x0=clip), **tol)
     t_prev = np.array([-1, 400, -1, 10, 0])
-    np.testing.assert_allclose(sched_cuda.ddim_step(x, e, t, t_prev, LINEAR, 1.0, seed=9),
-                               ref.ddim_step(x, e, t, t_prev, LINEAR, 1.0, seed=9), **TOL[np.float64])
+    for eta in (1.0, 0.0):  # η = 0: no sample draws
+        np.testing.assert_allclose(sched_cuda.ddim_step(x, e, t, t_prev, LINEAR, eta, seed=9, clip_x0=1.0),
+                                   ref.ddim_step(x, e, t, t_prev, LINEAR, eta, seed=9, clip_x0=1.0), **tol)
