@@ -163,12 +163,14 @@ def run_benchmarks(backend, families, *, threads, quick=False, full=False, repea
             continue
         status[family] = "ok"
         for case in cases:
-            timings, memory = {}, {}
+            timings, memory, stream = {}, {}, {}
             for impl in case.impls:
-                timings[impl.name], mem = _measure_impl(impl, backend, threads, timing_kw)
+                timings[impl.name], mem, streamed = _measure_impl(impl, backend, threads, timing_kw)
                 if mem:
                     memory[impl.name] = mem
-            rows = harness.summarize(case, timings, peak, memory)
+                if streamed is not None:
+                    stream[impl.name] = streamed
+            rows = harness.summarize(case, timings, peak, memory, stream)
             for row in rows:
                 if isinstance(timings.get(row["impl"]), str) and timings[row["impl"]].startswith("error"):
                     row["status"] = "error"
@@ -181,28 +183,31 @@ def run_benchmarks(backend, families, *, threads, quick=False, full=False, repea
 
 
 def _measure_impl(impl, backend, threads, timing_kw):
-    """(Timing or the reason it did not run, memory dict or None) for one implementation of one case."""
+    """(Timing or the reason it did not run, memory dict or None, stream seconds or None) for one implementation
+    of one case; the stream time (calls queued back to back) on a GPU only."""
     harness.pin_threads(threads)
     try:
         fn = impl.setup()
     except harness.UnavailableError as e:
-        return f"unavailable: {e}", None
+        return f"unavailable: {e}", None, None
     except Exception as e:  # a broken implementation is reported, the run goes on
-        return f"error: {type(e).__name__}: {e}", None
+        return f"error: {type(e).__name__}: {e}", None, None
     try:
         timing = harness.measure(fn, **timing_kw)
+        stream = harness.measure_stream(fn, sync=backend.sync) if backend.device == "cuda" else None
         memory = harness.memory_peak(fn, backend.device, traced=impl.name != harness.TORCH)
     except Exception as e:  # likewise
-        return f"error: {type(e).__name__}: {e}", None
+        return f"error: {type(e).__name__}: {e}", None, None
     finally:
         del fn
         gc.collect()
-    return timing, memory
+    return timing, memory, stream
 
 
 # --- the table ------------------------------------------------------------------------------------
 
 COLUMNS = ("family", "case", "impl", "ours ms", "torch ms", "ratio", "GFLOP/s or GB/s", "% of peak", "peak MiB")
+STREAM_COLUMNS = ("stream ms", "stream ratio", "% of peak (stream)")  # on a GPU: calls queued back to back
 
 
 def _fmt(x, spec):
@@ -210,19 +215,29 @@ def _fmt(x, spec):
 
 
 def format_table(rows, markdown=False) -> str:
-    """The results as aligned text columns (or a Markdown table); implementations that did not run show why."""
+    """The results as aligned text columns (or a Markdown table); implementations that did not run show why.
+
+    Where rows have a stream time (a GPU run), three more columns give it, its ratio to PyTorch's and its fraction
+    of the peak."""
+    streamed = any(r.get("stream_ms") is not None for r in rows)
+    columns = COLUMNS + STREAM_COLUMNS if streamed else COLUMNS
     lines = []
     for r in rows:
         if r.get("status") != "ok":
             lines.append((r["family"], r["case"], r["impl"], r.get("status", "?"), "", "", "",
-                          "", (r.get("reason") or "")[:60]))
+                          "", (r.get("reason") or "")[:60]) + ("",) * (len(columns) - len(COLUMNS)))
             continue
         frac = r.get("fraction_of_peak")
-        lines.append((r["family"], r["case"], r["impl"], _fmt(r["median_ms"], ".4g"), _fmt(r.get("torch_ms"), ".4g"),
-                      _fmt(r.get("ratio_to_torch"), ".2f"), f"{r['rate']:.3g} {r['unit']}",
-                      _fmt(None if frac is None else 100 * frac, ".1f"), _fmt(r.get("peak_mib"), ".1f")))
-    widths = [max(len(str(x)) for x in col) for col in zip(COLUMNS, *lines)]
-    numeric = {3, 4, 5, 6, 7, 8}
+        cells = (r["family"], r["case"], r["impl"], _fmt(r["median_ms"], ".4g"), _fmt(r.get("torch_ms"), ".4g"),
+                 _fmt(r.get("ratio_to_torch"), ".2f"), f"{r['rate']:.3g} {r['unit']}",
+                 _fmt(None if frac is None else 100 * frac, ".1f"), _fmt(r.get("peak_mib"), ".1f"))
+        if streamed:
+            sfrac = r.get("stream_fraction_of_peak")
+            cells += (_fmt(r.get("stream_ms"), ".4g"), _fmt(r.get("stream_ratio_to_torch"), ".2f"),
+                      _fmt(None if sfrac is None else 100 * sfrac, ".1f"))
+        lines.append(cells)
+    widths = [max(len(str(x)) for x in col) for col in zip(columns, *lines)]
+    numeric = set(range(3, len(columns)))
 
     def line(cells):
         text = " | ".join(str(c).rjust(w) if i in numeric else str(c).ljust(w)
@@ -234,7 +249,7 @@ def format_table(rows, markdown=False) -> str:
                               for i, w in enumerate(widths)) + "|"
     else:
         rule = "-+-".join("-" * w for w in widths)
-    return "\n".join([line(COLUMNS), rule, *(line(x) for x in lines)])
+    return "\n".join([line(columns), rule, *(line(x) for x in lines)])
 
 
 def main(argv=None) -> int:

@@ -15,6 +15,11 @@ For each implementation the harness records:
 - rate: work / time, as GFLOP/s or GB/s, and its fraction of this machine's peak measured at start
   (`bench.peak`: float32 GEMM for FLOPs, a large copy for bytes);
 - ratio: our time / PyTorch's time in the same run (below 1: faster than PyTorch);
+- on a GPU, also the stream time: the time per call of 20 calls queued back to back, read by CUDA events
+  around them. A synchronized call's time is the host's launch work plus the GPU's; queued calls overlap the
+  two, as a sampling or training loop does, so where the host is the faster this is the GPU's time per call and
+  its rate the kernel's own (where the host is the slower, it is the host's time: an upper bound). Both are
+  reported (`median_ms`, `stream_ms`), with rates, fractions of peak and ratios to PyTorch for each;
 - peak memory: bytes allocated during one extra call at their peak, outputs included. Two probes, the
   larger reported: `tracemalloc` sees NumPy's allocations and Numba's (its runtime reports to tracemalloc
   too), not PyTorch's; the resident-set high-water mark (`VmHWM`, reset through /proc/self/clear_refs)
@@ -107,18 +112,42 @@ def measure(fn, *, repeats=5, warmup=1, budget_s=float("inf"), min_repeats=3, cl
     return Timing(times)
 
 
+def measure_stream(fn, *, calls=20, sync=None) -> float:
+    """Seconds per call of `calls` calls of fn queued back to back on the GPU, after one synchronized warm-up.
+
+    CUDA events (CuPy's) on the null stream, which our kernels and PyTorch's both run on, bracket the calls; none
+    is synchronized until the last, so the host prepares call k + 1 while the GPU runs call k.
+    """
+    import cupy
+
+    sync = sync or cupy.cuda.Device().synchronize
+    fn()
+    sync()
+    start, end = cupy.cuda.Event(), cupy.cuda.Event()
+    start.record()
+    for _ in range(calls):
+        fn()
+    end.record()
+    end.synchronize()
+    sync()
+    return cupy.cuda.get_elapsed_time(start, end) / 1e3 / calls
+
+
 def rate(work: float, seconds: float) -> float:
     """Work per second in units of 10⁹ (GFLOP/s or GB/s)."""
     return work / seconds / 1e9
 
 
-def summarize(case: Case, timings: dict, peak: dict, memory: dict | None = None) -> list[dict]:
+def summarize(case: Case, timings: dict, peak: dict, memory: dict | None = None,
+              stream: dict | None = None) -> list[dict]:
     """One result row per implementation of `case`: time, rate, fraction of peak, ratio to PyTorch, memory.
 
     timings maps an implementation's name to its `Timing`, or to a string saying why it did not run.
-    peak holds the machine's measured "GFLOP/s" and "GB/s". memory maps names to `memory_peak` results.
+    peak holds the machine's measured "GFLOP/s" and "GB/s". memory maps names to `memory_peak` results, stream
+    names to `measure_stream` seconds (on a GPU).
     """
-    memory = memory or {}
+    memory, stream = memory or {}, stream or {}
+    torch_stream = stream.get(TORCH)
     torch_t = timings.get(TORCH)
     torch_s = torch_t.median if isinstance(torch_t, Timing) else None
     rows = []
@@ -141,6 +170,12 @@ def summarize(case: Case, timings: dict, peak: dict, memory: dict | None = None)
             torch_ms=torch_s * 1e3 if torch_s is not None else None,
             ratio_to_torch=t.median / torch_s if torch_s and impl.name != TORCH else None,
         )
+        if impl.name in stream:
+            sr = rate(case.work, stream[impl.name])
+            row.update(stream_ms=stream[impl.name] * 1e3, stream_rate=sr,
+                       stream_fraction_of_peak=sr / machine if machine else None,
+                       stream_ratio_to_torch=stream[impl.name] / torch_stream
+                       if torch_stream and impl.name != TORCH else None)
         row.update(memory.get(impl.name, {}))
         rows.append(row)
     return rows

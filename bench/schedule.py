@@ -9,7 +9,8 @@ per pair) — those two are compute-bound.
 
 Bytes count each update's unavoidable traffic, the same for every implementation (3 arrays of x's size):
 q_sample reads x_0 and writes x_t and ε (ε is returned: it is the training target); a DDPM or DDIM step reads
-x_t and ε̂ and writes x_{t−1}. Shapes (64, 3, S, S) float32, S = 64, 128, 256 (3, 12 and 48 MiB per array).
+x_t and ε̂ and writes x_{t−1}. Shapes (64, 3, S, S) float32, S = 64, 128, 256 (3, 12 and 48 MiB per array),
+and on a GPU also 512 and 1024 (192 and 768 MiB).
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ def cases(backend, *, quick=False, full=False) -> list[Case]:
     _kernels()  # UnavailableError: the whole family is reported unavailable
     sides = [8] if quick else [64, 128, 256]
     if backend.device == "cuda" and not quick:  # a GPU needs 100s of MiB per call to amortize the launch
-        sides.append(512)
+        sides += [512, 1024]
     batch = 4 if quick else 64
     ref_cap = 16 if quick else 64  # the NumPy reference draws Philox normals in NumPy: capped
     out = []

@@ -7,6 +7,7 @@ benchmark's output, not its correctness.
 import json
 import math
 import os
+import sys
 
 import pytest
 
@@ -59,6 +60,46 @@ def test_summary_arithmetic():
     assert rows["ref"]["status"] == "unavailable" and "not here" in rows["ref"]["reason"]
 
 
+def test_summary_stream_time():
+    """On a GPU the stream time (calls queued back to back) gets its own rate, fraction of peak and ratio."""
+    case = harness.Case("fam", "c", work=8e9, unit="GB/s",
+                        impls=[harness.Impl("cuda", None), harness.Impl("torch", None)])
+    timings = {"cuda": harness.Timing([0.004]), "torch": harness.Timing([0.004])}
+    rows = {r["impl"]: r for r in harness.summarize(case, timings, {"GFLOP/s": 1.0, "GB/s": 4000.0}, {},
+                                                    {"cuda": 0.002, "torch": 0.004})}
+    assert rows["cuda"]["stream_ms"] == pytest.approx(2.0)
+    assert rows["cuda"]["stream_rate"] == pytest.approx(4000.0)  # 8 GB in 2 ms
+    assert rows["cuda"]["stream_fraction_of_peak"] == pytest.approx(1.0)
+    assert rows["cuda"]["stream_ratio_to_torch"] == pytest.approx(0.5)
+    assert rows["cuda"]["ratio_to_torch"] == pytest.approx(1.0)  # the synchronized times are unchanged
+    assert rows["torch"]["stream_ratio_to_torch"] is None
+    # a CPU run has no stream time: no such fields
+    cpu = harness.summarize(case, timings, {"GB/s": 10.0})
+    assert all("stream_ms" not in r for r in cpu)
+
+
+def test_measure_stream_brackets_queued_calls_with_events(monkeypatch):
+    """measure_stream: one synchronized warm-up, then `calls` calls between two events, no sync among them."""
+    import types
+
+    log = []
+
+    class Event:
+        def record(self):
+            log.append("record")
+
+        def synchronize(self):
+            log.append("event sync")
+
+    fake = types.SimpleNamespace(cuda=types.SimpleNamespace(
+        Event=Event, get_elapsed_time=lambda start, end: 30.0,
+        Device=lambda: types.SimpleNamespace(synchronize=lambda: log.append("sync"))))
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    seconds = harness.measure_stream(lambda: log.append("call"), calls=3)
+    assert seconds == pytest.approx(0.010)  # 30 ms over 3 calls
+    assert log == ["call", "sync", "record", "call", "call", "call", "record", "event sync", "sync"]
+
+
 def test_work_counts():
     # causal attention: n(n+1)/2 visible pairs; 4·D FLOPs per pair forward, 14·D forward+backward
     assert attention.visible_pairs(4) == 10
@@ -99,6 +140,15 @@ def test_table_formats_every_row():
     assert "unavailable" in lines[3] and "missing" in lines[3]
 
 
+def test_table_stream_columns():
+    row = {"family": "f", "case": "c", "impl": "cuda", "status": "ok", "median_ms": 1.5, "torch_ms": 3.0,
+           "ratio_to_torch": 0.5, "rate": 12.0, "unit": "GB/s", "fraction_of_peak": 0.25, "peak_mib": 2.0,
+           "stream_ms": 0.75, "stream_ratio_to_torch": 0.4, "stream_fraction_of_peak": 0.5}
+    lines = cli.format_table([row]).splitlines()
+    assert "stream ms" in lines[0] and lines[2].rstrip().endswith("0.75 |         0.40 |               50.0")
+    assert "stream" not in cli.format_table([{k: v for k, v in row.items() if not k.startswith("stream")}])
+
+
 def test_result_names():
     assert cli.result_stem("cpu", "2026-01-02", cli.FAMILIES) == "cpu-2026-01-02"
     assert cli.result_stem("cuda", "2026-01-02", ["gumbel"], quick=True) == "cuda-2026-01-02-quick-gumbel"
@@ -117,6 +167,17 @@ def test_targets_are_met_missed_or_not_measured():
     assert verdict[("gumbel", "fwd 4096x8192")] == "missed"  # 0.5 > 0.2
     assert verdict[("conv", "fwd+bwd N=64 C=K=64 16x16 3x3 pad1")] == "not measured"
     assert "missed" in targets.format_targets(checks)
+
+
+def test_gpu_elementwise_targets_read_both_times():
+    from bench import targets
+
+    results = [{"family": "schedule", "case": "ddim_step 64x3x1024x1024", "impl": "cuda", "status": "ok",
+                "fraction_of_peak": 0.6, "stream_fraction_of_peak": 0.75}]
+    checks = [c for c in targets.check({"settings": {"device": "cuda"}, "results": results})
+              if c["case"] == "ddim_step 64x3x1024x1024"]
+    assert {c["field"]: c["verdict"] for c in checks} == {"stream_fraction_of_peak": "met",
+                                                          "fraction_of_peak": "missed"}
 
 
 def test_markdown_table():
