@@ -159,23 +159,18 @@ def summarize(case: Case, timings: dict, peak: dict, memory: dict | None = None,
             row.update(status="unavailable", reason=str(t))
             rows.append(row)
             continue
-        r = rate(case.work, t.median)
         machine = peak.get(case.unit)
-        row.update(
-            status="ok",
-            median_ms=t.median * 1e3,
-            times_ms=[x * 1e3 for x in t.times],
-            rate=r,
-            fraction_of_peak=r / machine if machine else None,
-            torch_ms=torch_s * 1e3 if torch_s is not None else None,
-            ratio_to_torch=t.median / torch_s if torch_s and impl.name != TORCH else None,
-        )
+
+        def figures(prefix, seconds, torch_seconds):  # rate, fraction of peak and ratio to PyTorch of one time
+            r = rate(case.work, seconds)
+            return {f"{prefix}rate": r, f"{prefix}fraction_of_peak": r / machine if machine else None,
+                    f"{prefix}ratio_to_torch": seconds / torch_seconds if torch_seconds and impl.name != TORCH
+                    else None}
+
+        row.update(status="ok", median_ms=t.median * 1e3, times_ms=[x * 1e3 for x in t.times],
+                   torch_ms=torch_s * 1e3 if torch_s is not None else None, **figures("", t.median, torch_s))
         if impl.name in stream:
-            sr = rate(case.work, stream[impl.name])
-            row.update(stream_ms=stream[impl.name] * 1e3, stream_rate=sr,
-                       stream_fraction_of_peak=sr / machine if machine else None,
-                       stream_ratio_to_torch=stream[impl.name] / torch_stream
-                       if torch_stream and impl.name != TORCH else None)
+            row.update(stream_ms=stream[impl.name] * 1e3, **figures("stream_", stream[impl.name], torch_stream))
         row.update(memory.get(impl.name, {}))
         rows.append(row)
     return rows

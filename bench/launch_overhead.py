@@ -17,6 +17,8 @@ import time
 
 import numpy as np
 
+from bench.harness import measure, measure_stream
+
 
 def _per_call(fn, sync, n=200):
     fn()
@@ -99,16 +101,9 @@ def main():
     big_rows = {"q_sample (64,3,512,512)": lambda: schedule.q_sample(big, t, sched, seed=1),
                 "ddim_step (64,3,512,512)": lambda: schedule.ddim_step(big, big, t, t - 1, sched, 0.0, seed=1)}
     for name, fn in big_rows.items():
-        fn()
-        start, end = cupy.cuda.Event(), cupy.cuda.Event()
-        t0 = time.perf_counter()
-        start.record()
-        for _ in range(20):
-            fn()
-        end.record()
-        end.synchronize()
-        wall = (time.perf_counter() - t0) / 20 * 1e3
-        print(f"{name}: {cupy.cuda.get_elapsed_time(start, end) / 20:.3f} ms GPU (events), {wall:.3f} ms wall")
+        gpu = measure_stream(fn, sync=sync)  # 20 calls queued back to back, between CUDA events
+        wall = measure(fn, repeats=10, sync=sync).median  # one call, synchronized
+        print(f"{name}: {gpu * 1e3:.3f} ms GPU (stream of calls), {wall * 1e3:.3f} ms wall (one call, synchronized)")
     try:  # kernel durations on the GPU itself (CUPTI through PyTorch's profiler sees every kernel in the process)
         import torch
         from torch.profiler import ProfilerActivity, profile
