@@ -18,11 +18,21 @@ and standard normals by the Box–Muller transform within each block of four wor
 (0, 1) and (2, 3) give (u1, u2), r = sqrt(−2 ln u1), θ = 2π u2, and the even element of the pair takes
 r cos θ, the odd one r sin θ.
 
+float32 arrays get float32 noise, as PyTorch and cuRAND give them: the same words, mapped to float32 uniforms
+(`uniform32`) and put through the same Box–Muller transform in float32 arithmetic (`normal32`). Its log, sin
+and cos are written here as polynomials (errors under 1, 1 and 1.3 ulp) with exact argument reduction, in
+operations that IEEE-754 rounds the same way everywhere (+, −, ×, √, bit casts): the NumPy spec and the Numba
+CPU kernels give bitwise the same float32 noise, and a GPU, which contracts a·b + c into one fused
+multiply-add, differs by an ulp or two. It costs a fraction of the float64 transform — on a GPU, whose float64
+units are fewer, the float64 noise alone was more than the time the memory traffic needs.
+
 This module holds the generator three ways, from one source where the language allows it:
 - `philox4x32_10`, `philox_block` and `to_uniform` are written with operators only, so the very same
   function runs on NumPy arrays (the reference: all elements at once), is compiled by `numba.njit`
   (the CPU kernels) and by `numba.cuda.jit(device=True)` (the CUDA kernels);
-- `uniform(seed, index)` / `normal(seed, index)` are the NumPy spec over index arrays;
+- `uniform(seed, index)` / `normal(seed, index)` are the NumPy spec over index arrays, and `uniform32` /
+  `normal32` the float32 one (`float32_functions` builds its transforms from one source for NumPy, Numba and
+  numba.cuda alike);
 - `scalar_functions(jit)` compiles the per-element functions with a given decorator: `cpu` holds them
   compiled with `numba.njit`, and `cuda_device_functions()` compiles them for CUDA on first use (so that
   importing this module never imports numba.cuda — the simulator must be chosen before that import);
@@ -135,21 +145,44 @@ def normal(seed, index):
     return np.where(lane & 1, r * np.sin(theta), r * np.cos(theta))
 
 
+def uniform32(seed, index):
+    """Uniform(0, 1) float32 for each element index: `float32_functions`' uniform32 of the element's word."""
+    words, lane = _words(seed, index)
+    return _np32.uniform32(np.take_along_axis(words, lane[None], axis=0)[0])
+
+
+def normal32(seed, index):
+    """Standard normal float32 for each element index: Box–Muller in float32 over the word pairs (0, 1), (2, 3)."""
+    words, lane = _words(seed, index)
+    first = (lane >> 1) << 1
+    zc, zs = _np32.box_muller32(np.take_along_axis(words, first[None], axis=0)[0],
+                                np.take_along_axis(words, first[None] + 1, axis=0)[0])
+    return np.where(lane & 1, zs, zc)
+
+
+def normal_like(seed, index, dtype):
+    """The noise an array of `dtype` draws: `normal32` for float32, `normal` (float64) otherwise, in that dtype."""
+    return normal32(seed, index) if np.dtype(dtype) == np.float32 else normal(seed, index).astype(dtype)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Per-element functions for the compiled kernels (one source, compiled by numba.njit or numba.cuda).
 # ---------------------------------------------------------------------------------------------------------
-def scalar_functions(jit, log=math.log):
-    """Compile the per-element generator with `jit` (and `log`, the natural log Box–Muller uses); returns a
-    namespace of compiled functions:
+def scalar_functions(jit, log=math.log, sqrt32=math.sqrt, bits32=None, from_bits32=None):
+    """Compile the per-element generator with `jit` (and `log`, the natural log float64 Box–Muller uses; sqrt32,
+    bits32 and from_bits32 for the float32 transforms, see float32_functions); returns a namespace of compiled
+    functions:
 
     - block(k0, k1, b) → 4 words of block b (b a uint64),
-    - uniform4(k0, k1, b) → the 4 uniforms of elements 4b .. 4b+3,
-    - normal4(k0, k1, b) → the 4 normals of elements 4b .. 4b+3,
+    - uniform4(k0, k1, b) → the 4 uniforms of elements 4b .. 4b+3, and uniform4_32 their float32 uniforms,
+    - normal4(k0, k1, b) → the 4 normals of elements 4b .. 4b+3, and normal4_32 their float32 normals,
     - uniform_at(k0, k1, i) / normal_at(k0, k1, i) → the number of element i (an int64) alone.
     A kernel that walks elements in order calls uniform4/normal4 once per four elements.
     """
     philox = jit(philox4x32_10)
     uniform = jit(to_uniform)
+    f32 = float32_functions(jit, sqrt32, bits32 or f32_bits, from_bits32 or bits_f32)
+    uniform32, box_muller32 = f32.uniform32, f32.box_muller32
 
     @jit
     def block(k0, k1, b):  # philox_block, calling the compiled philox
@@ -203,6 +236,18 @@ def scalar_functions(jit, log=math.log):
         return r0 * c0, r0 * s0, r1 * c1, r1 * s1
 
     @jit
+    def uniform4_32(k0, k1, b):
+        w0, w1, w2, w3 = block(k0, k1, b)
+        return uniform32(w0), uniform32(w1), uniform32(w2), uniform32(w3)
+
+    @jit
+    def normal4_32(k0, k1, b):
+        w0, w1, w2, w3 = block(k0, k1, b)
+        z0, z1 = box_muller32(w0, w1)
+        z2, z3 = box_muller32(w2, w3)
+        return z0, z1, z2, z3
+
+    @jit
     def uniform_at(k0, k1, i):
         w0, w1, w2, w3 = block(k0, k1, np.uint64(i >> 2))
         lane = i & 3
@@ -216,7 +261,8 @@ def scalar_functions(jit, log=math.log):
         return z0 if lane == 0 else (z1 if lane == 1 else (z2 if lane == 2 else z3))
 
     return types.SimpleNamespace(block=block, uniform=uniform, uniform4=uniform4, normal4=normal4,
-                                 cos_sin_2pi=cos_sin_2pi, uniform_at=uniform_at, normal_at=normal_at)
+                                 cos_sin_2pi=cos_sin_2pi, uniform_at=uniform_at, normal_at=normal_at,
+                                 uniform4_32=uniform4_32, normal4_32=normal4_32, f32=f32)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -298,6 +344,119 @@ def fast_exp(x):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# float32 noise: the uniform, log, cos/sin and Box–Muller in float32 arithmetic, one source for every form
+# ---------------------------------------------------------------------------------------------------------
+@intrinsic
+def f32_bits(typingctx, x):
+    """The IEEE-754 bits of a float32, as an int32 (a bit cast, no conversion)."""
+    if x != nbtypes.float32:
+        return None
+    return nbtypes.int32(nbtypes.float32), lambda context, builder, sig, args: builder.bitcast(args[0], ir.IntType(32))
+
+
+@intrinsic
+def bits_f32(typingctx, x):
+    """The float32 whose IEEE-754 bits are the int32 x."""
+    if x != nbtypes.int32:
+        return None
+    return nbtypes.float32(nbtypes.int32), lambda context, builder, sig, args: builder.bitcast(args[0], ir.FloatType())
+
+
+def np_f32_bits(x):
+    """f32_bits for NumPy values (the reference, and the CUDA simulator's Python device functions)."""
+    return np.asarray(x, np.float32).view(np.int32)
+
+
+def np_bits_f32(b):
+    """bits_f32 for NumPy values."""
+    return np.asarray(b, np.int32).view(np.float32)
+
+
+F32 = np.float32
+TAIL = np.uint64(2**23)  # words below this keep all 32 bits in their float32 uniform
+TAIL_MASK = np.uint64(2**23 - 1)
+SHIFT6, SHIFT9 = np.uint64(6), np.uint64(9)
+HALF32, ONE32, TWO32, MINUS_TWO32 = F32(0.5), F32(1.0), F32(2.0), F32(-2.0)
+TWO_POW_M32_F32, TWO_POW_M23_F32 = F32(2.0**-32), F32(2.0**-23)
+OCTANT_F32 = F32(2.0**23)  # an octant of the circle in units of the angle's 23 fraction bits
+QUARTER_PI_OVER_2_23 = F32(math.pi / 4 * 2.0**-23)
+MANTISSA32, EXP_ONE32 = np.int32(0x7FFFFF), np.int32(0x3F800000)
+SQRT2_CARRY, BIT23 = np.int32(0x800000 - 0x3504F3), np.int32(0x800000)  # 0x3504F3: the mantissa bits of √2
+LN2_HI32, LN2_LO32 = F32(0.693145751953125), F32(1.428606765330187e-06)  # ln 2 = hi + lo; k·hi is exact
+# Polynomials fitted for float32 by weighted least squares at Chebyshev nodes (relative error), coefficients
+# rounded to float32; measured over every float32 argument: log < 1 ulp, sin < 0.75 ulp, cos < 1.3 ulp.
+# ln(1 + f) = f − f²/2 + f³ P(f) on [√½ − 1, √2 − 1]
+LOG32_C = tuple(F32(c) for c in (0.3333335518836975, -0.2500085234642029, 0.19999825954437256, -0.16621370613574982,
+                                 0.14227114617824554, -0.13202103972434998, 0.1262032687664032, -0.07362867891788483))
+# sin x = x + x³ S(x²), cos x = 1 − x²/2 + x⁴ C(x²) on [0, π/4]
+SIN32_C = (F32(-0.16666655242443085), F32(0.008332186378538609), F32(-0.0001951815065694973))
+COS32_C = (F32(0.04166664555668831), F32(-0.0013887312961742282), F32(2.443284392938949e-05))
+
+
+def float32_functions(jit, sqrt, bits, from_bits):
+    """The float32 noise transforms, compiled with `jit` (the identity for NumPy arrays, numba.njit, or
+    numba.cuda.jit(device=True)), given that target's square root and float32 ↔ int32 bit casts.
+
+    Written with operators only — a select is a product with an exact 0 or 1 — so that the same source runs on
+    NumPy arrays and on scalars, and every constant is a float32 (a float64 one would promote the arithmetic).
+    """
+
+    @jit
+    def uniform32(w):
+        """A 32-bit word (uint64) → a float32 uniform in (0, 1): ((w >> 9) + ½)·2⁻²³ (23 bits, like PyTorch's float
+        uniforms), except below 2²³, where (w + ½)·2⁻³² keeps all 32 bits — so that a normal's radius reaches
+        √(−2 ln 2⁻³³) ≈ 6.8. Every value is exact in float32, and never 0 or 1."""
+        tail = np.float32(w < TAIL)
+        fine = (np.float32(w & TAIL_MASK) + HALF32) * TWO_POW_M32_F32
+        coarse = (np.float32(w >> SHIFT9) + HALF32) * TWO_POW_M23_F32
+        return tail * fine + (ONE32 - tail) * coarse
+
+    @jit
+    def log32(x):
+        """ln x for a positive, normal float32 x (< 1 ulp): x = 2^k·m with m in [√½, √2), f = m − 1 (exact),
+        ln x = k·ln 2 + f − f²/2 + f³ P(f)."""
+        b = bits(x)
+        hx = b & MANTISSA32
+        i = (hx + SQRT2_CARRY) & BIT23  # set when m's mantissa is ≥ √2's: take m/2 and k + 1
+        k = np.float32((b >> 23) - 127 + (i >> 23))
+        f = from_bits(np.int32(hx | (i ^ EXP_ONE32))) - ONE32
+        c = LOG32_C
+        p = c[0] + f * (c[1] + f * (c[2] + f * (c[3] + f * (c[4] + f * (c[5] + f * (c[6] + f * c[7]))))))
+        return k * LN2_HI32 + (k * LN2_LO32 + (f + f * f * (f * p - HALF32)))
+
+    @jit
+    def cos_sin_2pi32(w):
+        """(cos θ, sin θ) for θ = 2π·(the word's top 26 bits + ½)·2⁻²⁶, reduced exactly on the integer word: the top
+        3 bits pick the octant, the next 23 the place in it (cos_sin_2pi's reduction, in float32)."""
+        octant = w >> OCTANT_SHIFT
+        odd = np.float32(octant & ONE)
+        mf = np.float32((w >> SHIFT6) & TAIL_MASK) + HALF32
+        x = (mf + odd * (OCTANT_F32 - (mf + mf))) * QUARTER_PI_OVER_2_23  # odd octants: 2²³ − mf, exact
+        z = x * x
+        c = (ONE32 - HALF32 * z) + z * z * (COS32_C[0] + z * (COS32_C[1] + z * COS32_C[2]))
+        s = (x + x * z * (SIN32_C[0] + z * (SIN32_C[1] + z * SIN32_C[2]))) * (ONE32 - TWO32 * odd)
+        q = ((octant + ONE) >> ONE) & THREE  # rotate by q quarter turns, as cos_sin_2pi does
+        swap = np.float32(q & ONE)
+        cos_t = (c * (ONE32 - swap) + s * swap) * (ONE32 - TWO32 * np.float32((q ^ (q >> ONE)) & ONE))
+        sin_t = (s * (ONE32 - swap) + c * swap) * (ONE32 - TWO32 * np.float32(q >> ONE))
+        return cos_t, sin_t
+
+    @jit
+    def box_muller32(w0, w1):
+        """The float32 normals (r cos θ, r sin θ) of a pair of words: r = √(−2 ln u(w0)), θ = 2π u(w1)."""
+        r = sqrt(MINUS_TWO32 * log32(uniform32(w0)))
+        c, s = cos_sin_2pi32(w1)
+        return r * c, r * s
+
+    return types.SimpleNamespace(uniform32=uniform32, log32=log32, cos_sin_2pi32=cos_sin_2pi32,
+                                 box_muller32=box_muller32)
+
+
+_np32 = float32_functions(lambda f: f, np.sqrt, np_f32_bits, np_bits_f32)
+log32 = _np32.log32  # the float32 log on NumPy arrays (the spec the compiled forms follow)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # An on-disk cache for the kernels that inline this module
 # ---------------------------------------------------------------------------------------------------------
 SOURCE_HASH = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
@@ -344,7 +503,11 @@ def cuda_device_functions():
     """`scalar_functions` compiled as numba.cuda device functions (imports numba.cuda on first call)."""
     global _cuda
     if _cuda is None:
-        from numba import cuda
+        from numba import config, cuda
 
-        _cuda = scalar_functions(cuda.jit(device=True))
+        if config.ENABLE_CUDASIM:  # device functions run as Python there: NumPy's square root and bit casts
+            _cuda = scalar_functions(cuda.jit(device=True), sqrt32=np.sqrt, bits32=np_f32_bits,
+                                     from_bits32=np_bits_f32)
+        else:
+            _cuda = scalar_functions(cuda.jit(device=True))
     return _cuda

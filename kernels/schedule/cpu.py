@@ -28,7 +28,7 @@ from kernels.schedule.reference import Schedule, ddim_sigma, per_sample_t
 
 CHUNK = 4096
 NO_CLIP = np.inf
-_normal4 = philox.cpu.normal4
+_normal4, _normal4_32 = philox.cpu.normal4, philox.cpu.normal4_32
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -76,11 +76,11 @@ def clip_value(clip_x0) -> float:
 # The kernel
 # ---------------------------------------------------------------------------------------------------------
 @philox.cached_njit(parallel=True, error_model="numpy")
-def fused_update(x, e, has_e, coef, per_sample, clip, seeded, k0, k1, z, write_z, z_out, round32, out):
+def fused_update(x, e, has_e, coef, per_sample, clip, seeded, k0, k1, z, write_z, z_out, noise32, out):
     """out = A·clip(p·x − q·e) + Bx·x + Be·e + S·z over flat arrays, with per-sample coefficient rows.
 
-    z comes from Philox (seeded: normal of (k0, k1) at the flat index, rounded to float32 when round32, and
-    stored to z_out when write_z) or from the array z. Each task takes a chunk of CHUNK elements: first the
+    z comes from Philox (seeded: the normal of (k0, k1) at the flat index — float32 when noise32 —, stored to
+    z_out when write_z) or from the array z. Each task takes a chunk of CHUNK elements: first the
     chunk's normals into a scratch buffer (whole Philox blocks, a vectorized loop), then one loop per sample the
     chunk overlaps, whose coefficients are constants there — so that loop vectorizes too.
     (error_model="numpy" drops the ZeroDivisionError checks that would stop the vectorizer.)
@@ -99,15 +99,20 @@ def fused_update(x, e, has_e, coef, per_sample, clip, seeded, k0, k1, z, write_z
         if not noisy:
             pass
         elif seeded:
-            for b in range((m + 3) >> 2):
-                z0, z1, z2, z3 = _normal4(k0, k1, np.uint64((lo >> 2) + b))
-                zbuf[4 * b] = z0
-                zbuf[4 * b + 1] = z1
-                zbuf[4 * b + 2] = z2
-                zbuf[4 * b + 3] = z3
-            if round32:
-                for j in range(m):
-                    zbuf[j] = np.float64(np.float32(zbuf[j]))
+            if noise32:  # float32 arrays: float32 noise (exact in zbuf)
+                for b in range((m + 3) >> 2):
+                    z0, z1, z2, z3 = _normal4_32(k0, k1, np.uint64((lo >> 2) + b))
+                    zbuf[4 * b] = z0
+                    zbuf[4 * b + 1] = z1
+                    zbuf[4 * b + 2] = z2
+                    zbuf[4 * b + 3] = z3
+            else:
+                for b in range((m + 3) >> 2):
+                    z0, z1, z2, z3 = _normal4(k0, k1, np.uint64((lo >> 2) + b))
+                    zbuf[4 * b] = z0
+                    zbuf[4 * b + 1] = z1
+                    zbuf[4 * b + 2] = z2
+                    zbuf[4 * b + 3] = z3
             if write_z:
                 zo = z_out[lo:hi]
                 for j in range(m):

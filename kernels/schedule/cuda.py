@@ -29,7 +29,7 @@ import functools
 import os
 
 import numpy as np
-from numba import cuda, float64
+from numba import cuda, float32, float64
 
 from kernels import philox
 from kernels.dispatch import launch
@@ -49,10 +49,11 @@ TILE = 4 * THREADS
 WAVES = 2  # a grid of two waves of resident blocks at most; a grid-stride loop takes the tiles beyond
 MAX_BLOCKS = 4096  # the grid's cap under the simulator (and where the device's size is not known)
 # launch bounds: resident blocks of THREADS per SM the compiler must fit in registers. Measured on an H200
-# (2026-11-26, float32, 64×3×1024×1024): 6 blocks (40 registers, 76 bytes spilled) beat 4 blocks (62 registers)
-# and no bound by 20% on the DDIM step and 2–5% on the noisy updates. float64 (unmeasured): 5, its no-spill bound.
-BLOCKS_PER_SM = {np.dtype(np.float32): 6, np.dtype(np.float64): 5}
-_normal4 = philox.cuda_device_functions().normal4
+# (2026-11-26, float32, 64×3×1024×1024, float64 noise then): 6 blocks (40 registers, 76 bytes spilled) beat 4 blocks
+# (62 registers) and no bound by 20% on the DDIM step and 2–5% on the noisy updates; with float32 noise 6 blocks
+# spill 32 bytes. float64 (unmeasured): 4, its no-spill bound (ptxas 13.0: 61 registers; 5 blocks spill 16 bytes).
+BLOCKS_PER_SM = {np.dtype(np.float32): 6, np.dtype(np.float64): 4}
+_philox = philox.cuda_device_functions()
 
 
 @cuda.jit(device=True, inline=True)
@@ -80,14 +81,12 @@ def _coefs(coef, s):
 
 
 @cuda.jit(device=True, inline=True)
-def _element(i, n, j, xi, ei, zs, seeded, z, write_z, z_out, round32, has_e, clip, p, q, A, Bx, Be, S, out):
+def _element(i, n, j, xi, ei, zs, seeded, z, write_z, z_out, has_e, clip, p, q, A, Bx, Be, S, out):
     """out[i] = A·clip(p·x − q·e) + Bx·x + Be·e + S·z for element i (its x and ε̂ given, its drawn normal at zs[j])."""
     if i >= n:
         return
     if seeded:
-        zi = zs[_u(j)]
-        if round32:
-            zi = np.float64(np.float32(zi))
+        zi = np.float64(zs[_u(j)])
         if write_z:
             z_out[_u(i)] = zi
     elif S != 0.0:
@@ -102,54 +101,61 @@ def _element(i, n, j, xi, ei, zs, seeded, z, write_z, z_out, round32, has_e, cli
     out[_u(i)] = acc
 
 
-def fused_update_kernel(x, e, has_e, coef, inv_per_sample, clip, seeded, k0, k1, z, write_z, z_out, round32, out):
-    """out = A·clip(p·x − q·e) + Bx·x + Be·e + S·z over flat arrays, tile by tile (see the module docstring)."""
-    zs = cuda.shared.array(TILE, float64)
-    t = cuda.threadIdx.x
-    n = x.size
-    for base in range(cuda.blockIdx.x * TILE, n, cuda.gridDim.x * TILE):
-        i0 = base + t  # this thread's element in each of the four sweeps
-        i1, i2, i3 = i0 + THREADS, i0 + 2 * THREADS, i0 + 3 * THREADS
-        # the loads go out first, and are on their way while the normals are drawn
-        x0, x1, x2, x3 = _load(x, i0, n), _load(x, i1, n), _load(x, i2, n), _load(x, i3, n)
-        e0 = e1 = e2 = e3 = 0.0
-        if has_e:
-            e0, e1, e2, e3 = _load(e, i0, n), _load(e, i1, n), _load(e, i2, n), _load(e, i3, n)
-        if seeded:
-            i = base + 4 * t  # the first element of Philox block i // 4
-            z0 = z1 = z2 = z3 = 0.0
-            # no draw where the noise is unused: S = 0 for both samples its four elements may touch (DDIM η = 0,
-            # DDPM's last step), unless the noise itself is an output (q_sample)
-            if i < n and (write_z or coef[_sample(i, inv_per_sample), 5] != 0.0
-                          or coef[_sample(min(i + 3, n - 1), inv_per_sample), 5] != 0.0):
-                z0, z1, z2, z3 = _normal4(k0, k1, np.uint64(i // 4))
-            zs[4 * t] = z0
-            zs[4 * t + 1] = z1
-            zs[4 * t + 2] = z2
-            zs[4 * t + 3] = z3
-            cuda.syncthreads()
-        first, last = _sample(base, inv_per_sample), _sample(min(base + TILE, n) - 1, inv_per_sample)
-        if first == last:  # the whole tile is one sample's (all but a few tiles): its coefficients once
-            p, q, A, Bx, Be, S = _coefs(coef, first)
-            _element(i0, n, t, x0, e0, zs, seeded, z, write_z, z_out, round32, has_e, clip, p, q, A, Bx, Be, S, out)
-            _element(i1, n, t + THREADS, x1, e1, zs, seeded, z, write_z, z_out, round32, has_e, clip, p, q, A, Bx,
-                     Be, S, out)
-            _element(i2, n, t + 2 * THREADS, x2, e2, zs, seeded, z, write_z, z_out, round32, has_e, clip, p, q, A,
-                     Bx, Be, S, out)
-            _element(i3, n, t + 3 * THREADS, x3, e3, zs, seeded, z, write_z, z_out, round32, has_e, clip, p, q, A,
-                     Bx, Be, S, out)
-        else:  # a tile across samples: each element's own (an index past the end reads the last sample's)
-            for c, xi, ei in ((0, x0, e0), (1, x1, e1), (2, x2, e2), (3, x3, e3)):
-                i = i0 + c * THREADS
-                p, q, A, Bx, Be, S = _coefs(coef, _sample(min(i, n - 1), inv_per_sample))
-                _element(i, n, t + c * THREADS, xi, ei, zs, seeded, z, write_z, z_out, round32, has_e, clip, p, q,
-                         A, Bx, Be, S, out)
-        if seeded:
-            cuda.syncthreads()  # the tile's noise is read before the next tile's overwrites it
+def make_kernel(normal4, noise_type):
+    """The kernel for one dtype: its normals from `normal4` (float32's or float64's), held as `noise_type`."""
+    zero = np.float32(0.0) if noise_type == float32 else 0.0
+
+    def fused_update_kernel(x, e, has_e, coef, inv_per_sample, clip, seeded, k0, k1, z, write_z, z_out, out):
+        """out = A·clip(p·x − q·e) + Bx·x + Be·e + S·z over flat arrays, tile by tile (see the module docstring)."""
+        zs = cuda.shared.array(TILE, noise_type)
+        t = cuda.threadIdx.x
+        n = x.size
+        for base in range(cuda.blockIdx.x * TILE, n, cuda.gridDim.x * TILE):
+            i0 = base + t  # this thread's element in each of the four sweeps
+            i1, i2, i3 = i0 + THREADS, i0 + 2 * THREADS, i0 + 3 * THREADS
+            # the loads go out first, and are on their way while the normals are drawn
+            x0, x1, x2, x3 = _load(x, i0, n), _load(x, i1, n), _load(x, i2, n), _load(x, i3, n)
+            e0 = e1 = e2 = e3 = 0.0
+            if has_e:
+                e0, e1, e2, e3 = _load(e, i0, n), _load(e, i1, n), _load(e, i2, n), _load(e, i3, n)
+            if seeded:
+                i = base + 4 * t  # the first element of Philox block i // 4
+                z0 = z1 = z2 = z3 = zero
+                # no draw where the noise is unused: S = 0 for both samples its four elements may touch (DDIM η = 0,
+                # DDPM's last step), unless the noise itself is an output (q_sample)
+                if i < n and (write_z or coef[_sample(i, inv_per_sample), 5] != 0.0
+                              or coef[_sample(min(i + 3, n - 1), inv_per_sample), 5] != 0.0):
+                    z0, z1, z2, z3 = normal4(k0, k1, np.uint64(i // 4))
+                zs[4 * t] = z0
+                zs[4 * t + 1] = z1
+                zs[4 * t + 2] = z2
+                zs[4 * t + 3] = z3
+                cuda.syncthreads()
+            first, last = _sample(base, inv_per_sample), _sample(min(base + TILE, n) - 1, inv_per_sample)
+            if first == last:  # the whole tile is one sample's (all but a few tiles): its coefficients once
+                p, q, A, Bx, Be, S = _coefs(coef, first)
+                _element(i0, n, t, x0, e0, zs, seeded, z, write_z, z_out, has_e, clip, p, q, A, Bx, Be, S, out)
+                _element(i1, n, t + THREADS, x1, e1, zs, seeded, z, write_z, z_out, has_e, clip, p, q, A, Bx,
+                         Be, S, out)
+                _element(i2, n, t + 2 * THREADS, x2, e2, zs, seeded, z, write_z, z_out, has_e, clip, p, q, A,
+                         Bx, Be, S, out)
+                _element(i3, n, t + 3 * THREADS, x3, e3, zs, seeded, z, write_z, z_out, has_e, clip, p, q, A,
+                         Bx, Be, S, out)
+            else:  # a tile across samples: each element's own (an index past the end reads the last sample's)
+                for c, xi, ei in ((0, x0, e0), (1, x1, e1), (2, x2, e2), (3, x3, e3)):
+                    i = i0 + c * THREADS
+                    p, q, A, Bx, Be, S = _coefs(coef, _sample(min(i, n - 1), inv_per_sample))
+                    _element(i, n, t + c * THREADS, xi, ei, zs, seeded, z, write_z, z_out, has_e, clip, p, q,
+                             A, Bx, Be, S, out)
+            if seeded:
+                cuda.syncthreads()  # the tile's noise is read before the next tile's overwrites it
+
+    return fused_update_kernel
 
 
 # one compiled kernel per dtype, with its launch bounds (the simulator's jit has no such option)
-KERNELS = {dt: (cuda.jit if _SIM else cuda.jit(launch_bounds=(THREADS, blocks)))(fused_update_kernel)
+_GENERATORS = {np.dtype(np.float32): (_philox.normal4_32, float32), np.dtype(np.float64): (_philox.normal4, float64)}
+KERNELS = {dt: (cuda.jit if _SIM else cuda.jit(launch_bounds=(THREADS, blocks)))(make_kernel(*_GENERATORS[dt]))
            for dt, blocks in BLOCKS_PER_SM.items()}
 
 
@@ -215,7 +221,7 @@ def run(x, e, coef, clip, seed, noise, want_noise):
     if n:
         launch(KERNELS[x.dtype], _blocks(n, x.dtype, xp), THREADS, flat, e_flat, has_e, coef,
                1.0 / per_sample, float(clip), seeded, k0, k1, z_flat, seeded and want_noise, z_out.reshape(-1),
-               x.dtype == np.float32, out.reshape(-1))
+               out.reshape(-1))
     if not seeded:
         return out, noise
     return out, (z_out if want_noise else None)
@@ -245,7 +251,7 @@ def ddim_step(x_t, eps_hat, t, t_prev, sched: Schedule, eta: float = 0.0, *, see
 def _signature(f):
     a = f"{f}[::1]"
     return (f"void({a}, {a}, boolean, float64[:, ::1], float64, float64, boolean, uint64, uint64, {a}, boolean, {a}, "
-            f"boolean, {a})")
+            f"{a})")
 
 
 # (kernel, signature) pairs that tests compile to PTX for sm_90 (float32 and float64 arrays).

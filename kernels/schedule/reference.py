@@ -12,9 +12,10 @@ Conventions. Timesteps are 0-based: t = 0 … T−1 is the paper's t = 1 … T, 
 "previous" of t = 0 is ᾱ = 1 (clean data); in `ddim_step`, t_prev = −1 means that clean end. All tables are
 float64. `t` is an int or an integer array with one entry per sample (the leading axis of x).
 
-Noise. Every update draws its Gaussian noise in the same pass, from `kernels.philox.normal(seed, i)` for the
-flat (C-order) index i of each element, rounded to the array's dtype — or takes it from `noise=` so that tests
-(and callers) can compare exactly. The arithmetic is float64 and the result is rounded to the input dtype.
+Noise. Every update draws its Gaussian noise in the same pass, for the flat (C-order) index i of each element:
+`kernels.philox.normal32(seed, i)` for float32 arrays (Box–Muller in float32, as PyTorch draws float32 noise),
+`kernels.philox.normal(seed, i)` (float64) otherwise — or takes it from `noise=` so that tests (and callers) can
+compare exactly. The arithmetic is float64 and the result is rounded to the input dtype.
 """
 
 from __future__ import annotations
@@ -149,7 +150,7 @@ def _expand(v, x):
 
 
 def _noise(x, seed, noise):
-    """The Gaussian noise of an update: given, or drawn from Philox for (seed, flat index) and rounded to x's dtype."""
+    """The Gaussian noise of an update: given, or drawn from Philox for (seed, flat index) in x's dtype."""
     if (seed is None) == (noise is None):
         raise ValueError("pass exactly one of seed= and noise=")
     if noise is not None:
@@ -157,7 +158,7 @@ def _noise(x, seed, noise):
         if noise.shape != x.shape:
             raise ValueError(f"noise shape {noise.shape} != x shape {x.shape}")
         return noise
-    return philox.normal(seed, np.arange(x.size)).reshape(x.shape).astype(x.dtype)
+    return philox.normal_like(seed, np.arange(x.size), x.dtype).reshape(x.shape)
 
 
 # ---------------------------------------------------------------------------------------------------------

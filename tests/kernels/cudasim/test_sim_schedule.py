@@ -39,6 +39,19 @@ def _streams_kernel(k0, k1, u, z):
         z[i] = _normal_at(k0, k1, i)
 
 
+_uniform4_32, _normal4_32 = _dev.uniform4_32, _dev.normal4_32
+
+
+@cuda.jit
+def _streams32_kernel(k0, k1, u, z):
+    b = cuda.grid(1)
+    if 4 * b < u.size:
+        u0, u1, u2, u3 = _uniform4_32(k0, k1, np.uint64(b))
+        z0, z1, z2, z3 = _normal4_32(k0, k1, np.uint64(b))
+        u[4 * b], u[4 * b + 1], u[4 * b + 2], u[4 * b + 3] = u0, u1, u2, u3
+        z[4 * b], z[4 * b + 1], z[4 * b + 2], z[4 * b + 3] = z0, z1, z2, z3
+
+
 def test_philox_known_answers_on_the_device():
     rows = np.array([[0] * 6, [0xFFFFFFFF] * 6,
                      [0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344, 0xA4093822, 0x299F31D0]], dtype=np.uint64)
@@ -55,6 +68,15 @@ def test_device_streams_equal_the_reference():
     _streams_kernel[2, 32](k0, k1, u, z)
     np.testing.assert_array_equal(u, philox.uniform(2**35 + 11, np.arange(37)))  # bitwise
     np.testing.assert_allclose(z, philox.normal(2**35 + 11, np.arange(37)), rtol=1e-14, atol=1e-14)
+
+
+def test_device_float32_streams_equal_the_reference():
+    """The float32 uniforms and normals of the device functions (Python under the simulator: bitwise, as the CPU's)."""
+    k0, k1 = philox.seed_key(2**35 + 11)
+    u, z = np.zeros(40, np.float32), np.zeros(40, np.float32)
+    _streams32_kernel[1, 32](k0, k1, u, z)
+    np.testing.assert_array_equal(u, philox.uniform32(2**35 + 11, np.arange(40)))
+    np.testing.assert_array_equal(z, philox.normal32(2**35 + 11, np.arange(40)))
 
 
 @settings(max_examples=8, deadline=None)
@@ -83,6 +105,9 @@ def test_cuda_noise_is_the_reference_noise():
     x = np.zeros((3, 7), dtype=np.float64)  # 21 elements: the last Philox block is partial
     _, eps = sched_cuda.q_sample(x, [0, 1, 2], LINEAR, seed=5)
     np.testing.assert_allclose(eps, philox.normal(5, np.arange(21)).reshape(3, 7), rtol=1e-14, atol=1e-14)
+    _, eps32 = sched_cuda.q_sample(x.astype(np.float32), [0, 1, 2], LINEAR, seed=5)
+    assert eps32.dtype == np.float32
+    np.testing.assert_array_equal(eps32, philox.normal32(5, np.arange(21)).reshape(3, 7))
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
