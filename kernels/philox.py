@@ -356,10 +356,15 @@ def f32_bits(typingctx, x):
 
 @intrinsic
 def bits_f32(typingctx, x):
-    """The float32 whose IEEE-754 bits are the int32 x."""
-    if x != nbtypes.int32:
+    """The float32 whose IEEE-754 bits are the low 32 bits of the integer x (of 32 bits or more)."""
+    if not isinstance(x, nbtypes.Integer) or x.bitwidth < 32:
         return None
-    return nbtypes.float32(nbtypes.int32), lambda context, builder, sig, args: builder.bitcast(args[0], ir.FloatType())
+
+    def codegen(context, builder, sig, args):
+        low = builder.trunc(args[0], ir.IntType(32)) if x.bitwidth > 32 else args[0]
+        return builder.bitcast(low, ir.FloatType())
+
+    return nbtypes.float32(x), codegen
 
 
 def np_f32_bits(x):
@@ -376,12 +381,13 @@ F32 = np.float32
 TAIL = np.uint64(2**23)  # words below this keep all 32 bits in their float32 uniform
 TAIL_MASK = np.uint64(2**23 - 1)
 SHIFT6, SHIFT9 = np.uint64(6), np.uint64(9)
-HALF32, ONE32, TWO32, MINUS_TWO32 = F32(0.5), F32(1.0), F32(2.0), F32(-2.0)
-TWO_POW_M32_F32, TWO_POW_M23_F32 = F32(2.0**-32), F32(2.0**-23)
-OCTANT_F32 = F32(2.0**23)  # an octant of the circle in units of the angle's 23 fraction bits
-QUARTER_PI_OVER_2_23 = F32(math.pi / 4 * 2.0**-23)
-MANTISSA32, EXP_ONE32 = np.int32(0x7FFFFF), np.int32(0x3F800000)
+HALF32, ONE32, MINUS_TWO32 = F32(0.5), F32(1.0), F32(-2.0)
+TWO_POW_M24_F32 = F32(2.0**-24)
+QUARTER_PI_F32 = F32(math.pi / 4)
+MANTISSA32, EXP_ONE32, SIGN32 = np.int32(0x7FFFFF), np.int32(0x3F800000), np.int32(-(2**31))
+NINE_OCTAVES32 = np.int32(9 << 23)  # subtracted from 1.0's exponent bits: 2⁻⁹
 SQRT2_CARRY, BIT23 = np.int32(0x800000 - 0x3504F3), np.int32(0x800000)  # 0x3504F3: the mantissa bits of √2
+INT_MAGIC_BITS, INT_MAGIC = np.int32(0x4B400000), F32(1.5 * 2**23)  # bits(1.5·2²³ + k) = bits(1.5·2²³) + k, |k| < 2²²
 LN2_HI32, LN2_LO32 = F32(0.693145751953125), F32(1.428606765330187e-06)  # ln 2 = hi + lo; k·hi is exact
 # Polynomials fitted for float32 by weighted least squares at Chebyshev nodes (relative error), coefficients
 # rounded to float32; measured over every float32 argument: log < 1 ulp, sin < 0.75 ulp, cos < 1.3 ulp.
@@ -397,19 +403,30 @@ def float32_functions(jit, sqrt, bits, from_bits):
     """The float32 noise transforms, compiled with `jit` (the identity for NumPy arrays, numba.njit, or
     numba.cuda.jit(device=True)), given that target's square root and float32 ↔ int32 bit casts.
 
-    Written with operators only — a select is a product with an exact 0 or 1 — so that the same source runs on
-    NumPy arrays and on scalars, and every constant is a float32 (a float64 one would promote the arithmetic).
+    Written with operators only, so that the same source runs on NumPy arrays and on scalars: a select is a mask,
+    a sign change an exclusive or of the sign bit, and an integer m < 2²³ becomes a float as the bits of 1 + m·2⁻²³
+    minus 1 — a GPU converts 64-bit integers to floats at an eighth of its arithmetic rate. Every float constant is
+    a float32 (a float64 one would promote the arithmetic), every integer one an int32 or uint64 like its operand.
     """
+
+    @jit
+    def sel(mask, a, b):
+        """a where the int32 mask is all ones, b where it is 0 (bitwise)."""
+        return (a & mask) | (b & ~mask)
+
+    @jit
+    def int_to_f32(m):
+        """m·2⁻²³ for an integer 0 ≤ m < 2²³, exactly."""
+        return from_bits(EXP_ONE32 | np.int32(m)) - ONE32
 
     @jit
     def uniform32(w):
         """A 32-bit word (uint64) → a float32 uniform in (0, 1): ((w >> 9) + ½)·2⁻²³ (23 bits, like PyTorch's float
         uniforms), except below 2²³, where (w + ½)·2⁻³² keeps all 32 bits — so that a normal's radius reaches
         √(−2 ln 2⁻³³) ≈ 6.8. Every value is exact in float32, and never 0 or 1."""
-        tail = np.float32(w < TAIL)
-        fine = (np.float32(w & TAIL_MASK) + HALF32) * TWO_POW_M32_F32
-        coarse = (np.float32(w >> SHIFT9) + HALF32) * TWO_POW_M23_F32
-        return tail * fine + (ONE32 - tail) * coarse
+        coarse = np.uint64(w >= TAIL)
+        v = int_to_f32(w >> (SHIFT9 * coarse)) + TWO_POW_M24_F32  # (m + ½)·2⁻²³
+        return v * from_bits(np.int32(EXP_ONE32 - NINE_OCTAVES32 * (np.int32(1) - np.int32(coarse))))  # ·2⁻⁹ below
 
     @jit
     def log32(x):
@@ -418,7 +435,7 @@ def float32_functions(jit, sqrt, bits, from_bits):
         b = bits(x)
         hx = b & MANTISSA32
         i = (hx + SQRT2_CARRY) & BIT23  # set when m's mantissa is ≥ √2's: take m/2 and k + 1
-        k = np.float32((b >> 23) - 127 + (i >> 23))
+        k = from_bits(np.int32(INT_MAGIC_BITS + (b >> 23) - 127 + (i >> 23))) - INT_MAGIC
         f = from_bits(np.int32(hx | (i ^ EXP_ONE32))) - ONE32
         c = LOG32_C
         p = c[0] + f * (c[1] + f * (c[2] + f * (c[3] + f * (c[4] + f * (c[5] + f * (c[6] + f * c[7]))))))
@@ -429,17 +446,17 @@ def float32_functions(jit, sqrt, bits, from_bits):
         """(cos θ, sin θ) for θ = 2π·(the word's top 26 bits + ½)·2⁻²⁶, reduced exactly on the integer word: the top
         3 bits pick the octant, the next 23 the place in it (cos_sin_2pi's reduction, in float32)."""
         octant = w >> OCTANT_SHIFT
-        odd = np.float32(octant & ONE)
-        mf = np.float32((w >> SHIFT6) & TAIL_MASK) + HALF32
-        x = (mf + odd * (OCTANT_F32 - (mf + mf))) * QUARTER_PI_OVER_2_23  # odd octants: 2²³ − mf, exact
+        odd = np.int32(octant & ONE)
+        frac = np.int32((w >> SHIFT6) & TAIL_MASK) ^ (odd * MANTISSA32)  # odd octants: 2²³ − 1 − frac, from the top
+        x = (int_to_f32(frac) + TWO_POW_M24_F32) * QUARTER_PI_F32
         z = x * x
-        c = (ONE32 - HALF32 * z) + z * z * (COS32_C[0] + z * (COS32_C[1] + z * COS32_C[2]))
-        s = (x + x * z * (SIN32_C[0] + z * (SIN32_C[1] + z * SIN32_C[2]))) * (ONE32 - TWO32 * odd)
+        c = bits((ONE32 - HALF32 * z) + z * z * (COS32_C[0] + z * (COS32_C[1] + z * COS32_C[2])))
+        s = bits(x + x * z * (SIN32_C[0] + z * (SIN32_C[1] + z * SIN32_C[2]))) ^ (odd * SIGN32)
         q = ((octant + ONE) >> ONE) & THREE  # rotate by q quarter turns, as cos_sin_2pi does
-        swap = np.float32(q & ONE)
-        cos_t = (c * (ONE32 - swap) + s * swap) * (ONE32 - TWO32 * np.float32((q ^ (q >> ONE)) & ONE))
-        sin_t = (s * (ONE32 - swap) + c * swap) * (ONE32 - TWO32 * np.float32(q >> ONE))
-        return cos_t, sin_t
+        swap = -np.int32(q & ONE)
+        cos_t = np.int32(sel(swap, s, c) ^ (np.int32((q ^ (q >> ONE)) & ONE) * SIGN32))
+        sin_t = np.int32(sel(swap, c, s) ^ (np.int32(q >> ONE) * SIGN32))
+        return from_bits(cos_t), from_bits(sin_t)
 
     @jit
     def box_muller32(w0, w1):

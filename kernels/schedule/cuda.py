@@ -2,23 +2,27 @@
 
 The same per-element update as cpu.py (see there for how q_sample, the DDPM step and the DDIM step become
 out = A·clip(p·x − q·e) + Bx·x + Be·e + S·z with per-sample coefficients). The noise of element i is normal i mod 4
-of Philox block i // 4 — four normals from one Philox call and two Box–Muller transforms, as on the CPU. A thread
-block takes tiles of 4·THREADS consecutive elements: thread t draws the four normals of the tile's Philox block t
-into shared memory, then the block updates the tile in four coalesced sweeps (element c·THREADS + t in sweep c), so
-a warp's loads and stores are contiguous — a thread updating its own four neighbours would touch memory with a
-16-byte stride. A thread issues its loads of x and ε̂ for all four sweeps before it draws, so that they are in
-flight during the Philox rounds and Box–Muller. A tile that lies in one sample (all but a few) reads that sample's
-six coefficients once; the sample of element i, i // per_sample, is a float64 multiply by 1/per_sample (exact
-below 2^50 elements; a 64-bit integer division costs dozens of instructions per element on a GPU). Where no sample
-adds noise and none is returned (DDIM with η = 0, DDPM's last step) the launch says so and nothing is drawn: the
-kernel is then a pure pass over memory.
+of Philox block i // 4 — four normals from one Philox call and two Box–Muller transforms, as on the CPU; float32
+arrays draw philox's float32 normals. A thread block takes tiles of 4·THREADS consecutive elements: thread t draws
+the four normals of the tile's Philox block t into shared memory, then the block updates the tile in four coalesced
+sweeps (element c·THREADS + t in sweep c), so a warp's loads and stores are contiguous — a thread updating its own
+four neighbours would touch memory with a 16-byte stride. A thread issues its loads of x and ε̂ for all four sweeps
+before it draws and converts them only where they are used, so that they are in flight during the Philox rounds and
+Box–Muller. A tile that lies in one sample (all but a few) reads that sample's six coefficients once; the sample of
+element i, i // per_sample, is a float64 multiply by 1/per_sample (exact below 2^50 elements; a 64-bit integer
+division costs dozens of instructions per element on a GPU). Where no sample adds noise and none is returned (DDIM
+with η = 0, DDPM's last step) the launch says so and nothing is drawn: the kernel is then a pass over memory.
 
-Cost, read off the sm_90 SASS (static counts): a Philox block's four float64 normals take about 520 instructions
-(the rounds ~80, two logs, two square roots, two angle reductions), some 130 per element, beside ~45 for the update
-itself. At ~175 instructions per element an H200 (132 SMs × 4 schedulers × 1.98 GHz) needs ≥ 1.0 ms to issue them
-for 64×3×1024×1024 elements, where moving their 2.4 GB at 70% of copy bandwidth takes 0.81 ms: q_sample and the
-DDPM step are bound by the float64 noise's arithmetic, the DDIM step without noise by memory.
+Arithmetic in the arrays' dtype, as PyTorch computes float32 (the coefficients Bx, Be, S rounded to it once, on the
+host), except x̂_0 = clip(p·x − q·e), whose terms reach 1/√ᾱ ≈ 160 and cancel: float64, as in the reference. The rest
+is within a few float32 ulps of the reference's float64. Measured on an H200 (2026-11-26, 64×3×1024×1024, GPU time
+of queued calls): all-float64 arithmetic on float32 arrays costs four float32 ↔ float64 conversions per element,
+which a GPU runs at an eighth of its float32 rate, and half-rate float64 multiply-adds: the DDPM step took 1.24 ms
+that way, 1.07 ms in float32.
 
+Cost of the noise, read off the sm_90 SASS (static counts): a Philox block (four words) is about 80 instructions,
+and the float32 Box–Muller transform of its four normals about 170 — some 60 per element, beside the update's and
+the tile's bookkeeping. The float64 normals of float64 arrays take about 520 per Philox block.
 Runs on CuPy arrays on a GPU (launched through kernels.dispatch.launch), and on NumPy arrays under the Numba CUDA
 simulator (NUMBA_ENABLE_CUDASIM=1).
 """
@@ -49,9 +53,8 @@ TILE = 4 * THREADS
 WAVES = 2  # a grid of two waves of resident blocks at most; a grid-stride loop takes the tiles beyond
 MAX_BLOCKS = 4096  # the grid's cap under the simulator (and where the device's size is not known)
 # launch bounds: resident blocks of THREADS per SM the compiler must fit in registers. Measured on an H200
-# (2026-11-26, float32, 64×3×1024×1024, float64 noise then): 6 blocks (40 registers, 76 bytes spilled) beat 4 blocks
-# (62 registers) and no bound by 20% on the DDIM step and 2–5% on the noisy updates; with float32 noise 6 blocks
-# spill 32 bytes. float64 (unmeasured): 4, its no-spill bound (ptxas 13.0: 61 registers; 5 blocks spill 16 bytes).
+# (2026-11-26, 64×3×1024×1024): float32 at 6 blocks (40 registers, 8 bytes spilled) beats 5 and 8 blocks by 1–20%;
+# float64 (64×3×512×512) at 4 blocks (64 registers, no spills) beats 3 by 3–7%.
 BLOCKS_PER_SM = {np.dtype(np.float32): 6, np.dtype(np.float64): 4}
 _philox = philox.cuda_device_functions()
 
@@ -70,42 +73,52 @@ def _u(i):
 
 @cuda.jit(device=True, inline=True)
 def _load(a, i, n):
-    """a[i] as a float64, 0 past the end."""
-    return np.float64(a[_u(i)]) if i < n else 0.0
+    """a[i], as stored; past the end a[n − 1] (loads need no branch; the value is not used). Converted only where
+    used, so that the loads stay in flight while the normals are drawn."""
+    return a[_u(min(i, n - 1))]
 
 
 @cuda.jit(device=True, inline=True)
-def _coefs(coef, s):
-    """The six coefficients of sample s: p, q, A, Bx, Be, S."""
-    return coef[s, 0], coef[s, 1], coef[s, 2], coef[s, 3], coef[s, 4], coef[s, 5]
+def _coefs(coef, coefn, s):
+    """The six coefficients of sample s: p, q, A in float64, Bx, Be, S in the arrays' dtype."""
+    return coef[s, 0], coef[s, 1], coef[s, 2], coefn[s, 0], coefn[s, 1], coefn[s, 2]
 
 
-@cuda.jit(device=True, inline=True)
-def _element(i, n, j, xi, ei, zs, seeded, z, write_z, z_out, has_e, clip, p, q, A, Bx, Be, S, out):
-    """out[i] = A·clip(p·x − q·e) + Bx·x + Be·e + S·z for element i (its x and ε̂ given, its drawn normal at zs[j])."""
-    if i >= n:
-        return
-    if seeded:
-        zi = np.float64(zs[_u(j)])
-        if write_z:
-            z_out[_u(i)] = zi
-    elif S != 0.0:
-        zi = np.float64(z[_u(i)])
-    else:
-        zi = 0.0  # S = 0: the noise array is not read (a NaN there stays out)
-    acc = Bx * xi + S * zi
-    if has_e:
-        acc += Be * ei
-        if A != 0.0:
-            acc += A * min(max(p * xi - q * ei, -clip), clip)
-    out[_u(i)] = acc
+def _make_element(cast):
+    """The per-element update; `cast` rounds the float64 x̂_0 term to the arrays' dtype."""
+
+    @cuda.jit(device=True, inline=True)
+    def _element(i, n, j, x, e, zs, seeded, z, write_z, z_out, has_e, clip, p, q, A, Bx, Be, S, out):
+        """out[i] = A·clip(p·x − q·e) + Bx·x + Be·e + S·z for element i (its x and ε̂ given, its drawn normal at
+        zs[j]): in the arrays' dtype, but x̂_0 = clip(p·x − q·e) in float64, where p and q reach 1/√ᾱ_T ≈ 160 and
+        cancel (in float32 that costs ~10⁻⁵ absolute)."""
+        if i >= n:
+            return
+        if seeded:
+            zi = zs[_u(j)]
+            if write_z:
+                z_out[_u(i)] = zi
+        elif S != 0.0:
+            zi = z[_u(i)]
+        else:
+            zi = S - S  # 0: S = 0, and the noise array is not read (a NaN there stays out)
+        acc = Bx * x + S * zi
+        if has_e:
+            acc += Be * e
+            if A != 0.0:
+                acc += cast(A * min(max(p * np.float64(x) - q * np.float64(e), -clip), clip))
+        out[_u(i)] = acc
+
+    return _element
 
 
-def make_kernel(normal4, noise_type):
-    """The kernel for one dtype: its normals from `normal4` (float32's or float64's), held as `noise_type`."""
-    zero = np.float32(0.0) if noise_type == float32 else 0.0
+def make_kernel(normal4, noise_type, cast):
+    """The kernel for one dtype: its normals from `normal4` (float32's or float64's), held as `noise_type`; `cast`
+    converts a float64 to that dtype."""
+    zero = cast(0.0)
+    _element = _make_element(cast)
 
-    def fused_update_kernel(x, e, has_e, coef, inv_per_sample, clip, seeded, k0, k1, z, write_z, z_out, out):
+    def fused_update_kernel(x, e, has_e, coef, coefn, inv_per_sample, clip, seeded, k0, k1, z, write_z, z_out, out):
         """out = A·clip(p·x − q·e) + Bx·x + Be·e + S·z over flat arrays, tile by tile (see the module docstring)."""
         zs = cuda.shared.array(TILE, noise_type)
         t = cuda.threadIdx.x
@@ -115,7 +128,7 @@ def make_kernel(normal4, noise_type):
             i1, i2, i3 = i0 + THREADS, i0 + 2 * THREADS, i0 + 3 * THREADS
             # the loads go out first, and are on their way while the normals are drawn
             x0, x1, x2, x3 = _load(x, i0, n), _load(x, i1, n), _load(x, i2, n), _load(x, i3, n)
-            e0 = e1 = e2 = e3 = 0.0
+            e0, e1, e2, e3 = x0, x1, x2, x3  # (not used without ε̂)
             if has_e:
                 e0, e1, e2, e3 = _load(e, i0, n), _load(e, i1, n), _load(e, i2, n), _load(e, i3, n)
             if seeded:
@@ -133,7 +146,7 @@ def make_kernel(normal4, noise_type):
                 cuda.syncthreads()
             first, last = _sample(base, inv_per_sample), _sample(min(base + TILE, n) - 1, inv_per_sample)
             if first == last:  # the whole tile is one sample's (all but a few tiles): its coefficients once
-                p, q, A, Bx, Be, S = _coefs(coef, first)
+                p, q, A, Bx, Be, S = _coefs(coef, coefn, first)
                 _element(i0, n, t, x0, e0, zs, seeded, z, write_z, z_out, has_e, clip, p, q, A, Bx, Be, S, out)
                 _element(i1, n, t + THREADS, x1, e1, zs, seeded, z, write_z, z_out, has_e, clip, p, q, A, Bx,
                          Be, S, out)
@@ -144,7 +157,7 @@ def make_kernel(normal4, noise_type):
             else:  # a tile across samples: each element's own (an index past the end reads the last sample's)
                 for c, xi, ei in ((0, x0, e0), (1, x1, e1), (2, x2, e2), (3, x3, e3)):
                     i = i0 + c * THREADS
-                    p, q, A, Bx, Be, S = _coefs(coef, _sample(min(i, n - 1), inv_per_sample))
+                    p, q, A, Bx, Be, S = _coefs(coef, coefn, _sample(min(i, n - 1), inv_per_sample))
                     _element(i, n, t + c * THREADS, xi, ei, zs, seeded, z, write_z, z_out, has_e, clip, p, q,
                              A, Bx, Be, S, out)
             if seeded:
@@ -154,7 +167,8 @@ def make_kernel(normal4, noise_type):
 
 
 # one compiled kernel per dtype, with its launch bounds (the simulator's jit has no such option)
-_GENERATORS = {np.dtype(np.float32): (_philox.normal4_32, float32), np.dtype(np.float64): (_philox.normal4, float64)}
+_GENERATORS = {np.dtype(np.float32): (_philox.normal4_32, float32, np.float32),
+               np.dtype(np.float64): (_philox.normal4, float64, np.float64)}
 KERNELS = {dt: (cuda.jit if _SIM else cuda.jit(launch_bounds=(THREADS, blocks)))(make_kernel(*_GENERATORS[dt]))
            for dt, blocks in BLOCKS_PER_SM.items()}
 
@@ -207,6 +221,7 @@ def run(x, e, coef, clip, seed, noise, want_noise):
     # no sample adds noise (DDIM with η = 0, DDPM's last step) and none is returned: nothing to draw, and no noise
     # array is read either (the kernel reads z only where S ≠ 0), so the kernel runs its pass without the draw
     seeded = seed is not None and (want_noise or bool(np.any(coef[:, 5] != 0.0)))
+    coefn = xp.asarray(np.ascontiguousarray(coef[:, 3:], dtype=x.dtype))  # Bx, Be, S in the arrays' dtype
     coef = xp.asarray(coef)
     if seeded:
         k0, k1 = philox.seed_key(seed)
@@ -219,7 +234,7 @@ def run(x, e, coef, clip, seed, noise, want_noise):
     if n >= 2**50:
         raise ValueError(f"{n} elements: the kernel's float64 sample index is exact below 2**50")
     if n:
-        launch(KERNELS[x.dtype], _blocks(n, x.dtype, xp), THREADS, flat, e_flat, has_e, coef,
+        launch(KERNELS[x.dtype], _blocks(n, x.dtype, xp), THREADS, flat, e_flat, has_e, coef, coefn,
                1.0 / per_sample, float(clip), seeded, k0, k1, z_flat, seeded and want_noise, z_out.reshape(-1),
                out.reshape(-1))
     if not seeded:
@@ -250,8 +265,8 @@ def ddim_step(x_t, eps_hat, t, t_prev, sched: Schedule, eta: float = 0.0, *, see
 
 def _signature(f):
     a = f"{f}[::1]"
-    return (f"void({a}, {a}, boolean, float64[:, ::1], float64, float64, boolean, uint64, uint64, {a}, boolean, {a}, "
-            f"{a})")
+    return (f"void({a}, {a}, boolean, float64[:, ::1], {f}[:, ::1], float64, float64, boolean, uint64, uint64, {a}, "
+            f"boolean, {a}, {a})")
 
 
 # (kernel, signature) pairs that tests compile to PTX for sm_90 (float32 and float64 arrays).
