@@ -6,8 +6,9 @@ of Philox block i // 4 — four normals from one Philox call and two Box–Mulle
 arrays draw philox's float32 normals. A thread block takes tiles of 4·THREADS consecutive elements: thread t draws
 the four normals of the tile's Philox block t into shared memory, then the block updates the tile in four coalesced
 sweeps (element c·THREADS + t in sweep c), so a warp's loads and stores are contiguous — a thread updating its own
-four neighbours would touch memory with a 16-byte stride. A thread issues its loads of x and ε̂ for all four sweeps
-before it draws and converts them only where they are used, so that they are in flight during the Philox rounds and
+four neighbours would touch memory with a 16-byte stride. A thread issues its loads of x and ε̂ for the four sweeps
+of its next tile before it draws this tile's normals (one tile ahead: on an H200, 2–9% faster than loading the tile
+itself first), and converts them only where they are used, so that they are in flight during the Philox rounds and
 Box–Muller. A tile that lies in one sample (all but a few) reads that sample's six coefficients once; the sample of
 element i, i // per_sample, is a float64 multiply by 1/per_sample (exact below 2^50 elements; a 64-bit integer
 division costs dozens of instructions per element on a GPU). Where no sample adds noise and none is returned (DDIM
@@ -53,8 +54,8 @@ TILE = 4 * THREADS
 WAVES = 2  # a grid of two waves of resident blocks at most; a grid-stride loop takes the tiles beyond
 MAX_BLOCKS = 4096  # the grid's cap under the simulator (and where the device's size is not known)
 # launch bounds: resident blocks of THREADS per SM the compiler must fit in registers. Measured on an H200
-# (2026-11-26, 64×3×1024×1024): float32 at 6 blocks (40 registers, 8 bytes spilled) beats 5 and 8 blocks by 1–20%;
-# float64 (64×3×512×512) at 4 blocks (64 registers, no spills) beats 3 by 3–7%.
+# (2026-11-26, 64×3×1024×1024): float32 at 6 blocks (40 registers, no spills) is within 1% of 5 and beats 8 blocks by
+# 3–20%; float64 (64×3×512×512) at 4 blocks (64 registers, no spills) beat 3 by 3–7%.
 BLOCKS_PER_SM = {np.dtype(np.float32): 6, np.dtype(np.float64): 4}
 _philox = philox.cuda_device_functions()
 
@@ -112,6 +113,12 @@ def _make_element(cast):
     return _element
 
 
+@cuda.jit(device=True, inline=True)
+def _load4(a, i0, n):
+    """The four elements i0 + c·THREADS (c = 0…3) of a thread in a tile, as stored (clamped: see _load)."""
+    return _load(a, i0, n), _load(a, i0 + THREADS, n), _load(a, i0 + 2 * THREADS, n), _load(a, i0 + 3 * THREADS, n)
+
+
 def make_kernel(normal4, noise_type, cast):
     """The kernel for one dtype: its normals from `normal4` (float32's or float64's), held as `noise_type`; `cast`
     converts a float64 to that dtype."""
@@ -123,14 +130,20 @@ def make_kernel(normal4, noise_type, cast):
         zs = cuda.shared.array(TILE, noise_type)
         t = cuda.threadIdx.x
         n = x.size
-        for base in range(cuda.blockIdx.x * TILE, n, cuda.gridDim.x * TILE):
+        stride = cuda.gridDim.x * TILE
+        nx0, nx1, nx2, nx3 = _load4(x, cuda.blockIdx.x * TILE + t, n)
+        ne0, ne1, ne2, ne3 = nx0, nx1, nx2, nx3  # (not used without ε̂)
+        if has_e:
+            ne0, ne1, ne2, ne3 = _load4(e, cuda.blockIdx.x * TILE + t, n)
+        for base in range(cuda.blockIdx.x * TILE, n, stride):
             i0 = base + t  # this thread's element in each of the four sweeps
             i1, i2, i3 = i0 + THREADS, i0 + 2 * THREADS, i0 + 3 * THREADS
-            # the loads go out first, and are on their way while the normals are drawn
-            x0, x1, x2, x3 = _load(x, i0, n), _load(x, i1, n), _load(x, i2, n), _load(x, i3, n)
-            e0, e1, e2, e3 = x0, x1, x2, x3  # (not used without ε̂)
+            # this tile's x and ε̂ were loaded during the last tile; the next tile's go out now, and are on their way
+            # while this tile's normals are drawn (past the end the clamped loads reread the last element)
+            x0, x1, x2, x3, e0, e1, e2, e3 = nx0, nx1, nx2, nx3, ne0, ne1, ne2, ne3
+            nx0, nx1, nx2, nx3 = _load4(x, i0 + stride, n)
             if has_e:
-                e0, e1, e2, e3 = _load(e, i0, n), _load(e, i1, n), _load(e, i2, n), _load(e, i3, n)
+                ne0, ne1, ne2, ne3 = _load4(e, i0 + stride, n)
             if seeded:
                 i = base + 4 * t  # the first element of Philox block i // 4
                 z0 = z1 = z2 = z3 = zero
