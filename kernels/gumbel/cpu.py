@@ -3,15 +3,21 @@
 Rows lie along the last axis (another `dim` is first moved there; the noise is still drawn in the original
 layout, so each element keeps its flat index — its Philox counter). For each row, from two scratch rows:
 
-  1. the uniforms of the Philox blocks covering the row, four per call (a branch-free loop LLVM vectorizes);
+  1. the noise's Philox blocks covering the row, four elements per call (a branch-free loop LLVM vectorizes): for
+     float64 logits their uniforms, for float32 logits their float32 Gumbel noise itself;
   2. z_j = (l_j + g_j)/τ with g_j = −log(−log u_j); then the max and the (first) argmax;
   3. e_j = exp(z_j − max) and their sum;
   4. y_soft_j = e_j / sum, and the one-hot of the argmax when hard.
 
-log and exp are philox.fast_log / fast_exp (fdlibm's algorithms in plain arithmetic, < 1 ulp), so steps 1–4
-are SIMD loops. A row of 8192 float64 scratch values is 64 KiB, so the passes after the first run from L2: the
-memory traffic is one read of the logits and one write of each output (PyTorch's eager gumbel_softmax makes
-about six passes over memory, and draws its exponentials one at a time).
+The noise is the reference's (kernels/gumbel/reference.py). float64 logits: u = philox's float64 uniform and g in
+float64, with philox.fast_log (within an ulp or so of NumPy's log). float32 logits: float32 Gumbel noise, u =
+philox's float32 uniform (philox.cpu.uniform4_32) and g = −log32(−log32 u) with philox's float32 log, all in
+float32 arithmetic — the very operations the reference evaluates, and the CPU contracts no multiply-adds, so it is
+the reference's noise bit for bit (and its float32 logs cost less than float64 ones). z and everything after it
+are float64 for both dtypes. fast_log, fast_exp and log32 are fdlibm's algorithms or float32 polynomials in plain
+arithmetic (< 1 ulp), so steps 1–4 are SIMD loops. A row of 8192 float64 scratch values is 64 KiB, so the passes
+after the first run from L2: the memory traffic is one read of the logits and one write of each output (PyTorch's
+eager gumbel_softmax makes about six passes over memory, and draws its exponentials one at a time).
 """
 
 from __future__ import annotations
@@ -22,46 +28,75 @@ from numba import njit, prange
 from kernels import philox
 
 ROWS_PER_TASK = 4
-_uniform4 = philox.cpu.uniform4
-fast_log, fast_exp = philox.fast_log, philox.fast_exp
+_uniform4, _uniform4_32 = philox.cpu.uniform4, philox.cpu.uniform4_32
+fast_log, fast_exp, log32 = philox.fast_log, philox.fast_exp, philox.cpu.f32.log32
 # error_model="numpy": no ZeroDivisionError checks on float division, which would stop LLVM vectorizing.
 _jit = dict(parallel=True, error_model="numpy")
 
 
+def _make_fill(uniform4):
+    @njit(inline="always")
+    def fill(k0, k1, first, n, ubuf):
+        """ubuf[j] for j < n + (first mod 4): uniform4's values (uniforms, or noise) of the Philox blocks covering flat
+        indices first … first+n−1 (ubuf[first mod 4 + j] belongs to index first + j). Branch-free over whole
+        blocks: it vectorizes."""
+        b0 = first >> 2
+        for b in range(((first & 3) + n + 3) >> 2):
+            u0, u1, u2, u3 = uniform4(k0, k1, np.uint64(b0 + b))
+            ubuf[4 * b] = u0
+            ubuf[4 * b + 1] = u1
+            ubuf[4 * b + 2] = u2
+            ubuf[4 * b + 3] = u3
+
+    return fill
+
+
 @njit(inline="always")
-def _fill_uniforms(k0, k1, first, n, ubuf):
-    """ubuf[j] for j < n + (first mod 4): the uniforms of the Philox blocks covering flat indices first … first+n−1
-    (ubuf[first mod 4 + j] belongs to index first + j). Branch-free over whole blocks, so it vectorizes."""
-    b0 = first >> 2
-    for b in range(((first & 3) + n + 3) >> 2):
-        u0, u1, u2, u3 = _uniform4(k0, k1, np.uint64(b0 + b))
-        ubuf[4 * b] = u0
-        ubuf[4 * b + 1] = u1
-        ubuf[4 * b + 2] = u2
-        ubuf[4 * b + 3] = u3
+def _gumbel32(u):
+    """float32 g = −log32(−log32 u) of a float32 uniform, in float32 arithmetic (the reference's operations)."""
+    return -log32(-log32(u))
+
+
+@njit(inline="always")
+def _gumbel4_32(k0, k1, b):
+    """The float32 Gumbel noise of the 4 elements of Philox block b."""
+    u0, u1, u2, u3 = _uniform4_32(k0, k1, b)
+    return _gumbel32(u0), _gumbel32(u1), _gumbel32(u2), _gumbel32(u3)
+
+
+# float64 uniforms into a float64 buffer; float32 noise itself into a float32 one (drawn in the loop over blocks:
+# measured 25% faster than a second loop taking the logs of stored float32 uniforms)
+_fill_uniforms, _fill_gumbel32 = _make_fill(_uniform4), _make_fill(_gumbel4_32)
 
 
 @philox.cached_njit(**_jit)
-def gumbel_noise_kernel(k0, k1, round32, out):
-    """out[i] = −log(−log u_i) for the flat index i (rounded to float32 when round32), CHUNK elements a task."""
+def gumbel_noise_kernel(k0, k1, noise32, out):
+    """out[i] = −log(−log u_i) for the flat index i (float32 noise when noise32), 4096 elements a task."""
     n = out.size
     chunk = 4096
     for c in prange((n + chunk - 1) // chunk):
         lo = c * chunk
         m = min(chunk, n - lo)
-        ubuf = np.empty(chunk + 8)
-        _fill_uniforms(k0, k1, lo, m, ubuf)
-        for j in range(m):
-            g = -fast_log(-fast_log(ubuf[j]))
-            out[lo + j] = np.float32(g) if round32 else g
+        if noise32:
+            gbuf = np.empty(chunk + 8, np.float32)
+            _fill_gumbel32(k0, k1, lo, m, gbuf)
+            for j in range(m):
+                out[lo + j] = gbuf[j]
+        else:
+            ubuf = np.empty(chunk + 8)
+            _fill_uniforms(k0, k1, lo, m, ubuf)
+            for j in range(m):
+                out[lo + j] = -fast_log(-fast_log(ubuf[j]))
 
 
 @philox.cached_njit(**_jit)
-def forward_rows(l2, tau, hard, seeded, k0, k1, g2, round32, y2, ys2):
-    """Fused Gumbel-softmax over the rows of C-contiguous (rows, n) arrays (row r starts at flat index r·n)."""
+def forward_rows(l2, tau, hard, seeded, k0, k1, g2, noise32, y2, ys2):
+    """Fused Gumbel-softmax over the rows of C-contiguous (rows, n) arrays (row r starts at flat index r·n); the
+    seeded noise is float32 when noise32 (float32 logits), float64 otherwise."""
     rows, n = l2.shape
     for task in prange((rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
-        ubuf = np.empty(n + 8)
+        ubuf = np.empty(0 if noise32 else n + 8)  # float64 uniforms, or
+        gbuf = np.empty(n + 8 if noise32 else 0, np.float32)  # float32 noise
         zbuf = np.empty(n)
         for r in range(task * ROWS_PER_TASK, min(rows, (task + 1) * ROWS_PER_TASK)):
             lrow, ys = l2[r], ys2[r]
@@ -70,13 +105,14 @@ def forward_rows(l2, tau, hard, seeded, k0, k1, g2, round32, y2, ys2):
             if seeded:
                 base = r * n
                 off = base & 3
-                _fill_uniforms(k0, k1, base, n, ubuf)
-                us = ubuf[off:off + n]  # indexed from 0, so Numba emits no negative-index wraparound
-                if round32:
+                if noise32:
+                    _fill_gumbel32(k0, k1, base, n, gbuf)
+                    gs = gbuf[off:off + n]  # indexed from 0, so Numba emits no negative-index wraparound
                     for j in range(n):
-                        g = np.float64(np.float32(-fast_log(-fast_log(us[j]))))
-                        zbuf[j] = (np.float64(lrow[j]) + g) * inv_tau
+                        zbuf[j] = (np.float64(lrow[j]) + np.float64(gs[j])) * inv_tau
                 else:
+                    _fill_uniforms(k0, k1, base, n, ubuf)
+                    us = ubuf[off:off + n]
                     for j in range(n):
                         zbuf[j] = (np.float64(lrow[j]) - fast_log(-fast_log(us[j]))) * inv_tau
             else:
@@ -133,7 +169,8 @@ def backward_rows(gy2, ys2, tau, out2):
 
 
 def gumbel_noise(seed, shape, dtype=np.float64):
-    """g = −log(−log u) for every flat index of an array of `shape` (the same noise as reference.gumbel_noise)."""
+    """g = −log(−log u) for every flat index of an array of `shape` (the same noise as reference.gumbel_noise: float32
+    noise for float32, bit for bit)."""
     out = np.empty(shape, dtype=dtype)
     k0, k1 = philox.seed_key(seed)
     if out.size:

@@ -6,10 +6,15 @@ The forward kernel makes three passes over its row, its THREADS threads each tak
           argmax), then a tree reduction of the pairs in shared memory;
   pass 2: e_j = 2^(z_j − max) = exp((l_j + g_j)/τ − max_k (l_k + g_k)/τ) and Σ e_j, the same tree reduction;
   pass 3: y_soft_j = e_j·(1/Σ) (and the one-hot of the argmax when hard).
-The noise costs most (ten Philox rounds and two float64 logs per element, kept exact so that every form draws the
-same g), so it is drawn once: pass 1 leaves g for pass 2, which leaves e for pass 3, each in the place of the one
-before — for float32 rows of up to CACHE_MAX values in shared memory (g float32 there, exactly as _gumbel rounds it),
-for other rows in y_soft's own array. Pass 2 reads the logits again (just read: from L2).
+The noise is the reference's (kernels/gumbel/reference.py). float64 rows: g = −log(−log u) in float64 from philox's
+float64 uniform. float32 rows: float32 Gumbel noise, g = −log32(−log32 u) from philox's float32 uniform and float32
+log, in float32 arithmetic — the float64 logs were most of this kernel's time (a GPU has few float64 units); the GPU
+contracts the log's multiply-adds into FMAs, so this g is within a couple of float32 ulps of the reference's, not
+bitwise. One kernel is compiled per dtype (make_forward_kernel, make_noise_kernel), so that each holds one
+generator's code and registers. The noise costs most (ten Philox rounds and two logs per element), so it is drawn
+once: pass 1 leaves g for pass 2, which leaves e for pass 3, each in the place of the one before — for float32 rows
+of up to CACHE_MAX values in shared memory, for other rows in y_soft's own array (g is of the row's dtype, so either
+copy is exact). Pass 2 reads the logits again (just read: from L2).
 z and z − max are float64, as the reference's are (rounding z to float32 would move it by up to 2⁻²⁴|z|, too much
 for large |z|/τ); for float32 rows only 2^(z − max) (one ex2.approx.f32, ≤ 2 ulp) and the normalization are
 float32 (z − max ≤ 0 rounded to float32 is exact to 2⁻²⁴|z − max|, which moves y by at most 2⁻²⁴/e ≈ 2·10⁻⁸), with
@@ -46,16 +51,19 @@ CACHE_MAX = 48 if _SIM else 10240
 GRID_MAX = 2 if _SIM else 8192
 LOG2_E = 1.0 / math.log(2.0)
 _philox = philox.cuda_device_functions()
-_block, _uniform = _philox.block, _philox.uniform
+_block, _uniform, _uniform32, _log32 = _philox.block, _philox.uniform, _philox.f32.uniform32, _philox.f32.log32
 
 
 @cuda.jit(device=True)
-def _gumbel(u, round32):
-    """g = −log(−log u), in float64 (rounded to float32 when round32, as the reference rounds it)."""
-    g = -math.log(-math.log(u))
-    if round32:
-        g = np.float64(np.float32(g))
-    return g
+def _gumbel64(w):
+    """g = −log(−log u) of a Philox word, u = its float64 uniform, in float64 (the float64 rows' noise)."""
+    return -math.log(-math.log(_uniform(w)))
+
+
+@cuda.jit(device=True)
+def _gumbel32(w):
+    """g = −log32(−log32 u) of a Philox word, u = its float32 uniform, in float32 arithmetic (the float32 rows')."""
+    return -_log32(-_log32(_uniform32(w)))
 
 
 @cuda.jit(device=True)
@@ -69,25 +77,6 @@ def _clamp(j, n):
     """j clamped into 0 … n − 1, so that a load needs no branch (its value is left out when j is outside), as an
     unsigned index: Numba then leaves out the wraparound of negative indices (Python's a[−1])."""
     return np.uint64(min(max(j, 0), n - 1))
-
-
-@cuda.jit(device=True)
-def _pass1(m, a, j, x, w, seeded, cache, round32, scale, grow, gs):
-    """Pass 1 at element j of a row (logit x, Philox word w): g (drawn, and kept for pass 2 in gs or grow — y_soft's
-    row then —, or read from grow, the noise), z = (x + g)·scale, and the running (max, first argmax) (m, a)."""
-    c = np.uint64(j)
-    if seeded:
-        g = _gumbel(_uniform(w), round32)
-        if cache:
-            gs[c] = np.float32(g)
-        else:
-            grow[c] = g  # pass 2 reads each g before it writes e in its place
-    else:
-        g = np.float64(grow[c])
-    z = (np.float64(x) + g) * scale
-    if z > m or a == grow.shape[0]:
-        return z, j
-    return m, a
 
 
 @cuda.jit(device=True)
@@ -129,83 +118,110 @@ def _block_argmax(vbuf, ibuf, m, a, n):
     return m, a
 
 
-@cuda.jit
-def forward_rows_kernel(l2, tau, hard, seeded, k0, k1, g2, round32, cache, y2, ys2):
-    """Fused Gumbel-softmax over the rows of (rows, n) arrays; block b takes rows b, b + gridDim, …
+def make_forward_kernel(gumbel):
+    """The forward kernel for one dtype's noise, g = gumbel(word) (_gumbel32 or _gumbel64).
 
-    g2 is the noise, or when `seeded` the scratch where pass 1 leaves the g it draws for pass 2 (y_soft's own
-    array: the same dtype, so the copy is exact), or with `cache` (float32 rows that fit) shared memory does; the
-    reduction after pass 1 is the barrier between those writes and their reads by other threads. Pass 2 keeps each
-    e in shared memory (cache) or y_soft's array, where the thread that wrote it reads it in pass 3."""
-    vbuf = cuda.shared.array(THREADS, float64)
-    ibuf = cuda.shared.array(THREADS, int64)
-    gs = cuda.shared.array(0, float32)  # the row's g, then its e (dynamic: n values when cache, else none)
-    tid = cuda.threadIdx.x
-    rows, n = l2.shape
-    scale = LOG2_E * (1.0 / tau)  # z in base-2 units: 2^(z − max) = exp((l + g − max(l + g))/τ)
-    zero = np.uint64(0)
-    for r in range(cuda.blockIdx.x, rows, cuda.gridDim.x):
-        # pass 1: max and first argmax of z, a thread's step being the 4 elements of Philox block b
-        first = r * n  # the flat index of the row's first element
-        lrow, grow, yrow, hrow = l2[r], g2[r], ys2[r], y2[r]
-        m = -math.inf
-        a = n
-        for b in range((first >> 2) + tid, (first + n + 3) >> 2, THREADS):
-            j4 = 4 * b - first  # the row index of the block's first element
-            # its four logits, loaded first: their latency hides behind the Philox rounds and the logs
-            x0, x1 = lrow[_clamp(j4, n)], lrow[_clamp(j4 + 1, n)]
-            x2, x3 = lrow[_clamp(j4 + 2, n)], lrow[_clamp(j4 + 3, n)]
-            w0, w1, w2, w3 = _block(k0, k1, np.uint64(b)) if seeded else (zero, zero, zero, zero)
-            if 0 <= j4 and j4 + 4 <= n:  # the whole block in the row: four steps with no index checks
-                m, a = _pass1(m, a, j4, x0, w0, seeded, cache, round32, scale, grow, gs)
-                m, a = _pass1(m, a, j4 + 1, x1, w1, seeded, cache, round32, scale, grow, gs)
-                m, a = _pass1(m, a, j4 + 2, x2, w2, seeded, cache, round32, scale, grow, gs)
-                m, a = _pass1(m, a, j4 + 3, x3, w3, seeded, cache, round32, scale, grow, gs)
-            else:  # a row whose start or end is not a multiple of 4 shares its end blocks
+    `single` (float32 rows: 2^(z − max) and the normalization in float32, see the module docstring) stays a kernel
+    parameter rather than a constant of this closure: made a constant, it let ptxas (13.0, sm_90) schedule the float64
+    kernel's pass 2 into 96 registers instead of 64 — a change of occupancy no GPU has measured."""
+
+    @cuda.jit(device=True)
+    def pass1(m, a, j, x, w, seeded, cache, scale, grow, gs):
+        """Pass 1 at element j of a row (logit x, Philox word w): g (drawn, and kept for pass 2 in gs or grow — y_soft's
+        row then —, or read from grow, the noise), z = (x + g)·scale, and the running (max, first argmax) (m, a)."""
+        c = np.uint64(j)
+        if seeded:
+            drawn = gumbel(w)  # of the row's dtype: kept exactly
+            if cache:
+                gs[c] = drawn
+            else:
+                grow[c] = drawn  # pass 2 reads each g before it writes e in its place
+            g = np.float64(drawn)
+        else:
+            g = np.float64(grow[c])
+        z = (np.float64(x) + g) * scale
+        if z > m or a == grow.shape[0]:
+            return z, j
+        return m, a
+
+    def forward_rows_kernel(l2, tau, hard, seeded, k0, k1, g2, single, cache, y2, ys2):
+        """Fused Gumbel-softmax over the rows of (rows, n) arrays; block b takes rows b, b + gridDim, …
+
+        g2 is the noise, or when `seeded` the scratch where pass 1 leaves the g it draws for pass 2 (y_soft's own
+        array: the same dtype, so the copy is exact), or with `cache` (float32 rows that fit) shared memory does; the
+        reduction after pass 1 is the barrier between those writes and their reads by other threads. Pass 2 keeps each
+        e in shared memory (cache) or y_soft's array, where the thread that wrote it reads it in pass 3."""
+        vbuf = cuda.shared.array(THREADS, float64)
+        ibuf = cuda.shared.array(THREADS, int64)
+        gs = cuda.shared.array(0, float32)  # the row's g, then its e (dynamic: n values when cache, else none)
+        tid = cuda.threadIdx.x
+        rows, n = l2.shape
+        scale = LOG2_E * (1.0 / tau)  # z in base-2 units: 2^(z − max) = exp((l + g − max(l + g))/τ)
+        zero = np.uint64(0)
+        for r in range(cuda.blockIdx.x, rows, cuda.gridDim.x):
+            # pass 1: max and first argmax of z, a thread's step being the 4 elements of Philox block b
+            first = r * n  # the flat index of the row's first element
+            lrow, grow, yrow, hrow = l2[r], g2[r], ys2[r], y2[r]
+            m = -math.inf
+            a = n
+            for b in range((first >> 2) + tid, (first + n + 3) >> 2, THREADS):
+                j4 = 4 * b - first  # the row index of the block's first element
+                # its four logits, loaded first: their latency hides behind the Philox rounds and the logs
+                x0, x1 = lrow[_clamp(j4, n)], lrow[_clamp(j4 + 1, n)]
+                x2, x3 = lrow[_clamp(j4 + 2, n)], lrow[_clamp(j4 + 3, n)]
+                w0, w1, w2, w3 = _block(k0, k1, np.uint64(b)) if seeded else (zero, zero, zero, zero)
+                if 0 <= j4 and j4 + 4 <= n:  # the whole block in the row: four steps with no index checks
+                    m, a = pass1(m, a, j4, x0, w0, seeded, cache, scale, grow, gs)
+                    m, a = pass1(m, a, j4 + 1, x1, w1, seeded, cache, scale, grow, gs)
+                    m, a = pass1(m, a, j4 + 2, x2, w2, seeded, cache, scale, grow, gs)
+                    m, a = pass1(m, a, j4 + 3, x3, w3, seeded, cache, scale, grow, gs)
+                else:  # a row whose start or end is not a multiple of 4 shares its end blocks
+                    for k in range(4):
+                        if 0 <= j4 + k < n:
+                            m, a = pass1(m, a, j4 + k, _pick(x0, x1, x2, x3, k), _pick(w0, w1, w2, w3, k), seeded,
+                                         cache, scale, grow, gs)
+            z_max, arg = _block_argmax(vbuf, ibuf, m, a, n)
+            # pass 2: e = 2^(z − max) and the softmax denominator; e is kept where g was, or in y_soft's array
+            s = 0.0
+            for j0 in range(tid, n, 4 * THREADS):
                 for k in range(4):
-                    if 0 <= j4 + k < n:
-                        m, a = _pass1(m, a, j4 + k, _pick(x0, x1, x2, x3, k), _pick(w0, w1, w2, w3, k), seeded,
-                                      cache, round32, scale, grow, gs)
-        z_max, arg = _block_argmax(vbuf, ibuf, m, a, n)
-        # pass 2: e = 2^(z − max) and the softmax denominator; e is kept where g was, or in y_soft's array
-        s = 0.0
-        for j0 in range(tid, n, 4 * THREADS):
-            for k in range(4):
-                j = j0 + k * THREADS
-                c = _clamp(j, n)
-                g = np.float64(gs[c]) if cache else np.float64(grow[c])
-                d = (np.float64(lrow[c]) + g) * scale - z_max  # pass 1's z, bit for bit
-                if round32:
-                    e = math.exp2(np.float32(d))  # one instruction, ex2.approx.f32 (≤ 2 ulp)
-                    if j < n:
-                        s += np.float64(e)
-                        if cache:
-                            gs[c] = e
-                        else:
-                            yrow[c] = e
-                else:
-                    e64 = math.exp2(d)
-                    if j < n:
-                        s += e64
-                        yrow[c] = e64
-        inv_total = 1.0 / _block_sum(vbuf, s)
-        inv_total32 = np.float32(inv_total)
-        # pass 3: normalize (and the one-hot); each thread reads the e it kept in pass 2
-        for j0 in range(tid, n, 4 * THREADS):
-            for k in range(4):
-                j = j0 + k * THREADS
-                c = _clamp(j, n)
-                if round32:  # (two variables: one would be typed float64, and cost two conversions)
-                    y32 = (gs[c] if cache else np.float32(yrow[c])) * inv_total32
-                    if j < n:
-                        yrow[c] = y32
-                else:
-                    y64 = yrow[c] * inv_total
-                    if j < n:
-                        yrow[c] = y64
-                if hard and j < n:
-                    hrow[c] = 1.0 if j == arg else 0.0
-        cuda.syncthreads()  # the next row's pass 1 writes gs entries that other threads still read in this pass 3
+                    j = j0 + k * THREADS
+                    c = _clamp(j, n)
+                    g = np.float64(gs[c]) if cache else np.float64(grow[c])
+                    d = (np.float64(lrow[c]) + g) * scale - z_max  # pass 1's z, bit for bit
+                    if single:
+                        e = math.exp2(np.float32(d))  # one instruction, ex2.approx.f32 (≤ 2 ulp)
+                        if j < n:
+                            s += np.float64(e)
+                            if cache:
+                                gs[c] = e
+                            else:
+                                yrow[c] = e
+                    else:
+                        e64 = math.exp2(d)
+                        if j < n:
+                            s += e64
+                            yrow[c] = e64
+            inv_total = 1.0 / _block_sum(vbuf, s)
+            inv_total32 = np.float32(inv_total)
+            # pass 3: normalize (and the one-hot); each thread reads the e it kept in pass 2
+            for j0 in range(tid, n, 4 * THREADS):
+                for k in range(4):
+                    j = j0 + k * THREADS
+                    c = _clamp(j, n)
+                    if single:  # (two variables: one would be typed float64, and cost two conversions)
+                        y32 = (gs[c] if cache else np.float32(yrow[c])) * inv_total32
+                        if j < n:
+                            yrow[c] = y32
+                    else:
+                        y64 = yrow[c] * inv_total
+                        if j < n:
+                            yrow[c] = y64
+                    if hard and j < n:
+                        hrow[c] = 1.0 if j == arg else 0.0
+            cuda.syncthreads()  # the next row's pass 1 writes gs entries that other threads still read in this pass 3
+
+    return forward_rows_kernel
 
 
 @cuda.jit
@@ -235,15 +251,29 @@ def backward_rows_kernel(gy2, ys2, tau, out2):
                     orow[c] = v
 
 
-@cuda.jit
-def gumbel_noise_kernel(k0, k1, round32, out):
-    """out[i] = −log(−log u_i) for every flat index i (rounded to float32 when round32), a Philox block a step."""
-    for b in range(cuda.grid(1), (out.size + 3) >> 2, cuda.gridsize(1)):
-        w0, w1, w2, w3 = _block(k0, k1, np.uint64(b))
-        for k in range(4):
-            i = 4 * b + k
-            if i < out.size:
-                out[i] = _gumbel(_uniform(_pick(w0, w1, w2, w3, k)), round32)
+def make_noise_kernel(gumbel):
+    """The noise kernel for one dtype: out[i] = gumbel(word of flat index i) for every i, a Philox block a step."""
+
+    def gumbel_noise_kernel(k0, k1, out):
+        for b in range(cuda.grid(1), (out.size + 3) >> 2, cuda.gridsize(1)):
+            w0, w1, w2, w3 = _block(k0, k1, np.uint64(b))
+            for k in range(4):
+                i = 4 * b + k
+                if i < out.size:
+                    out[i] = gumbel(_pick(w0, w1, w2, w3, k))
+
+    return gumbel_noise_kernel
+
+
+# one compiled kernel of each kind per dtype, each with its dtype's noise
+_NOISE = {np.dtype(np.float32): _gumbel32, np.dtype(np.float64): _gumbel64}
+KERNELS = {dt: {"forward": cuda.jit(make_forward_kernel(gumbel)), "backward": backward_rows_kernel,
+                "noise": cuda.jit(make_noise_kernel(gumbel))} for dt, gumbel in _NOISE.items()}
+
+
+def _kernels(dtype):
+    """The kernels for arrays of `dtype`: float32's for float32, float64's (float64 noise) otherwise."""
+    return KERNELS[np.dtype(np.float32) if dtype == np.float32 else np.dtype(np.float64)]
 
 
 def _xp(a):
@@ -259,12 +289,12 @@ def _blocks(rows):
 
 
 def gumbel_noise(seed, shape, dtype=np.float64, xp=np):
-    """g = −log(−log u) for every flat index of an array of `shape` (the same noise as reference.gumbel_noise)."""
+    """g = −log(−log u) for every flat index of an array of `shape`: reference.gumbel_noise's (float32 noise for
+    float32, within a couple of float32 ulps on a GPU, which fuses multiply-adds; bit for bit under the simulator)."""
     out = xp.empty(shape, dtype=dtype)
     k0, k1 = philox.seed_key(seed)
     if out.size:
-        launch(gumbel_noise_kernel, _blocks(-(-out.size // (4 * THREADS))), THREADS, k0, k1, out.dtype == np.float32,
-               out.reshape(-1))
+        launch(_kernels(out.dtype)["noise"], _blocks(-(-out.size // (4 * THREADS))), THREADS, k0, k1, out.reshape(-1))
     return out
 
 
@@ -295,11 +325,11 @@ def gumbel_softmax_forward(logits, tau=1.0, hard=False, *, seed=None, noise=None
     g2 = _rows(xp, noise, dim) if noise is not None else ys2  # seeded: the kernel's scratch for g (see there)
     y2 = xp.empty_like(l2) if hard else ys2
     if l2.size:
-        round32 = logits.dtype == np.float32
-        cache = seed is not None and round32 and l2.shape[1] <= CACHE_MAX
+        single = logits.dtype == np.float32
+        cache = seed is not None and single and l2.shape[1] <= CACHE_MAX
         smem = l2.shape[1] * 4 if cache else 0
-        launch(forward_rows_kernel, _blocks(l2.shape[0]), THREADS, l2, float(tau), bool(hard), seed is not None, k0, k1,
-               g2, round32, cache, y2, ys2, shared=smem)
+        launch(_kernels(logits.dtype)["forward"], _blocks(l2.shape[0]), THREADS, l2, float(tau), bool(hard),
+               seed is not None, k0, k1, g2, single, cache, y2, ys2, shared=smem)
     shape = xp.moveaxis(logits, dim, -1).shape
     y_soft = xp.moveaxis(ys2.reshape(shape), -1, dim)
     return (xp.moveaxis(y2.reshape(shape), -1, dim) if hard else y_soft), y_soft
@@ -323,10 +353,10 @@ def _sig(dt):
         "forward": f"void({dt}[:, ::1], float64, boolean, boolean, uint64, uint64, {dt}[:, ::1], boolean, "
                    f"boolean, {dt}[:, ::1], {dt}[:, ::1])",
         "backward": f"void({dt}[:, ::1], {dt}[:, ::1], float64, {dt}[:, ::1])",
-        "noise": f"void(uint64, uint64, boolean, {dt}[::1])",
+        "noise": f"void(uint64, uint64, {dt}[::1])",
     }
 
 
-KERNELS = {"forward": forward_rows_kernel, "backward": backward_rows_kernel, "noise": gumbel_noise_kernel}
 # (kernel, signature) pairs that tests compile to PTX for sm_90, for float32 and float64 arrays.
-SIGNATURES = {f"{name}_{dt}": (KERNELS[name], sig) for dt in ("float32", "float64") for name, sig in _sig(dt).items()}
+SIGNATURES = {f"{name}_{dt}": (KERNELS[np.dtype(dt)][name], sig) for dt in ("float32", "float64")
+              for name, sig in _sig(dt).items()}

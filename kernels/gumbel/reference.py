@@ -11,8 +11,14 @@ Jang, Gu & Poole 2017 ("Categorical reparameterization with Gumbel-softmax") and
 Backward (through y_soft in both cases, since the straight-through y has y_soft's gradient):
     ∂L/∂logits = y_soft ∘ (g_y − ⟨g_y, y_soft⟩)/τ,   g_y = ∂L/∂y, ⟨·,·⟩ summed over `dim`.
 
-Noise: u_i = kernels.philox.uniform(seed, i) for the flat (C-order) index i of each logit — whatever `dim` is —
-so every form draws the same u for the same seed; g is computed in float64 and rounded to the logits' dtype.
+Noise: from Philox at the flat (C-order) index i of each logit — whatever `dim` is — so every form draws the
+same noise for the same seed. float64 logits get g = −log(−log u) with u = kernels.philox.uniform(seed, i), in
+float64. float32 logits get float32 Gumbel noise, as PyTorch draws float32 noise for them: u =
+philox.uniform32(seed, i) and g = −log32(−log32 u), all in float32 arithmetic with philox's float32 log (< 1 ulp,
+evaluated the same way by every form; the float64 logs were most of the GPU kernel's time). Above 2⁻⁹ u32 is the
+middle of a 2⁻²³-wide step (within 2⁻²⁴ of the float64 u), up to 1 − 2⁻²⁴: the largest g is 24 ln 2 ≈ 16.6 (33 ln 2
+≈ 22.9 for float64's u), and near u → 1 the step moves g by up to ≈ 2⁻²⁴/(1 − u) (tests/kernels/test_gumbel.py
+measures the distance between the two).
 Or `noise=` gives g itself (PyTorch's `gumbels`), so tests compare exactly. The softmax is computed in float64
 and rounded to the dtype; the hard index is the first maximum of (logits + g)/τ.
 """
@@ -25,9 +31,13 @@ from kernels import philox
 
 
 def gumbel_noise(seed, shape, dtype=np.float64) -> np.ndarray:
-    """g = −log(−log u) with u = philox.uniform(seed, flat index), rounded to dtype."""
+    """g = −log(−log u) for each flat index: for float32, u = philox.uniform32(seed, i) and the logs are philox.log32
+    (float32 throughout); otherwise u = philox.uniform(seed, i) and g is float64, rounded to dtype."""
     n = int(np.prod(shape, dtype=np.int64))
-    u = philox.uniform(seed, np.arange(n))
+    index = np.arange(n)
+    if np.dtype(dtype) == np.float32:
+        return (-philox.log32(-philox.log32(philox.uniform32(seed, index)))).reshape(shape)
+    u = philox.uniform(seed, index)
     return (-np.log(-np.log(u))).reshape(shape).astype(dtype)
 
 
