@@ -275,12 +275,19 @@ def scalar_functions(jit, log=math.log, sqrt32=math.sqrt, bits32=None, from_bits
 # ---------------------------------------------------------------------------------------------------------
 
 
-@intrinsic
-def f64_bits(typingctx, x):
-    """The IEEE-754 bits of a float64, as an int64 (a bit cast, no conversion)."""
-    if x != nbtypes.float64:
-        return None
-    return nbtypes.int64(nbtypes.float64), lambda context, builder, sig, args: builder.bitcast(args[0], ir.IntType(64))
+def _float_bits(float_type, int_type):
+    """An intrinsic: the IEEE-754 bits of a float_type value as int_type (a bit cast, no conversion)."""
+
+    def bits(typingctx, x):
+        if x != float_type:
+            return None
+        cast = lambda context, builder, sig, args: builder.bitcast(args[0], ir.IntType(int_type.bitwidth))  # noqa: E731
+        return int_type(float_type), cast
+
+    return intrinsic(bits)
+
+
+f64_bits = _float_bits(nbtypes.float64, nbtypes.int64)
 
 
 @intrinsic
@@ -346,12 +353,7 @@ def fast_exp(x):
 # ---------------------------------------------------------------------------------------------------------
 # float32 noise: the uniform, log, cos/sin and Box–Muller in float32 arithmetic, one source for every form
 # ---------------------------------------------------------------------------------------------------------
-@intrinsic
-def f32_bits(typingctx, x):
-    """The IEEE-754 bits of a float32, as an int32 (a bit cast, no conversion)."""
-    if x != nbtypes.float32:
-        return None
-    return nbtypes.int32(nbtypes.float32), lambda context, builder, sig, args: builder.bitcast(args[0], ir.IntType(32))
+f32_bits = _float_bits(nbtypes.float32, nbtypes.int32)
 
 
 @intrinsic

@@ -21,14 +21,13 @@ Drawing the normals costs several times more than moving the bytes, so a chunk w
 from __future__ import annotations
 
 import numpy as np
-from numba import prange
+from numba import njit, prange
 
 from kernels import philox
 from kernels.schedule.reference import Schedule, ddim_sigma, per_sample_t
 
 CHUNK = 4096
 NO_CLIP = np.inf
-_normal4, _normal4_32 = philox.cpu.normal4, philox.cpu.normal4_32
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -75,6 +74,24 @@ def clip_value(clip_x0) -> float:
 # ---------------------------------------------------------------------------------------------------------
 # The kernel
 # ---------------------------------------------------------------------------------------------------------
+def _filler(normal4):
+    """zbuf[j] = the normal of element lo + j, j < m (lo a multiple of 4), whole Philox blocks by `normal4`."""
+
+    @njit(inline="always")
+    def fill(k0, k1, lo, m, zbuf):
+        for b in range((m + 3) >> 2):
+            z0, z1, z2, z3 = normal4(k0, k1, np.uint64((lo >> 2) + b))
+            zbuf[4 * b] = z0
+            zbuf[4 * b + 1] = z1
+            zbuf[4 * b + 2] = z2
+            zbuf[4 * b + 3] = z3
+
+    return fill
+
+
+_fill32, _fill64 = _filler(philox.cpu.normal4_32), _filler(philox.cpu.normal4)
+
+
 @philox.cached_njit(parallel=True, error_model="numpy")
 def fused_update(x, e, has_e, coef, per_sample, clip, seeded, k0, k1, z, write_z, z_out, noise32, out):
     """out = A·clip(p·x − q·e) + Bx·x + Be·e + S·z over flat arrays, with per-sample coefficient rows.
@@ -100,19 +117,9 @@ def fused_update(x, e, has_e, coef, per_sample, clip, seeded, k0, k1, z, write_z
             pass
         elif seeded:
             if noise32:  # float32 arrays: float32 noise (exact in zbuf)
-                for b in range((m + 3) >> 2):
-                    z0, z1, z2, z3 = _normal4_32(k0, k1, np.uint64((lo >> 2) + b))
-                    zbuf[4 * b] = z0
-                    zbuf[4 * b + 1] = z1
-                    zbuf[4 * b + 2] = z2
-                    zbuf[4 * b + 3] = z3
+                _fill32(k0, k1, lo, m, zbuf)
             else:
-                for b in range((m + 3) >> 2):
-                    z0, z1, z2, z3 = _normal4(k0, k1, np.uint64((lo >> 2) + b))
-                    zbuf[4 * b] = z0
-                    zbuf[4 * b + 1] = z1
-                    zbuf[4 * b + 2] = z2
-                    zbuf[4 * b + 3] = z3
+                _fill64(k0, k1, lo, m, zbuf)
             if write_z:
                 zo = z_out[lo:hi]
                 for j in range(m):
