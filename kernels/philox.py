@@ -160,6 +160,12 @@ def normal32(seed, index):
     return np.where(lane & 1, zs, zc)
 
 
+def gumbel32(seed, index):
+    """float32 Gumbel(0, 1) noise for each element index: −log32(−log32 u) of its float32 uniform."""
+    words, lane = _words(seed, index)
+    return _np32.gumbel32(np.take_along_axis(words, lane[None], axis=0)[0])
+
+
 def normal_like(seed, index, dtype):
     """The noise an array of `dtype` draws: `normal32` for float32, `normal` (float64) otherwise, in that dtype."""
     return normal32(seed, index) if np.dtype(dtype) == np.float32 else normal(seed, index).astype(dtype)
@@ -176,13 +182,14 @@ def scalar_functions(jit, log=math.log, sqrt32=math.sqrt, bits32=None, from_bits
     - block(k0, k1, b) → 4 words of block b (b a uint64),
     - uniform4(k0, k1, b) → the 4 uniforms of elements 4b .. 4b+3, and uniform4_32 their float32 uniforms,
     - normal4(k0, k1, b) → the 4 normals of elements 4b .. 4b+3, and normal4_32 their float32 normals,
+    - gumbel4_32(k0, k1, b) → the float32 Gumbel noise of elements 4b .. 4b+3,
     - uniform_at(k0, k1, i) / normal_at(k0, k1, i) → the number of element i (an int64) alone.
     A kernel that walks elements in order calls uniform4/normal4 once per four elements.
     """
     philox = jit(philox4x32_10)
     uniform = jit(to_uniform)
     f32 = float32_functions(jit, sqrt32, bits32 or f32_bits, from_bits32 or bits_f32)
-    uniform32, box_muller32 = f32.uniform32, f32.box_muller32
+    uniform32, box_muller32, gumbel32 = f32.uniform32, f32.box_muller32, f32.gumbel32
 
     @jit
     def block(k0, k1, b):  # philox_block, calling the compiled philox
@@ -241,6 +248,11 @@ def scalar_functions(jit, log=math.log, sqrt32=math.sqrt, bits32=None, from_bits
         return uniform32(w0), uniform32(w1), uniform32(w2), uniform32(w3)
 
     @jit
+    def gumbel4_32(k0, k1, b):
+        w0, w1, w2, w3 = block(k0, k1, b)
+        return gumbel32(w0), gumbel32(w1), gumbel32(w2), gumbel32(w3)
+
+    @jit
     def normal4_32(k0, k1, b):
         w0, w1, w2, w3 = block(k0, k1, b)
         z0, z1 = box_muller32(w0, w1)
@@ -262,7 +274,7 @@ def scalar_functions(jit, log=math.log, sqrt32=math.sqrt, bits32=None, from_bits
 
     return types.SimpleNamespace(block=block, uniform=uniform, uniform4=uniform4, normal4=normal4,
                                  cos_sin_2pi=cos_sin_2pi, uniform_at=uniform_at, normal_at=normal_at,
-                                 uniform4_32=uniform4_32, normal4_32=normal4_32, f32=f32)
+                                 uniform4_32=uniform4_32, normal4_32=normal4_32, gumbel4_32=gumbel4_32, f32=f32)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -461,18 +473,41 @@ def float32_functions(jit, sqrt, bits, from_bits):
         return from_bits(cos_t), from_bits(sin_t)
 
     @jit
+    def gumbel32(w):
+        """The float32 Gumbel noise of a word: g = −ln(−ln u(w)), both logs log32."""
+        return -log32(-log32(uniform32(w)))
+
+    @jit
     def box_muller32(w0, w1):
         """The float32 normals (r cos θ, r sin θ) of a pair of words: r = √(−2 ln u(w0)), θ = 2π u(w1)."""
         r = sqrt(MINUS_TWO32 * log32(uniform32(w0)))
         c, s = cos_sin_2pi32(w1)
         return r * c, r * s
 
-    return types.SimpleNamespace(uniform32=uniform32, log32=log32, cos_sin_2pi32=cos_sin_2pi32,
+    return types.SimpleNamespace(uniform32=uniform32, log32=log32, cos_sin_2pi32=cos_sin_2pi32, gumbel32=gumbel32,
                                  box_muller32=box_muller32)
 
 
 _np32 = float32_functions(lambda f: f, np.sqrt, np_f32_bits, np_bits_f32)
 log32 = _np32.log32  # the float32 log on NumPy arrays (the spec the compiled forms follow)
+
+
+def block_filler(values4):
+    """A CPU helper, fill(k0, k1, first, n, buf): buf[j] for j < n + (first mod 4) = the values of the Philox blocks
+    covering flat indices first … first + n − 1, four per call of values4(k0, k1, block) (uniform4, normal4_32, …);
+    buf[first mod 4 + j] belongs to index first + j. Branch-free over whole blocks, so the loop vectorizes."""
+
+    @njit(inline="always")
+    def fill(k0, k1, first, n, buf):
+        b0 = first >> 2
+        for b in range(((first & 3) + n + 3) >> 2):
+            v0, v1, v2, v3 = values4(k0, k1, np.uint64(b0 + b))
+            buf[4 * b] = v0
+            buf[4 * b + 1] = v1
+            buf[4 * b + 2] = v2
+            buf[4 * b + 3] = v3
+
+    return fill
 
 
 # ---------------------------------------------------------------------------------------------------------

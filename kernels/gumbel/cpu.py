@@ -11,7 +11,7 @@ layout, so each element keeps its flat index — its Philox counter). For each r
 
 The noise is the reference's (kernels/gumbel/reference.py). float64 logits: u = philox's float64 uniform and g in
 float64, with philox.fast_log (within an ulp or so of NumPy's log). float32 logits: float32 Gumbel noise, u =
-philox's float32 uniform (philox.cpu.uniform4_32) and g = −log32(−log32 u) with philox's float32 log, all in
+philox's float32 uniform and g = −log32(−log32 u) (philox.cpu.gumbel4_32) with philox's float32 log, all in
 float32 arithmetic — the very operations the reference evaluates, and the CPU contracts no multiply-adds, so it is
 the reference's noise bit for bit (and its float32 logs cost less than float64 ones). z and everything after it
 are float64 for both dtypes. fast_log, fast_exp and log32 are fdlibm's algorithms or float32 polynomials in plain
@@ -23,50 +23,19 @@ eager gumbel_softmax makes about six passes over memory, and draws its exponenti
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
 from kernels import philox
 
 ROWS_PER_TASK = 4
-_uniform4, _uniform4_32 = philox.cpu.uniform4, philox.cpu.uniform4_32
-fast_log, fast_exp, log32 = philox.fast_log, philox.fast_exp, philox.cpu.f32.log32
+fast_log, fast_exp = philox.fast_log, philox.fast_exp
 # error_model="numpy": no ZeroDivisionError checks on float division, which would stop LLVM vectorizing.
 _jit = dict(parallel=True, error_model="numpy")
 
 
-def _make_fill(uniform4):
-    @njit(inline="always")
-    def fill(k0, k1, first, n, ubuf):
-        """ubuf[j] for j < n + (first mod 4): uniform4's values (uniforms, or noise) of the Philox blocks covering flat
-        indices first … first+n−1 (ubuf[first mod 4 + j] belongs to index first + j). Branch-free over whole
-        blocks: it vectorizes."""
-        b0 = first >> 2
-        for b in range(((first & 3) + n + 3) >> 2):
-            u0, u1, u2, u3 = uniform4(k0, k1, np.uint64(b0 + b))
-            ubuf[4 * b] = u0
-            ubuf[4 * b + 1] = u1
-            ubuf[4 * b + 2] = u2
-            ubuf[4 * b + 3] = u3
-
-    return fill
-
-
-@njit(inline="always")
-def _gumbel32(u):
-    """float32 g = −log32(−log32 u) of a float32 uniform, in float32 arithmetic (the reference's operations)."""
-    return -log32(-log32(u))
-
-
-@njit(inline="always")
-def _gumbel4_32(k0, k1, b):
-    """The float32 Gumbel noise of the 4 elements of Philox block b."""
-    u0, u1, u2, u3 = _uniform4_32(k0, k1, b)
-    return _gumbel32(u0), _gumbel32(u1), _gumbel32(u2), _gumbel32(u3)
-
-
 # float64 uniforms into a float64 buffer; float32 noise itself into a float32 one (drawn in the loop over blocks:
 # measured 25% faster than a second loop taking the logs of stored float32 uniforms)
-_fill_uniforms, _fill_gumbel32 = _make_fill(_uniform4), _make_fill(_gumbel4_32)
+_fill_uniforms, _fill_gumbel32 = philox.block_filler(philox.cpu.uniform4), philox.block_filler(philox.cpu.gumbel4_32)
 
 
 @philox.cached_njit(**_jit)

@@ -51,7 +51,7 @@ CACHE_MAX = 48 if _SIM else 10240
 GRID_MAX = 2 if _SIM else 8192
 LOG2_E = 1.0 / math.log(2.0)
 _philox = philox.cuda_device_functions()
-_block, _uniform, _uniform32, _log32 = _philox.block, _philox.uniform, _philox.f32.uniform32, _philox.f32.log32
+_block, _uniform = _philox.block, _philox.uniform
 
 
 @cuda.jit(device=True)
@@ -60,10 +60,7 @@ def _gumbel64(w):
     return -math.log(-math.log(_uniform(w)))
 
 
-@cuda.jit(device=True)
-def _gumbel32(w):
-    """g = −log32(−log32 u) of a Philox word, u = its float32 uniform, in float32 arithmetic (the float32 rows')."""
-    return -_log32(-_log32(_uniform32(w)))
+_gumbel32 = _philox.f32.gumbel32  # g = −log32(−log32 u) of a Philox word, u its float32 uniform (float32 rows')
 
 
 @cuda.jit(device=True)

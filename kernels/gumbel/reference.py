@@ -36,7 +36,7 @@ def gumbel_noise(seed, shape, dtype=np.float64) -> np.ndarray:
     n = int(np.prod(shape, dtype=np.int64))
     index = np.arange(n)
     if np.dtype(dtype) == np.float32:
-        return (-philox.log32(-philox.log32(philox.uniform32(seed, index)))).reshape(shape)
+        return philox.gumbel32(seed, index).reshape(shape)
     u = philox.uniform(seed, index)
     return (-np.log(-np.log(u))).reshape(shape).astype(dtype)
 

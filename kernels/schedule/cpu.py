@@ -21,7 +21,7 @@ Drawing the normals costs several times more than moving the bytes, so a chunk w
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
 from kernels import philox
 from kernels.schedule.reference import Schedule, ddim_sigma, per_sample_t
@@ -74,22 +74,7 @@ def clip_value(clip_x0) -> float:
 # ---------------------------------------------------------------------------------------------------------
 # The kernel
 # ---------------------------------------------------------------------------------------------------------
-def _filler(normal4):
-    """zbuf[j] = the normal of element lo + j, j < m (lo a multiple of 4), whole Philox blocks by `normal4`."""
-
-    @njit(inline="always")
-    def fill(k0, k1, lo, m, zbuf):
-        for b in range((m + 3) >> 2):
-            z0, z1, z2, z3 = normal4(k0, k1, np.uint64((lo >> 2) + b))
-            zbuf[4 * b] = z0
-            zbuf[4 * b + 1] = z1
-            zbuf[4 * b + 2] = z2
-            zbuf[4 * b + 3] = z3
-
-    return fill
-
-
-_fill32, _fill64 = _filler(philox.cpu.normal4_32), _filler(philox.cpu.normal4)
+_fill32, _fill64 = philox.block_filler(philox.cpu.normal4_32), philox.block_filler(philox.cpu.normal4)
 
 
 @philox.cached_njit(parallel=True, error_model="numpy")
