@@ -25,22 +25,25 @@ def _form(form, x):
     return dispatch.form_module("schedule", form, x)
 
 
-def q_sample(x0, t, sched: Schedule, *, seed=None, noise=None, form=None):
-    """x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε (DDPM eq. 4), per-sample t, noise drawn in the same pass; returns (x_t, ε)."""
-    return _form(form, x0).q_sample(x0, t, sched, seed=seed, noise=noise)
+def q_sample(x0, t, sched: Schedule, *, seed=None, noise=None, out=None, form=None):
+    """x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε (DDPM eq. 4), per-sample t, noise drawn in the same pass; returns (x_t, ε),
+    written into out=(x_t, ε) when given (x_t may be x0 itself)."""
+    return _form(form, x0).q_sample(x0, t, sched, seed=seed, noise=noise, out=out)
 
 
 def ddpm_step(x_t, eps_hat, t, sched: Schedule, *, seed=None, noise=None, clip_x0=None, variance="posterior",
-              form=None):
-    """One ancestral DDPM step x_t → x_{t−1} from ε̂ (Algorithm 2, eq. 11; σ² = β̃_t or β_t)."""
+              out=None, form=None):
+    """One ancestral DDPM step x_t → x_{t−1} from ε̂ (Algorithm 2, eq. 11; σ² = β̃_t or β_t), into out (which may
+    be x_t itself: an update in place) when given."""
     return _form(form, x_t).ddpm_step(x_t, eps_hat, t, sched, seed=seed, noise=noise, clip_x0=clip_x0,
-                                      variance=variance)
+                                      variance=variance, out=out)
 
 
 def ddim_step(x_t, eps_hat, t, t_prev, sched: Schedule, eta: float = 0.0, *, seed=None, noise=None, clip_x0=None,
-              form=None):
-    """One DDIM step x_t → x_{t_prev} (Song et al. eq. 12, σ(η) from eq. 16)."""
-    return _form(form, x_t).ddim_step(x_t, eps_hat, t, t_prev, sched, eta, seed=seed, noise=noise, clip_x0=clip_x0)
+              out=None, form=None):
+    """One DDIM step x_t → x_{t_prev} (Song et al. eq. 12, σ(η) from eq. 16), into out (which may be x_t) if given."""
+    return _form(form, x_t).ddim_step(x_t, eps_hat, t, t_prev, sched, eta, seed=seed, noise=noise, clip_x0=clip_x0,
+                                      out=out)
 
 
 __all__ = ["Schedule", "linear_betas", "cosine_betas", "scaled_linear_betas", "sigmoid_betas",

@@ -21,10 +21,10 @@ Drawing the normals costs several times more than moving the bytes, so a chunk w
 from __future__ import annotations
 
 import numpy as np
-from numba import prange
+from numba import njit, prange
 
 from kernels import philox
-from kernels.schedule.reference import Schedule, ddim_sigma, per_sample_t
+from kernels.schedule.reference import Schedule, check_out, ddim_sigma, out_pair, per_sample_t
 
 CHUNK = 4096
 NO_CLIP = np.inf
@@ -77,14 +77,35 @@ def clip_value(clip_x0) -> float:
 _fill32, _fill64 = philox.block_filler(philox.cpu.normal4_32), philox.block_filler(philox.cpu.normal4)
 
 
+@njit(inline="always", error_model="numpy")
+def _combine(xs, es, zs, dst, has_e, p, q, A, Bx, Be, S, clip):
+    """dst[i] = A·clip(p·x − q·e) + Bx·x + Be·e + S·z over one sample's run of elements (constant coefficients).
+
+    Inlined at each call, so that the call with dst = zs (z read, then its place written) is one loop over one array
+    as LLVM sees it and vectorizes; a loop reading x and writing out vectorizes behind a runtime check that the two do
+    not overlap, which an update in place (out = x) fails — it would run element by element."""
+    if not has_e:
+        for i in range(len(dst)):
+            dst[i] = Bx * np.float64(xs[i]) + S * zs[i]
+    elif A == 0.0:
+        for i in range(len(dst)):
+            dst[i] = Bx * np.float64(xs[i]) + Be * np.float64(es[i]) + S * zs[i]
+    else:
+        for i in range(len(dst)):
+            xi, ei = np.float64(xs[i]), np.float64(es[i])
+            x0 = min(max(p * xi - q * ei, -clip), clip)
+            dst[i] = A * x0 + Bx * xi + Be * ei + S * zs[i]
+
+
 @philox.cached_njit(parallel=True, error_model="numpy")
-def fused_update(x, e, has_e, coef, per_sample, clip, seeded, k0, k1, z, write_z, z_out, noise32, out):
+def fused_update(x, e, has_e, coef, per_sample, clip, seeded, k0, k1, z, write_z, z_out, noise32, out, in_place):
     """out = A·clip(p·x − q·e) + Bx·x + Be·e + S·z over flat arrays, with per-sample coefficient rows.
 
     z comes from Philox (seeded: the normal of (k0, k1) at the flat index — float32 when noise32 —, stored to
     z_out when write_z) or from the array z. Each task takes a chunk of CHUNK elements: first the
     chunk's normals into a scratch buffer (whole Philox blocks, a vectorized loop), then one loop per sample the
-    chunk overlaps, whose coefficients are constants there — so that loop vectorizes too.
+    chunk overlaps, whose coefficients are constants there — so that loop vectorizes too. in_place: out is x or e
+    itself (see _combine).
     (error_model="numpy" drops the ZeroDivisionError checks that would stop the vectorizer.)
     """
     n = x.size
@@ -124,47 +145,54 @@ def fused_update(x, e, has_e, coef, per_sample, clip, seeded, k0, k1, z, write_z
             if S == 0.0:  # this sample adds no noise: z is neither drawn nor, when given, read (a NaN stays out)
                 for i in range(stop - start):
                     zs[i] = 0.0
-            if not has_e:
+            if in_place:  # via zs (see _combine), then copied out
+                _combine(xs, es, zs, zs, has_e, p, q, A, Bx, Be, S, clip)
                 for i in range(stop - start):
-                    os[i] = Bx * np.float64(xs[i]) + S * zs[i]
-            elif A == 0.0:
-                for i in range(stop - start):
-                    os[i] = Bx * np.float64(xs[i]) + Be * np.float64(es[i]) + S * zs[i]
+                    os[i] = zs[i]
             else:
-                for i in range(stop - start):
-                    xi, ei = np.float64(xs[i]), np.float64(es[i])
-                    x0 = min(max(p * xi - q * ei, -clip), clip)
-                    os[i] = A * x0 + Bx * xi + Be * ei + S * zs[i]
+                _combine(xs, es, zs, os, has_e, p, q, A, Bx, Be, S, clip)
             start = stop
 
 
 _EMPTY = np.empty(0)
 
 
-def run(x, e, coef, clip, seed, noise, want_noise):
-    """Launch fused_update on NumPy arrays; returns (out, noise or None)."""
-    x = np.ascontiguousarray(x)
-    out = np.empty_like(x)
-    per_sample = max(x.size // max(coef.shape[0], 1), 1)
+def run(x, e, coef, clip, seed, noise, want_noise, out=None):
+    """Launch fused_update on NumPy arrays; returns (result, noise or None). out: None, the result's buffer, or
+    with want_noise the pair (result, noise) of buffers (see reference.check_out)."""
     if (seed is None) == (noise is None):
         raise ValueError("pass exactly one of seed= and noise=")
     has_e = e is not None
-    e_flat = np.ascontiguousarray(e).reshape(-1) if has_e else x.reshape(-1)
-    if has_e and e_flat.size != x.size:
-        raise ValueError(f"eps_hat shape {np.shape(e)} != x shape {x.shape}")
+    if has_e:
+        e = np.asarray(e)
+        if e.shape != np.shape(x):
+            raise ValueError(f"eps_hat shape {e.shape} != x shape {np.shape(x)}")
+    if noise is not None:
+        noise = np.asarray(noise)
+        if noise.shape != np.shape(x):
+            raise ValueError(f"noise shape {noise.shape} != x shape {np.shape(x)}")
+    z_given = None
+    if want_noise and out is not None:
+        out, z_given = out_pair(out, x, noise)
+    elif out is not None:
+        check_out(out, x, same_ok=(x, e, noise))
+    xc = np.ascontiguousarray(x)
+    res = np.empty_like(xc) if out is None else out
+    per_sample = max(x.size // max(coef.shape[0], 1), 1)
+    e_flat = np.ascontiguousarray(e).reshape(-1) if has_e else xc.reshape(-1)
+    in_place = out is not None and (np.may_share_memory(res, xc) or (has_e and np.may_share_memory(res, e_flat)))
     if seed is not None:
         k0, k1 = philox.seed_key(seed)
-        z_out = np.empty_like(x) if want_noise else _EMPTY.astype(x.dtype)
-        fused_update(x.reshape(-1), e_flat, has_e, coef, per_sample, clip, True, k0, k1, x.reshape(-1),
-                     want_noise, z_out.reshape(-1), x.dtype == np.float32, out.reshape(-1))
-        return out, (z_out if want_noise else None)
-    noise = np.asarray(noise)
-    if noise.shape != x.shape:
-        raise ValueError(f"noise shape {noise.shape} != x shape {x.shape}")
+        z_out = (np.empty_like(xc) if z_given is None else z_given) if want_noise else _EMPTY.astype(x.dtype)
+        fused_update(xc.reshape(-1), e_flat, has_e, coef, per_sample, clip, True, k0, k1, xc.reshape(-1),
+                     want_noise, z_out.reshape(-1), x.dtype == np.float32, res.reshape(-1), in_place)
+        return res, (z_out if want_noise else None)
     zf = np.ascontiguousarray(noise).reshape(-1)
-    fused_update(x.reshape(-1), e_flat, has_e, coef, per_sample, clip, False, np.uint64(0), np.uint64(0), zf,
-                 False, _EMPTY.astype(x.dtype), False, out.reshape(-1))
-    return out, noise
+    fused_update(xc.reshape(-1), e_flat, has_e, coef, per_sample, clip, False, np.uint64(0), np.uint64(0), zf,
+                 False, _EMPTY.astype(x.dtype), False, res.reshape(-1), in_place)
+    if z_given is not None and z_given is not noise:
+        z_given[...] = noise
+    return res, (noise if z_given is None else z_given)
 
 
 def _check_float(x):
@@ -175,31 +203,33 @@ def _check_float(x):
 # ---------------------------------------------------------------------------------------------------------
 # The public updates (same signatures as reference.py)
 # ---------------------------------------------------------------------------------------------------------
-def q_sample(x0, t, sched: Schedule, *, seed=None, noise=None):
-    """x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε in one pass (eq. 4); returns (x_t, ε)."""
+def q_sample(x0, t, sched: Schedule, *, seed=None, noise=None, out=None):
+    """x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε in one pass (eq. 4); returns (x_t, ε), into out=(x_t, ε) when given."""
     x0 = np.asarray(x0)
     _check_float(x0)
     t = per_sample_t(t, x0, sched.T)
-    return run(x0, None, q_sample_coefficients(sched, t), NO_CLIP, seed, noise, want_noise=True)
+    return run(x0, None, q_sample_coefficients(sched, t), NO_CLIP, seed, noise, want_noise=True, out=out)
 
 
-def ddpm_step(x_t, eps_hat, t, sched: Schedule, *, seed=None, noise=None, clip_x0=None, variance="posterior"):
-    """One ancestral DDPM step x_t → x_{t−1} (Algorithm 2; eq. 11, or eqs. 15 + 7 with clip_x0)."""
+def ddpm_step(x_t, eps_hat, t, sched: Schedule, *, seed=None, noise=None, clip_x0=None, variance="posterior",
+              out=None):
+    """One ancestral DDPM step x_t → x_{t−1} (Algorithm 2; eq. 11, or eqs. 15 + 7 with clip_x0), into out if given."""
     x_t = np.asarray(x_t)
     _check_float(x_t)
     t = per_sample_t(t, x_t, sched.T)
     coef = ddpm_coefficients(sched, t, clip_x0, variance)
-    return run(x_t, eps_hat, coef, clip_value(clip_x0), seed, noise, want_noise=False)[0]
+    return run(x_t, eps_hat, coef, clip_value(clip_x0), seed, noise, want_noise=False, out=out)[0]
 
 
-def ddim_step(x_t, eps_hat, t, t_prev, sched: Schedule, eta: float = 0.0, *, seed=None, noise=None, clip_x0=None):
-    """One DDIM step x_t → x_{t_prev} (eq. 12, σ from eq. 16)."""
+def ddim_step(x_t, eps_hat, t, t_prev, sched: Schedule, eta: float = 0.0, *, seed=None, noise=None, clip_x0=None,
+              out=None):
+    """One DDIM step x_t → x_{t_prev} (eq. 12, σ from eq. 16), into out if given."""
     x_t = np.asarray(x_t)
     _check_float(x_t)
     t = per_sample_t(t, x_t, sched.T)
     t_prev = per_sample_t(t_prev, x_t, sched.T, lowest=-1)
     coef = ddim_coefficients(sched, t, t_prev, eta)
-    return run(x_t, eps_hat, coef, clip_value(clip_x0), seed, noise, want_noise=False)[0]
+    return run(x_t, eps_hat, coef, clip_value(clip_x0), seed, noise, want_noise=False, out=out)[0]
 
 
 def benchmark_q_sample(shape=(64, 3, 64, 64), dtype=np.float32, repeats=10, threads=2, seeded=True):

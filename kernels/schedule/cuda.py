@@ -45,7 +45,7 @@ from kernels.schedule.cpu import (
     ddpm_coefficients,
     q_sample_coefficients,
 )
-from kernels.schedule.reference import Schedule, per_sample_t
+from kernels.schedule.reference import Schedule, check_out, out_pair, per_sample_t
 
 # Threads per block; 32 under the simulator, which runs one Python thread per CUDA thread.
 _SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
@@ -213,24 +213,30 @@ def _host(a):
     return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else np.asarray(a)
 
 
-def run(x, e, coef, clip, seed, noise, want_noise):
-    """Launch fused_update_kernel; returns (out, noise or None)."""
+def run(x, e, coef, clip, seed, noise, want_noise, out=None):
+    """Launch fused_update_kernel; returns (result, noise or None). out: None, the result's buffer, or with
+    want_noise the pair (result, noise) of buffers (see reference.check_out)."""
     xp = _xp(x)
     if x.dtype not in (np.float32, np.float64):
         raise TypeError(f"expected a float32 or float64 array, got {x.dtype}")
     if (seed is None) == (noise is None):
         raise ValueError("pass exactly one of seed= and noise=")
-    x = xp.ascontiguousarray(x)
-    flat = x.reshape(-1)
-    out = xp.empty_like(x)
-    n = x.size
-    per_sample = max(n // max(coef.shape[0], 1), 1)
     has_e = e is not None
-    e_flat = xp.ascontiguousarray(e).reshape(-1) if has_e else flat
-    if has_e and e_flat.size != n:
+    if has_e and e.shape != x.shape:
         raise ValueError(f"eps_hat shape {e.shape} != x shape {x.shape}")
     if noise is not None and noise.shape != x.shape:
         raise ValueError(f"noise shape {noise.shape} != x shape {x.shape}")
+    z_given = None
+    if want_noise and out is not None:
+        out, z_given = out_pair(out, x, noise)
+    elif out is not None:
+        check_out(out, x, same_ok=(x, e, noise))
+    xc = xp.ascontiguousarray(x)
+    flat = xc.reshape(-1)
+    res = xp.empty_like(xc) if out is None else out
+    n = x.size
+    per_sample = max(n // max(coef.shape[0], 1), 1)
+    e_flat = xp.ascontiguousarray(e).reshape(-1) if has_e else flat
     # no sample adds noise (DDIM with η = 0, DDPM's last step) and none is returned: nothing to draw, and no noise
     # array is read either (the kernel reads z only where S ≠ 0), so the kernel runs its pass without the draw
     seeded = seed is not None and (want_noise or bool(np.any(coef[:, 5] != 0.0)))
@@ -239,7 +245,7 @@ def run(x, e, coef, clip, seed, noise, want_noise):
     if seeded:
         k0, k1 = philox.seed_key(seed)
         z_flat = flat
-        z_out = xp.empty_like(x) if want_noise else xp.empty(1, dtype=x.dtype)
+        z_out = (xp.empty_like(xc) if z_given is None else z_given) if want_noise else xp.empty(1, dtype=x.dtype)
     else:
         k0 = k1 = np.uint64(0)
         z_flat = flat if noise is None else xp.ascontiguousarray(noise).reshape(-1)
@@ -249,31 +255,35 @@ def run(x, e, coef, clip, seed, noise, want_noise):
     if n:
         launch(KERNELS[x.dtype], _blocks(n, x.dtype, xp), THREADS, flat, e_flat, has_e, coef, coefn,
                1.0 / per_sample, float(clip), seeded, k0, k1, z_flat, seeded and want_noise, z_out.reshape(-1),
-               out.reshape(-1))
+               res.reshape(-1))
     if not seeded:
-        return out, noise
-    return out, (z_out if want_noise else None)
+        if z_given is not None and z_given is not noise:
+            z_given[...] = noise
+        return res, (noise if z_given is None else z_given)
+    return res, (z_out if want_noise else None)
 
 
-def q_sample(x0, t, sched: Schedule, *, seed=None, noise=None):
-    """x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε in one pass (eq. 4); returns (x_t, ε)."""
+def q_sample(x0, t, sched: Schedule, *, seed=None, noise=None, out=None):
+    """x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε in one pass (eq. 4); returns (x_t, ε), into out=(x_t, ε) when given."""
     t = per_sample_t(_host(t), x0, sched.T)
-    return run(x0, None, q_sample_coefficients(sched, t), NO_CLIP, seed, noise, want_noise=True)
+    return run(x0, None, q_sample_coefficients(sched, t), NO_CLIP, seed, noise, want_noise=True, out=out)
 
 
-def ddpm_step(x_t, eps_hat, t, sched: Schedule, *, seed=None, noise=None, clip_x0=None, variance="posterior"):
-    """One ancestral DDPM step x_t → x_{t−1} (Algorithm 2; eq. 11, or eqs. 15 + 7 with clip_x0)."""
+def ddpm_step(x_t, eps_hat, t, sched: Schedule, *, seed=None, noise=None, clip_x0=None, variance="posterior",
+              out=None):
+    """One ancestral DDPM step x_t → x_{t−1} (Algorithm 2; eq. 11, or eqs. 15 + 7 with clip_x0), into out if given."""
     t = per_sample_t(_host(t), x_t, sched.T)
     coef = ddpm_coefficients(sched, t, clip_x0, variance)
-    return run(x_t, eps_hat, coef, clip_value(clip_x0), seed, noise, want_noise=False)[0]
+    return run(x_t, eps_hat, coef, clip_value(clip_x0), seed, noise, want_noise=False, out=out)[0]
 
 
-def ddim_step(x_t, eps_hat, t, t_prev, sched: Schedule, eta: float = 0.0, *, seed=None, noise=None, clip_x0=None):
-    """One DDIM step x_t → x_{t_prev} (eq. 12, σ from eq. 16)."""
+def ddim_step(x_t, eps_hat, t, t_prev, sched: Schedule, eta: float = 0.0, *, seed=None, noise=None, clip_x0=None,
+              out=None):
+    """One DDIM step x_t → x_{t_prev} (eq. 12, σ from eq. 16), into out if given."""
     t = per_sample_t(_host(t), x_t, sched.T)
     t_prev = per_sample_t(_host(t_prev), x_t, sched.T, lowest=-1)
     coef = ddim_coefficients(sched, t, t_prev, eta)
-    return run(x_t, eps_hat, coef, clip_value(clip_x0), seed, noise, want_noise=False)[0]
+    return run(x_t, eps_hat, coef, clip_value(clip_x0), seed, noise, want_noise=False, out=out)[0]
 
 
 def _signature(f):

@@ -16,6 +16,11 @@ Noise. Every update draws its Gaussian noise in the same pass, for the flat (C-o
 `kernels.philox.normal32(seed, i)` for float32 arrays (Box–Muller in float32, as PyTorch draws float32 noise),
 `kernels.philox.normal(seed, i)` (float64) otherwise — or takes it from `noise=` so that tests (and callers) can
 compare exactly. The arithmetic is float64 and the result is rounded to the input dtype.
+
+Outputs. Like PyTorch's `out=`, every update can write into arrays the caller owns (`out=x_prev`, and for q_sample
+`out=(x_t, ε)`): a sampling loop then reuses its buffers — `ddim_step(x, e, …, out=x)` updates x in place — instead
+of taking fresh memory every step, which on a CPU costs the operating system a page fault and a page of zeros per
+4 KiB. `check_out` states what every form accepts.
 """
 
 from __future__ import annotations
@@ -144,6 +149,55 @@ def ddim_sigma(sched: Schedule, t, t_prev, eta: float) -> np.ndarray:
     return eta * np.sqrt((1.0 - ab_prev) / (1.0 - ab) * (1.0 - ab / ab_prev))
 
 
+def _span(a):
+    """The bytes an array's buffer covers, (first address, one past its end), for NumPy and CuPy arrays alike."""
+    lo = a.data.ptr if hasattr(a.data, "ptr") else a.__array_interface__["data"][0]
+    return lo, lo + a.nbytes
+
+
+def check_out(out, x, name="out", same_ok=(), disjoint=()):
+    """Check an `out=` buffer for an update of x: an array of x's kind, shape and dtype, C-contiguous, which is either
+    one of the arrays in `same_ok` itself (an in-place update: each element is read before it is written) or shares
+    no memory with any of them nor with those in `disjoint`. Returns out."""
+    if type(out) is not type(x):
+        raise TypeError(f"{name} must be a {type(x).__module__}.{type(x).__name__} like the input, "
+                        f"got {type(out).__module__}.{type(out).__name__}")
+    if out.shape != x.shape or out.dtype != x.dtype:
+        raise ValueError(f"{name} has shape {out.shape} and dtype {out.dtype}; the update's result is {x.shape} "
+                         f"{x.dtype}")
+    if not out.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous (shape {out.shape}, strides {out.strides})")
+    lo, hi = _span(out)
+    for a, may_be_same in [(a, True) for a in same_ok] + [(a, False) for a in disjoint]:
+        if a is None or out.nbytes == 0:
+            continue
+        a_lo, a_hi = _span(a)
+        same = (a_lo, a_hi) == (lo, hi) and a.flags.c_contiguous and a.dtype == out.dtype and a.shape == out.shape
+        if lo < a_hi and a_lo < hi and not (may_be_same and same):
+            raise ValueError(f"{name} overlaps an input or another output (shape {a.shape}); it may only be the "
+                             "very array of the update's input (in place) or memory of its own")
+    return out
+
+
+def out_pair(out, x0, noise):
+    """q_sample's out=(x_t, ε), checked: x_t may be x_0 itself, ε may be the given noise array itself; otherwise
+    each is memory of its own."""
+    if not (isinstance(out, tuple) and len(out) == 2):
+        raise TypeError(f"q_sample's out must be a tuple (x_t, eps) of two arrays, got {type(out).__name__}")
+    xt, eps = out
+    check_out(xt, x0, "out[0] (x_t)", same_ok=(x0,), disjoint=(noise,))
+    check_out(eps, x0, "out[1] (eps)", same_ok=(noise,), disjoint=(x0, xt))
+    return xt, eps
+
+
+def _store(out, result):
+    """result, or result written into out (the caller's buffer) when out is given."""
+    if out is None:
+        return result
+    out[...] = result
+    return out
+
+
 def _expand(v, x):
     """A per-sample vector shaped to broadcast against x (B, ...)."""
     return np.asarray(v).reshape((-1,) + (1,) * (x.ndim - 1))
@@ -164,17 +218,23 @@ def _noise(x, seed, noise):
 # ---------------------------------------------------------------------------------------------------------
 # The updates
 # ---------------------------------------------------------------------------------------------------------
-def q_sample(x0, t, sched: Schedule, *, seed=None, noise=None):
+def q_sample(x0, t, sched: Schedule, *, seed=None, noise=None, out=None):
     """Diffuse x_0 to step t in one jump (eq. 4): x_t = √ᾱ_t · x_0 + √(1 − ᾱ_t) · ε, ε ~ N(0, I).
 
-    Returns (x_t, ε) — the noise is the regression target of L_simple, so the training step needs it back.
+    Returns (x_t, ε) — the noise is the regression target of L_simple, so the training step needs it back — into
+    out=(x_t, ε) when given.
     """
     x0 = np.asarray(x0)
     t = per_sample_t(t, x0, sched.T)
     eps = _noise(x0, seed, noise)
+    if out is not None:
+        out = out_pair(out, x0, eps if noise is not None else None)
     a = _expand(sched.sqrt_alphas_cumprod[t], x0)
     s = _expand(sched.sqrt_one_minus_alphas_cumprod[t], x0)
-    return (a * x0 + s * eps).astype(x0.dtype), eps
+    xt = (a * x0 + s * eps).astype(x0.dtype)
+    if out is None:
+        return xt, eps
+    return _store(out[0], xt), _store(out[1], eps)
 
 
 def predict_x0(x_t, eps_hat, ab, clip_x0=None):
@@ -183,7 +243,8 @@ def predict_x0(x_t, eps_hat, ab, clip_x0=None):
     return x0 if clip_x0 is None else np.clip(x0, -clip_x0, clip_x0)
 
 
-def ddpm_step(x_t, eps_hat, t, sched: Schedule, *, seed=None, noise=None, clip_x0=None, variance="posterior"):
+def ddpm_step(x_t, eps_hat, t, sched: Schedule, *, seed=None, noise=None, clip_x0=None, variance="posterior",
+              out=None):
     """One ancestral step x_t → x_{t−1} from the predicted noise ε̂ (DDPM Algorithm 2, line 4):
 
         x_{t−1} = μ_θ(x_t, t) + σ_t z,   z ~ N(0, I), and z = 0 at the last step (t = 0)
@@ -191,8 +252,11 @@ def ddpm_step(x_t, eps_hat, t, sched: Schedule, *, seed=None, noise=None, clip_x
     or, with clip_x0 = c, through the clipped prediction x̂_0 = clip((x_t − √(1 − ᾱ_t) ε̂)/√ᾱ_t, ±c) (eq. 15)
     and the posterior mean μ̃ = coef1 · x̂_0 + coef2 · x_t (eq. 7) — the same mean when nothing is clipped.
     σ_t² = β̃_t (variance="posterior", the lower bound of §3.2) or β_t (variance="beta", the upper bound).
+    Written into out (which may be x_t itself) when given.
     """
     x_t, eps_hat = np.asarray(x_t), np.asarray(eps_hat)
+    if out is not None:
+        check_out(out, x_t, same_ok=(x_t, eps_hat, None if noise is None else np.asarray(noise)))
     t = per_sample_t(t, x_t, sched.T)
     z = _noise(x_t, seed, noise)
     if variance == "posterior":
@@ -208,17 +272,21 @@ def ddpm_step(x_t, eps_hat, t, sched: Schedule, *, seed=None, noise=None, clip_x
     else:
         x0 = predict_x0(x_t, eps_hat, _expand(sched.alphas_cumprod[t], x_t), clip_x0)
         mean = _expand(sched.posterior_mean_coef1[t], x_t) * x0 + _expand(sched.posterior_mean_coef2[t], x_t) * x_t
-    return (mean + sigma * z).astype(x_t.dtype)
+    return _store(out, (mean + sigma * z).astype(x_t.dtype))
 
 
-def ddim_step(x_t, eps_hat, t, t_prev, sched: Schedule, eta: float = 0.0, *, seed=None, noise=None, clip_x0=None):
+def ddim_step(x_t, eps_hat, t, t_prev, sched: Schedule, eta: float = 0.0, *, seed=None, noise=None, clip_x0=None,
+              out=None):
     """One DDIM step x_t → x_{t_prev} (Song et al. eq. 12, their α = our ᾱ):
 
         x_prev = √ᾱ_prev · x̂_0 + √(1 − ᾱ_prev − σ²) · ε̂ + σ z,   x̂_0 = (x_t − √(1 − ᾱ_t) ε̂)/√ᾱ_t
     with σ from eq. 16 (η = 0: deterministic; η = 1: DDPM's posterior variance). t_prev may skip steps
     (strided sampling), be −1 (land on x_0), or, with η = 0, exceed t (DDIM inversion, x_t → x_{t_next}).
+    Written into out (which may be x_t itself) when given.
     """
     x_t, eps_hat = np.asarray(x_t), np.asarray(eps_hat)
+    if out is not None:
+        check_out(out, x_t, same_ok=(x_t, eps_hat, None if noise is None else np.asarray(noise)))
     t = per_sample_t(t, x_t, sched.T)
     t_prev = per_sample_t(t_prev, x_t, sched.T, lowest=-1)
     z = _noise(x_t, seed, noise)
@@ -226,4 +294,4 @@ def ddim_step(x_t, eps_hat, t, t_prev, sched: Schedule, eta: float = 0.0, *, see
     sigma = ddim_sigma(sched, t, t_prev, eta)
     x0 = predict_x0(x_t, eps_hat, _expand(ab, x_t), clip_x0)
     direction = _expand(np.sqrt(np.maximum(1.0 - ab_prev - sigma**2, 0.0)), x_t) * eps_hat  # "direction to x_t"
-    return (_expand(np.sqrt(ab_prev), x_t) * x0 + direction + _expand(sigma, x_t) * z).astype(x_t.dtype)
+    return _store(out, (_expand(np.sqrt(ab_prev), x_t) * x0 + direction + _expand(sigma, x_t) * z).astype(x_t.dtype))

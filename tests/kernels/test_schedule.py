@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from ptx_tools import ptxas_usage
+from schedule_out import check_bad_out_is_refused, check_out_equals_fresh
 
 from kernels import philox, schedule
 from kernels.schedule import cpu, cuda
@@ -204,6 +205,26 @@ def test_seeded_noise_round_trips_through_explicit_noise():
     xt, eps = cpu.q_sample(x, [3, 30, 300, 999], LINEAR, seed=8)
     xt2, _ = cpu.q_sample(x, [3, 30, 300, 999], LINEAR, noise=eps)
     np.testing.assert_array_equal(xt, xt2)
+
+
+@pytest.mark.parametrize("form", [ref, cpu], ids=["reference", "cpu"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_out_buffers_and_in_place_equal_fresh_results(form, dtype):
+    # 2 samples of CHUNK + 5 values: chunks of the parallel loop straddle the samples
+    check_out_equals_fresh(form, (2, cpu.CHUNK + 5), dtype)
+
+
+@pytest.mark.parametrize("form", [ref, cpu], ids=["reference", "cpu"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_bad_out_buffers_are_refused(form, dtype):
+    check_bad_out_is_refused(form, dtype)
+
+
+def test_out_through_the_dispatcher():
+    x = np.random.default_rng(0).standard_normal((2, 3, 4)).astype(np.float32)
+    buf = np.empty_like(x)
+    assert schedule.ddim_step(x, x, [5, 6], [4, 5], LINEAR, seed=1, out=buf) is buf
+    np.testing.assert_array_equal(buf, cpu.ddim_step(x, x, [5, 6], [4, 5], LINEAR, seed=1))
 
 
 # ---------------------------------------------------------------------------------------------------------

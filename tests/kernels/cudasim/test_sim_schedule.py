@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from numba import cuda
+from schedule_out import check_bad_out_is_refused, check_out_equals_fresh
 
 from kernels import philox
 from kernels.schedule import cuda as sched_cuda
@@ -130,3 +131,12 @@ def test_cuda_tiles_grid_stride_and_samples_that_skip_the_draw(monkeypatch, dtyp
     for eta in (1.0, 0.0):  # η = 0: no sample draws
         np.testing.assert_allclose(sched_cuda.ddim_step(x, e, t, t_prev, LINEAR, eta, seed=9, clip_x0=1.0),
                                    ref.ddim_step(x, e, t, t_prev, LINEAR, eta, seed=9, clip_x0=1.0), **tol)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_cuda_out_buffers_and_in_place(monkeypatch, dtype):
+    """Into the caller's arrays and in place (the next tile's values are loaded before this tile is written, each by
+    the thread that writes them), over several tiles and a grid-stride loop: equal to fresh results."""
+    monkeypatch.setattr(sched_cuda, "MAX_BLOCKS", 2)
+    check_out_equals_fresh(sched_cuda, (3, 2 * sched_cuda.TILE + 7), dtype)
+    check_bad_out_is_refused(sched_cuda, dtype)
