@@ -6,13 +6,16 @@ Targets on the CPU (ratio = our time / PyTorch's in the same run):
 - attention extra memory at N = 4096: far under one N×N float32 matrix (here: under a quarter of it);
 - conv2d fwd+bwd, N=64 C=K=64 16×16 3×3 pad 1: ratio ≤ 2;
 - gumbel_softmax 4096×8192: at least 5× faster than PyTorch (ratio ≤ 0.2);
-- q_sample / DDPM / DDIM steps (largest size): ≥ 70% of the measured copy bandwidth and ≥ 3× faster than
-  PyTorch eager.
+- q_sample / DDPM / DDIM steps (largest size): ≥ 70% of the measured copy bandwidth (read from `cpu-out`, the kernel
+  writing into buffers made once, as the copy does) and ≥ 3× faster than PyTorch eager (read from `cpu`, which
+  returns fresh arrays as PyTorch does).
 On a GPU: attention ratio ≤ 2 (≥ 0.5× PyTorch's fp32 SDPA speed) and elementwise kernels ≥ 70% of the measured
 copy bandwidth.
 """
 
 from __future__ import annotations
+
+from bench.schedule import OUT_BUFFERS
 
 SCHEDULE_CASES = [f"{op} 64x3x256x256" for op in ("q_sample", "ddpm_step", "ddim_step")]
 
@@ -34,7 +37,8 @@ def _cpu_targets(ours):
     ]
     for case in SCHEDULE_CASES:
         op = case.split()[0]
-        t.append(("schedule", case, ours, "fraction_of_peak", ">=", 0.7, f"{op} (64,3,256,256): ≥ 70% of copy GB/s"))
+        t.append(("schedule", case, OUT_BUFFERS, "fraction_of_peak", ">=", 0.7,
+                  f"{op} (64,3,256,256), into buffers made once (out=): ≥ 70% of copy GB/s"))
         t.append(("schedule", case, ours, "ratio_to_torch", "<=", 1 / 3, f"{op} (64,3,256,256): ≥ 3× faster than "
                   "PyTorch eager"))
     return t

@@ -169,6 +169,25 @@ def test_targets_are_met_missed_or_not_measured():
     assert "missed" in targets.format_targets(checks)
 
 
+def test_cpu_schedule_targets_read_bandwidth_into_buffers_and_ratio_fresh():
+    """The bandwidth target reads the kernel writing into buffers made once (as the peak copy does), the PyTorch
+    ratio the kernel returning fresh arrays (as PyTorch's eager code does); both rows exist in the CPU cases."""
+    from types import SimpleNamespace
+
+    from bench import targets
+
+    case = "q_sample 64x3x256x256"
+    results = [{"family": "schedule", "case": case, "impl": "cpu", "status": "ok", "fraction_of_peak": 0.5,
+                "ratio_to_torch": 0.2},
+               {"family": "schedule", "case": case, "impl": schedule.OUT_BUFFERS, "status": "ok",
+                "fraction_of_peak": 0.8, "ratio_to_torch": 0.5}]
+    checks = [c for c in targets.check({"settings": {"device": "cpu"}, "results": results}) if c["case"] == case]
+    assert {c["field"]: (c["value"], c["verdict"]) for c in checks} == {"fraction_of_peak": (0.8, "met"),
+                                                                       "ratio_to_torch": (0.2, "met")}
+    for c in schedule.cases(SimpleNamespace(device="cpu", ours="cpu"), quick=True):
+        assert [impl.name for impl in c.impls][:2] == ["cpu", schedule.OUT_BUFFERS]
+
+
 def test_gpu_elementwise_targets_read_both_times():
     from bench import targets
 
