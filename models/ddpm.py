@@ -127,12 +127,12 @@ class DDPM(core.nn.Module):
         if steps == T:
             for t in range(T - 1, -1, -1):  # Algorithm 2: x_{t−1} = μ_θ(x_t, t) + σ_t z
                 eps = self.guided_eps(core.tensor(x), t, y, w).data
-                x = ks.ddpm_step(x, eps, t, self.sched, seed=seed(), clip_x0=clip_x0)
+                ks.ddpm_step(x, eps, t, self.sched, seed=seed(), clip_x0=clip_x0, out=x)  # x_t → x_{t−1} in place
         else:
             ts = np.unique(np.round(np.linspace(0, T - 1, steps)).astype(np.int64))[::-1]
             for t, t_prev in zip(ts, list(ts[1:]) + [-1]):  # t_prev = −1: land on x_0
                 eps = self.guided_eps(core.tensor(x), t, y, w).data
-                x = ks.ddim_step(x, eps, int(t), int(t_prev), self.sched, eta, seed=seed(), clip_x0=clip_x0)
+                ks.ddim_step(x, eps, int(t), int(t_prev), self.sched, eta, seed=seed(), clip_x0=clip_x0, out=x)
         return np.clip(x, -1.0, 1.0)
 
 
