@@ -24,7 +24,7 @@ import numpy as np
 from numba import njit, prange
 
 from kernels import philox
-from kernels.schedule.reference import Schedule, check_out, ddim_sigma, out_pair, per_sample_t
+from kernels.schedule.reference import Schedule, check_update, ddim_sigma, given_noise, per_sample_t
 
 # 1024 elements: the chunk's scratch (8 KiB of float64 normals) stays in the 32 KiB L1 cache beside the arrays
 # streaming through it. Measured on this project's 2-core EPYC (64×3×256×256 float32, into buffers): 4096 took DDIM
@@ -163,22 +163,8 @@ _EMPTY = np.empty(0)
 def run(x, e, coef, clip, seed, noise, want_noise, out=None):
     """Launch fused_update on NumPy arrays; returns (result, noise or None). out: None, the result's buffer, or
     with want_noise the pair (result, noise) of buffers (see reference.check_out)."""
-    if (seed is None) == (noise is None):
-        raise ValueError("pass exactly one of seed= and noise=")
+    e, noise, out, z_given = check_update(x, e, seed, noise, want_noise, out)
     has_e = e is not None
-    if has_e:
-        e = np.asarray(e)
-        if e.shape != np.shape(x):
-            raise ValueError(f"eps_hat shape {e.shape} != x shape {np.shape(x)}")
-    if noise is not None:
-        noise = np.asarray(noise)
-        if noise.shape != np.shape(x):
-            raise ValueError(f"noise shape {noise.shape} != x shape {np.shape(x)}")
-    z_given = None
-    if want_noise and out is not None:
-        out, z_given = out_pair(out, x, noise)
-    elif out is not None:
-        check_out(out, x, same_ok=(x, e, noise))
     xc = np.ascontiguousarray(x)
     res = np.empty_like(xc) if out is None else out
     per_sample = max(x.size // max(coef.shape[0], 1), 1)
@@ -193,9 +179,7 @@ def run(x, e, coef, clip, seed, noise, want_noise, out=None):
     zf = np.ascontiguousarray(noise).reshape(-1)
     fused_update(xc.reshape(-1), e_flat, has_e, coef, per_sample, clip, False, np.uint64(0), np.uint64(0), zf,
                  False, _EMPTY.astype(x.dtype), False, res.reshape(-1), in_place)
-    if z_given is not None and z_given is not noise:
-        z_given[...] = noise
-    return res, (noise if z_given is None else z_given)
+    return res, given_noise(noise, z_given)
 
 
 def _check_float(x):

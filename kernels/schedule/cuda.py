@@ -45,7 +45,7 @@ from kernels.schedule.cpu import (
     ddpm_coefficients,
     q_sample_coefficients,
 )
-from kernels.schedule.reference import Schedule, check_out, out_pair, per_sample_t
+from kernels.schedule.reference import Schedule, check_update, given_noise, per_sample_t
 
 # Threads per block; 32 under the simulator, which runs one Python thread per CUDA thread.
 _SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
@@ -219,18 +219,8 @@ def run(x, e, coef, clip, seed, noise, want_noise, out=None):
     xp = _xp(x)
     if x.dtype not in (np.float32, np.float64):
         raise TypeError(f"expected a float32 or float64 array, got {x.dtype}")
-    if (seed is None) == (noise is None):
-        raise ValueError("pass exactly one of seed= and noise=")
+    e, noise, out, z_given = check_update(x, e, seed, noise, want_noise, out, xp.asarray)
     has_e = e is not None
-    if has_e and e.shape != x.shape:
-        raise ValueError(f"eps_hat shape {e.shape} != x shape {x.shape}")
-    if noise is not None and noise.shape != x.shape:
-        raise ValueError(f"noise shape {noise.shape} != x shape {x.shape}")
-    z_given = None
-    if want_noise and out is not None:
-        out, z_given = out_pair(out, x, noise)
-    elif out is not None:
-        check_out(out, x, same_ok=(x, e, noise))
     xc = xp.ascontiguousarray(x)
     flat = xc.reshape(-1)
     res = xp.empty_like(xc) if out is None else out
@@ -257,9 +247,7 @@ def run(x, e, coef, clip, seed, noise, want_noise, out=None):
                1.0 / per_sample, float(clip), seeded, k0, k1, z_flat, seeded and want_noise, z_out.reshape(-1),
                res.reshape(-1))
     if not seeded:
-        if z_given is not None and z_given is not noise:
-            z_given[...] = noise
-        return res, (noise if z_given is None else z_given)
+        return res, given_noise(noise, z_given)
     return res, (z_out if want_noise else None)
 
 

@@ -190,6 +190,37 @@ def out_pair(out, x0, noise):
     return xt, eps
 
 
+def check_update(x, e, seed, noise, want_noise, out, asarray=np.asarray):
+    """The argument checks of a compiled form's update: exactly one of seed= and noise=, ε̂ and the noise of x's shape,
+    and `out` (check_out; with want_noise, q_sample's pair: out_pair). Returns (e, noise, out, noise_out) — e and
+    noise as arrays of `asarray` (np.asarray or cupy.asarray), out the result's buffer or None, noise_out ε's."""
+    if (seed is None) == (noise is None):
+        raise ValueError("pass exactly one of seed= and noise=")
+    if e is not None:
+        e = asarray(e)
+        if e.shape != x.shape:
+            raise ValueError(f"eps_hat shape {e.shape} != x shape {x.shape}")
+    if noise is not None:
+        noise = asarray(noise)
+        if noise.shape != x.shape:
+            raise ValueError(f"noise shape {noise.shape} != x shape {x.shape}")
+    noise_out = None
+    if want_noise and out is not None:
+        out, noise_out = out_pair(out, x, noise)
+    elif out is not None:
+        check_out(out, x, same_ok=(x, e, noise))
+    return e, noise, out, noise_out
+
+
+def given_noise(noise, noise_out):
+    """The ε an update with given noise returns: the noise itself, or copied into noise_out (q_sample's out[1])."""
+    if noise_out is None:
+        return noise
+    if noise_out is not noise:
+        noise_out[...] = noise
+    return noise_out
+
+
 def _store(out, result):
     """result, or result written into out (the caller's buffer) when out is given."""
     if out is None:
