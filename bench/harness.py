@@ -12,8 +12,8 @@ For each implementation the harness records:
 - time: the median of `repeats` calls after `warmup` untimed calls (the warm-up also triggers Numba's
   compilation), read with `time.perf_counter`; the median, not the mean, because a loaded machine adds
   one-sided outliers;
-- rate: work / time, as GFLOP/s or GB/s, and its fraction of this machine's peak measured at start
-  (`bench.peak`: float32 GEMM for FLOPs, a large copy for bytes);
+- rate: work / time, as GFLOP/s or GB/s, and its fraction of this machine's peak measured at the run's start and
+  end (`bench.peak`: float32 GEMM for FLOPs, a large copy for bytes; the better of the two probes);
 - ratio: our time / PyTorch's time in the same run (below 1: faster than PyTorch);
 - on a GPU, also the stream time: the time per call of 20 calls queued back to back, read by CUDA events
   around them. A synchronized call's time is the host's launch work plus the GPU's; queued calls overlap the
@@ -159,11 +159,9 @@ def summarize(case: Case, timings: dict, peak: dict, memory: dict | None = None,
             row.update(status="unavailable", reason=str(t))
             rows.append(row)
             continue
-        machine = peak.get(case.unit)
 
-        def figures(prefix, seconds, torch_seconds):  # rate, fraction of peak and ratio to PyTorch of one time
-            r = rate(case.work, seconds)
-            return {f"{prefix}rate": r, f"{prefix}fraction_of_peak": r / machine if machine else None,
+        def figures(prefix, seconds, torch_seconds):  # rate and ratio to PyTorch of one time
+            return {f"{prefix}rate": rate(case.work, seconds),
                     f"{prefix}ratio_to_torch": seconds / torch_seconds if torch_seconds and impl.name != TORCH
                     else None}
 
@@ -173,6 +171,16 @@ def summarize(case: Case, timings: dict, peak: dict, memory: dict | None = None,
             row.update(stream_ms=stream[impl.name] * 1e3, **figures("stream_", stream[impl.name], torch_stream))
         row.update(memory.get(impl.name, {}))
         rows.append(row)
+    return set_fractions(rows, peak)
+
+
+def set_fractions(rows: list[dict], peak: dict) -> list[dict]:
+    """Each measured row's rates as fractions of the machine's peak in the row's unit (None where unknown)."""
+    for row in rows:
+        machine = peak.get(row.get("unit"))
+        for prefix in ("", "stream_"):
+            if row.get(f"{prefix}rate") is not None:
+                row[f"{prefix}fraction_of_peak"] = row[f"{prefix}rate"] / machine if machine else None
     return rows
 
 

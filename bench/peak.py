@@ -6,6 +6,8 @@
   thread), a parallel Numba loop and PyTorch's copy_ (both with the pinned thread count); the fastest. The
   array is far larger than the caches, so this is the DRAM bandwidth the elementwise kernels are bound by.
 
+`t2i bench` probes at the start of a run and again at its end, and takes the better of the two (`best_of`).
+
 On a GPU the same two numbers come from PyTorch CUDA (torch.mm with TF32 off, copy_) and CuPy, plus the
 float16 GEMM rate on tensor cores ("GFLOP/s fp16"), the yardstick of the half-precision attention kernel.
 """
@@ -73,6 +75,16 @@ def _peak_cuda(n, elems, repeats):
     details["copy_cupy"] = rate(copy_bytes, measure(lambda: cupy.copyto(cd, cs), repeats=repeats,
                                                     sync=cupy.cuda.Device().synchronize).median)
     return _best(details, {"sgemm_n": n, "copy_mib": elems * 4 / 2**20, "GFLOP/s fp16": hgemm})
+
+
+def best_of(**probes) -> dict:
+    """The peak of several probes of one machine (measure_peak results, named: start=…, end=…): each figure's best,
+    and every probe's details under its name. A shared machine's bandwidth moves over minutes; the best probe is
+    the strictest yardstick."""
+    first = next(iter(probes.values()))
+    out = {k: max(p[k] for p in probes.values()) if isinstance(v, float) else v for k, v in first.items()}
+    out["details"] = {f"{k} ({name})": v for name, p in probes.items() for k, v in p["details"].items()}
+    return out
 
 
 def _best(details, sizes):

@@ -243,6 +243,13 @@ def test_quick_bench_writes_json_and_plots(tmp_path, capsys, monkeypatch):
     assert all(r["status"] != "error" for r in report["results"]), [r for r in report["results"] if "error" in r]
     for r in ok:  # the stored rate is the stored work over the stored median
         assert r["rate"] == pytest.approx(r["work"] / (r["median_ms"] / 1e3) / 1e9)
+    # the peak is the better of the probes at the start and the end, and the fractions are of it
+    details = report["peak"]["details"]
+    assert report["peak"]["GB/s"] == max(v for k, v in details.items() if k.startswith("copy"))
+    assert {k.rsplit(" ", 1)[1] for k in details} == {"(start)", "(end)"}
+    for r in ok:
+        if r["unit"] in report["peak"]:
+            assert r["fraction_of_peak"] == pytest.approx(r["rate"] / report["peak"][r["unit"]])
         if r["impl"] == "torch":  # PyTorch's CPU allocations are seen only as resident-set growth, if any
             assert r["peak_mib"] is None or r["peak_mib"] > 0
         else:
