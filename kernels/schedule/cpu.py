@@ -82,22 +82,35 @@ _fill32, _fill64 = philox.block_filler(philox.cpu.normal4_32), philox.block_fill
 
 @njit(inline="always", error_model="numpy")
 def _combine(xs, es, zs, dst, has_e, p, q, A, Bx, Be, S, clip):
-    """dst[i] = A·clip(p·x − q·e) + Bx·x + Be·e + S·z over one sample's run of elements (constant coefficients).
+    """dst[i] = A·clip(p·x − q·e) + Bx·x + Be·e + S·z over one sample's run of elements (constant coefficients); where
+    S = 0 the noise is not read (neither drawn nor, when given, looked at: a NaN there stays out).
 
     Inlined at each call, so that the call with dst = zs (z read, then its place written) is one loop over one array
     as LLVM sees it and vectorizes; a loop reading x and writing out vectorizes behind a runtime check that the two do
     not overlap, which an update in place (out = x) fails — it would run element by element."""
     if not has_e:
-        for i in range(len(dst)):
-            dst[i] = Bx * np.float64(xs[i]) + S * zs[i]
+        if S == 0.0:
+            for i in range(len(dst)):
+                dst[i] = Bx * np.float64(xs[i])
+        else:
+            for i in range(len(dst)):
+                dst[i] = Bx * np.float64(xs[i]) + S * np.float64(zs[i])
     elif A == 0.0:
+        if S == 0.0:
+            for i in range(len(dst)):
+                dst[i] = Bx * np.float64(xs[i]) + Be * np.float64(es[i])
+        else:
+            for i in range(len(dst)):
+                dst[i] = Bx * np.float64(xs[i]) + Be * np.float64(es[i]) + S * np.float64(zs[i])
+    elif S == 0.0:
         for i in range(len(dst)):
-            dst[i] = Bx * np.float64(xs[i]) + Be * np.float64(es[i]) + S * zs[i]
+            xi, ei = np.float64(xs[i]), np.float64(es[i])
+            dst[i] = A * min(max(p * xi - q * ei, -clip), clip) + Bx * xi + Be * ei
     else:
         for i in range(len(dst)):
             xi, ei = np.float64(xs[i]), np.float64(es[i])
             x0 = min(max(p * xi - q * ei, -clip), clip)
-            dst[i] = A * x0 + Bx * xi + Be * ei + S * zs[i]
+            dst[i] = A * x0 + Bx * xi + Be * ei + S * np.float64(zs[i])
 
 
 @philox.cached_njit(parallel=True, error_model="numpy")
@@ -116,12 +129,14 @@ def fused_update(x, e, has_e, coef, per_sample, clip, seeded, k0, k1, z, write_z
         lo = c * CHUNK
         hi = min(lo + CHUNK, n)
         m = hi - lo
-        zbuf = np.empty(CHUNK)
         # a chunk whose samples all have S = 0 (DDIM with η = 0, DDPM's last step) neither draws nor reads noise,
-        # unless the noise is an output (q_sample); the per-sample loops below zero z where S = 0
+        # unless the noise is an output (q_sample)
         noisy = write_z
         for s in range(lo // per_sample, (hi - 1) // per_sample + 1):
             noisy = noisy or coef[s, 5] != 0.0
+        # scratch of the noise's dtype: float32 normals for float32 arrays (half the bytes of float64 ones: measured
+        # q_sample 13.5 → 11.7 ms, DDPM 13.3 → 11.7 ms at 64×3×256×256), or the given noise's
+        zbuf = np.empty(CHUNK, z.dtype)
         if not noisy:
             pass
         elif seeded:
@@ -145,9 +160,6 @@ def fused_update(x, e, has_e, coef, per_sample, clip, seeded, k0, k1, z, write_z
             # slices indexed from 0: Numba then knows the indices are not negative (no wraparound code)
             xs, zs, os = x[start:stop], zbuf[start - lo:stop - lo], out[start:stop]
             es = e[start:stop]
-            if S == 0.0:  # this sample adds no noise: z is neither drawn nor, when given, read (a NaN stays out)
-                for i in range(stop - start):
-                    zs[i] = 0.0
             if in_place:  # via zs (see _combine), then copied out
                 _combine(xs, es, zs, zs, has_e, p, q, A, Bx, Be, S, clip)
                 for i in range(stop - start):
@@ -176,7 +188,8 @@ def run(x, e, coef, clip, seed, noise, want_noise, out=None):
         fused_update(xc.reshape(-1), e_flat, has_e, coef, per_sample, clip, True, k0, k1, xc.reshape(-1),
                      want_noise, z_out.reshape(-1), x.dtype == np.float32, res.reshape(-1), in_place)
         return res, (z_out if want_noise else None)
-    zf = np.ascontiguousarray(noise).reshape(-1)
+    # given noise of another dtype than x's: the scratch (of the noise's dtype) must hold x's results exactly in place
+    zf = np.ascontiguousarray(noise, dtype=np.promote_types(noise.dtype, x.dtype)).reshape(-1)
     fused_update(xc.reshape(-1), e_flat, has_e, coef, per_sample, clip, False, np.uint64(0), np.uint64(0), zf,
                  False, _EMPTY.astype(x.dtype), False, res.reshape(-1), in_place)
     return res, given_noise(noise, z_given)

@@ -220,6 +220,20 @@ def test_bad_out_buffers_are_refused(form, dtype):
     check_bad_out_is_refused(form, dtype)
 
 
+@pytest.mark.parametrize("dtype, noise_dtype", [(np.float32, np.float64), (np.float64, np.float32)])
+def test_given_noise_of_another_dtype(dtype, noise_dtype):
+    """The kernel's scratch takes the noise's dtype; x's results must still be exact in it, in place too."""
+    rng = np.random.default_rng(4)
+    x, e = (rng.standard_normal((3, cpu.CHUNK + 7)).astype(dtype) for _ in range(2))
+    z = rng.standard_normal(x.shape).astype(noise_dtype)
+    t = np.array([5, 500, 999])
+    want = ref.ddpm_step(x, e, t, LINEAR, noise=z, clip_x0=1.0)
+    np.testing.assert_allclose(cpu.ddpm_step(x, e, t, LINEAR, noise=z, clip_x0=1.0), want, **TOL[dtype])
+    x_in = x.copy()
+    cpu.ddpm_step(x_in, e, t, LINEAR, noise=z, clip_x0=1.0, out=x_in)
+    np.testing.assert_allclose(x_in, want, **TOL[dtype])
+
+
 def test_out_through_the_dispatcher():
     x = np.random.default_rng(0).standard_normal((2, 3, 4)).astype(np.float32)
     buf = np.empty_like(x)
