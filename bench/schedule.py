@@ -13,6 +13,9 @@ the peak does. Every call to the first takes new memory — arrays this large ar
 system faults in and zeroes each page (4 KiB) on first touch, a write pass the kernel does not make —; the second
 is the kernel's own bandwidth, which the fraction-of-copy target reads.
 
+On a GPU our kernel runs in two forms: `cuda` (numba.cuda, the default for CuPy arrays) and `cuda_vec` (CUDA C++ with
+128-bit loads and stores, kernels/schedule/cuda_vec.py), so that one run measures the one against the other.
+
 Bytes count each update's unavoidable traffic, the same for every implementation (3 arrays of x's size):
 q_sample reads x_0 and writes x_t and ε (ε is returned: it is the training target); a DDPM or DDIM step reads
 x_t and ε̂ and writes x_{t−1}. Shapes (64, 3, S, S) float32, S = 64, 128, 256 (3, 12 and 48 MiB per array),
@@ -29,6 +32,7 @@ FAMILY = "schedule"
 OPS = ("q_sample", "ddpm_step", "ddim_step")
 T_STEPS = 1000
 OUT_BUFFERS = "cpu-out"  # our CPU kernel writing into buffers made once (out=)
+CUDA_VEC = "cuda_vec"  # on a GPU, the CUDA C++ form beside the numba.cuda one
 
 
 def nbytes_moved(shape, itemsize=4):
@@ -121,6 +125,8 @@ def cases(backend, *, quick=False, full=False) -> list[Case]:
             impls = [Impl(backend.ours, _ours(backend, op, shape, None))]
             if backend.device == "cpu":  # (on a GPU CuPy's memory pool hands the same memory back: no difference)
                 impls.append(Impl(OUT_BUFFERS, _ours(backend, op, shape, None, into_buffers=True)))
+            else:  # the CUDA C++ form with 128-bit loads (kernels/schedule/cuda_vec.py), against numba.cuda's
+                impls.append(Impl(CUDA_VEC, _ours(backend, op, shape, CUDA_VEC)))
             if backend.device == "cpu" and side <= ref_cap:
                 impls.append(Impl("reference", _ours(backend, op, shape, "reference")))
             impls.append(Impl(TORCH, _torch(backend, op, shape)))

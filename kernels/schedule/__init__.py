@@ -3,6 +3,8 @@
 Each update exists three ways with one signature — `reference` (NumPy, the spec), `cpu` (Numba, one parallel
 pass), `cuda` (numba.cuda) — and the functions here pick the form by the array type (NumPy → cpu, CuPy → cuda),
 or by `form="reference" | "cpu" | "cuda"` (the cuda form also runs on NumPy arrays under the CUDA simulator).
+`form="cuda_vec"` is a fourth, for float32 CuPy arrays: CUDA C++ with 128-bit loads (cuda_vec.py), not yet measured
+on a GPU against cuda.py.
 """
 
 from __future__ import annotations
@@ -18,10 +20,16 @@ from kernels.schedule.reference import (
     sigmoid_betas,
 )
 
-FORMS = dispatch.FORMS
+FORMS = (*dispatch.FORMS, "cuda_vec")
 
 
 def _form(form, x):
+    if form == "cuda_vec":
+        from kernels.schedule import cuda_vec
+
+        return cuda_vec
+    if form is not None and form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
     return dispatch.form_module("schedule", form, x)
 
 

@@ -201,35 +201,49 @@ def _check_float(x):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The public updates (same signatures as reference.py)
+# The public updates (same signatures as reference.py), for any form's `run`
 # ---------------------------------------------------------------------------------------------------------
-def q_sample(x0, t, sched: Schedule, *, seed=None, noise=None, out=None):
-    """x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε in one pass (eq. 4); returns (x_t, ε), into out=(x_t, ε) when given."""
-    x0 = np.asarray(x0)
-    _check_float(x0)
-    t = per_sample_t(t, x0, sched.T)
-    return run(x0, None, q_sample_coefficients(sched, t), NO_CLIP, seed, noise, want_noise=True, out=out)
+def _host(a):
+    """a as a NumPy array (a CuPy array copied from the GPU)."""
+    return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else np.asarray(a)
 
 
-def ddpm_step(x_t, eps_hat, t, sched: Schedule, *, seed=None, noise=None, clip_x0=None, variance="posterior",
-              out=None):
-    """One ancestral DDPM step x_t → x_{t−1} (Algorithm 2; eq. 11, or eqs. 15 + 7 with clip_x0), into out if given."""
-    x_t = np.asarray(x_t)
-    _check_float(x_t)
-    t = per_sample_t(t, x_t, sched.T)
-    coef = ddpm_coefficients(sched, t, clip_x0, variance)
-    return run(x_t, eps_hat, coef, clip_value(clip_x0), seed, noise, want_noise=False, out=out)[0]
+def updates(run, array=np.asarray, check=_check_float):
+    """(q_sample, ddpm_step, ddim_step) of a compiled form, given its `run(x, e, coef, clip, seed, noise, want_noise,
+    out)`: each computes its per-sample coefficients here (O(batch), from t on the host) and leaves the per-element
+    pass to run. array converts x, check tests its dtype."""
+
+    def q_sample(x0, t, sched: Schedule, *, seed=None, noise=None, out=None):
+        """x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε in one pass (eq. 4); returns (x_t, ε), into out=(x_t, ε) when given."""
+        x0 = array(x0)
+        check(x0)
+        t = per_sample_t(_host(t), x0, sched.T)
+        return run(x0, None, q_sample_coefficients(sched, t), NO_CLIP, seed, noise, want_noise=True, out=out)
+
+    def ddpm_step(x_t, eps_hat, t, sched: Schedule, *, seed=None, noise=None, clip_x0=None, variance="posterior",
+                  out=None):
+        """One ancestral DDPM step x_t → x_{t−1} (Algorithm 2; eq. 11, or eqs. 15 + 7 with clip_x0), into out if
+        given."""
+        x_t = array(x_t)
+        check(x_t)
+        t = per_sample_t(_host(t), x_t, sched.T)
+        coef = ddpm_coefficients(sched, t, clip_x0, variance)
+        return run(x_t, eps_hat, coef, clip_value(clip_x0), seed, noise, want_noise=False, out=out)[0]
+
+    def ddim_step(x_t, eps_hat, t, t_prev, sched: Schedule, eta: float = 0.0, *, seed=None, noise=None, clip_x0=None,
+                  out=None):
+        """One DDIM step x_t → x_{t_prev} (eq. 12, σ from eq. 16), into out if given."""
+        x_t = array(x_t)
+        check(x_t)
+        t = per_sample_t(_host(t), x_t, sched.T)
+        t_prev = per_sample_t(_host(t_prev), x_t, sched.T, lowest=-1)
+        coef = ddim_coefficients(sched, t, t_prev, eta)
+        return run(x_t, eps_hat, coef, clip_value(clip_x0), seed, noise, want_noise=False, out=out)[0]
+
+    return q_sample, ddpm_step, ddim_step
 
 
-def ddim_step(x_t, eps_hat, t, t_prev, sched: Schedule, eta: float = 0.0, *, seed=None, noise=None, clip_x0=None,
-              out=None):
-    """One DDIM step x_t → x_{t_prev} (eq. 12, σ from eq. 16), into out if given."""
-    x_t = np.asarray(x_t)
-    _check_float(x_t)
-    t = per_sample_t(t, x_t, sched.T)
-    t_prev = per_sample_t(t_prev, x_t, sched.T, lowest=-1)
-    coef = ddim_coefficients(sched, t, t_prev, eta)
-    return run(x_t, eps_hat, coef, clip_value(clip_x0), seed, noise, want_noise=False, out=out)[0]
+q_sample, ddpm_step, ddim_step = updates(run)
 
 
 def benchmark_q_sample(shape=(64, 3, 64, 64), dtype=np.float32, repeats=10, threads=2, seeded=True):

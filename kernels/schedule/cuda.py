@@ -38,14 +38,8 @@ from numba import cuda, float32, float64
 
 from kernels import philox
 from kernels.dispatch import launch
-from kernels.schedule.cpu import (
-    NO_CLIP,
-    clip_value,
-    ddim_coefficients,
-    ddpm_coefficients,
-    q_sample_coefficients,
-)
-from kernels.schedule.reference import Schedule, check_update, given_noise, per_sample_t
+from kernels.schedule.cpu import updates
+from kernels.schedule.reference import check_update, given_noise
 
 # Threads per block; 32 under the simulator, which runs one Python thread per CUDA thread.
 _SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
@@ -77,6 +71,14 @@ def _load(a, i, n):
     """a[i], as stored; past the end a[n − 1] (loads need no branch; the value is not used). Converted only where
     used, so that the loads stay in flight while the normals are drawn."""
     return a[_u(min(i, n - 1))]
+
+
+@cuda.jit(device=True, inline=True)
+def _noisy(coef, first, last, write_z):
+    """Whether a Philox block's elements, of samples first … last, need its normals: the noise is an output, or the
+    first or last sample's S is not 0, or samples shorter than the block (last > first + 1) sit between them — then
+    it draws without looking (a rare case, and the normals are multiplied by S anyway)."""
+    return write_z or last > first + 1 or coef[first, 5] != 0.0 or coef[last, 5] != 0.0
 
 
 @cuda.jit(device=True, inline=True)
@@ -147,10 +149,10 @@ def make_kernel(normal4, noise_type, cast):
             if seeded:
                 i = base + 4 * t  # the first element of Philox block i // 4
                 z0 = z1 = z2 = z3 = zero
-                # no draw where the noise is unused: S = 0 for both samples its four elements may touch (DDIM η = 0,
+                # no draw where the noise is unused: S = 0 for every sample its four elements touch (DDIM η = 0,
                 # DDPM's last step), unless the noise itself is an output (q_sample)
-                if i < n and (write_z or coef[_sample(i, inv_per_sample), 5] != 0.0
-                              or coef[_sample(min(i + 3, n - 1), inv_per_sample), 5] != 0.0):
+                if i < n and _noisy(coef, _sample(i, inv_per_sample), _sample(min(i + 3, n - 1), inv_per_sample),
+                                    write_z):
                     z0, z1, z2, z3 = normal4(k0, k1, np.uint64(i // 4))
                 zs[4 * t] = z0
                 zs[4 * t + 1] = z1
@@ -209,10 +211,6 @@ def _blocks(n, dtype, xp):
     return min(-(-n // TILE), cap)
 
 
-def _host(a):
-    return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else np.asarray(a)
-
-
 def run(x, e, coef, clip, seed, noise, want_noise, out=None):
     """Launch fused_update_kernel; returns (result, noise or None). out: None, the result's buffer, or with
     want_noise the pair (result, noise) of buffers (see reference.check_out)."""
@@ -251,27 +249,7 @@ def run(x, e, coef, clip, seed, noise, want_noise, out=None):
     return res, (z_out if want_noise else None)
 
 
-def q_sample(x0, t, sched: Schedule, *, seed=None, noise=None, out=None):
-    """x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε in one pass (eq. 4); returns (x_t, ε), into out=(x_t, ε) when given."""
-    t = per_sample_t(_host(t), x0, sched.T)
-    return run(x0, None, q_sample_coefficients(sched, t), NO_CLIP, seed, noise, want_noise=True, out=out)
-
-
-def ddpm_step(x_t, eps_hat, t, sched: Schedule, *, seed=None, noise=None, clip_x0=None, variance="posterior",
-              out=None):
-    """One ancestral DDPM step x_t → x_{t−1} (Algorithm 2; eq. 11, or eqs. 15 + 7 with clip_x0), into out if given."""
-    t = per_sample_t(_host(t), x_t, sched.T)
-    coef = ddpm_coefficients(sched, t, clip_x0, variance)
-    return run(x_t, eps_hat, coef, clip_value(clip_x0), seed, noise, want_noise=False, out=out)[0]
-
-
-def ddim_step(x_t, eps_hat, t, t_prev, sched: Schedule, eta: float = 0.0, *, seed=None, noise=None, clip_x0=None,
-              out=None):
-    """One DDIM step x_t → x_{t_prev} (eq. 12, σ from eq. 16), into out if given."""
-    t = per_sample_t(_host(t), x_t, sched.T)
-    t_prev = per_sample_t(_host(t_prev), x_t, sched.T, lowest=-1)
-    coef = ddim_coefficients(sched, t, t_prev, eta)
-    return run(x_t, eps_hat, coef, clip_value(clip_x0), seed, noise, want_noise=False, out=out)[0]
+q_sample, ddpm_step, ddim_step = updates(run, array=lambda a: a, check=lambda a: None)
 
 
 def _signature(f):

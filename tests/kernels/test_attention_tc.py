@@ -58,6 +58,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from ptx_tools import nvrtc_build
 
 from kernels.attention import cuda_tc, reference
 from kernels.attention.patterns import Causal, Column, Conv, PrefixLM, Row
@@ -71,41 +72,12 @@ ROUNDOFF = {"float16": 2.0**-11, "bfloat16": 2.0**-8}
 
 def nvrtc_compile(names, arch="compute_90", extra=()):
     """Compile flash_tc.cu with NVRTC (the pip wheel) for the kernels ``names``: (ptx, cubin or None, log)."""
-    from cuda.bindings import nvrtc
-
-    def check(result, what):
-        err = result[0] if isinstance(result, tuple) else result
-        assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS, f"{what}: {err}"
-        return result[1:] if isinstance(result, tuple) else ()
-
-    (prog,) = check(nvrtc.nvrtcCreateProgram(cuda_tc.source().encode(), b"flash_tc.cu", 0, [], []), "create")
+    ptx, cubin, log, lowered = nvrtc_build(cuda_tc.source(), "flash_tc.cu", names, cuda_tc.compile_options(), arch,
+                                           extra)
     for name in names:
-        check(nvrtc.nvrtcAddNameExpression(prog, name.encode()), "name")
-    opts = [o.encode() for o in (*cuda_tc.compile_options(), "-ftz=true", f"-arch={arch}", *extra)]  # -ftz: as CuPy
-    status = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
-    # NVRTC writes into the buffers it is given: they must be fresh bytearrays, never `b" " * size`, which for
-    # size 1 (an empty log) is CPython's one shared b" " — NVRTC then turned every b" " in the process into b"\0"
-    (size,) = check(nvrtc.nvrtcGetProgramLogSize(prog), "log size")
-    log = bytearray(size)
-    check(nvrtc.nvrtcGetProgramLog(prog, log), "log")
-    log = bytes(log).decode(errors="replace")
-    assert status[0] == nvrtc.nvrtcResult.NVRTC_SUCCESS, f"flash_tc.cu does not compile:\n{log}"
-    for name in names:
-        (lowered,) = check(nvrtc.nvrtcGetLoweredName(prog, name.encode()), "lowered name")
         base = name.split("<")[0].encode()
-        assert lowered.startswith(b"_Z%d%s" % (len(base), base)), lowered
-    (size,) = check(nvrtc.nvrtcGetPTXSize(prog), "ptx size")
-    ptx = bytearray(size)
-    check(nvrtc.nvrtcGetPTX(prog, ptx), "ptx")
-    cubin = None
-    if arch.startswith("sm_"):
-        (size,) = check(nvrtc.nvrtcGetCUBINSize(prog), "cubin size")
-        cubin = bytearray(size)
-        check(nvrtc.nvrtcGetCUBIN(prog, cubin), "cubin")
-        cubin = bytes(cubin)
-    check(nvrtc.nvrtcDestroyProgram(prog), "destroy")
-    assert b" " == bytes([32]), "a buffer handed to NVRTC was a shared bytes object"
-    return bytes(ptx).decode().rstrip("\x00 "), cubin, log
+        assert lowered[name].startswith(b"_Z%d%s" % (len(base), base)), lowered[name]
+    return ptx, cubin, log
 
 
 def assert_tensor_core_ptx(ptx, elements):

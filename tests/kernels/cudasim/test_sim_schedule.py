@@ -140,3 +140,12 @@ def test_cuda_out_buffers_and_in_place(monkeypatch, dtype):
     monkeypatch.setattr(sched_cuda, "MAX_BLOCKS", 2)
     check_out_equals_fresh(sched_cuda, (3, 2 * sched_cuda.TILE + 7), dtype)
     check_bad_out_is_refused(sched_cuda, dtype)
+
+
+def test_cuda_draws_for_a_noisy_sample_inside_a_philox_block():
+    """Samples of one element: a Philox block spans four, and the noisy one may sit between two that add none."""
+    rng = np.random.default_rng(3)
+    x, e = (rng.standard_normal(8).astype(np.float32) for _ in range(2))
+    t = np.array([0, 7, 0, 0, 0, 0, 9, 0])
+    np.testing.assert_allclose(sched_cuda.ddpm_step(x, e, t, LINEAR, seed=4), ref.ddpm_step(x, e, t, LINEAR, seed=4),
+                               **TOL[np.float32])

@@ -1,0 +1,127 @@
+"""The diffusion updates for float32 CuPy arrays as a CUDA C++ kernel (fused_update.cu) with 128-bit loads and stores.
+
+numba.cuda cannot load or store a float4, so its form (cuda.py) gives each Philox block's four normals to four
+threads through shared memory, to keep a warp's accesses contiguous. In C++ one thread takes a whole block: its four
+consecutive elements are one 16-byte load per array and one store, a warp's covering 512 contiguous bytes, with no
+shared memory and no barrier. Same signatures as the other forms, same noise (kernels/philox.py's float32 noise,
+within an ulp or two: the GPU fuses multiply-adds), same arithmetic as cuda.py; float32 arrays only (float64 ones go
+to form="cuda"). Compiled on first use by NVRTC through a CuPy RawModule; importing this module needs neither CuPy
+nor a GPU. `launch_args` builds a launch that the tests also run through a CPU build of the same source.
+
+Not the default form for CuPy arrays until a GPU has measured it against cuda.py (`t2i bench schedule --device
+cuda` times both).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from kernels import philox
+from kernels.schedule.cpu import updates
+from kernels.schedule.reference import check_update, given_noise
+
+SOURCE = Path(__file__).with_name("fused_update.cu")
+KERNEL = "fused_update_f32"
+THREADS = 256  # fused_update.cu's __launch_bounds__
+WAVES = 4  # blocks of the grid per SM, at most; the grid-stride loop takes the rest
+
+
+def _f32(v) -> str:
+    """A float32 value as an exact C++ hex-float literal."""
+    return f"({float(np.float32(v)).hex()}f)"
+
+
+def source() -> str:
+    """fused_update.cu with philox.py's constants prepended (one place holds them)."""
+    defs = {"PHILOX_M0": f"{int(philox.PHILOX_M0)}u", "PHILOX_M1": f"{int(philox.PHILOX_M1)}u",
+            "PHILOX_W0": f"{int(philox.PHILOX_W0)}u", "PHILOX_W1": f"{int(philox.PHILOX_W1)}u",
+            "PHILOX_SQRT2_CARRY": str(int(philox.SQRT2_CARRY)), "LN2_HI32": _f32(philox.LN2_HI32),
+            "LN2_LO32": _f32(philox.LN2_LO32), "QUARTER_PI_F32": _f32(philox.QUARTER_PI_F32)}
+    for name, coefficients in (("LOG32_C", philox.LOG32_C), ("SIN32_C", philox.SIN32_C), ("COS32_C", philox.COS32_C)):
+        defs.update({f"{name}{k}": _f32(c) for k, c in enumerate(coefficients)})
+    header = "".join(f"#define {k} {v}\n" for k, v in defs.items())
+    return header + SOURCE.read_text()
+
+
+@functools.cache
+def _kernel():
+    import cupy
+
+    return cupy.RawModule(code=source(), options=("-std=c++17",)).get_function(KERNEL)
+
+
+def _ptr(a):
+    return a.data.ptr if hasattr(a.data, "ptr") else a.ctypes.data
+
+
+@functools.cache
+def _sm_count():
+    import cupy
+
+    return cupy.cuda.Device().attributes["MultiProcessorCount"]
+
+
+class Launch(NamedTuple):
+    """One launch: grid and block sizes, the kernel's arguments in order, and what the call returns."""
+
+    grid: int
+    block: int
+    args: tuple
+    out: object
+    noise: object
+
+
+def launch_args(x, e, coef, clip, seed, noise, want_noise, out=None, *, grid=None) -> Launch | None:
+    """Check the arguments and build the launch (None when there is nothing to launch: an empty array). `out` as in
+    the other forms; grid: the number of blocks (default: one per THREADS Philox blocks, at most WAVES per SM)."""
+    xp = _xp(x)
+    if x.dtype != np.float32:
+        raise TypeError(f"cuda_vec computes float32 arrays, got {x.dtype}; float64 arrays go to form='cuda'")
+    e, noise, out, z_given = check_update(x, e, seed, noise, want_noise, out, xp.asarray)
+    xc = xp.ascontiguousarray(x)
+    n = x.size
+    res = xp.empty_like(xc) if out is None else out
+    per_sample = max(n // max(coef.shape[0], 1), 1)
+    has_e = e is not None
+    e_c = xp.ascontiguousarray(e) if has_e else xc
+    seeded = seed is not None
+    k0, k1 = philox.seed_key(seed) if seeded else (0, 0)
+    z_c = xc if seeded else xp.ascontiguousarray(noise, dtype=np.float32)
+    z_out = (xp.empty_like(xc) if z_given is None else z_given) if seeded and want_noise else xc
+    if n >= 2**50:
+        raise ValueError(f"{n} elements: the kernel's float64 sample index is exact below 2**50")
+    noise_back = (z_out if want_noise else None) if seeded else given_noise(noise, z_given)
+    if n == 0:
+        return Launch(0, THREADS, (), res, noise_back)
+    vec = all(_ptr(a) % 16 == 0 for a in (xc, e_c, z_c, z_out, res))
+    if grid is None:
+        grid = min(math.ceil(math.ceil(n / 4) / THREADS), WAVES * (_sm_count() if xp is not np else 1))
+    coefn = xp.asarray(np.ascontiguousarray(coef[:, 3:], dtype=np.float32))
+    args = (xc, e_c, np.int32(has_e), xp.asarray(np.ascontiguousarray(coef, dtype=np.float64)), coefn,
+            np.float64(1.0 / per_sample), np.float64(clip), np.int32(seeded), np.uint32(k0), np.uint32(k1), z_c,
+            np.int32(seeded and want_noise), z_out, res, np.int64(n), np.int32(vec))
+    return Launch(grid, THREADS, args, res, noise_back)
+
+
+def _xp(a):
+    if type(a).__module__.startswith("cupy"):
+        import cupy
+
+        return cupy
+    return np
+
+
+def run(x, e, coef, clip, seed, noise, want_noise, out=None):
+    """Launch fused_update_f32 on CuPy arrays; returns (result, noise or None)."""
+    launch = launch_args(x, e, coef, clip, seed, noise, want_noise, out)
+    if launch.args:
+        _kernel()((launch.grid,), (launch.block,), launch.args)
+    return launch.out, launch.noise
+
+
+q_sample, ddpm_step, ddim_step = updates(run, array=lambda a: a, check=lambda a: None)
