@@ -26,7 +26,8 @@ from kernels.schedule.cpu import updates
 from kernels.schedule.reference import check_update, given_noise
 
 SOURCE = Path(__file__).with_name("fused_update.cu")
-KERNEL = "fused_update_f32"
+# the kernel's instances (has_e, seeded, write_z): q_sample drawing or given its noise, a step drawing or not
+INSTANCES = ((False, True, True), (False, False, False), (True, True, False), (True, False, False))
 THREADS = 256  # fused_update.cu's __launch_bounds__
 WAVES = 4  # blocks of the grid per SM, at most; the grid-stride loop takes the rest
 
@@ -48,11 +49,20 @@ def source() -> str:
     return header + SOURCE.read_text()
 
 
+def kernel_name(has_e: bool, seeded: bool, write_z: bool) -> str:
+    """The C++ name of the kernel's instance for one kind of update."""
+    flags = ", ".join("true" if f else "false" for f in (has_e, seeded, write_z))
+    return f"fused_update<{flags}>"
+
+
 @functools.cache
-def _kernel():
+def _kernels():
+    """Every instance, compiled once per process by NVRTC (CuPy also caches on disk): {(has_e, seeded, write_z): f}."""
     import cupy
 
-    return cupy.RawModule(code=source(), options=("-std=c++17",)).get_function(KERNEL)
+    names = [kernel_name(*k) for k in INSTANCES]
+    module = cupy.RawModule(code=source(), options=("-std=c++17",), name_expressions=names)
+    return {k: module.get_function(name) for k, name in zip(INSTANCES, names)}
 
 
 def _ptr(a):
@@ -67,8 +77,10 @@ def _sm_count():
 
 
 class Launch(NamedTuple):
-    """One launch: grid and block sizes, the kernel's arguments in order, and what the call returns."""
+    """One launch: the instance (has_e, seeded, write_z), grid and block sizes, the kernel's arguments in order, and
+    what the call returns."""
 
+    instance: tuple
     grid: int
     block: int
     args: tuple
@@ -89,23 +101,24 @@ def launch_args(x, e, coef, clip, seed, noise, want_noise, out=None, *, grid=Non
     per_sample = max(n // max(coef.shape[0], 1), 1)
     has_e = e is not None
     e_c = xp.ascontiguousarray(e) if has_e else xc
-    seeded = seed is not None
+    # no sample adds noise and none is returned (DDIM with η = 0, DDPM's last step): nothing to draw, as in cuda.py
+    seeded = seed is not None and (want_noise or bool(np.any(coef[:, 5] != 0.0)))
     k0, k1 = philox.seed_key(seed) if seeded else (0, 0)
-    z_c = xc if seeded else xp.ascontiguousarray(noise, dtype=np.float32)
+    z_c = xc if noise is None else xp.ascontiguousarray(noise, dtype=np.float32)
     z_out = (xp.empty_like(xc) if z_given is None else z_given) if seeded and want_noise else xc
     if n >= 2**50:
         raise ValueError(f"{n} elements: the kernel's float64 sample index is exact below 2**50")
     noise_back = (z_out if want_noise else None) if seeded else given_noise(noise, z_given)
+    instance = (has_e, seeded, seeded and want_noise)
     if n == 0:
-        return Launch(0, THREADS, (), res, noise_back)
+        return Launch(instance, 0, THREADS, (), res, noise_back)
     vec = all(_ptr(a) % 16 == 0 for a in (xc, e_c, z_c, z_out, res))
     if grid is None:
         grid = min(math.ceil(math.ceil(n / 4) / THREADS), WAVES * (_sm_count() if xp is not np else 1))
     coefn = xp.asarray(np.ascontiguousarray(coef[:, 3:], dtype=np.float32))
-    args = (xc, e_c, np.int32(has_e), xp.asarray(np.ascontiguousarray(coef, dtype=np.float64)), coefn,
-            np.float64(1.0 / per_sample), np.float64(clip), np.int32(seeded), np.uint32(k0), np.uint32(k1), z_c,
-            np.int32(seeded and want_noise), z_out, res, np.int64(n), np.int32(vec))
-    return Launch(grid, THREADS, args, res, noise_back)
+    args = (xc, e_c, xp.asarray(np.ascontiguousarray(coef, dtype=np.float64)), coefn, np.float64(1.0 / per_sample),
+            np.float64(clip), np.uint32(k0), np.uint32(k1), z_c, z_out, res, np.int64(n), np.int32(vec))
+    return Launch(instance, grid, THREADS, args, res, noise_back)
 
 
 def _xp(a):
@@ -117,10 +130,10 @@ def _xp(a):
 
 
 def run(x, e, coef, clip, seed, noise, want_noise, out=None):
-    """Launch fused_update_f32 on CuPy arrays; returns (result, noise or None)."""
+    """Launch fused_update on CuPy arrays; returns (result, noise or None)."""
     launch = launch_args(x, e, coef, clip, seed, noise, want_noise, out)
     if launch.args:
-        _kernel()((launch.grid,), (launch.block,), launch.args)
+        _kernels()[launch.instance]((launch.grid,), (launch.block,), launch.args)
     return launch.out, launch.noise
 
 

@@ -139,45 +139,54 @@ FU_DEVICE void store4(float* a, long long i, long long n, int vec, const float v
     }
 }
 
-// x, e, z, out may be one array (an update in place): each element is read before it is written, by one thread.
-// coef: (samples, 6) float64 rows p, q, A, Bx, Be, S; coefn: (samples, 3) float32 Bx, Be, S. vec: every array's
-// data is 16-byte aligned (float4 loads and stores).
-extern "C" __global__ void __launch_bounds__(256)
-fused_update_f32(const float* x, const float* e, int has_e, const double* coef, const float* coefn,
-                 double inv_per_sample, double clip, int seeded, unsigned k0, unsigned k1, const float* z, int write_z,
-                 float* z_out, float* out, long long n, int vec) {
+// One element: A·clip(p·x − q·e) + Bx·x + Be·e + S·z, with the coefficients of sample s; z: the drawn normal, or
+// (given noise) read where S ≠ 0.
+template <bool HAS_E, bool SEEDED>
+FU_DEVICE float update_one(float x, float e, float zi, const float* z, long long i, long long n, const double* coef,
+                           const float* coefn, long long s, double clip) {
+    float Bx = coefn[s * 3], Be = coefn[s * 3 + 1], S = coefn[s * 3 + 2];
+    if (!SEEDED) zi = S != 0.0f && i < n ? z[i] : 0.0f;
+    float acc = Bx * x + S * zi;
+    if (HAS_E) {
+        acc += Be * e;
+        const double* c = coef + s * 6;
+        if (c[2] != 0.0) {
+            double x0 = c[0] * (double)x - c[1] * (double)e;
+            x0 = x0 < -clip ? -clip : (x0 > clip ? clip : x0);
+            acc += (float)(c[2] * x0);
+        }
+    }
+    return acc;
+}
+
+// The kernel, one instance per kind of update (HAS_E: ε̂ is read — the DDPM and DDIM steps; SEEDED: the noise is
+// drawn, else given or unused; WRITE_Z: the drawn noise is an output — q_sample), so that none of these choices is a
+// branch in the loop. x, e, z, out may be one array (an update in place): each element is read before it is written,
+// by one thread. coef: (samples, 6) float64 rows p, q, A, Bx, Be, S; coefn: (samples, 3) float32 Bx, Be, S. vec:
+// every array's data is 16-byte aligned (float4 loads and stores).
+template <bool HAS_E, bool SEEDED, bool WRITE_Z>
+__global__ void __launch_bounds__(256)
+fused_update(const float* x, const float* e, const double* coef, const float* coefn, double inv_per_sample,
+             double clip, unsigned k0, unsigned k1, const float* z, float* z_out, float* out, long long n, int vec) {
     long long blocks = (n + 3) >> 2;
     long long stride = (long long)gridDim.x * blockDim.x;
     for (long long b = (long long)blockIdx.x * blockDim.x + threadIdx.x; b < blocks; b += stride) {
         long long i0 = b << 2;
-        float xv[4], ev[4], zv[4] = {0.0f, 0.0f, 0.0f, 0.0f}, ov[4];
+        float xv[4], ev[4] = {0.0f, 0.0f, 0.0f, 0.0f}, zv[4] = {0.0f, 0.0f, 0.0f, 0.0f}, ov[4];
         load4(x, i0, n, vec, xv);  // the loads are in flight while the block's normals are drawn
-        if (has_e) load4(e, i0, n, vec, ev);
+        if (HAS_E) load4(e, i0, n, vec, ev);
         long long first = sample_of(i0, inv_per_sample);
         long long last = sample_of(i0 + 3 < n ? i0 + 3 : n - 1, inv_per_sample);
-        if (seeded) {
+        if (SEEDED) {
             // the noise is an output, or some sample of the four elements adds noise (samples shorter than the
             // block between first and last: drawn without looking, as cuda.py's _noisy does)
-            if (write_z || last > first + 1 || coef[first * 6 + 5] != 0.0 || coef[last * 6 + 5] != 0.0)
+            if (WRITE_Z || last > first + 1 || coef[first * 6 + 5] != 0.0 || coef[last * 6 + 5] != 0.0)
                 normal4_32(b, k0, k1, zv);
-            if (write_z) store4(z_out, i0, n, vec, zv);
+            if (WRITE_Z) store4(z_out, i0, n, vec, zv);
         }
         for (int j = 0; j < 4; ++j) {
             long long s = first == last ? first : sample_of(i0 + j < n ? i0 + j : n - 1, inv_per_sample);
-            const double* c = coef + s * 6;
-            float Bx = coefn[s * 3], Be = coefn[s * 3 + 1], S = coefn[s * 3 + 2];
-            float zi = zv[j];
-            if (!seeded) zi = S != 0.0f && i0 + j < n ? z[i0 + j] : 0.0f;
-            float acc = Bx * xv[j] + S * zi;
-            if (has_e) {
-                acc += Be * ev[j];
-                if (c[2] != 0.0) {
-                    double x0 = c[0] * (double)xv[j] - c[1] * (double)ev[j];
-                    x0 = x0 < -clip ? -clip : (x0 > clip ? clip : x0);
-                    acc += (float)(c[2] * x0);
-                }
-            }
-            ov[j] = acc;
+            ov[j] = update_one<HAS_E, SEEDED>(xv[j], ev[j], zv[j], z, i0 + j, n, coef, coefn, s, clip);
         }
         store4(out, i0, n, vec, ov);
     }

@@ -40,9 +40,10 @@ TOL = dict(rtol=2e-6, atol=2e-6)
 # 1. Compilation for sm_90
 # ---------------------------------------------------------------------------------------------------------------
 def test_compiles_for_sm90_with_nvrtc_to_vector_loads():
-    ptx, _, log, lowered = nvrtc_build(cuda_vec.source(), "fused_update.cu", [cuda_vec.KERNEL], ("-std=c++17",))
-    assert lowered[cuda_vec.KERNEL] == cuda_vec.KERNEL.encode()  # extern "C": CuPy finds it by this name
-    assert ".target sm_90" in ptx and f".entry {cuda_vec.KERNEL}" in ptx
+    names = [cuda_vec.kernel_name(*k) for k in cuda_vec.INSTANCES]
+    ptx, _, _, lowered = nvrtc_build(cuda_vec.source(), "fused_update.cu", names, ("-std=c++17",))
+    assert all(lowered[name].startswith(b"_Z12fused_update") for name in names)  # CuPy finds them by these names
+    assert ".target sm_90" in ptx and ptx.count(".entry") == len(names)
     assert "ld.global.v4.f32" in ptx and "st.global.v4.f32" in ptx  # 128-bit loads and stores
     assert ".shared" not in ptx and "bar.sync" not in ptx
     assert "mul.hi.u32" in ptx  # Philox's 32×32 → 64-bit products as one high-half multiply each
@@ -66,18 +67,29 @@ struct Dim { unsigned x = 1; };
 static Dim threadIdx, blockIdx, blockDim, gridDim;
 #include "fused_update_defined.cu"
 
-extern "C" void emulate(int grid, int block, const float* x, const float* e, int has_e, const double* coef,
-                        const float* coefn, double inv_per_sample, double clip, int seeded, unsigned k0, unsigned k1,
-                        const float* z, int write_z, float* z_out, float* out, long long n, int vec) {
+template <bool E, bool S, bool W>
+static void run(int grid, int block, const float* x, const float* e, const double* coef, const float* coefn,
+                double inv_per_sample, double clip, unsigned k0, unsigned k1, const float* z, float* z_out, float* out,
+                long long n, int vec) {
     gridDim.x = grid;
     blockDim.x = block;
     for (int b = 0; b < grid; ++b)
         for (int t = 0; t < block; ++t) {
             blockIdx.x = b;
             threadIdx.x = t;
-            fused_update_f32(x, e, has_e, coef, coefn, inv_per_sample, clip, seeded, k0, k1, z, write_z, z_out, out,
-                             n, vec);
+            fused_update<E, S, W>(x, e, coef, coefn, inv_per_sample, clip, k0, k1, z, z_out, out, n, vec);
         }
+}
+
+extern "C" int emulate(int has_e, int seeded, int write_z, int grid, int block, const float* x, const float* e,
+                       const double* coef, const float* coefn, double inv_per_sample, double clip, unsigned k0,
+                       unsigned k1, const float* z, float* z_out, float* out, long long n, int vec) {
+#define ARGS grid, block, x, e, coef, coefn, inv_per_sample, clip, k0, k1, z, z_out, out, n, vec
+    if (!has_e && seeded && write_z) return run<false, true, true>(ARGS), 0;
+    if (!has_e && !seeded && !write_z) return run<false, false, false>(ARGS), 0;
+    if (has_e && seeded && !write_z) return run<true, true, false>(ARGS), 0;
+    if (has_e && !seeded && !write_z) return run<true, false, false>(ARGS), 0;
+    return 1;
 }
 """
 
@@ -99,8 +111,8 @@ def emulated(tmp_path_factory):
     assert proc.returncode == 0, f"the CPU build of fused_update.cu fails:\n{proc.stderr}"
     fn = ctypes.CDLL(str(lib)).emulate
     vp, i32, i64, f64, u32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong, ctypes.c_double, ctypes.c_uint
-    fn.argtypes = [i32, i32, vp, vp, i32, vp, vp, f64, f64, i32, u32, u32, vp, i32, vp, vp, i64, i32]
-    fn.restype = None
+    fn.argtypes = [i32, i32, i32, i32, i32, vp, vp, vp, vp, f64, f64, u32, u32, vp, vp, vp, i64, i32]
+    fn.restype = ctypes.c_int
     grid = {"blocks": 2}
 
     def run(x, e, coef, clip, seed, noise, want_noise, out=None):
@@ -108,7 +120,9 @@ def emulated(tmp_path_factory):
         if launch.args:
             a = launch.args
             ptrs = [v.ctypes.data if isinstance(v, np.ndarray) else v for v in a]
-            fn(launch.grid, launch.block, *(int(v) if isinstance(v, np.integer) else v for v in ptrs))
+            assert launch.instance in cuda_vec.INSTANCES
+            assert fn(*launch.instance, launch.grid, launch.block,
+                      *(int(v) if isinstance(v, np.integer) else v for v in ptrs)) == 0
         return launch.out, launch.noise
 
     q_sample, ddpm_step, ddim_step = cpu.updates(run)
@@ -154,6 +168,15 @@ def test_emulated_kernel_equals_reference(emulated, data, shape, seeded, sched, 
     kw_ddim = kw if seeded else dict(noise=np.nan_to_num(z))  # DDIM with η > 0 adds noise at t = 0 too
     np.testing.assert_allclose(emulated.ddim_step(x, e, t, t_prev, sched, eta, clip_x0=clip, **kw_ddim),
                                ref.ddim_step(x, e, t, t_prev, sched, eta, clip_x0=clip, **kw_ddim), **TOL)
+
+
+def test_draws_for_a_noisy_sample_inside_a_philox_block(emulated):
+    """Samples of one element: a Philox block spans four, and the noisy one may sit between two that add none."""
+    rng = np.random.default_rng(3)
+    x, e = (rng.standard_normal(8).astype(np.float32) for _ in range(2))
+    t = np.array([0, 7, 0, 0, 0, 0, 9, 0])
+    np.testing.assert_allclose(emulated.ddpm_step(x, e, t, LINEAR, seed=4), ref.ddpm_step(x, e, t, LINEAR, seed=4),
+                               **TOL)
 
 
 def test_emulated_out_buffers_and_in_place(emulated):
