@@ -83,7 +83,7 @@ def best_of(**probes) -> dict:
     the strictest yardstick."""
     first = next(iter(probes.values()))
     out = {k: max(p[k] for p in probes.values()) if isinstance(v, float) else v for k, v in first.items()}
-    out["details"] = {f"{k} ({name})": v for name, p in probes.items() for k, v in p["details"].items()}
+    out["details"] = {f"{k} ({name})": v for name, p in probes.items() for k, v in p.get("details", {}).items()}
     return out
 
 
