@@ -23,7 +23,7 @@ eager gumbel_softmax makes about six passes over memory, and draws its exponenti
 from __future__ import annotations
 
 import numpy as np
-from numba import prange
+from numba import njit, prange
 
 from kernels import philox
 
@@ -58,6 +58,37 @@ def gumbel_noise_kernel(k0, k1, noise32, out):
                 out[lo + j] = -fast_log(-fast_log(ubuf[j]))
 
 
+@njit(inline="always")
+def _max_argmax(z, n):
+    """(max, first index of the max) of z[:n], n ≥ 1, NaNs skipped unless z[0] is one (then (NaN, 0)), as a plain
+    scan keeping the first strict improvement would give: the max by eight running maxima (their selects vectorize;
+    one running max is a chain of dependent compare-and-branch steps), then the first index holding it."""
+    m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = z[0]
+    j = 0
+    while j + 8 <= n:
+        m0 = z[j] if z[j] > m0 else m0
+        m1 = z[j + 1] if z[j + 1] > m1 else m1
+        m2 = z[j + 2] if z[j + 2] > m2 else m2
+        m3 = z[j + 3] if z[j + 3] > m3 else m3
+        m4 = z[j + 4] if z[j + 4] > m4 else m4
+        m5 = z[j + 5] if z[j + 5] > m5 else m5
+        m6 = z[j + 6] if z[j + 6] > m6 else m6
+        m7 = z[j + 7] if z[j + 7] > m7 else m7
+        j += 8
+    while j < n:
+        m0 = z[j] if z[j] > m0 else m0
+        j += 1
+    best = m0
+    for m in (m1, m2, m3, m4, m5, m6, m7):
+        best = m if m > best else best
+    if best != best:  # z[0] is NaN
+        return best, 0
+    arg = 0
+    while z[arg] != best:
+        arg += 1
+    return best, arg
+
+
 @philox.cached_njit(**_jit)
 def forward_rows(l2, tau, hard, seeded, k0, k1, g2, noise32, y2, ys2):
     """Fused Gumbel-softmax over the rows of C-contiguous (rows, n) arrays (row r starts at flat index r·n); the
@@ -88,12 +119,7 @@ def forward_rows(l2, tau, hard, seeded, k0, k1, g2, noise32, y2, ys2):
                 grow = g2[r]
                 for j in range(n):
                     zbuf[j] = (np.float64(lrow[j]) + np.float64(grow[j])) * inv_tau
-            z_max = zbuf[0]
-            arg = 0
-            for j in range(1, n):
-                if zbuf[j] > z_max:
-                    z_max = zbuf[j]
-                    arg = j
+            z_max, arg = _max_argmax(zbuf, n)
             # 3. e_j = exp(z_j − max) and their sum (eight running sums, so the adds do not wait on each other)
             for j in range(n):
                 zbuf[j] = fast_exp(zbuf[j] - z_max)

@@ -223,3 +223,25 @@ def test_cuda_equals_reference_on_gpu(cupy, dtype):
         assert np.mean(g == want) > 0.5
     else:
         np.testing.assert_allclose(g, want, rtol=1e-14, atol=4.5e-16)
+
+
+def test_max_argmax_is_the_plain_scan():
+    """The eight-way max and first-index search equal a scan keeping the first strict improvement, ties, NaNs (skipped
+    unless first) and lengths off the unroll included."""
+    from kernels.gumbel.cpu import _max_argmax
+
+    def scan(z):
+        best, arg = z[0], 0
+        for j in range(1, len(z)):
+            if z[j] > best:
+                best, arg = z[j], j
+        return best, arg
+
+    rng = np.random.default_rng(0)
+    cases = [np.array([3.0]), np.array([np.nan, 5.0, 1.0]), np.array([1.0, np.nan, 5.0, 5.0]),
+             np.array([-0.0, 0.0, -1.0]), np.full(19, 2.0)]
+    cases += [rng.integers(-3, 4, size).astype(np.float64) for size in (1, 7, 8, 9, 16, 17, 100)]
+    for z in cases:
+        best, arg = _max_argmax(z, len(z))
+        want_best, want_arg = scan(z)
+        assert arg == want_arg and (best == want_best or (np.isnan(best) and np.isnan(want_best))), z
