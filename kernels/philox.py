@@ -511,6 +511,29 @@ def block_filler(values4):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# The CUDA C++ kernels' copy (philox.cuh), with this module's constants
+# ---------------------------------------------------------------------------------------------------------
+CUDA_HEADER = Path(__file__).with_name("philox.cuh")
+
+
+def _f32_literal(v) -> str:
+    """A float32 value as an exact C++ hex-float literal."""
+    return f"({float(np.float32(v)).hex()}f)"
+
+
+def cuda_source(kernel_source: str) -> str:
+    """A CUDA C++ kernel's source with this module's constants (#defines) and philox.cuh — Philox4x32-10 and the
+    float32 transforms, written operation for operation as float32_functions — in front of it."""
+    defs = {"PHILOX_M0": f"{int(PHILOX_M0)}u", "PHILOX_M1": f"{int(PHILOX_M1)}u", "PHILOX_W0": f"{int(PHILOX_W0)}u",
+            "PHILOX_W1": f"{int(PHILOX_W1)}u", "PHILOX_SQRT2_CARRY": str(int(SQRT2_CARRY)),
+            "LN2_HI32": _f32_literal(LN2_HI32), "LN2_LO32": _f32_literal(LN2_LO32),
+            "QUARTER_PI_F32": _f32_literal(QUARTER_PI_F32)}
+    for name, coefficients in (("LOG32_C", LOG32_C), ("SIN32_C", SIN32_C), ("COS32_C", COS32_C)):
+        defs.update({f"{name}{k}": _f32_literal(c) for k, c in enumerate(coefficients)})
+    return "".join(f"#define {k} {v}\n" for k, v in defs.items()) + CUDA_HEADER.read_text() + "\n" + kernel_source
+
+
+# ---------------------------------------------------------------------------------------------------------
 # An on-disk cache for the kernels that inline this module
 # ---------------------------------------------------------------------------------------------------------
 SOURCE_HASH = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()

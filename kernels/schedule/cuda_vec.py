@@ -32,21 +32,9 @@ THREADS = 256  # fused_update.cu's __launch_bounds__
 WAVES = 4  # blocks of the grid per SM, at most; the grid-stride loop takes the rest
 
 
-def _f32(v) -> str:
-    """A float32 value as an exact C++ hex-float literal."""
-    return f"({float(np.float32(v)).hex()}f)"
-
-
 def source() -> str:
-    """fused_update.cu with philox.py's constants prepended (one place holds them)."""
-    defs = {"PHILOX_M0": f"{int(philox.PHILOX_M0)}u", "PHILOX_M1": f"{int(philox.PHILOX_M1)}u",
-            "PHILOX_W0": f"{int(philox.PHILOX_W0)}u", "PHILOX_W1": f"{int(philox.PHILOX_W1)}u",
-            "PHILOX_SQRT2_CARRY": str(int(philox.SQRT2_CARRY)), "LN2_HI32": _f32(philox.LN2_HI32),
-            "LN2_LO32": _f32(philox.LN2_LO32), "QUARTER_PI_F32": _f32(philox.QUARTER_PI_F32)}
-    for name, coefficients in (("LOG32_C", philox.LOG32_C), ("SIN32_C", philox.SIN32_C), ("COS32_C", philox.COS32_C)):
-        defs.update({f"{name}{k}": _f32(c) for k, c in enumerate(coefficients)})
-    header = "".join(f"#define {k} {v}\n" for k, v in defs.items())
-    return header + SOURCE.read_text()
+    """fused_update.cu behind philox.py's constants and philox.cuh (kernels.philox.cuda_source)."""
+    return philox.cuda_source(SOURCE.read_text())
 
 
 def kernel_name(has_e: bool, seeded: bool, write_z: bool) -> str:

@@ -11,118 +11,17 @@
 // The noise is kernels/philox.py's float32 noise, operation for operation: Philox4x32-10 keyed by the seed and
 // counted by the block index, `uniform32`, `log32`, `cos_sin_2pi32` and Box–Muller `box_muller32`, written with the
 // same float32 operations in the same order (a compiler for the CPU that does not contract multiply-adds gives the
-// NumPy spec's bits; NVRTC contracts them into FMAs, as numba.cuda does: within an ulp or two). The polynomial
-// coefficients come from philox.py too: cuda_vec.py prepends them as #defines (PHILOX_*, LOG32_C0 …).
+// NumPy spec's bits; NVRTC contracts them into FMAs, as numba.cuda does: within an ulp or two). Those functions are
+// kernels/philox.cuh, which kernels.philox.cuda_source puts in front of this file with philox.py's constants.
 //
 // Arithmetic as the numba.cuda form's: float32 for Bx·x + S·z + Be·e, float64 for x̂_0 = clip(p·x − q·e), where p and
 // q reach 1/√ᾱ ≈ 160 and cancel. Samples whose S is 0 (DDIM with η = 0, DDPM's last step) draw no noise and, when
 // it is given, do not read it (a NaN there stays out) — unless the noise is an output (q_sample).
 
-#ifndef FUSED_UPDATE_HOST_EMULATION
-#define FU_DEVICE __device__ __forceinline__
-#else
-#define FU_DEVICE static inline
-#endif
-
-FU_DEVICE unsigned mulhi32(unsigned a, unsigned b) {
-#ifndef FUSED_UPDATE_HOST_EMULATION
-    return __umulhi(a, b);
-#else
-    return (unsigned)(((unsigned long long)a * b) >> 32);
-#endif
-}
-
-// Philox4x32-10 (Salmon et al. 2011): counter (c0, c1, 0, 0), key (k0, k1) → four words
-FU_DEVICE void philox_block(unsigned long long block, unsigned k0, unsigned k1, unsigned w[4]) {
-    unsigned c0 = (unsigned)block, c1 = (unsigned)(block >> 32), c2 = 0u, c3 = 0u;
-#pragma unroll
-    for (int r = 0; r < 10; ++r) {
-        unsigned hi0 = mulhi32(PHILOX_M0, c0), lo0 = PHILOX_M0 * c0;
-        unsigned hi1 = mulhi32(PHILOX_M1, c2), lo1 = PHILOX_M1 * c2;
-        c0 = hi1 ^ c1 ^ k0;
-        c1 = lo1;
-        c2 = hi0 ^ c3 ^ k1;
-        c3 = lo0;
-        k0 += PHILOX_W0;
-        k1 += PHILOX_W1;
-    }
-    w[0] = c0, w[1] = c1, w[2] = c2, w[3] = c3;
-}
-
-FU_DEVICE float bits_f32(unsigned u) {
-#ifndef FUSED_UPDATE_HOST_EMULATION
-    return __uint_as_float(u);
-#else
-    float f;
-    __builtin_memcpy(&f, &u, 4);
-    return f;
-#endif
-}
-
-FU_DEVICE unsigned f32_bits(float f) {
-#ifndef FUSED_UPDATE_HOST_EMULATION
-    return __float_as_uint(f);
-#else
-    unsigned u;
-    __builtin_memcpy(&u, &f, 4);
-    return u;
-#endif
-}
-
-// m·2⁻²³ for 0 ≤ m < 2²³, exactly: the bits of 1 + m·2⁻²³, minus 1
-FU_DEVICE float int_to_f32(unsigned m) { return bits_f32(0x3F800000u | m) - 1.0f; }
-
-// philox.uniform32: ((w >> 9) + ½)·2⁻²³, or (w + ½)·2⁻³² below 2²³; exact, never 0 or 1
-FU_DEVICE float uniform32(unsigned w) {
-    unsigned coarse = w >= 0x800000u ? 1u : 0u;
-    float v = int_to_f32(w >> (9u * coarse)) + 0x1p-24f;
-    return v * bits_f32(0x3F800000u - (9u << 23) * (1u - coarse));
-}
-
-// philox.log32: ln x = k·ln 2 + f − f²/2 + f³ P(f), x = 2^k·(1 + f) with 1 + f in [√½, √2)
-FU_DEVICE float log32(float x) {
-    int b = (int)f32_bits(x);
-    int hx = b & 0x7FFFFF;
-    int i = (hx + PHILOX_SQRT2_CARRY) & 0x800000;
-    float k = bits_f32((unsigned)(0x4B400000 + (b >> 23) - 127 + (i >> 23))) - 0x1.8p+23f;
-    float f = bits_f32((unsigned)(hx | (i ^ 0x3F800000))) - 1.0f;
-    float p = LOG32_C0 + f * (LOG32_C1 + f * (LOG32_C2 + f * (LOG32_C3 + f * (LOG32_C4 + f * (LOG32_C5 + f * (LOG32_C6 +
-              f * LOG32_C7))))));
-    return k * LN2_HI32 + (k * LN2_LO32 + (f + (f * f) * (f * p - 0.5f)));
-}
-
-// philox.cos_sin_2pi32: the angle reduced exactly on the word (top 3 bits the octant, the next 23 the place in it)
-FU_DEVICE void cos_sin_2pi32(unsigned w, float* cos_t, float* sin_t) {
-    unsigned octant = w >> 29;
-    unsigned odd = octant & 1u;
-    unsigned frac = ((w >> 6) & 0x7FFFFFu) ^ (odd * 0x7FFFFFu);
-    float x = (int_to_f32(frac) + 0x1p-24f) * QUARTER_PI_F32;
-    float z = x * x;
-    unsigned c = f32_bits((1.0f - 0.5f * z) + (z * z) * (COS32_C0 + z * (COS32_C1 + z * COS32_C2)));
-    unsigned s = f32_bits(x + (x * z) * (SIN32_C0 + z * (SIN32_C1 + z * SIN32_C2))) ^ (odd << 31);
-    unsigned q = ((octant + 1u) >> 1) & 3u;
-    unsigned swap = 0u - (q & 1u);
-    *cos_t = bits_f32(((s & swap) | (c & ~swap)) ^ (((q ^ (q >> 1)) & 1u) << 31));
-    *sin_t = bits_f32(((c & swap) | (s & ~swap)) ^ ((q >> 1) << 31));
-}
-
-// philox.normal4_32: Box–Muller over the word pairs (0, 1) and (2, 3) of block b
-FU_DEVICE void normal4_32(unsigned long long block, unsigned k0, unsigned k1, float z[4]) {
-    unsigned w[4];
-    philox_block(block, k0, k1, w);
-    for (int h = 0; h < 2; ++h) {
-        float r = sqrtf(-2.0f * log32(uniform32(w[2 * h])));
-        float c, s;
-        cos_sin_2pi32(w[2 * h + 1], &c, &s);
-        z[2 * h] = r * c;
-        z[2 * h + 1] = r * s;
-    }
-}
-
 // i div per_sample as floor((i + ½)·(1/per_sample)), exact below 2⁵⁰ elements (the numba.cuda form's _sample)
-FU_DEVICE long long sample_of(long long i, double inv_per_sample) { return (long long)(((double)i + 0.5) * inv_per_sample); }
+PHILOX_DEVICE long long sample_of(long long i, double inv_per_sample) { return (long long)(((double)i + 0.5) * inv_per_sample); }
 
-FU_DEVICE void load4(const float* a, long long i, long long n, int vec, float v[4]) {
+PHILOX_DEVICE void load4(const float* a, long long i, long long n, int vec, float v[4]) {
     if (vec && i + 4 <= n) {
         float4 t = *reinterpret_cast<const float4*>(a + i);
         v[0] = t.x, v[1] = t.y, v[2] = t.z, v[3] = t.w;
@@ -131,7 +30,7 @@ FU_DEVICE void load4(const float* a, long long i, long long n, int vec, float v[
     }
 }
 
-FU_DEVICE void store4(float* a, long long i, long long n, int vec, const float v[4]) {
+PHILOX_DEVICE void store4(float* a, long long i, long long n, int vec, const float v[4]) {
     if (vec && i + 4 <= n) {
         *reinterpret_cast<float4*>(a + i) = make_float4(v[0], v[1], v[2], v[3]);
     } else {
@@ -142,7 +41,7 @@ FU_DEVICE void store4(float* a, long long i, long long n, int vec, const float v
 // One element: A·clip(p·x − q·e) + Bx·x + Be·e + S·z, with the coefficients of sample s; z: the drawn normal, or
 // (given noise) read where S ≠ 0.
 template <bool HAS_E, bool SEEDED>
-FU_DEVICE float update_one(float x, float e, float zi, const float* z, long long i, long long n, const double* coef,
+PHILOX_DEVICE float update_one(float x, float e, float zi, const float* z, long long i, long long n, const double* coef,
                            const float* coefn, long long s, double clip) {
     float Bx = coefn[s * 3], Be = coefn[s * 3 + 1], S = coefn[s * 3 + 2];
     if (!SEEDED) zi = S != 0.0f && i < n ? z[i] : 0.0f;

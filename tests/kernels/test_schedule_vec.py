@@ -58,7 +58,7 @@ def test_compiles_for_sm90_with_nvrtc_to_vector_loads():
 EMULATION = r"""
 #include <cmath>
 #include <cstring>
-#define FUSED_UPDATE_HOST_EMULATION
+#define CUDA_HOST_EMULATION
 #define __global__
 #define __launch_bounds__(n)
 struct float4 { float x, y, z, w; };
