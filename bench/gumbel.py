@@ -103,6 +103,8 @@ def cases(backend, *, quick=False, full=False) -> list[Case]:
         direction = "fwd+bwd" if backward else "fwd"
         for rows in sweep:
             impls = [Impl(backend.ours, _ours(backend, rows, cols, backward, None))]
+            if backend.device == "cuda":  # the CUDA C++ forward holding rows in registers, beside numba.cuda's
+                impls.append(Impl("cuda_vec", _ours(backend, rows, cols, backward, "cuda_vec")))
             if backend.device == "cpu" and rows <= ref_cap:
                 impls += [Impl("reference", _ours(backend, rows, cols, backward, "reference")),
                           Impl("core", _core(rows, cols, backward))]

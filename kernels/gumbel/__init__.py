@@ -3,6 +3,8 @@
 Three forms with one signature — `reference` (NumPy, the spec), `cpu` (Numba, parallel over rows), `cuda`
 (numba.cuda, one block per row) — picked by array type (NumPy → cpu, CuPy → cuda) or by
 `form="reference" | "cpu" | "cuda"` (the cuda form also runs on NumPy arrays under the CUDA simulator).
+`form="cuda_vec"` is a fourth forward, for float32 CuPy rows of up to 8192 values (a multiple of 4): CUDA C++ holding
+each row in registers (cuda_vec.py), not yet measured on a GPU against cuda.py.
 """
 
 from __future__ import annotations
@@ -11,10 +13,14 @@ import numpy as np
 
 from .. import dispatch
 
-FORMS = dispatch.FORMS
+FORMS = (*dispatch.FORMS, "cuda_vec")
 
 
 def _form(form, x):
+    if form == "cuda_vec":
+        from . import cuda_vec
+
+        return cuda_vec
     return dispatch.form_module("gumbel", form, x)
 
 
