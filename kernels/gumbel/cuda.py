@@ -40,6 +40,7 @@ from numba import cuda, float32, float64, int64
 
 from kernels import philox
 from kernels.dispatch import launch
+from kernels.gumbel.reference import check_forward
 
 # Threads per block (a power of two, for the tree reductions), the longest row whose float32 noise (40 KiB) a block
 # keeps in shared memory, and the most blocks a launch has (each then takes rows, or Philox blocks, a grid apart).
@@ -303,16 +304,7 @@ def _rows(xp, a, dim):
 def gumbel_softmax_forward(logits, tau=1.0, hard=False, *, seed=None, noise=None, dim=-1):
     """Sample y ~ Gumbel-softmax(logits, τ) along `dim`, one block per row; returns (y, y_soft)."""
     xp = _xp(logits)
-    if logits.dtype not in (np.float32, np.float64):
-        raise TypeError(f"expected float32 or float64 logits, got {logits.dtype}")
-    if tau <= 0:
-        raise ValueError(f"tau must be positive, got {tau}")
-    if (seed is None) == (noise is None):
-        raise ValueError("pass exactly one of seed= and noise=")
-    if logits.ndim == 0:
-        raise ValueError("gumbel_softmax needs at least one dimension")
-    if noise is not None and noise.shape != logits.shape:
-        raise ValueError(f"noise shape {noise.shape} != logits shape {logits.shape}")
+    check_forward(logits, tau, seed, noise)
     dim = dim % logits.ndim
     if seed is not None and dim != logits.ndim - 1:  # draw in the original layout, then move the axis
         noise, seed = gumbel_noise(seed, logits.shape, logits.dtype, xp), None

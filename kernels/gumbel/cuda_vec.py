@@ -23,6 +23,7 @@ from typing import NamedTuple
 import numpy as np
 
 from kernels import philox
+from kernels.gumbel.reference import check_forward
 
 SOURCE = Path(__file__).with_name("softmax_rows.cu")
 THREADS = 256  # softmax_rows.cu's GS_THREADS
@@ -75,16 +76,9 @@ class Launch(NamedTuple):
 def launch_args(logits, tau=1.0, hard=False, *, seed=None, noise=None, dim=-1, grid=None) -> Launch:
     """Check the arguments and build the launch (args empty when there is nothing to compute)."""
     xp = _xp(logits)
+    check_forward(logits, tau, seed, noise)
     if logits.dtype != np.float32:
         raise TypeError(f"cuda_vec computes float32 logits, got {logits.dtype}; float64 ones go to form='cuda'")
-    if tau <= 0:
-        raise ValueError(f"tau must be positive, got {tau}")
-    if (seed is None) == (noise is None):
-        raise ValueError("pass exactly one of seed= and noise=")
-    if logits.ndim == 0:
-        raise ValueError("gumbel_softmax needs at least one dimension")
-    if noise is not None and noise.shape != logits.shape:
-        raise ValueError(f"noise shape {noise.shape} != logits shape {logits.shape}")
     dim = dim % logits.ndim
     n = logits.shape[dim]
     if n % 4 or n > MAX_ROW:

@@ -41,6 +41,20 @@ def gumbel_noise(seed, shape, dtype=np.float64) -> np.ndarray:
     return (-np.log(-np.log(u))).reshape(shape).astype(dtype)
 
 
+def check_forward(logits, tau, seed, noise):
+    """The argument checks of a compiled form's forward (dtype, τ, exactly one of seed= and noise=, shapes)."""
+    if logits.dtype not in (np.float32, np.float64):
+        raise TypeError(f"expected float32 or float64 logits, got {logits.dtype}")
+    if tau <= 0:
+        raise ValueError(f"tau must be positive, got {tau}")
+    if (seed is None) == (noise is None):
+        raise ValueError("pass exactly one of seed= and noise=")
+    if logits.ndim == 0:
+        raise ValueError("gumbel_softmax needs at least one dimension")
+    if noise is not None and noise.shape != logits.shape:
+        raise ValueError(f"noise shape {noise.shape} != logits shape {logits.shape}")
+
+
 def _noise(logits, seed, noise):
     if (seed is None) == (noise is None):
         raise ValueError("pass exactly one of seed= and noise=")

@@ -3,6 +3,7 @@ nvrtc_build: CUDA C++ compiled by NVRTC (the pip wheel), for the tests of the Cu
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -64,3 +65,26 @@ def nvrtc_build(source, filename, names, options=(), arch="compute_90", extra=()
     check(nvrtc.nvrtcDestroyProgram(prog), "destroy")
     assert b" " == bytes([32]), "a buffer handed to NVRTC was a shared bytes object"
     return bytes(ptx).decode().rstrip("\x00 "), cubin, log, lowered
+
+
+def host_build(directory, files, std="c++17", extra=()):
+    """A CUDA C++ kernel built for the CPU by the system's C++ compiler (the tests' emulations): `files` maps file
+    names to their text, written into `directory`; "emulate.cpp" among them is compiled, with -ffp-contract=off (no
+    fused multiply-adds: the NumPy spec's roundings) into a shared library, returned as a ctypes.CDLL. Skips the
+    calling test when there is no compiler; fails with the compiler's output when the build fails."""
+    import ctypes
+
+    import pytest
+
+    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler to build the CPU emulation of the kernel")
+    directory = Path(directory)
+    for name, text in files.items():
+        (directory / name).write_text(text)
+    lib = directory / "libemulation.so"
+    cmd = [cxx, f"-std={std}", "-O1", "-ffp-contract=off", "-fno-fast-math", "-fPIC", "-shared", *extra,
+           f"-I{directory}", str(directory / "emulate.cpp"), "-o", str(lib)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"the CPU build of the kernel fails:\n{proc.stderr}"
+    return ctypes.CDLL(str(lib))

@@ -14,15 +14,12 @@ CI has no GPU, so the kernel is checked three ways:
 from __future__ import annotations
 
 import ctypes
-import os
-import shutil
-import subprocess
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from ptx_tools import nvrtc_build, ptxas_usage
+from ptx_tools import host_build, nvrtc_build, ptxas_usage
 
 from kernels.gumbel import cuda_vec
 from kernels.gumbel import reference as ref
@@ -91,18 +88,10 @@ extern "C" void emulate(int seeded, int grid, const float* l2, const float* g2, 
 @pytest.fixture(scope="module")
 def emulated(tmp_path_factory):
     """gumbel_softmax_forward through softmax_rows.cu built for the CPU; grid: the blocks of each launch."""
-    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
-    if cxx is None:
-        pytest.skip("no C++ compiler to build the CPU emulation of the kernel")
     d = tmp_path_factory.mktemp("softmax_rows_emulation")
-    (d / "softmax_rows_defined.cu").write_text(cuda_vec.source())
-    (d / "emulate.cpp").write_text(EMULATION)
-    lib = d / "libsoftmax_rows.so"
-    cmd = [cxx, "-std=c++20", "-O1", "-ffp-contract=off", "-fno-fast-math", "-fPIC", "-shared", "-pthread",
-           f"-I{d}", str(d / "emulate.cpp"), "-o", str(lib)]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"the CPU build of softmax_rows.cu fails:\n{proc.stderr}"
-    fn = ctypes.CDLL(str(lib)).emulate
+    lib = host_build(d, {"softmax_rows_defined.cu": cuda_vec.source(), "emulate.cpp": EMULATION}, std="c++20",
+                     extra=("-pthread",))
+    fn = lib.emulate
     vp, i32, i64, f64, u32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong, ctypes.c_double, ctypes.c_uint
     fn.argtypes = [i32, i32, vp, vp, i64, i32, f64, i32, u32, u32, vp, vp]
     fn.restype = None

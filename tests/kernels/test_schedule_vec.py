@@ -15,16 +15,13 @@ CI has no GPU, so the kernel is checked three ways:
 from __future__ import annotations
 
 import ctypes
-import os
-import shutil
-import subprocess
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from ptx_tools import nvrtc_build, ptxas_usage
+from ptx_tools import host_build, nvrtc_build, ptxas_usage
 from schedule_out import check_bad_out_is_refused, check_out_equals_fresh
 
 from kernels import philox
@@ -98,18 +95,9 @@ extern "C" int emulate(int has_e, int seeded, int write_z, int grid, int block, 
 def emulated(tmp_path_factory):
     """A form (q_sample, ddpm_step, ddim_step) whose per-element pass is fused_update.cu built for the CPU; grid: the
     blocks of each launch (small, so that the grid-stride loop turns)."""
-    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
-    if cxx is None:
-        pytest.skip("no C++ compiler to build the CPU emulation of the kernel")
     d = tmp_path_factory.mktemp("fused_update_emulation")
-    (d / "fused_update_defined.cu").write_text(cuda_vec.source())
-    (d / "emulate.cpp").write_text(EMULATION)
-    lib = d / "libfused_update.so"
-    cmd = [cxx, "-std=c++17", "-O2", "-ffp-contract=off", "-fno-fast-math", "-fPIC", "-shared",
-           f"-I{d}", str(d / "emulate.cpp"), "-o", str(lib)]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"the CPU build of fused_update.cu fails:\n{proc.stderr}"
-    fn = ctypes.CDLL(str(lib)).emulate
+    lib = host_build(d, {"fused_update_defined.cu": cuda_vec.source(), "emulate.cpp": EMULATION})
+    fn = lib.emulate
     vp, i32, i64, f64, u32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong, ctypes.c_double, ctypes.c_uint
     fn.argtypes = [i32, i32, i32, i32, i32, vp, vp, vp, vp, f64, f64, u32, u32, vp, vp, vp, i64, i32]
     fn.restype = ctypes.c_int
