@@ -64,7 +64,7 @@ def _ours(backend, op, shape, form, into_buffers=False):
         sched = sch.Schedule.linear(T_STEPS)
         x, eps, t = _inputs(shape)
         x, eps = backend.array(x), backend.array(eps)
-        out = (backend.array(np.zeros_like(x)), backend.array(np.zeros_like(x))) if into_buffers else (None, None)
+        out = tuple(backend.array(np.zeros(shape, np.float32)) for _ in range(2)) if into_buffers else (None, None)
         if op == "q_sample":
             return lambda: sch.q_sample(x, t, sched, seed=1, form=form, out=out if into_buffers else None)
         if op == "ddpm_step":

@@ -3,6 +3,7 @@ a numba.cuda kernel is launched on CuPy arrays (`launch`)."""
 
 from __future__ import annotations
 
+import functools
 import importlib
 import struct
 import threading
@@ -14,6 +15,29 @@ FORMS = ("reference", "cpu", "cuda")
 
 def _is_cupy(a):
     return type(a).__module__.startswith("cupy")
+
+
+def array_module(a):
+    """The array module of a: CuPy for a CuPy array (imported only then), NumPy for anything else (the CUDA
+    simulator runs the numba.cuda kernels on NumPy arrays)."""
+    if _is_cupy(a):
+        import cupy
+
+        return cupy
+    return np
+
+
+def data_ptr(a) -> int:
+    """The address of an array's first byte, for NumPy and CuPy arrays alike."""
+    return a.data.ptr if _is_cupy(a) else a.__array_interface__["data"][0]
+
+
+@functools.cache
+def sm_count() -> int:
+    """Streaming multiprocessors of the current GPU."""
+    import cupy
+
+    return cupy.cuda.Device().attributes["MultiProcessorCount"]
 
 
 def form_module(family: str, form, a):

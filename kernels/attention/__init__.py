@@ -21,17 +21,9 @@ import math
 
 import numpy as np
 
+from ..dispatch import array_module
 from . import patterns, reference
 from .patterns import Causal, Column, Conv, PrefixLM, Row
-
-
-def _xp(a):
-    """The array module of a: NumPy, or CuPy for GPU arrays (imported only when one is given)."""
-    if isinstance(a, np.ndarray):
-        return np
-    import cupy
-
-    return cupy
 
 
 def _form(q, form):
@@ -59,7 +51,7 @@ class _Prepared:
 
     def __init__(self, q, k, v, scale, mask, causal, pattern):
         _check(q, k, v)
-        xp = self.xp = _xp(q)
+        xp = self.xp = array_module(q)
         self.shape4 = q.shape if q.ndim == 4 else (q.shape[0], 1) + q.shape[1:]
         B, H, L, D = self.shape4
         S = k.shape[-2]

@@ -36,6 +36,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ..dispatch import data_ptr
 from . import patterns
 
 BQ = 64  # queries per thread block (flash_tc.cu's BQ): forward and flash_backward_dq
@@ -159,14 +160,10 @@ def _element_of(dtype, element):
     return element
 
 
-def _data_ptr(a):
-    return a.data.ptr if hasattr(a.data, "ptr") else a.ctypes.data
-
-
 def _kernel_array(xp, a):
     """a as a C-contiguous array whose data is 16-byte aligned (the kernel copies rows 16 bytes at a time)."""
     a = xp.ascontiguousarray(a)
-    return a if _data_ptr(a) % 16 == 0 else a.copy()
+    return a if data_ptr(a) % 16 == 0 else a.copy()
 
 
 def _mask_arg(xp, mask, shape4, ndim):

@@ -41,7 +41,7 @@ import os
 import numpy as np
 from numba import cuda, types
 
-from kernels.dispatch import launch
+from kernels.dispatch import array_module, launch
 
 _SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 T = 2 if _SIM else 16  # threads per block side: T × T threads
@@ -272,19 +272,12 @@ def signatures(dtype):
 # CuPy arrays are launched through kernels.dispatch.launch (a few µs of host time where Numba's launch takes 100s).
 
 
-def _xp(a):
-    if type(a).__module__.startswith("cupy"):
-        import cupy
-
-        return cupy
-    return np
-
 
 def _prepare(*arrays):
     dtype = arrays[0].dtype
     if dtype not in (np.float32, np.float64) or any(a.dtype != dtype for a in arrays):
         raise TypeError(f"conv kernels take float32 or float64 arrays of one dtype, got {[a.dtype for a in arrays]}")
-    xp = _xp(arrays[0])
+    xp = array_module(arrays[0])
     return xp, KERNELS[np.dtype(dtype)], [xp.ascontiguousarray(a) for a in arrays]
 
 

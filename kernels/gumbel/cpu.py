@@ -26,6 +26,7 @@ import numpy as np
 from numba import njit, prange
 
 from kernels import philox
+from kernels.gumbel.reference import as_rows
 
 ROWS_PER_TASK = 4
 fast_log, fast_exp = philox.fast_log, philox.fast_exp
@@ -173,12 +174,6 @@ def gumbel_noise(seed, shape, dtype=np.float64):
     return out
 
 
-def _rows(a, dim):
-    """a with axis `dim` moved last, as a C-contiguous (rows, n) array (a copy unless dim is already last)."""
-    a = np.ascontiguousarray(np.moveaxis(a, dim, -1))
-    return a.reshape(-1, a.shape[-1]) if a.ndim else a.reshape(1, 1)
-
-
 def _check(logits, tau):
     if logits.dtype not in (np.float32, np.float64):
         raise TypeError(f"expected float32 or float64 logits, got {logits.dtype}")
@@ -204,8 +199,8 @@ def gumbel_softmax_forward(logits, tau=1.0, hard=False, *, seed=None, noise=None
     last = logits.ndim == 0 or dim == logits.ndim - 1
     if seed is not None and not last:
         noise, seed = gumbel_noise(seed, logits.shape, logits.dtype), None
-    l2 = _rows(logits, dim)
-    g2 = _rows(noise, dim) if noise is not None else l2
+    l2 = as_rows(logits, dim)
+    g2 = as_rows(noise, dim) if noise is not None else l2
     k0, k1 = philox.seed_key(seed) if seed is not None else (np.uint64(0), np.uint64(0))
     ys2 = np.empty_like(l2)
     y2 = np.empty_like(l2) if hard else ys2
@@ -225,7 +220,7 @@ def gumbel_softmax_backward(grad_y, y_soft, tau=1.0, *, dim=-1):
     if y_soft.ndim == 0:
         return np.zeros_like(y_soft)
     dim = dim % y_soft.ndim
-    ys2, gy2 = _rows(y_soft, dim), _rows(grad_y, dim)
+    ys2, gy2 = as_rows(y_soft, dim), as_rows(grad_y, dim)
     out2 = np.empty_like(ys2)
     if ys2.size:
         backward_rows(gy2, ys2, float(tau), out2)

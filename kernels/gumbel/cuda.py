@@ -39,8 +39,8 @@ import numpy as np
 from numba import cuda, float32, float64, int64
 
 from kernels import philox
-from kernels.dispatch import launch
-from kernels.gumbel.reference import check_forward
+from kernels.dispatch import array_module, launch
+from kernels.gumbel.reference import as_rows, check_forward
 
 # Threads per block (a power of two, for the tree reductions), the longest row whose float32 noise (40 KiB) a block
 # keeps in shared memory, and the most blocks a launch has (each then takes rows, or Philox blocks, a grid apart).
@@ -274,13 +274,6 @@ def _kernels(dtype):
     return KERNELS[np.dtype(np.float32) if dtype == np.float32 else np.dtype(np.float64)]
 
 
-def _xp(a):
-    if type(a).__module__.startswith("cupy"):
-        import cupy
-
-        return cupy
-    return np
-
 
 def _blocks(rows):
     return max(1, min(rows, GRID_MAX))
@@ -296,22 +289,17 @@ def gumbel_noise(seed, shape, dtype=np.float64, xp=np):
     return out
 
 
-def _rows(xp, a, dim):
-    a = xp.ascontiguousarray(xp.moveaxis(a, dim, -1))
-    return a.reshape(-1, a.shape[-1])
-
-
 def gumbel_softmax_forward(logits, tau=1.0, hard=False, *, seed=None, noise=None, dim=-1):
     """Sample y ~ Gumbel-softmax(logits, τ) along `dim`, one block per row; returns (y, y_soft)."""
-    xp = _xp(logits)
+    xp = array_module(logits)
     check_forward(logits, tau, seed, noise)
     dim = dim % logits.ndim
     if seed is not None and dim != logits.ndim - 1:  # draw in the original layout, then move the axis
         noise, seed = gumbel_noise(seed, logits.shape, logits.dtype, xp), None
-    l2 = _rows(xp, logits, dim)
+    l2 = as_rows(logits, dim)
     k0, k1 = philox.seed_key(seed) if seed is not None else (np.uint64(0), np.uint64(0))
     ys2 = xp.empty_like(l2)
-    g2 = _rows(xp, noise, dim) if noise is not None else ys2  # seeded: the kernel's scratch for g (see there)
+    g2 = as_rows(noise, dim) if noise is not None else ys2  # seeded: the kernel's scratch for g (see there)
     y2 = xp.empty_like(l2) if hard else ys2
     if l2.size:
         single = logits.dtype == np.float32
@@ -326,11 +314,11 @@ def gumbel_softmax_forward(logits, tau=1.0, hard=False, *, seed=None, noise=None
 
 def gumbel_softmax_backward(grad_y, y_soft, tau=1.0, *, dim=-1):
     """∂L/∂logits = y_soft ∘ (g_y − Σ g_y y_soft)/τ (straight-through for hard: the gradient of y_soft)."""
-    xp = _xp(y_soft)
+    xp = array_module(y_soft)
     if grad_y.shape != y_soft.shape:
         raise ValueError(f"grad shape {grad_y.shape} != y_soft shape {y_soft.shape}")
     dim = dim % y_soft.ndim
-    ys2, gy2 = _rows(xp, y_soft, dim), _rows(xp, grad_y, dim)
+    ys2, gy2 = as_rows(y_soft, dim), as_rows(grad_y, dim)
     out2 = xp.empty_like(ys2)
     if ys2.size:
         launch(backward_rows_kernel, _blocks(ys2.shape[0]), THREADS, gy2, ys2, float(tau), out2)

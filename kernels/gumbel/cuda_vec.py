@@ -23,7 +23,8 @@ from typing import NamedTuple
 import numpy as np
 
 from kernels import philox
-from kernels.gumbel.reference import check_forward
+from kernels.dispatch import array_module, data_ptr
+from kernels.gumbel.reference import as_rows, check_forward
 
 SOURCE = Path(__file__).with_name("softmax_rows.cu")
 THREADS = 256  # softmax_rows.cu's GS_THREADS
@@ -51,17 +52,6 @@ def _kernels():
     return {s: module.get_function(kernel_name(s)) for s in (True, False)}
 
 
-def _xp(a):
-    if type(a).__module__.startswith("cupy"):
-        import cupy
-
-        return cupy
-    return np
-
-
-def _ptr(a):
-    return a.data.ptr if hasattr(a.data, "ptr") else a.ctypes.data
-
 
 class Launch(NamedTuple):
     """One launch: the instance (seeded), grid and block sizes, the arguments in order, and what the call returns."""
@@ -75,7 +65,7 @@ class Launch(NamedTuple):
 
 def launch_args(logits, tau=1.0, hard=False, *, seed=None, noise=None, dim=-1, grid=None) -> Launch:
     """Check the arguments and build the launch (args empty when there is nothing to compute)."""
-    xp = _xp(logits)
+    xp = array_module(logits)
     check_forward(logits, tau, seed, noise)
     if logits.dtype != np.float32:
         raise TypeError(f"cuda_vec computes float32 logits, got {logits.dtype}; float64 ones go to form='cuda'")
@@ -93,8 +83,8 @@ def launch_args(logits, tau=1.0, hard=False, *, seed=None, noise=None, dim=-1, g
 
             noise = cuda.gumbel_noise(seed, logits.shape, np.float32, xp)
         seed = None
-    l2 = _rows(xp, logits, dim)
-    g2 = _rows(xp, xp.asarray(noise, dtype=np.float32), dim) if noise is not None else l2
+    l2 = as_rows(logits, dim)
+    g2 = as_rows(xp.asarray(noise, dtype=np.float32), dim) if noise is not None else l2
     ys2 = xp.empty_like(l2)
     y2 = xp.empty_like(l2) if hard else ys2
     shape = xp.moveaxis(logits, dim, -1).shape
@@ -103,17 +93,12 @@ def launch_args(logits, tau=1.0, hard=False, *, seed=None, noise=None, dim=-1, g
     seeded = seed is not None
     if l2.size == 0:
         return Launch(seeded, 0, THREADS, (), result)
-    l2, g2 = (a if _ptr(a) % 16 == 0 else a.copy() for a in (l2, g2))  # float4 loads (copies are aligned)
+    l2, g2 = (a if data_ptr(a) % 16 == 0 else a.copy() for a in (l2, g2))  # float4 loads (copies are aligned)
     k0, k1 = philox.seed_key(seed) if seeded else (0, 0)
     rows = l2.shape[0]
     args = (l2, g2, np.int64(rows), np.int32(n), np.float64(LOG2_E / tau), np.int32(bool(hard)), np.uint32(k0),
             np.uint32(k1), y2, ys2)
     return Launch(seeded, grid or min(rows, GRID_MAX), THREADS, args, result)
-
-
-def _rows(xp, a, dim):
-    a = xp.ascontiguousarray(xp.moveaxis(a, dim, -1))
-    return a.reshape(-1, a.shape[-1])
 
 
 def gumbel_softmax_forward(logits, tau=1.0, hard=False, *, seed=None, noise=None, dim=-1):

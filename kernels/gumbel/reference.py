@@ -28,6 +28,7 @@ from __future__ import annotations
 import numpy as np
 
 from kernels import philox
+from kernels.dispatch import array_module
 
 
 def gumbel_noise(seed, shape, dtype=np.float64) -> np.ndarray:
@@ -39,6 +40,14 @@ def gumbel_noise(seed, shape, dtype=np.float64) -> np.ndarray:
         return philox.gumbel32(seed, index).reshape(shape)
     u = philox.uniform(seed, index)
     return (-np.log(-np.log(u))).reshape(shape).astype(dtype)
+
+
+def as_rows(a, dim):
+    """a (NumPy or CuPy) with axis `dim` moved last, as a C-contiguous (rows, n) array — the compiled forms' layout
+    (a copy unless dim is already last and a contiguous)."""
+    xp = array_module(a)
+    a = xp.ascontiguousarray(xp.moveaxis(a, dim, -1))
+    return a.reshape(-1, a.shape[-1]) if a.ndim else a.reshape(1, 1)
 
 
 def check_forward(logits, tau, seed, noise):

@@ -30,14 +30,13 @@ simulator (NUMBA_ENABLE_CUDASIM=1).
 
 from __future__ import annotations
 
-import functools
 import os
 
 import numpy as np
 from numba import cuda, float32, float64
 
 from kernels import philox
-from kernels.dispatch import launch
+from kernels.dispatch import array_module, launch, sm_count
 from kernels.schedule.cpu import updates
 from kernels.schedule.reference import check_update, given_noise
 
@@ -188,33 +187,17 @@ KERNELS = {dt: (cuda.jit if _SIM else cuda.jit(launch_bounds=(THREADS, blocks)))
            for dt, blocks in BLOCKS_PER_SM.items()}
 
 
-def _xp(a):
-    """The array module of a: CuPy for CuPy arrays, NumPy otherwise (the simulator runs on NumPy arrays)."""
-    if type(a).__module__.startswith("cupy"):
-        import cupy
-
-        return cupy
-    return np
-
-
-@functools.cache
-def _sm_count():
-    """Streaming multiprocessors of the current GPU."""
-    import cupy
-
-    return cupy.cuda.Device().attributes["MultiProcessorCount"]
-
 
 def _blocks(n, dtype, xp):
     """Blocks to launch over n elements: one per tile, capped at WAVES waves of resident blocks."""
-    cap = MAX_BLOCKS if xp is np else WAVES * _sm_count() * BLOCKS_PER_SM[np.dtype(dtype)]
+    cap = MAX_BLOCKS if xp is np else WAVES * sm_count() * BLOCKS_PER_SM[np.dtype(dtype)]
     return min(-(-n // TILE), cap)
 
 
 def run(x, e, coef, clip, seed, noise, want_noise, out=None):
     """Launch fused_update_kernel; returns (result, noise or None). out: None, the result's buffer, or with
     want_noise the pair (result, noise) of buffers (see reference.check_out)."""
-    xp = _xp(x)
+    xp = array_module(x)
     if x.dtype not in (np.float32, np.float64):
         raise TypeError(f"expected a float32 or float64 array, got {x.dtype}")
     e, noise, out, z_given = check_update(x, e, seed, noise, want_noise, out, xp.asarray)

@@ -22,6 +22,7 @@ from typing import NamedTuple
 import numpy as np
 
 from kernels import philox
+from kernels.dispatch import array_module, data_ptr, sm_count
 from kernels.schedule.cpu import updates
 from kernels.schedule.reference import check_update, given_noise
 
@@ -53,17 +54,6 @@ def _kernels():
     return {k: module.get_function(name) for k, name in zip(INSTANCES, names)}
 
 
-def _ptr(a):
-    return a.data.ptr if hasattr(a.data, "ptr") else a.ctypes.data
-
-
-@functools.cache
-def _sm_count():
-    import cupy
-
-    return cupy.cuda.Device().attributes["MultiProcessorCount"]
-
-
 class Launch(NamedTuple):
     """One launch: the instance (has_e, seeded, write_z), grid and block sizes, the kernel's arguments in order, and
     what the call returns."""
@@ -76,10 +66,11 @@ class Launch(NamedTuple):
     noise: object
 
 
-def launch_args(x, e, coef, clip, seed, noise, want_noise, out=None, *, grid=None) -> Launch | None:
-    """Check the arguments and build the launch (None when there is nothing to launch: an empty array). `out` as in
-    the other forms; grid: the number of blocks (default: one per THREADS Philox blocks, at most WAVES per SM)."""
-    xp = _xp(x)
+def launch_args(x, e, coef, clip, seed, noise, want_noise, out=None, *, grid=None) -> Launch:
+    """Check the arguments and build the launch (with no arguments when there is nothing to launch: an empty array).
+    `out` as in the other forms; grid: the number of blocks (default: one per THREADS Philox blocks, at most WAVES
+    per SM)."""
+    xp = array_module(x)
     if x.dtype != np.float32:
         raise TypeError(f"cuda_vec computes float32 arrays, got {x.dtype}; float64 arrays go to form='cuda'")
     e, noise, out, z_given = check_update(x, e, seed, noise, want_noise, out, xp.asarray)
@@ -100,21 +91,14 @@ def launch_args(x, e, coef, clip, seed, noise, want_noise, out=None, *, grid=Non
     instance = (has_e, seeded, seeded and want_noise)
     if n == 0:
         return Launch(instance, 0, THREADS, (), res, noise_back)
-    vec = all(_ptr(a) % 16 == 0 for a in (xc, e_c, z_c, z_out, res))
+    vec = all(data_ptr(a) % 16 == 0 for a in (xc, e_c, z_c, z_out, res))
     if grid is None:
-        grid = min(math.ceil(math.ceil(n / 4) / THREADS), WAVES * (_sm_count() if xp is not np else 1))
+        grid = min(math.ceil(math.ceil(n / 4) / THREADS), WAVES * (sm_count() if xp is not np else 1))
     coefn = xp.asarray(np.ascontiguousarray(coef[:, 3:], dtype=np.float32))
     args = (xc, e_c, xp.asarray(np.ascontiguousarray(coef, dtype=np.float64)), coefn, np.float64(1.0 / per_sample),
             np.float64(clip), np.uint32(k0), np.uint32(k1), z_c, z_out, res, np.int64(n), np.int32(vec))
     return Launch(instance, grid, THREADS, args, res, noise_back)
 
-
-def _xp(a):
-    if type(a).__module__.startswith("cupy"):
-        import cupy
-
-        return cupy
-    return np
 
 
 def run(x, e, coef, clip, seed, noise, want_noise, out=None):

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kernels import philox
+from kernels.dispatch import data_ptr
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -151,7 +152,7 @@ def ddim_sigma(sched: Schedule, t, t_prev, eta: float) -> np.ndarray:
 
 def _span(a):
     """The bytes an array's buffer covers, (first address, one past its end), for NumPy and CuPy arrays alike."""
-    lo = a.data.ptr if hasattr(a.data, "ptr") else a.__array_interface__["data"][0]
+    lo = data_ptr(a)
     return lo, lo + a.nbytes
 
 

@@ -263,7 +263,7 @@ def test_cuda_kernels_compile_for_sm90(ptx_sm90, name):
 def test_cuda_grid_is_two_waves_of_resident_blocks(monkeypatch):
     """One block per tile up to WAVES waves of the blocks an SM holds (the grid-stride loop takes the rest); the
     simulator's NumPy arrays use MAX_BLOCKS."""
-    monkeypatch.setattr(cuda, "_sm_count", lambda: 132)
+    monkeypatch.setattr(cuda, "sm_count", lambda: 132)
     gpu = object()  # any array module but NumPy
     assert cuda._blocks(5 * cuda.TILE + 1, np.float32, gpu) == 6
     assert cuda._blocks(10**9, np.float32, gpu) == 2 * 132 * cuda.BLOCKS_PER_SM[np.dtype(np.float32)]
