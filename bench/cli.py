@@ -22,6 +22,9 @@ from bench import harness
 
 FAMILIES = ("attention", "conv", "gumbel", "schedule", "model")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# a measurement's calls take at least MIN_TIME_S in all (up to MAX_REPEATS calls): the median of five calls of 10 ms
+# moved with two stalls of this project's VM (bench/README.md); that of 25 does not
+MIN_TIME_S, MAX_REPEATS = 0.5, 25
 
 
 def _positive_int(text):
@@ -42,7 +45,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     size.add_argument("--quick", action="store_true", help="tiny sizes: checks that everything runs (seconds)")
     size.add_argument("--full", action="store_true", help="add the largest sizes (attention N = 2048, 4096)")
     p.add_argument("--repeats", type=_positive_int, default=None, metavar="R",
-                   help="timed calls per measurement after one warm-up (default: 5; 2 with --quick)")
+                   help="timed calls per measurement after one warm-up (default: 5; 2 with --quick), and more, up to "
+                        f"{MAX_REPEATS}, until they take --min-time seconds")
+    p.add_argument("--min-time", type=float, default=None, metavar="S",
+                   help=f"seconds of timed calls a measurement takes at least (default: {MIN_TIME_S}; 0 with --quick)")
     p.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
     p.add_argument("--markdown", action="store_true", help="print the table as Markdown (for the README)")
     p.add_argument("--out", type=Path, default=None, metavar="DIR",
@@ -59,13 +65,14 @@ def run(args) -> int:
     families = list(dict.fromkeys(args.families)) or list(FAMILIES)
     threads = args.threads or usable_cores()
     repeats = args.repeats or (2 if args.quick else 5)
+    min_time_s = args.min_time if args.min_time is not None else (0.0 if args.quick else MIN_TIME_S)
     try:
         backend = harness.Backend(args.device)
     except (harness.UnavailableError, ImportError) as e:
         print(f"t2i bench --device {args.device}: {e}", file=sys.stderr)
         return 1
     report = run_benchmarks(backend, families, threads=threads, quick=args.quick, full=args.full, repeats=repeats,
-                            log=lambda msg: print(msg, file=sys.stderr, flush=True))
+                            min_time_s=min_time_s, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     report["settings"]["openmp"] = openmp
     out_dir = args.out or RESULTS_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -136,19 +143,21 @@ def result_stem(device, date, families, quick=False, full=False) -> str:
     return stem
 
 
-def run_benchmarks(backend, families, *, threads, quick=False, full=False, repeats=5, budget_s=3.0,
+def run_benchmarks(backend, families, *, threads, quick=False, full=False, repeats=5, budget_s=3.0, min_time_s=0.0,
                    clock=None, log=print) -> dict:
     """Measure every case of every family; returns the report (machine, settings, peak, results)."""
     pinned = harness.pin_threads(threads)
     machine = harness.machine_info(backend.device)
     settings = dict(device=backend.device, threads=threads, pinned=pinned, quick=quick, full=full, repeats=repeats,
-                    budget_s=budget_s, families=families, argv=sys.argv)
+                    min_time_s=min_time_s, max_repeats=MAX_REPEATS, budget_s=budget_s, families=families,
+                    argv=sys.argv)
     log(f"measuring peak on {machine['cpu_model']} ({threads} threads, load {_load(machine)})")
     from bench.peak import best_of, measure_peak
 
     peak = measure_peak(backend.device, quick=quick)
     log(f"peak: {peak['GFLOP/s']:.1f} GFLOP/s sgemm, {peak['GB/s']:.1f} GB/s copy")
-    timing_kw = dict(repeats=repeats, budget_s=budget_s, sync=backend.sync)
+    timing_kw = dict(repeats=repeats, budget_s=budget_s, min_time_s=min_time_s, max_repeats=MAX_REPEATS,
+                     sync=backend.sync)
     if clock is not None:
         timing_kw["clock"] = clock
     results, status = [], {}

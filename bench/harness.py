@@ -9,7 +9,8 @@ region and only while that implementation is measured.
 
 For each implementation the harness records:
 
-- time: the median of `repeats` calls after `warmup` untimed calls (the warm-up also triggers Numba's
+- time: the median of `repeats` calls (more for a fast call, up to `max_repeats`, until the calls have taken
+  `min_time_s`) after `warmup` untimed calls (the warm-up also triggers Numba's
   compilation), read with `time.perf_counter`; the median, not the mean, because a loaded machine adds
   one-sided outliers;
 - rate: work / time, as GFLOP/s or GB/s, and its fraction of this machine's peak measured at the run's start and
@@ -89,9 +90,11 @@ class Timing:
         return statistics.median(self.times)
 
 
-def measure(fn, *, repeats=5, warmup=1, budget_s=float("inf"), min_repeats=3, clock=time.perf_counter,
-            sync=None) -> Timing:
-    """Time `fn()`: `warmup` untimed calls, then up to `repeats` timed ones.
+def measure(fn, *, repeats=5, warmup=1, budget_s=float("inf"), min_repeats=3, min_time_s=0.0, max_repeats=None,
+            clock=time.perf_counter, sync=None) -> Timing:
+    """Time `fn()`: `warmup` untimed calls, then `repeats` timed ones — and more, up to `max_repeats`, until the timed
+    calls have taken `min_time_s` in all, so that a fast call's median rests on enough calls that a few stalls of a
+    shared machine cannot move it.
 
     Stops early once the timed calls have taken `budget_s` in all and at least `min_repeats` were made (a
     slow reference need not run five times to be known slow). `sync` (e.g. a CUDA synchronize) runs after
@@ -102,12 +105,14 @@ def measure(fn, *, repeats=5, warmup=1, budget_s=float("inf"), min_repeats=3, cl
         fn()
         sync()
     times = []
-    for _ in range(repeats):
+    while len(times) < max(repeats, max_repeats or 0):
         start = clock()
         fn()
         sync()
         times.append(clock() - start)
         if sum(times) >= budget_s and len(times) >= min_repeats:
+            break
+        if len(times) >= repeats and sum(times) >= min_time_s:
             break
     return Timing(times)
 

@@ -16,6 +16,11 @@ is the kernel's own bandwidth, which the fraction-of-copy target reads.
 On a GPU our kernel runs in two forms: `cuda` (numba.cuda, the default for CuPy arrays) and `cuda_vec` (CUDA C++ with
 128-bit loads and stores, kernels/schedule/cuda_vec.py), so that one run measures the one against the other.
 
+On a CPU one more case, `normal draw`, times the noise alone: our kernel's Philox normals written into a buffer made
+once (`kernels.schedule.cpu.draw`, the ε that q_sample returns, drawn chunk by chunk as the updates draw it) against
+`torch.randn(..., out=)` — the floor under q_sample and the DDPM step, and what their fraction of copy bandwidth is
+bounded by (bytes: the one array written).
+
 Bytes count each update's unavoidable traffic, the same for every implementation (3 arrays of x's size):
 q_sample reads x_0 and writes x_t and ε (ε is returned: it is the training target); a DDPM or DDIM step reads
 x_t and ε̂ and writes x_{t−1}. Shapes (64, 3, S, S) float32, S = 64, 128, 256 (3, 12 and 48 MiB per array),
@@ -110,6 +115,25 @@ def _torch(backend, op, shape):
     return setup
 
 
+def _draw_ours(shape):
+    def setup():
+        from kernels.schedule import cpu
+
+        buf = np.zeros(shape, np.float32)
+        return lambda: cpu.draw(buf, 1)
+
+    return setup
+
+
+def _draw_torch(backend, shape):
+    def setup():
+        torch = backend.torch()
+        buf = torch.zeros(shape)
+        return lambda: torch.randn(shape, out=buf)
+
+    return setup
+
+
 def cases(backend, *, quick=False, full=False) -> list[Case]:
     """Each update over a sweep of batch shapes (quick: tiny sizes for tests)."""
     _kernels()  # UnavailableError: the whole family is reported unavailable
@@ -133,4 +157,11 @@ def cases(backend, *, quick=False, full=False) -> list[Case]:
             out.append(Case(FAMILY, f"{op} {batch}x3x{side}x{side}", nbytes_moved(shape), "GB/s", impls,
                             dict(op=op, shape=list(shape), dtype="float32", T=T_STEPS),
                             dict(panel=op, series="", x=int(np.prod(shape)), xlabel="elements")))
+    if backend.device == "cpu":
+        for side in sides:
+            shape = (batch, 3, side, side)
+            out.append(Case(FAMILY, f"normal draw {batch}x3x{side}x{side}", float(np.prod(shape) * 4), "GB/s",
+                            [Impl(OUT_BUFFERS, _draw_ours(shape)), Impl(TORCH, _draw_torch(backend, shape))],
+                            dict(op="draw", shape=list(shape), dtype="float32"),
+                            dict(panel="normal draw", series="", x=int(np.prod(shape)), xlabel="elements")))
     return out

@@ -40,6 +40,18 @@ def test_measure_stops_at_the_budget_but_not_before_min_repeats():
     assert t.times == [10.0, 10.0, 10.0]
 
 
+def test_measure_repeats_a_fast_call_until_min_time_up_to_max_repeats():
+    clock = FakeClock([x for k in range(40) for x in (k, k + 0.125)])  # calls of 1/8 s
+    t = harness.measure(lambda: None, repeats=3, warmup=0, min_time_s=1.0, max_repeats=20, clock=clock)
+    assert len(t.times) == 8  # 3 were asked for; 8 make the second
+    clock = FakeClock([x for k in range(40) for x in (k, k + 0.125)])
+    t = harness.measure(lambda: None, repeats=3, warmup=0, min_time_s=10.0, max_repeats=20, clock=clock)
+    assert len(t.times) == 20  # the cap
+    clock = FakeClock([x for k in range(40) for x in (k, k + 2.0)])  # slow calls: the repeats asked for, no more
+    t = harness.measure(lambda: None, repeats=3, warmup=0, min_time_s=1.0, max_repeats=20, clock=clock)
+    assert len(t.times) == 3
+
+
 def test_summary_arithmetic():
     """rate = work/time, fraction = rate/peak, ratio = ours/torch, for a known workload on known times."""
     case = harness.Case("fam", "c", work=6e9, unit="GFLOP/s",
@@ -184,8 +196,13 @@ def test_cpu_schedule_targets_read_bandwidth_into_buffers_and_ratio_fresh():
     checks = [c for c in targets.check({"settings": {"device": "cpu"}, "results": results}) if c["case"] == case]
     assert {c["field"]: (c["value"], c["verdict"]) for c in checks} == {"fraction_of_peak": (0.8, "met"),
                                                                        "ratio_to_torch": (0.2, "met")}
-    for c in schedule.cases(SimpleNamespace(device="cpu", ours="cpu"), quick=True):
-        assert [impl.name for impl in c.impls][:2] == ["cpu", schedule.OUT_BUFFERS]
+    cpu_cases = schedule.cases(SimpleNamespace(device="cpu", ours="cpu"), quick=True)
+    for c in cpu_cases:
+        if c.params["op"] in schedule.OPS:
+            assert [impl.name for impl in c.impls][:2] == ["cpu", schedule.OUT_BUFFERS]
+        else:  # the noise alone, into a buffer made once, beside torch.randn(out=)
+            assert c.params["op"] == "draw" and [impl.name for impl in c.impls] == [schedule.OUT_BUFFERS, "torch"]
+            assert c.work == 4 * math.prod(c.params["shape"])
 
 
 def test_gpu_elementwise_targets_read_both_times():

@@ -170,6 +170,35 @@ def fused_update(x, e, has_e, coef, per_sample, clip, seeded, k0, k1, z, write_z
             start = stop
 
 
+@philox.cached_njit(parallel=True, error_model="numpy")
+def _draw(k0, k1, out, noise32):
+    """out[i] = the normal of (k0, k1) at flat index i, chunk by chunk through a scratch as fused_update draws."""
+    n = out.size
+    for c in prange((n + CHUNK - 1) // CHUNK):
+        lo = c * CHUNK
+        m = min(CHUNK, n - lo)
+        zbuf = np.empty(CHUNK, out.dtype)
+        if noise32:
+            _fill32(k0, k1, lo, m, zbuf)
+        else:
+            _fill64(k0, k1, lo, m, zbuf)
+        o = out[lo:lo + m]
+        for j in range(m):
+            o[j] = zbuf[j]
+
+
+def draw(out, seed):
+    """Fill out with the noise the updates draw for `seed` (float32 normals for float32, float64 for float64; element
+    i's is philox's normal of (seed, i)) and return it: the noise alone, what q_sample returns as ε, so that its cost
+    can be measured apart from the update's memory traffic."""
+    if not isinstance(out, np.ndarray) or not out.flags.c_contiguous:
+        raise ValueError("draw: out must be a C-contiguous NumPy array")
+    _check_float(out)
+    k0, k1 = philox.seed_key(seed)
+    _draw(k0, k1, out.reshape(-1), out.dtype == np.float32)
+    return out
+
+
 _EMPTY = np.empty(0)
 
 
@@ -245,48 +274,3 @@ def updates(run, array=np.asarray, check=_check_float):
 
 
 q_sample, ddpm_step, ddim_step = updates(run)
-
-
-def benchmark_q_sample(shape=(64, 3, 64, 64), dtype=np.float32, repeats=10, threads=2, seeded=True):
-    """Time q_sample (this kernel) against the PyTorch eager expression randn_like + √ᾱ·x0 + √(1−ᾱ)·ε.
-
-    Threads are pinned for both (Numba and PyTorch each set to `threads`). Returns median seconds and the
-    effective bandwidth: bytes of x0 read and of x_t and ε written (with explicit noise: ε read instead).
-    """
-    import time
-
-    import numba
-    import torch
-
-    numba.set_num_threads(threads)
-    torch.set_num_threads(threads)
-    sched = Schedule.linear(1000)
-    rng = np.random.default_rng(0)
-    x0 = rng.standard_normal(shape).astype(dtype)
-    t = rng.integers(0, 1000, shape[0])
-    noise = None if seeded else rng.standard_normal(shape).astype(dtype)
-    kw = dict(seed=1) if seeded else dict(noise=noise)
-    x0_t = torch.from_numpy(x0)
-    a = torch.from_numpy(sched.sqrt_alphas_cumprod[t].astype(dtype)).view(-1, *([1] * (x0.ndim - 1)))
-    s = torch.from_numpy(sched.sqrt_one_minus_alphas_cumprod[t].astype(dtype)).view(-1, *([1] * (x0.ndim - 1)))
-    noise_t = None if seeded else torch.from_numpy(noise)
-
-    def torch_q_sample():
-        eps = torch.randn_like(x0_t) if seeded else noise_t
-        return a * x0_t + s * eps, eps
-
-    def median_time(fn):
-        fn()  # warm-up (and compile)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return float(np.median(times))
-
-    ours = median_time(lambda: q_sample(x0, t, sched, **kw))
-    theirs = median_time(torch_q_sample)
-    nbytes = 3 * x0.nbytes
-    return {"shape": shape, "dtype": np.dtype(dtype).name, "threads": threads, "seeded": seeded,
-            "ours_s": ours, "torch_s": theirs, "ours_GBps": nbytes / ours / 1e9, "torch_GBps": nbytes / theirs / 1e9,
-            "speedup": theirs / ours}
