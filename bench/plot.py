@@ -57,7 +57,8 @@ def plot_report(report: dict, out_dir, stem: str) -> list[Path]:
         cols = min(n, 3)
         rows = math.ceil(n / cols)
         fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 4.2 * rows), squeeze=False)
-        impls = sorted({impl for panel in panels.values() for _, impl in panel["lines"]})  # one colour each, figure-wide
+        # one colour per implementation in the whole figure
+        impls = sorted({impl for panel in panels.values() for _, impl in panel["lines"]})
         for ax, (title, panel) in zip(axes.flat, panels.items()):
             series = sorted({label[: -len(impl)].strip() for label, impl in panel["lines"]})
             for (label, impl), points in sorted(panel["lines"].items()):
