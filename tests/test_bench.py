@@ -320,6 +320,16 @@ def test_cuda_cases_are_built_without_a_gpu():
     assert all("cuda_vec" in [i.name for i in c.impls] for c in gumbel.cases(fake, quick=True))
 
 
+def test_gpu_sweep_includes_the_default_launch():
+    """bench.sweep_cuda_vec times cuda_vec's default launch shape among the others (its baseline), each once."""
+    from bench import sweep_cuda_vec
+    from kernels.schedule import cuda_vec
+
+    shapes = sweep_cuda_vec.configs(132)
+    assert (cuda_vec.WAVES * 132, cuda_vec.THREADS) in shapes and len(set(shapes)) == len(shapes)
+    assert all(block <= cuda_vec.THREADS for _, block in shapes)  # __launch_bounds__(256)
+
+
 def test_bad_family_is_refused(capsys):
     assert main(["bench", "nonsense"]) == 2
     assert "unknown family" in capsys.readouterr().err

@@ -1,0 +1,86 @@
+"""Launch shapes of the CUDA C++ schedule kernel on a GPU: `python -m bench.sweep_cuda_vec` (needs a GPU and CuPy).
+
+kernels/schedule/cuda_vec.py launches fused_update.cu with 256 threads a block and at most 4 blocks per SM, each
+thread taking Philox block after Philox block (a grid-stride loop). Whether a thread's one float4 load per array in
+flight during its draw keeps HBM busy depends on how many threads there are: this times every update at
+64×3×1024×1024 float32 for grids of 1 … 32 blocks per SM and blocks of 128 and 256 threads (GPU time per call: 20
+calls queued between two CUDA events, as the bench's stream time), beside the numba.cuda form and a copy of the
+same bytes, and checks that every shape gives the default launch's result bit for bit. It prints one line per shape:
+ms, GB/s and the fraction of the copy's GB/s — what to set cuda_vec.WAVES and the block size to.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+SHAPE = (64, 3, 1024, 1024)
+WAVES = (1, 2, 4, 8, 16, 32)  # blocks of the grid per SM
+BLOCKS = (128, 256)  # threads per block (fused_update.cu's __launch_bounds__ is 256)
+
+
+def configs(sm: int, waves=WAVES, blocks=BLOCKS) -> list[tuple[int, int]]:
+    """The (grid, block) shapes to time on a GPU with `sm` multiprocessors."""
+    return [(w * sm, b) for b in blocks for w in waves]
+
+
+def calls(sched, x, eps, t, form):
+    """{update: a call of it in `form`}, the noise drawn, as bench/schedule.py runs them."""
+    from kernels import schedule
+
+    return {"q_sample": lambda: schedule.q_sample(x, t, sched, seed=1, form=form),
+            "ddpm_step": lambda: schedule.ddpm_step(x, eps, t, sched, seed=1, form=form),
+            "ddim_step": lambda: schedule.ddim_step(x, eps, t, t - 1, sched, 0.0, seed=1, form=form)}
+
+
+def gpu_time(fn, calls=20) -> float:
+    """Seconds per call of `calls` calls queued back to back (bench.harness.measure_stream)."""
+    from bench.harness import measure_stream
+
+    return measure_stream(fn, calls=calls)
+
+
+def main():
+    """Print the sweep (see the module docstring)."""
+    import cupy
+
+    from kernels.dispatch import sm_count
+    from kernels.schedule import cuda_vec
+    from kernels.schedule.cpu import ddim_coefficients, ddpm_coefficients, q_sample_coefficients
+    from kernels.schedule.reference import Schedule
+
+    sched = Schedule.linear(1000)
+    rng = np.random.default_rng(0)
+    x = cupy.asarray(rng.standard_normal(SHAPE, dtype=np.float32))
+    eps = cupy.asarray(rng.standard_normal(SHAPE, dtype=np.float32))
+    t = rng.integers(1, 1000, SHAPE[0])
+    copy_dst = cupy.empty_like(x)
+    copy_s = gpu_time(lambda: cupy.copyto(copy_dst, x))
+    copy_gbs = 2 * x.nbytes / copy_s / 1e9
+    nbytes = 3 * x.nbytes
+    print(f"{cupy.cuda.runtime.getDeviceProperties(0)['name'].decode()}, {sm_count()} SMs; shape {SHAPE} float32; "
+          f"copy {copy_s * 1e3:.3f} ms = {copy_gbs:.0f} GB/s")
+    # the launches of cuda_vec.run, built once per update and then launched with other shapes
+    coefs = {"q_sample": (None, q_sample_coefficients(sched, t), True),
+             "ddpm_step": (eps, ddpm_coefficients(sched, t, None, "posterior"), False),
+             "ddim_step": (eps, ddim_coefficients(sched, t, t - 1, 0.0), False)}
+    kernels = cuda_vec._kernels()
+    for name in coefs:
+        for form in ("cuda", "cuda_vec"):
+            s = gpu_time(calls(sched, x, eps, t, form)[name])
+            print(f"{name:10s} {form:9s} default launch  {s * 1e3:7.3f} ms {nbytes / s / 1e9:6.0f} GB/s "
+                  f"{nbytes / s / 1e9 / copy_gbs:6.1%} of copy")
+        e, coef, want_noise = coefs[name]
+        base = cuda_vec.launch_args(x, e, coef, np.inf, 1, None, want_noise)
+        kernel = kernels[base.instance]
+        kernel((base.grid,), (base.block,), base.args)
+        want = base.out.copy()
+        for grid, block in configs(sm_count()):
+            launch = cuda_vec.launch_args(x, e, coef, np.inf, 1, None, want_noise, grid=grid)
+            s = gpu_time(lambda: kernel((grid,), (block,), launch.args))  # noqa: B023 (timed here, in this iteration)
+            same = bool(cupy.array_equal(launch.out, want))
+            print(f"{name:10s} cuda_vec  grid {grid:5d} × {block:3d}  {s * 1e3:7.3f} ms {nbytes / s / 1e9:6.0f} GB/s "
+                  f"{nbytes / s / 1e9 / copy_gbs:6.1%} of copy{'' if same else '  RESULT DIFFERS FROM THE DEFAULT'}")
+
+
+if __name__ == "__main__":
+    main()
