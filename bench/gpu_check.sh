@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks in one go, for a machine with a CUDA GPU, CuPy, numba-cuda and PyTorch (see README, "On a GPU"):
 # versions, the `gpu`-marked tests, `t2i bench --device cuda` for the four kernel families, then where a numba.cuda
-# launch spends its host time (bench/launch_overhead.py), then the launch shapes of the C++ schedule kernel
+# launch spends its host time (bench/launch_overhead.py), then the launch shapes of the C++ schedule and Gumbel kernels
 # (bench/sweep_cuda_vec.py). About 3.5 minutes on an H200.
 # Usage: bash bench/gpu_check.sh [OUT_DIR]   (default: $OUT, else /tmp/t2i-gpu). Writes log.txt, the bench JSON
 # and its plots there; TESTS (test paths) and BENCH_FAMILIES narrow what runs,
@@ -53,7 +53,7 @@ PY
   echo "=== host time of a numba.cuda launch (python -m bench.launch_overhead)"
   timeout "${LAUNCH_TIMEOUT:-60}" $py -m bench.launch_overhead
   echo "launch_overhead rc=$?"
-  echo "=== launch shapes of the C++ schedule kernel (python -m bench.sweep_cuda_vec)"
+  echo "=== launch shapes of the C++ kernels (python -m bench.sweep_cuda_vec)"
   timeout "${SWEEP_TIMEOUT:-90}" $py -m bench.sweep_cuda_vec
   echo "sweep rc=$?"
   if [ -n "${EXTRA:-}" ]; then  # one more command for this run (an A/B script, say)

@@ -1,4 +1,4 @@
-"""Launch shapes of the CUDA C++ schedule kernel on a GPU: `python -m bench.sweep_cuda_vec` (needs a GPU and CuPy).
+"""Launch shapes of the CUDA C++ kernels on a GPU: `python -m bench.sweep_cuda_vec` (needs a GPU and CuPy).
 
 kernels/schedule/cuda_vec.py launches fused_update.cu with 256 threads a block and at most 4 blocks per SM, each
 thread taking Philox block after Philox block (a grid-stride loop). Whether a thread's one float4 load per array in
@@ -7,6 +7,11 @@ flight during its draw keeps HBM busy depends on how many threads there are: thi
 calls queued between two CUDA events, as the bench's stream time), beside the numba.cuda form and a copy of the
 same bytes, and checks that every shape gives the default launch's result bit for bit. It prints one line per shape:
 ms, GB/s and the fraction of the copy's GB/s — what to set cuda_vec.WAVES and the block size to.
+
+Then the Gumbel-softmax forward (kernels/gumbel/softmax_rows.cu) at 16384×8192 float32, seeded, soft, as the bench
+times it: one block a row, compiled for blocks of 256 (the default: 8 float4 chunks of the row a thread), 512 (4)
+and 1024 (2) threads — fewer registers a thread, more threads an SM — and grids of one block per row or GRID_MAX;
+each result is checked against the default launch's (within float32 rounding: the block sums in another order).
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ import numpy as np
 SHAPE = (64, 3, 1024, 1024)
 WAVES = (1, 2, 4, 8, 16, 32)  # blocks of the grid per SM
 BLOCKS = (128, 256)  # threads per block (fused_update.cu's __launch_bounds__ is 256)
+GUMBEL_SHAPE = (16384, 8192)
+GUMBEL_THREADS = (256, 512, 1024)
 
 
 def configs(sm: int, waves=WAVES, blocks=BLOCKS) -> list[tuple[int, int]]:
@@ -80,6 +87,31 @@ def main():
             same = bool(cupy.array_equal(launch.out, want))
             print(f"{name:10s} cuda_vec  grid {grid:5d} × {block:3d}  {s * 1e3:7.3f} ms {nbytes / s / 1e9:6.0f} GB/s "
                   f"{nbytes / s / 1e9 / copy_gbs:6.1%} of copy{'' if same else '  RESULT DIFFERS FROM THE DEFAULT'}")
+    gumbel(copy_gbs)
+
+
+def gumbel(copy_gbs):
+    """The Gumbel-softmax forward's block sizes and grids (see the module docstring)."""
+    import cupy
+
+    from bench.gumbel import nbytes_moved
+    from kernels.gumbel import cuda_vec
+
+    logits = cupy.asarray(np.random.default_rng(0).standard_normal(GUMBEL_SHAPE, dtype=np.float32))
+    nbytes = nbytes_moved(*GUMBEL_SHAPE, 4, backward=False)
+    want = None
+    for threads in GUMBEL_THREADS:
+        kernel = cuda_vec._kernels(threads)[True]
+        for grid in (GUMBEL_SHAPE[0], cuda_vec.GRID_MAX):
+            launch = cuda_vec.launch_args(logits, 1.0, False, seed=1, grid=grid, threads=threads)
+            s = gpu_time(lambda: kernel((launch.grid,), (launch.block,), launch.args))  # noqa: B023
+            y_soft = launch.result[1]
+            if want is None:
+                want = y_soft.copy()
+            same = bool(cupy.allclose(y_soft, want, rtol=1e-5, atol=1e-7))
+            print(f"gumbel     cuda_vec  grid {launch.grid:5d} × {threads:4d}  {s * 1e3:7.3f} ms "
+                  f"{nbytes / s / 1e9:6.0f} GB/s {nbytes / s / 1e9 / copy_gbs:6.1%} of copy"
+                  f"{'' if same else '  RESULT DIFFERS FROM THE DEFAULT'}")
 
 
 if __name__ == "__main__":

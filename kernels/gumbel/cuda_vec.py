@@ -27,7 +27,7 @@ from kernels.dispatch import array_module, data_ptr
 from kernels.gumbel.reference import as_rows, check_forward
 
 SOURCE = Path(__file__).with_name("softmax_rows.cu")
-THREADS = 256  # softmax_rows.cu's GS_THREADS
+THREADS = 256  # softmax_rows.cu's GS_THREADS, by default (bench.sweep_cuda_vec times others)
 MAX_ROW = 4 * THREADS * 8  # GS_CHUNKS float4 chunks per thread
 GRID_MAX = 8192
 LOG2_E = 1.0 / math.log(2.0)
@@ -43,14 +43,22 @@ def kernel_name(seeded: bool) -> str:
     return f"gumbel_softmax_rows<{'true' if seeded else 'false'}>"
 
 
+def options(threads: int = THREADS) -> tuple:
+    """The compiler options for blocks of `threads` threads (a power of 2 from 32 to 1024), each holding the float4
+    chunks that rows of MAX_ROW values need."""
+    if threads & (threads - 1) or not 32 <= threads <= 1024:
+        raise ValueError(f"threads must be a power of 2 from 32 to 1024, got {threads}")
+    return ("-std=c++17", f"-DGS_THREADS={threads}", f"-DGS_CHUNKS={max(MAX_ROW // (4 * threads), 1)}")
+
+
 @functools.cache
-def _kernels():
+def _kernels(threads: int = THREADS):
+    """{seeded: the kernel instance}, compiled by NVRTC for blocks of `threads` threads."""
     import cupy
 
     names = [kernel_name(s) for s in (True, False)]
-    module = cupy.RawModule(code=source(), options=("-std=c++17",), name_expressions=names)
+    module = cupy.RawModule(code=source(), options=options(threads), name_expressions=names)
     return {s: module.get_function(kernel_name(s)) for s in (True, False)}
-
 
 
 class Launch(NamedTuple):
@@ -63,8 +71,10 @@ class Launch(NamedTuple):
     result: tuple
 
 
-def launch_args(logits, tau=1.0, hard=False, *, seed=None, noise=None, dim=-1, grid=None) -> Launch:
-    """Check the arguments and build the launch (args empty when there is nothing to compute)."""
+def launch_args(logits, tau=1.0, hard=False, *, seed=None, noise=None, dim=-1, grid=None, threads=THREADS) -> Launch:
+    """Check the arguments and build the launch (args empty when there is nothing to compute) for the kernel compiled
+    for blocks of `threads` threads (`_kernels(threads)`); grid: the number of blocks (default: a row each, at most
+    GRID_MAX)."""
     xp = array_module(logits)
     check_forward(logits, tau, seed, noise)
     if logits.dtype != np.float32:
@@ -92,13 +102,13 @@ def launch_args(logits, tau=1.0, hard=False, *, seed=None, noise=None, dim=-1, g
     result = ((xp.moveaxis(y2.reshape(shape), -1, dim) if hard else y_soft), y_soft)
     seeded = seed is not None
     if l2.size == 0:
-        return Launch(seeded, 0, THREADS, (), result)
+        return Launch(seeded, 0, threads, (), result)
     l2, g2 = (a if data_ptr(a) % 16 == 0 else a.copy() for a in (l2, g2))  # float4 loads (copies are aligned)
     k0, k1 = philox.seed_key(seed) if seeded else (0, 0)
     rows = l2.shape[0]
     args = (l2, g2, np.int64(rows), np.int32(n), np.float64(LOG2_E / tau), np.int32(bool(hard)), np.uint32(k0),
             np.uint32(k1), y2, ys2)
-    return Launch(seeded, grid or min(rows, GRID_MAX), THREADS, args, result)
+    return Launch(seeded, grid or min(rows, GRID_MAX), threads, args, result)
 
 
 def gumbel_softmax_forward(logits, tau=1.0, hard=False, *, seed=None, noise=None, dim=-1):

@@ -14,8 +14,14 @@
 // 2⁻²⁴|z|), e = 2^(float32(z − max)) in float32, the sum in float64, y_soft = e·float32(1/Σ). Ties in the argmax go
 // to the first index, as a scan keeping the first strict improvement gives.
 
+// the block size and the float4 chunks a thread holds (rows of up to 8192 values); cuda_vec.py may compile others
+#ifndef GS_THREADS
 #define GS_THREADS 256
+#endif
+#ifndef GS_CHUNKS
 #define GS_CHUNKS 8
+#endif
+static_assert((GS_THREADS & (GS_THREADS - 1)) == 0, "the block reductions halve GS_THREADS: a power of 2");
 
 // (max, first argmax) of the pairs (m, a) of the block's threads, a = n for a thread that saw no element: a tree in
 // shared memory (every thread gets the result)

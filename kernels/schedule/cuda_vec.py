@@ -100,7 +100,6 @@ def launch_args(x, e, coef, clip, seed, noise, want_noise, out=None, *, grid=Non
     return Launch(instance, grid, THREADS, args, res, noise_back)
 
 
-
 def run(x, e, coef, clip, seed, noise, want_noise, out=None):
     """Launch fused_update on CuPy arrays; returns (result, noise or None)."""
     launch = launch_args(x, e, coef, clip, seed, noise, want_noise, out)

@@ -83,7 +83,12 @@ def host_build(directory, files, std="c++17", extra=()):
     for name, text in files.items():
         (directory / name).write_text(text)
     lib = directory / "libemulation.so"
-    cmd = [cxx, f"-std={std}", "-O1", "-ffp-contract=off", "-fno-fast-math", "-fPIC", "-shared", *extra,
+    # GCC makes a static variable of a template or inline function (a kernel's __shared__ arrays, here `static`) one
+    # object for the whole process (STB_GNU_UNIQUE), even across libraries opened RTLD_LOCAL: a second build of the
+    # same kernel with another block size would share the first one's smaller buffers
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+    unique = ["-fno-gnu-unique"] if "Free Software Foundation" in version else []
+    cmd = [cxx, f"-std={std}", "-O1", "-ffp-contract=off", "-fno-fast-math", "-fPIC", "-shared", *unique, *extra,
            f"-I{directory}", str(directory / "emulate.cpp"), "-o", str(lib)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"the CPU build of the kernel fails:\n{proc.stderr}"

@@ -27,15 +27,30 @@ from kernels.gumbel import reference as ref
 TOL = dict(rtol=1e-5, atol=1e-7)  # exp2 in float32 (a few ulps), the float64 sum in another order
 
 
-def test_compiles_for_sm90_with_nvrtc():
+@pytest.mark.parametrize("threads", [256, 512, 1024])
+def test_compiles_for_sm90_with_nvrtc(threads):
+    """The default block of 256 threads and the larger ones bench.sweep_cuda_vec times (fewer chunks per thread)."""
     names = [cuda_vec.kernel_name(s) for s in (True, False)]
-    ptx, _, _, lowered = nvrtc_build(cuda_vec.source(), "softmax_rows.cu", names, ("-std=c++17",))
+    ptx, _, _, lowered = nvrtc_build(cuda_vec.source(), "softmax_rows.cu", names, cuda_vec.options(threads))
     assert all(lowered[name].startswith(b"_Z19gumbel_softmax_rows") for name in names)
     assert ptx.count(".entry") == 2 and "ld.global.v4.f32" in ptx and "st.global.v4.f32" in ptx
     assert ".local" not in ptx  # the row's registers are not arrays in local memory
     usage = ptxas_usage(ptx)
     if usage is not None:
         assert usage[1] == 0, usage  # no spills
+
+
+def test_block_sizes():
+    """A block is a power of 2 from 32 to 1024 threads (the reductions halve it), each holding the chunks of a row of
+    MAX_ROW values; the sweep's sizes are among them."""
+    from bench.sweep_cuda_vec import GUMBEL_THREADS
+
+    for threads in GUMBEL_THREADS:
+        chunks = int(cuda_vec.options(threads)[2].split("=")[1])
+        assert 4 * threads * chunks == cuda_vec.MAX_ROW
+    for bad in (16, 300, 2048):
+        with pytest.raises(ValueError, match="power of 2 from 32 to 1024"):
+            cuda_vec.options(bad)
 
 
 EMULATION = r"""
@@ -85,31 +100,36 @@ extern "C" void emulate(int seeded, int grid, const float* l2, const float* g2, 
 """
 
 
-@pytest.fixture(scope="module")
-def emulated(tmp_path_factory):
-    """gumbel_softmax_forward through softmax_rows.cu built for the CPU; grid: the blocks of each launch."""
-    d = tmp_path_factory.mktemp("softmax_rows_emulation")
+@pytest.fixture(scope="module", params=[256, 512])
+def emulated(tmp_path_factory, request):
+    """gumbel_softmax_forward through softmax_rows.cu built for the CPU with blocks of 256 threads (the default) and
+    of 512 (one the sweep times); grid: the blocks of each launch."""
+    threads = request.param
+    d = tmp_path_factory.mktemp(f"softmax_rows_emulation_{threads}")
+    defines = [o for o in cuda_vec.options(threads) if o.startswith("-D")]
     lib = host_build(d, {"softmax_rows_defined.cu": cuda_vec.source(), "emulate.cpp": EMULATION}, std="c++20",
-                     extra=("-pthread",))
+                     extra=("-pthread", *defines))
     fn = lib.emulate
     vp, i32, i64, f64, u32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong, ctypes.c_double, ctypes.c_uint
     fn.argtypes = [i32, i32, vp, vp, i64, i32, f64, i32, u32, u32, vp, vp]
     fn.restype = None
 
     def forward(logits, tau=1.0, hard=False, *, seed=None, noise=None, dim=-1, grid=2):
-        launch = cuda_vec.launch_args(logits, tau, hard, seed=seed, noise=noise, dim=dim, grid=grid)
+        launch = cuda_vec.launch_args(logits, tau, hard, seed=seed, noise=noise, dim=dim, grid=grid, threads=threads)
+        assert launch.block == threads
         if launch.args:
             a = launch.args
             fn(int(launch.seeded), launch.grid, a[0].ctypes.data, a[1].ctypes.data, int(a[2]), int(a[3]), float(a[4]),
                int(a[5]), int(a[6]), int(a[7]), a[8].ctypes.data, a[9].ctypes.data)
         return launch.result
 
+    forward.threads = threads
     return forward
 
 
 def test_noise_is_philox_float32_gumbel_noise(emulated):
     """With zero logits and τ = 1 the argmax and y_soft are those of the noise itself: y_soft ∝ exp(g)."""
-    n = 4 * cuda_vec.THREADS + 8  # some threads hold two chunks
+    n = 4 * emulated.threads + 8  # some threads hold two chunks
     g = ref.gumbel_noise(7, (3, n), np.float32)
     y, y_soft = emulated(np.zeros((3, n), np.float32), seed=7, hard=True)
     np.testing.assert_allclose(y_soft, ref.gumbel_softmax_forward(np.zeros((3, n), np.float32), noise=g)[1], **TOL)
