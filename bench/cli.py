@@ -173,6 +173,8 @@ def run_benchmarks(backend, families, *, threads, quick=False, full=False, repea
         status[family] = "ok"
         for case in cases:
             timings, memory, stream = {}, {}, {}
+            beside = case.unit == "GB/s" and backend.device == "cpu"  # a copy of its bytes before and after it
+            copies = [_copy_rate(case.work, threads, timing_kw)] if beside else []
             for impl in case.impls:
                 timings[impl.name], mem, streamed = _measure_impl(impl, backend, threads, timing_kw)
                 if mem:
@@ -180,6 +182,9 @@ def run_benchmarks(backend, families, *, threads, quick=False, full=False, repea
                 if streamed is not None:
                     stream[impl.name] = streamed
             rows = harness.summarize(case, timings, peak, memory, stream)
+            if beside:
+                copies.append(_copy_rate(case.work, threads, timing_kw))
+                harness.set_copy_fractions(rows, max(copies))
             for row in rows:
                 if isinstance(timings.get(row["impl"]), str) and timings[row["impl"]].startswith("error"):
                     row["status"] = "error"
@@ -194,6 +199,14 @@ def run_benchmarks(backend, families, *, threads, quick=False, full=False, repea
     harness.set_fractions([r for r in results if r.get("status") == "ok"], peak)
     return {"schema": 1, "machine": machine, "settings": settings, "peak": peak, "families": status,
             "results": results, "machine_end": {"load_average": list(os.getloadavg())}}
+
+
+def _copy_rate(nbytes, threads, timing_kw):
+    """GB/s of a CPU copy of nbytes (bench.peak.copy_rate), timed as the implementations are."""
+    from bench.peak import copy_rate
+
+    harness.pin_threads(threads)
+    return copy_rate(nbytes, repeats=timing_kw["repeats"], min_time_s=timing_kw["min_time_s"])
 
 
 def _measure_impl(impl, backend, threads, timing_kw):
@@ -222,6 +235,7 @@ def _measure_impl(impl, backend, threads, timing_kw):
 
 COLUMNS = ("family", "case", "impl", "ours ms", "torch ms", "ratio", "GFLOP/s or GB/s", "% of peak", "peak MiB")
 STREAM_COLUMNS = ("stream ms", "stream ratio", "% of peak (stream)")  # on a GPU: calls queued back to back
+COPY_COLUMNS = ("% of copy",)  # on a CPU, for elementwise cases: of a copy of the same bytes timed beside the case
 
 
 def _fmt(x, spec):
@@ -232,9 +246,10 @@ def format_table(rows, markdown=False) -> str:
     """The results as aligned text columns (or a Markdown table); implementations that did not run show why.
 
     Where rows have a stream time (a GPU run), three more columns give it, its ratio to PyTorch's and its fraction
-    of the peak."""
+    of the peak; where they have a fraction of a copy timed beside the case (a CPU run), one more gives that."""
     streamed = any(r.get("stream_ms") is not None for r in rows)
-    columns = COLUMNS + STREAM_COLUMNS if streamed else COLUMNS
+    copied = any(r.get("fraction_of_copy") is not None for r in rows)
+    columns = COLUMNS + (STREAM_COLUMNS if streamed else ()) + (COPY_COLUMNS if copied else ())
     lines = []
     for r in rows:
         if r.get("status") != "ok":
@@ -249,6 +264,9 @@ def format_table(rows, markdown=False) -> str:
             sfrac = r.get("stream_fraction_of_peak")
             cells += (_fmt(r.get("stream_ms"), ".4g"), _fmt(r.get("stream_ratio_to_torch"), ".2f"),
                       _fmt(None if sfrac is None else 100 * sfrac, ".1f"))
+        if copied:
+            cfrac = r.get("fraction_of_copy")
+            cells += (_fmt(None if cfrac is None else 100 * cfrac, ".1f"),)
         lines.append(cells)
     widths = [max(len(str(x)) for x in col) for col in zip(columns, *lines)]
     numeric = set(range(3, len(columns)))

@@ -15,6 +15,9 @@ For each implementation the harness records:
   one-sided outliers;
 - rate: work / time, as GFLOP/s or GB/s, and its fraction of this machine's peak measured at the run's start and
   end (`bench.peak`: float32 GEMM for FLOPs, a large copy for bytes; the better of the two probes);
+- on a CPU, for an elementwise case (GB/s), its fraction of a copy of the same bytes timed just before and just
+  after it (`fraction_of_copy`, of the better copy): this project's VM moved its copy bandwidth between 35 and
+  57 GB/s within minutes, so a fraction of the run's peak alone can read 70% or 139% for the same kernel;
 - ratio: our time / PyTorch's time in the same run (below 1: faster than PyTorch);
 - on a GPU, also the stream time: the time per call of 20 calls queued back to back, read by CUDA events
   around them. A synchronized call's time is the host's launch work plus the GPU's; queued calls overlap the
@@ -186,6 +189,14 @@ def set_fractions(rows: list[dict], peak: dict) -> list[dict]:
         for prefix in ("", "stream_"):
             if row.get(f"{prefix}rate") is not None:
                 row[f"{prefix}fraction_of_peak"] = row[f"{prefix}rate"] / machine if machine else None
+    return rows
+
+
+def set_copy_fractions(rows: list[dict], copy_gbs: float) -> list[dict]:
+    """Each measured row's rate as a fraction of a copy of the case's bytes timed beside it (copy_gbs GB/s)."""
+    for row in rows:
+        if row.get("rate") is not None:
+            row.update(copy_gbs=copy_gbs, fraction_of_copy=row["rate"] / copy_gbs)
     return rows
 
 

@@ -6,7 +6,9 @@
   thread), a parallel Numba loop and PyTorch's copy_ (both with the pinned thread count); the fastest. The
   array is far larger than the caches, so this is the DRAM bandwidth the elementwise kernels are bound by.
 
-`t2i bench` probes at the start of a run and again at its end, and takes the better of the two (`best_of`).
+`t2i bench` probes at the start of a run and again at its end, and takes the better of the two (`best_of`). On a
+CPU, an elementwise case (GB/s) also gets a copy of its own bytes timed just before and just after it (`copy_rate`,
+the better of the two): its `fraction_of_copy`, the yardstick of the same minute.
 
 On a GPU the same two numbers come from PyTorch CUDA (torch.mm with TF32 off, copy_) and CuPy, plus the
 float16 GEMM rate on tensor cores ("GFLOP/s fp16"), the yardstick of the half-precision attention kernel.
@@ -53,6 +55,22 @@ def measure_peak(device="cpu", *, quick=False, repeats=None) -> dict:
         st, dt = torch.from_numpy(src), torch.from_numpy(dst)
         details["copy_torch"] = rate(copy_bytes, measure(lambda: dt.copy_(st), repeats=repeats).median)
     return _best(details, {"sgemm_n": n, "copy_mib": src.nbytes / 2**20})
+
+
+def copy_rate(nbytes: float, *, repeats=5, min_time_s=0.0) -> float:
+    """GB/s of the best CPU copy (a parallel Numba loop, PyTorch's copy_) moving `nbytes` in all (read + write, as a
+    case counts its bytes): the yardstick measured beside an elementwise case, so that its fraction is of the
+    bandwidth of the same minute on a machine whose bandwidth drifts (bench/README.md)."""
+    src = np.ones(max(int(nbytes) // 8, 1), dtype=np.float32)
+    dst = np.empty_like(src)
+    kw = dict(repeats=repeats, min_time_s=min_time_s, max_repeats=25)
+    best = rate(2 * src.nbytes, measure(lambda: parallel_copy(src, dst), **kw).median)
+    try:
+        import torch
+    except ImportError:
+        return best
+    st, dt = torch.from_numpy(src), torch.from_numpy(dst)
+    return max(best, rate(2 * src.nbytes, measure(lambda: dt.copy_(st), **kw).median))
 
 
 def _peak_cuda(n, elems, repeats):

@@ -152,6 +152,15 @@ def test_table_formats_every_row():
     assert "unavailable" in lines[3] and "missing" in lines[3]
 
 
+def test_table_copy_column_and_fraction():
+    row = {"family": "f", "case": "c", "impl": "cpu", "status": "ok", "median_ms": 1.5, "torch_ms": 3.0,
+           "ratio_to_torch": 0.5, "rate": 12.0, "unit": "GB/s", "fraction_of_peak": 0.25, "peak_mib": 2.0}
+    harness.set_copy_fractions([row], 16.0)
+    assert row["copy_gbs"] == 16.0 and row["fraction_of_copy"] == 0.75
+    header, _, line = cli.format_table([row]).splitlines()
+    assert header.split(" | ")[-1].strip() == "% of copy" and line.split(" | ")[-1].strip() == "75.0"
+
+
 def test_table_stream_columns():
     row = {"family": "f", "case": "c", "impl": "cuda", "status": "ok", "median_ms": 1.5, "torch_ms": 3.0,
            "ratio_to_torch": 0.5, "rate": 12.0, "unit": "GB/s", "fraction_of_peak": 0.25, "peak_mib": 2.0,
@@ -189,12 +198,12 @@ def test_cpu_schedule_targets_read_bandwidth_into_buffers_and_ratio_fresh():
     from bench import targets
 
     case = "q_sample 64x3x256x256"
-    results = [{"family": "schedule", "case": case, "impl": "cpu", "status": "ok", "fraction_of_peak": 0.5,
+    results = [{"family": "schedule", "case": case, "impl": "cpu", "status": "ok", "fraction_of_copy": 0.5,
                 "ratio_to_torch": 0.2},
                {"family": "schedule", "case": case, "impl": schedule.OUT_BUFFERS, "status": "ok",
-                "fraction_of_peak": 0.8, "ratio_to_torch": 0.5}]
+                "fraction_of_copy": 0.8, "fraction_of_peak": 0.6, "ratio_to_torch": 0.5}]
     checks = [c for c in targets.check({"settings": {"device": "cpu"}, "results": results}) if c["case"] == case]
-    assert {c["field"]: (c["value"], c["verdict"]) for c in checks} == {"fraction_of_peak": (0.8, "met"),
+    assert {c["field"]: (c["value"], c["verdict"]) for c in checks} == {"fraction_of_copy": (0.8, "met"),
                                                                        "ratio_to_torch": (0.2, "met")}
     cpu_cases = schedule.cases(SimpleNamespace(device="cpu", ours="cpu"), quick=True)
     for c in cpu_cases:
@@ -267,6 +276,11 @@ def test_quick_bench_writes_json_and_plots(tmp_path, capsys, monkeypatch):
     for r in ok:
         if r["unit"] in report["peak"]:
             assert r["fraction_of_peak"] == pytest.approx(r["rate"] / report["peak"][r["unit"]])
+        # an elementwise case's rows also hold the GB/s of a copy of its bytes timed beside it, and the fraction of it
+        if r["unit"] == "GB/s":
+            assert r["copy_gbs"] > 0 and r["fraction_of_copy"] == pytest.approx(r["rate"] / r["copy_gbs"])
+        else:
+            assert "fraction_of_copy" not in r
         if r["impl"] == "torch":  # PyTorch's CPU allocations are seen only as resident-set growth, if any
             assert r["peak_mib"] is None or r["peak_mib"] > 0
         else:
@@ -275,7 +289,7 @@ def test_quick_bench_writes_json_and_plots(tmp_path, capsys, monkeypatch):
     assert pngs and set(pngs) == set(report["plots"])
     for name in pngs:
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "family" in out and "ratio" in out and "wrote" in out
+    assert "family" in out and "ratio" in out and "wrote" in out and "% of copy" in out
 
 
 def test_missing_kernels_are_reported_unavailable(monkeypatch, tmp_path, capsys):
