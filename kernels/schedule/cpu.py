@@ -15,7 +15,8 @@ so a single kernel, `fused_update`, serves all three: it reads x (and e), draws 
 index in the same pass (or reads it), and writes the result (and, for q_sample, the noise). Each thread takes
 chunks of CHUNK elements (a multiple of 4, so every Philox block of four normals belongs to one chunk).
 Drawing the normals costs several times more than moving the bytes, so a chunk whose samples all have S = 0
-(DDIM with η = 0, DDPM's last step) draws none: it is then a pure pass over memory.
+(DDIM with η = 0, DDPM's last step) draws none: it is then a pure pass over memory. `draw` fills an array with the
+same noise alone — what the bench times as the floor under the noisy updates.
 """
 
 from __future__ import annotations
