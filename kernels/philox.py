@@ -391,7 +391,7 @@ def np_bits_f32(b):
     return np.asarray(b, np.int32).view(np.float32)
 
 
-F32 = np.float32
+F32, I32 = np.float32, np.int32
 TAIL = np.uint64(2**23)  # words below this keep all 32 bits in their float32 uniform
 TAIL_MASK = np.uint64(2**23 - 1)
 SHIFT6, SHIFT9 = np.uint64(6), np.uint64(9)
@@ -421,17 +421,20 @@ def float32_functions(jit, sqrt, bits, from_bits):
     a sign change an exclusive or of the sign bit, and an integer m < 2²³ becomes a float as the bits of 1 + m·2⁻²³
     minus 1 — a GPU converts 64-bit integers to floats at an eighth of its arithmetic rate. Every float constant is
     a float32 (a float64 one would promote the arithmetic), every integer one an int32 or uint64 like its operand.
+    Numba computes an operation on int32 values in int64; `I32(...)` around each int32 result (a no-op on the
+    values, all of which fit) lets LLVM keep the vector code 32 bits wide: 16 lanes of AVX-512 instead of 8 plus
+    conversions (log32 on this project's CPU: 0.64 → 0.44 ns an element).
     """
 
     @jit
     def sel(mask, a, b):
         """a where the int32 mask is all ones, b where it is 0 (bitwise)."""
-        return (a & mask) | (b & ~mask)
+        return I32((a & mask) | (b & ~mask))
 
     @jit
     def int_to_f32(m):
         """m·2⁻²³ for an integer 0 ≤ m < 2²³, exactly."""
-        return from_bits(EXP_ONE32 | np.int32(m)) - ONE32
+        return from_bits(I32(EXP_ONE32 | I32(m))) - ONE32
 
     @jit
     def uniform32(w):
@@ -440,17 +443,17 @@ def float32_functions(jit, sqrt, bits, from_bits):
         √(−2 ln 2⁻³³) ≈ 6.8. Every value is exact in float32, and never 0 or 1."""
         coarse = np.uint64(w >= TAIL)
         v = int_to_f32(w >> (SHIFT9 * coarse)) + TWO_POW_M24_F32  # (m + ½)·2⁻²³
-        return v * from_bits(np.int32(EXP_ONE32 - NINE_OCTAVES32 * (np.int32(1) - np.int32(coarse))))  # ·2⁻⁹ below
+        return v * from_bits(I32(EXP_ONE32 - I32(NINE_OCTAVES32 * I32(I32(1) - I32(coarse)))))  # ·2⁻⁹ below
 
     @jit
     def log32(x):
         """ln x for a positive, normal float32 x (< 1 ulp): x = 2^k·m with m in [√½, √2), f = m − 1 (exact),
         ln x = k·ln 2 + f − f²/2 + f³ P(f)."""
         b = bits(x)
-        hx = b & MANTISSA32
-        i = (hx + SQRT2_CARRY) & BIT23  # set when m's mantissa is ≥ √2's: take m/2 and k + 1
-        k = from_bits(np.int32(INT_MAGIC_BITS + (b >> 23) - 127 + (i >> 23))) - INT_MAGIC
-        f = from_bits(np.int32(hx | (i ^ EXP_ONE32))) - ONE32
+        hx = I32(b & MANTISSA32)
+        i = I32((hx + SQRT2_CARRY) & BIT23)  # set when m's mantissa is ≥ √2's: take m/2 and k + 1
+        k = from_bits(I32(INT_MAGIC_BITS + (b >> 23) - 127 + (i >> 23))) - INT_MAGIC
+        f = from_bits(I32(hx | (i ^ EXP_ONE32))) - ONE32
         c = LOG32_C
         p = c[0] + f * (c[1] + f * (c[2] + f * (c[3] + f * (c[4] + f * (c[5] + f * (c[6] + f * c[7]))))))
         return k * LN2_HI32 + (k * LN2_LO32 + (f + f * f * (f * p - HALF32)))
@@ -460,16 +463,16 @@ def float32_functions(jit, sqrt, bits, from_bits):
         """(cos θ, sin θ) for θ = 2π·(the word's top 26 bits + ½)·2⁻²⁶, reduced exactly on the integer word: the top
         3 bits pick the octant, the next 23 the place in it (cos_sin_2pi's reduction, in float32)."""
         octant = w >> OCTANT_SHIFT
-        odd = np.int32(octant & ONE)
-        frac = np.int32((w >> SHIFT6) & TAIL_MASK) ^ (odd * MANTISSA32)  # odd octants: 2²³ − 1 − frac, from the top
+        odd = I32(octant & ONE)
+        frac = I32(I32((w >> SHIFT6) & TAIL_MASK) ^ I32(odd * MANTISSA32))  # odd octants: 2²³ − 1 − frac, from the top
         x = (int_to_f32(frac) + TWO_POW_M24_F32) * QUARTER_PI_F32
         z = x * x
         c = bits((ONE32 - HALF32 * z) + z * z * (COS32_C[0] + z * (COS32_C[1] + z * COS32_C[2])))
-        s = bits(x + x * z * (SIN32_C[0] + z * (SIN32_C[1] + z * SIN32_C[2]))) ^ (odd * SIGN32)
+        s = I32(bits(x + x * z * (SIN32_C[0] + z * (SIN32_C[1] + z * SIN32_C[2]))) ^ I32(odd * SIGN32))
         q = ((octant + ONE) >> ONE) & THREE  # rotate by q quarter turns, as cos_sin_2pi does
-        swap = -np.int32(q & ONE)
-        cos_t = np.int32(sel(swap, s, c) ^ (np.int32((q ^ (q >> ONE)) & ONE) * SIGN32))
-        sin_t = np.int32(sel(swap, c, s) ^ (np.int32(q >> ONE) * SIGN32))
+        swap = I32(-I32(q & ONE))
+        cos_t = I32(sel(swap, s, c) ^ I32(I32((q ^ (q >> ONE)) & ONE) * SIGN32))
+        sin_t = I32(sel(swap, c, s) ^ I32(I32(q >> ONE) * SIGN32))
         return from_bits(cos_t), from_bits(sin_t)
 
     @jit
