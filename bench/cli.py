@@ -206,7 +206,7 @@ def _copy_rate(nbytes, threads, timing_kw):
     from bench.peak import copy_rate
 
     harness.pin_threads(threads)
-    return copy_rate(nbytes, repeats=timing_kw["repeats"], min_time_s=timing_kw["min_time_s"])
+    return copy_rate(nbytes, **{k: timing_kw[k] for k in ("repeats", "min_time_s", "max_repeats")})
 
 
 def _measure_impl(impl, backend, threads, timing_kw):

@@ -40,11 +40,7 @@ def measure_peak(device="cpu", *, quick=False, repeats=None) -> dict:
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((n, n), dtype=np.float32), rng.standard_normal((n, n), dtype=np.float32)
     details["sgemm_numpy"] = rate(2 * n**3, measure(lambda: np.dot(a, b), repeats=repeats).median)
-    src = np.ones(elems, dtype=np.float32)
-    dst = np.empty_like(src)
-    copy_bytes = 2 * src.nbytes
-    details["copy_numpy"] = rate(copy_bytes, measure(lambda: np.copyto(dst, src), repeats=repeats).median)
-    details["copy_numba"] = rate(copy_bytes, measure(lambda: parallel_copy(src, dst), repeats=repeats).median)
+    details.update(_copies(np.ones(elems, dtype=np.float32), numpy=True, repeats=repeats))
     try:
         import torch
     except ImportError:
@@ -52,25 +48,31 @@ def measure_peak(device="cpu", *, quick=False, repeats=None) -> dict:
     if torch is not None:
         at, bt = torch.from_numpy(a), torch.from_numpy(b)
         details["sgemm_torch"] = rate(2 * n**3, measure(lambda: torch.mm(at, bt), repeats=repeats).median)
-        st, dt = torch.from_numpy(src), torch.from_numpy(dst)
-        details["copy_torch"] = rate(copy_bytes, measure(lambda: dt.copy_(st), repeats=repeats).median)
-    return _best(details, {"sgemm_n": n, "copy_mib": src.nbytes / 2**20})
+    return _best(details, {"sgemm_n": n, "copy_mib": elems * 4 / 2**20})
 
 
-def copy_rate(nbytes: float, *, repeats=5, min_time_s=0.0) -> float:
-    """GB/s of the best CPU copy (a parallel Numba loop, PyTorch's copy_) moving `nbytes` in all (read + write, as a
-    case counts its bytes): the yardstick measured beside an elementwise case, so that its fraction is of the
-    bandwidth of the same minute on a machine whose bandwidth drifts (bench/README.md)."""
-    src = np.ones(max(int(nbytes) // 8, 1), dtype=np.float32)
+def _copies(src, numpy=False, **timing) -> dict:
+    """GB/s (read + write) of copying src into a buffer made once: a parallel Numba loop, PyTorch's copy_ (where
+    PyTorch is installed) and, with numpy, np.copyto (one thread); keyed copy_numba, copy_torch, copy_numpy."""
     dst = np.empty_like(src)
-    kw = dict(repeats=repeats, min_time_s=min_time_s, max_repeats=25)
-    best = rate(2 * src.nbytes, measure(lambda: parallel_copy(src, dst), **kw).median)
+    copies = {"copy_numba": lambda: parallel_copy(src, dst)}
+    if numpy:
+        copies["copy_numpy"] = lambda: np.copyto(dst, src)
     try:
         import torch
+
+        st, dt = torch.from_numpy(src), torch.from_numpy(dst)
+        copies["copy_torch"] = lambda: dt.copy_(st)
     except ImportError:
-        return best
-    st, dt = torch.from_numpy(src), torch.from_numpy(dst)
-    return max(best, rate(2 * src.nbytes, measure(lambda: dt.copy_(st), **kw).median))
+        pass
+    return {name: rate(2 * src.nbytes, measure(fn, **timing).median) for name, fn in copies.items()}
+
+
+def copy_rate(nbytes: float, **timing) -> float:
+    """GB/s of the best CPU copy (a parallel Numba loop, PyTorch's copy_) moving `nbytes` in all (read + write, as a
+    case counts its bytes), timed with `measure`'s keywords: the yardstick measured beside an elementwise case, so
+    that its fraction is of the bandwidth of the same minute on a machine whose bandwidth drifts (bench/README.md)."""
+    return max(_copies(np.ones(max(int(nbytes) // 8, 1), dtype=np.float32), **timing).values())
 
 
 def _peak_cuda(n, elems, repeats):

@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from bench import schedule as schedule_bench
+from bench.harness import Backend, measure_stream
+
 SHAPE = (64, 3, 1024, 1024)
 WAVES = (1, 2, 4, 8, 16, 32)  # blocks of the grid per SM
 BLOCKS = (128, 256)  # threads per block (fused_update.cu's __launch_bounds__ is 256)
@@ -30,22 +33,6 @@ def configs(sm: int, waves=WAVES, blocks=BLOCKS) -> list[tuple[int, int]]:
     return [(w * sm, b) for b in blocks for w in waves]
 
 
-def calls(sched, x, eps, t, form):
-    """{update: a call of it in `form`}, the noise drawn, as bench/schedule.py runs them."""
-    from kernels import schedule
-
-    return {"q_sample": lambda: schedule.q_sample(x, t, sched, seed=1, form=form),
-            "ddpm_step": lambda: schedule.ddpm_step(x, eps, t, sched, seed=1, form=form),
-            "ddim_step": lambda: schedule.ddim_step(x, eps, t, t - 1, sched, 0.0, seed=1, form=form)}
-
-
-def gpu_time(fn, calls=20) -> float:
-    """Seconds per call of `calls` calls queued back to back (bench.harness.measure_stream)."""
-    from bench.harness import measure_stream
-
-    return measure_stream(fn, calls=calls)
-
-
 def main():
     """Print the sweep (see the module docstring)."""
     import cupy
@@ -55,13 +42,12 @@ def main():
     from kernels.schedule.cpu import ddim_coefficients, ddpm_coefficients, q_sample_coefficients
     from kernels.schedule.reference import Schedule
 
-    sched = Schedule.linear(1000)
-    rng = np.random.default_rng(0)
-    x = cupy.asarray(rng.standard_normal(SHAPE, dtype=np.float32))
-    eps = cupy.asarray(rng.standard_normal(SHAPE, dtype=np.float32))
-    t = rng.integers(1, 1000, SHAPE[0])
+    sched = Schedule.linear(schedule_bench.T_STEPS)
+    backend = Backend("cuda")
+    x, eps, t = schedule_bench._inputs(SHAPE)  # the bench's inputs
+    x, eps = cupy.asarray(x), cupy.asarray(eps)
     copy_dst = cupy.empty_like(x)
-    copy_s = gpu_time(lambda: cupy.copyto(copy_dst, x))
+    copy_s = measure_stream(lambda: cupy.copyto(copy_dst, x))
     copy_gbs = 2 * x.nbytes / copy_s / 1e9
     nbytes = 3 * x.nbytes
     print(f"{cupy.cuda.runtime.getDeviceProperties(0)['name'].decode()}, {sm_count()} SMs; shape {SHAPE} float32; "
@@ -72,8 +58,8 @@ def main():
              "ddim_step": (eps, ddim_coefficients(sched, t, t - 1, 0.0), False)}
     kernels = cuda_vec._kernels()
     for name in coefs:
-        for form in ("cuda", "cuda_vec"):
-            s = gpu_time(calls(sched, x, eps, t, form)[name])
+        for form in ("cuda", "cuda_vec"):  # as the bench times them (its inputs: the same shape, seed and t's)
+            s = measure_stream(schedule_bench._ours(backend, name, SHAPE, form)())
             print(f"{name:10s} {form:9s} default launch  {s * 1e3:7.3f} ms {nbytes / s / 1e9:6.0f} GB/s "
                   f"{nbytes / s / 1e9 / copy_gbs:6.1%} of copy")
         e, coef, want_noise = coefs[name]
@@ -83,7 +69,7 @@ def main():
         want = base.out.copy()
         for grid, block in configs(sm_count()):
             launch = cuda_vec.launch_args(x, e, coef, np.inf, 1, None, want_noise, grid=grid)
-            s = gpu_time(lambda: kernel((grid,), (block,), launch.args))  # noqa: B023 (timed here, in this iteration)
+            s = measure_stream(lambda: kernel((grid,), (block,), launch.args))  # noqa: B023 (timed here, in this iteration)
             same = bool(cupy.array_equal(launch.out, want))
             print(f"{name:10s} cuda_vec  grid {grid:5d} × {block:3d}  {s * 1e3:7.3f} ms {nbytes / s / 1e9:6.0f} GB/s "
                   f"{nbytes / s / 1e9 / copy_gbs:6.1%} of copy{'' if same else '  RESULT DIFFERS FROM THE DEFAULT'}")
@@ -104,7 +90,7 @@ def gumbel(copy_gbs):
         kernel = cuda_vec._kernels(threads)[True]
         for grid in (GUMBEL_SHAPE[0], cuda_vec.GRID_MAX):
             launch = cuda_vec.launch_args(logits, 1.0, False, seed=1, grid=grid, threads=threads)
-            s = gpu_time(lambda: kernel((launch.grid,), (launch.block,), launch.args))  # noqa: B023
+            s = measure_stream(lambda: kernel((launch.grid,), (launch.block,), launch.args))  # noqa: B023
             y_soft = launch.result[1]
             if want is None:
                 want = y_soft.copy()

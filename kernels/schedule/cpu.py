@@ -82,6 +82,15 @@ def clip_value(clip_x0) -> float:
 _fill32, _fill64 = philox.block_filler(philox.cpu.normal4_32), philox.block_filler(philox.cpu.normal4)
 
 
+@njit(inline="always")
+def _fill(k0, k1, first, n, buf, noise32):
+    """buf[:n] = the normals of flat indices first … first + n − 1 (first a multiple of 4), float32 when noise32."""
+    if noise32:
+        _fill32(k0, k1, first, n, buf)
+    else:
+        _fill64(k0, k1, first, n, buf)
+
+
 @njit(inline="always", error_model="numpy")
 def _combine(xs, es, zs, dst, has_e, p, q, A, Bx, Be, S, clip):
     """dst[i] = A·clip(p·x − q·e) + Bx·x + Be·e + S·z over one sample's run of elements (constant coefficients); where
@@ -142,10 +151,7 @@ def fused_update(x, e, has_e, coef, per_sample, clip, seeded, k0, k1, z, write_z
         if not noisy:
             pass
         elif seeded:
-            if noise32:  # float32 arrays: float32 noise (exact in zbuf)
-                _fill32(k0, k1, lo, m, zbuf)
-            else:
-                _fill64(k0, k1, lo, m, zbuf)
+            _fill(k0, k1, lo, m, zbuf, noise32)  # float32 arrays: float32 noise (exact in zbuf)
             if write_z:
                 zo = z_out[lo:hi]
                 for j in range(m):
@@ -179,10 +185,7 @@ def _draw(k0, k1, out, noise32):
         lo = c * CHUNK
         m = min(CHUNK, n - lo)
         zbuf = np.empty(CHUNK, out.dtype)
-        if noise32:
-            _fill32(k0, k1, lo, m, zbuf)
-        else:
-            _fill64(k0, k1, lo, m, zbuf)
+        _fill(k0, k1, lo, m, zbuf, noise32)
         o = out[lo:lo + m]
         for j in range(m):
             o[j] = zbuf[j]
