@@ -38,14 +38,12 @@ PHILOX_DEVICE void store4(float* a, long long i, long long n, int vec, const flo
     }
 }
 
-// One element: A·clip(p·x − q·e) + Bx·x + Be·e + S·z, with the coefficients of sample s; z: the drawn normal, or
-// (given noise) read where S ≠ 0. Inlined into both loops below: with s the same for the block's four elements, its
-// loads are the loop's invariants.
-template <bool HAS_E, bool SEEDED>
-PHILOX_DEVICE float update_one(float x, float e, float zi, const float* z, long long i, long long n, const double* coef,
-                           const float* coefn, long long s, double clip) {
+// One element: A·clip(p·x − q·e) + Bx·x + Be·e + S·z, with the coefficients of sample s. Inlined into both loops
+// below: with s the same for the block's four elements, its loads are the loop's invariants.
+template <bool HAS_E>
+PHILOX_DEVICE float update_one(float x, float e, float zi, const double* coef, const float* coefn, long long s,
+                               double clip) {
     float Bx = coefn[s * 3], Be = coefn[s * 3 + 1], S = coefn[s * 3 + 2];
-    if (!SEEDED) zi = S != 0.0f && i < n ? z[i] : 0.0f;
     float acc = Bx * x + S * zi;
     if (HAS_E) {
         acc += Be * e;
@@ -85,12 +83,14 @@ fused_update(const float* x, const float* e, const double* coef, const float* co
             if (WRITE_Z) store4(z_out, i0, n, vec, zv);
         }
         if (first == last) {  // the four elements in one sample (all but the blocks that straddle two): one s
-            for (int j = 0; j < 4; ++j)
-                ov[j] = update_one<HAS_E, SEEDED>(xv[j], ev[j], zv[j], z, i0 + j, n, coef, coefn, first, clip);
+            // given noise: read (one float4) only where the sample adds noise, so a NaN there stays out
+            if (!SEEDED && coefn[first * 3 + 2] != 0.0f) load4(z, i0, n, vec, zv);
+            for (int j = 0; j < 4; ++j) ov[j] = update_one<HAS_E>(xv[j], ev[j], zv[j], coef, coefn, first, clip);
         } else {
             for (int j = 0; j < 4; ++j) {
-                long long s = sample_of(i0 + j < n ? i0 + j : n - 1, inv_per_sample);
-                ov[j] = update_one<HAS_E, SEEDED>(xv[j], ev[j], zv[j], z, i0 + j, n, coef, coefn, s, clip);
+                long long i = i0 + j < n ? i0 + j : n - 1, s = sample_of(i, inv_per_sample);
+                if (!SEEDED) zv[j] = coefn[s * 3 + 2] != 0.0f ? z[i] : 0.0f;
+                ov[j] = update_one<HAS_E>(xv[j], ev[j], zv[j], coef, coefn, s, clip);
             }
         }
         store4(out, i0, n, vec, ov);

@@ -1,5 +1,5 @@
 """ptxas_usage: what ptxas allocates for a kernel's PTX on sm_90, for the tests that check occupancy claims;
-nvrtc_build: CUDA C++ compiled by NVRTC (the pip wheel), for the tests of the CuPy RawModule kernels."""
+nvrtc_build: CUDA C++ compiled by NVRTC (kernels.nvrtc.build), for the tests of the CuPy RawModule kernels."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+
+from kernels.nvrtc import build as nvrtc_build  # noqa: F401  (the tests' name for it)
 
 
 def ptxas_usage(ptx):
@@ -28,43 +30,6 @@ def ptxas_usage(ptx):
         out = subprocess.run([ptxas, "-arch=sm_90", "-v", str(src), "-o", str(Path(tmp) / "k.cubin")],
                              capture_output=True, text=True, check=True).stderr
     return int(re.search(r"Used (\d+) registers", out)[1]), int(re.search(r"(\d+) bytes spill stores", out)[1])
-
-
-def nvrtc_build(source, filename, names, options=(), arch="compute_90", extra=()):
-    """Compile CUDA C++ `source` with NVRTC for the kernels `names` (name expressions): (ptx, cubin or None, log,
-    {name: lowered name}). Fails with NVRTC's log when the source does not compile."""
-    from cuda.bindings import nvrtc
-
-    def check(result, what):
-        err = result[0] if isinstance(result, tuple) else result
-        assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS, f"{what}: {err}"
-        return result[1:] if isinstance(result, tuple) else ()
-
-    (prog,) = check(nvrtc.nvrtcCreateProgram(source.encode(), filename.encode(), 0, [], []), "create")
-    for name in names:
-        check(nvrtc.nvrtcAddNameExpression(prog, name.encode()), "name")
-    opts = [o.encode() for o in (*options, "-ftz=true", f"-arch={arch}", *extra)]  # -ftz: as CuPy compiles
-    status = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
-    # NVRTC writes into the buffers it is given: they must be fresh bytearrays, never `b" " * size`, which for
-    # size 1 (an empty log) is CPython's one shared b" " — NVRTC then turned every b" " in the process into b"\0"
-    (size,) = check(nvrtc.nvrtcGetProgramLogSize(prog), "log size")
-    log = bytearray(size)
-    check(nvrtc.nvrtcGetProgramLog(prog, log), "log")
-    log = bytes(log).decode(errors="replace")
-    assert status[0] == nvrtc.nvrtcResult.NVRTC_SUCCESS, f"{filename} does not compile:\n{log}"
-    lowered = {name: check(nvrtc.nvrtcGetLoweredName(prog, name.encode()), "lowered name")[0] for name in names}
-    (size,) = check(nvrtc.nvrtcGetPTXSize(prog), "ptx size")
-    ptx = bytearray(size)
-    check(nvrtc.nvrtcGetPTX(prog, ptx), "ptx")
-    cubin = None
-    if arch.startswith("sm_"):
-        (size,) = check(nvrtc.nvrtcGetCUBINSize(prog), "cubin size")
-        cubin = bytearray(size)
-        check(nvrtc.nvrtcGetCUBIN(prog, cubin), "cubin")
-        cubin = bytes(cubin)
-    check(nvrtc.nvrtcDestroyProgram(prog), "destroy")
-    assert b" " == bytes([32]), "a buffer handed to NVRTC was a shared bytes object"
-    return bytes(ptx).decode().rstrip("\x00 "), cubin, log, lowered
 
 
 def host_build(directory, files, std="c++17", extra=()):
