@@ -6,8 +6,8 @@ turns it into SASS, the instructions the GPU issues. For each instance this prin
 (they set how many threads an SM keeps in flight), its instructions in all, a count by kind (integer multiply-adds,
 float32 and float64 arithmetic, conversions, special functions, loads and stores by width), and for the diffusion
 updates the instructions one trip of the grid-stride loop issues on its common path — for four elements, so that a
-change to the kernel can be weighed before a GPU times it. At 132 SMs × 4 warp schedulers × 1.98 GHz (an H200), 305
-instructions a trip take 0.29 ms over 64×3×1024×1024 elements, where a copy of q_sample's bytes takes ~0.58 ms.
+change to the kernel can be weighed before a GPU times it. At 132 SMs × 4 warp schedulers × 1.98 GHz (an H200),
+305 instructions a trip take 0.46 ms of issue over 64×3×1024×1024 elements; a copy of q_sample's bytes, ~0.58 ms.
 
 The common path: from the loop's head to its backward branch, at each forward conditional branch the arm that
 reaches the point where the two arms meet again (the next BSYNC) in fewer instructions, never a CALL (the slow path
