@@ -3,9 +3,11 @@
 // given), and y = the one-hot of the argmax when hard.
 //
 // One block of GS_THREADS threads per row (grid-stride over rows); thread t holds the row's float4 chunks t,
-// t + GS_THREADS, … in registers — its logits and their noise — so the row is read once and written once: pass 1
-// draws g (a chunk of four elements is one Philox block when the row starts at a multiple of 4) and finds the max and
-// first argmax of z = (l + g)·log₂e/τ in float64; pass 2 forms e = 2^(z − max) and its sum; pass 3 writes e/Σ. The
+// t + GS_THREADS, … in registers — as the float64 z of its elements — so the row is read once and written once: pass
+// 1 draws g (a chunk of four elements is one Philox block when the row starts at a multiple of 4) and finds the max
+// and first argmax of z = (l + g)·log₂e/τ in float64, keeping z (the registers logits and noise would take: pass 2
+// recomputing z from them issued 6 more instructions an element, two of them float→double conversions); pass 2
+// forms e = 2^(z − max) and its sum; pass 3 writes e/Σ. The
 // numba.cuda form (cuda.py), which cannot hold a row in registers through arrays it indexes at run time nor load a
 // float4, keeps g in shared memory and reads the logits twice. Rows of n ≤ 4·GS_THREADS·GS_CHUNKS values, n a
 // multiple of 4; cuda_vec.py checks.
@@ -72,7 +74,8 @@ gumbel_softmax_rows(const float* l2, const float* g2, long long rows, int n, dou
     const int chunks = n >> 2;
     for (long long r = blockIdx.x; r < rows; r += gridDim.x) {
         const float4* l = reinterpret_cast<const float4*>(l2 + r * n);
-        float lv[GS_CHUNKS][4], gv[GS_CHUNKS][4];
+        double zv[GS_CHUNKS][4];  // z, kept from pass 1 for pass 2 (as many registers as the logits and noise)
+        float ev[GS_CHUNKS][4];
         // pass 1: the logits, the noise, and the thread's max and first argmax of z (its elements in index order)
         double m = 0.0;
         int a = n;
@@ -81,31 +84,32 @@ gumbel_softmax_rows(const float* l2, const float* g2, long long rows, int n, dou
             const int c = t + k * GS_THREADS;
             if (c < chunks) {
                 float4 x = l[c];
-                lv[k][0] = x.x, lv[k][1] = x.y, lv[k][2] = x.z, lv[k][3] = x.w;
+                const float lv[4] = {x.x, x.y, x.z, x.w};
+                float gv[4];
                 if (SEEDED) {
                     unsigned w[4];
                     philox_block((unsigned long long)((r * n) >> 2) + c, k0, k1, w);
-                    for (int i = 0; i < 4; ++i) gv[k][i] = gumbel32(w[i]);
+                    for (int i = 0; i < 4; ++i) gv[i] = gumbel32(w[i]);
                 } else {
                     float4 g = reinterpret_cast<const float4*>(g2 + r * n)[c];
-                    gv[k][0] = g.x, gv[k][1] = g.y, gv[k][2] = g.z, gv[k][3] = g.w;
+                    gv[0] = g.x, gv[1] = g.y, gv[2] = g.z, gv[3] = g.w;
                 }
                 for (int i = 0; i < 4; ++i) {
-                    double z = ((double)lv[k][i] + (double)gv[k][i]) * scale;
+                    const double z = ((double)lv[i] + (double)gv[i]) * scale;
+                    zv[k][i] = z;
                     if (z > m || a == n) m = z, a = 4 * c + i;
                 }
             }
         }
         block_argmax(vbuf, ibuf, m, a, n);
-        // pass 2: e = 2^(z − max), kept in gv, and their sum
+        // pass 2: e = 2^(z − max) and their sum
         double s = 0.0;
 #pragma unroll
         for (int k = 0; k < GS_CHUNKS; ++k) {
             if (t + k * GS_THREADS < chunks) {
                 for (int i = 0; i < 4; ++i) {
-                    double d = ((double)lv[k][i] + (double)gv[k][i]) * scale - m;  // pass 1's z, bit for bit
-                    gv[k][i] = exp2f((float)d);
-                    s += (double)gv[k][i];
+                    ev[k][i] = exp2f((float)(zv[k][i] - m));
+                    s += (double)ev[k][i];
                 }
             }
         }
@@ -117,8 +121,8 @@ gumbel_softmax_rows(const float* l2, const float* g2, long long rows, int n, dou
         for (int k = 0; k < GS_CHUNKS; ++k) {
             const int c = t + k * GS_THREADS;
             if (c < chunks) {
-                ys[c] = make_float4(gv[k][0] * inv_total, gv[k][1] * inv_total, gv[k][2] * inv_total,
-                                    gv[k][3] * inv_total);
+                ys[c] = make_float4(ev[k][0] * inv_total, ev[k][1] * inv_total, ev[k][2] * inv_total,
+                                    ev[k][3] * inv_total);
                 if (hard) {
                     const int j = 4 * c;
                     y[c] = make_float4(j == a ? 1.0f : 0.0f, j + 1 == a ? 1.0f : 0.0f, j + 2 == a ? 1.0f : 0.0f,
