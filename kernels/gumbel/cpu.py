@@ -26,7 +26,7 @@ import numpy as np
 from numba import njit, prange
 
 from kernels import philox
-from kernels.gumbel.reference import as_rows
+from kernels.gumbel.reference import as_rows, check_forward
 
 ROWS_PER_TASK = 4
 fast_log, fast_exp = philox.fast_log, philox.fast_exp
@@ -174,13 +174,6 @@ def gumbel_noise(seed, shape, dtype=np.float64):
     return out
 
 
-def _check(logits, tau):
-    if logits.dtype not in (np.float32, np.float64):
-        raise TypeError(f"expected float32 or float64 logits, got {logits.dtype}")
-    if tau <= 0:
-        raise ValueError(f"tau must be positive, got {tau}")
-
-
 def gumbel_softmax_forward(logits, tau=1.0, hard=False, *, seed=None, noise=None, dim=-1):
     """Sample y ~ Gumbel-softmax(logits, τ) along `dim` in one fused pass per row; returns (y, y_soft).
 
@@ -188,13 +181,8 @@ def gumbel_softmax_forward(logits, tau=1.0, hard=False, *, seed=None, noise=None
     (so it is the same noise) and the rows are made contiguous first.
     """
     logits = np.asarray(logits)
-    _check(logits, tau)
-    if (seed is None) == (noise is None):
-        raise ValueError("pass exactly one of seed= and noise=")
-    if noise is not None:
-        noise = np.asarray(noise)
-        if noise.shape != logits.shape:
-            raise ValueError(f"noise shape {noise.shape} != logits shape {logits.shape}")
+    noise = None if noise is None else np.asarray(noise)
+    check_forward(logits, tau, seed, noise, scalar_ok=True)
     dim = dim % max(logits.ndim, 1)
     last = logits.ndim == 0 or dim == logits.ndim - 1
     if seed is not None and not last:

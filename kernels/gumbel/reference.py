@@ -50,29 +50,19 @@ def as_rows(a, dim):
     return a.reshape(-1, a.shape[-1]) if a.ndim else a.reshape(1, 1)
 
 
-def check_forward(logits, tau, seed, noise):
-    """The argument checks of a compiled form's forward (dtype, τ, exactly one of seed= and noise=, shapes)."""
+def check_forward(logits, tau, seed, noise, scalar_ok=False):
+    """The argument checks of every form's forward: dtype, τ, exactly one of seed= and noise=, the noise's shape, and
+    (unless scalar_ok: the NumPy forms take a 0-d logit as a row of one) at least one dimension."""
     if logits.dtype not in (np.float32, np.float64):
         raise TypeError(f"expected float32 or float64 logits, got {logits.dtype}")
     if tau <= 0:
         raise ValueError(f"tau must be positive, got {tau}")
     if (seed is None) == (noise is None):
         raise ValueError("pass exactly one of seed= and noise=")
-    if logits.ndim == 0:
+    if logits.ndim == 0 and not scalar_ok:
         raise ValueError("gumbel_softmax needs at least one dimension")
     if noise is not None and noise.shape != logits.shape:
         raise ValueError(f"noise shape {noise.shape} != logits shape {logits.shape}")
-
-
-def _noise(logits, seed, noise):
-    if (seed is None) == (noise is None):
-        raise ValueError("pass exactly one of seed= and noise=")
-    if noise is None:
-        return gumbel_noise(seed, logits.shape, logits.dtype)
-    noise = np.asarray(noise)
-    if noise.shape != logits.shape:
-        raise ValueError(f"noise shape {noise.shape} != logits shape {logits.shape}")
-    return noise
 
 
 def gumbel_softmax_forward(logits, tau=1.0, hard=False, *, seed=None, noise=None, dim=-1):
@@ -81,11 +71,9 @@ def gumbel_softmax_forward(logits, tau=1.0, hard=False, *, seed=None, noise=None
     With hard=True, y is the one-hot of the sample (forward value of PyTorch's y_hard − sg[y_soft] + y_soft).
     """
     logits = np.asarray(logits)
-    if logits.dtype not in (np.float32, np.float64):
-        raise TypeError(f"expected float32 or float64 logits, got {logits.dtype}")
-    if tau <= 0:
-        raise ValueError(f"tau must be positive, got {tau}")
-    g = _noise(logits, seed, noise)
+    noise = None if noise is None else np.asarray(noise)
+    check_forward(logits, tau, seed, noise, scalar_ok=True)
+    g = gumbel_noise(seed, logits.shape, logits.dtype) if noise is None else noise
     z = (logits.astype(np.float64) + g) / tau
     z_max = z.max(axis=dim, keepdims=True)
     e = np.exp(z - z_max)
