@@ -39,7 +39,8 @@ KINDS = {
 
 
 def nvdisasm() -> str:
-    """The path of nvdisasm: the nvidia-cuda-nvdisasm wheel's (found by cuda.pathfinder), or one on PATH."""
+    """The path of nvdisasm, found by cuda.pathfinder: the nvidia-cuda-nvdisasm wheel's, else a conda environment's or
+    a CUDA toolkit's (CUDA_PATH, CUDA_HOME)."""
     from cuda.pathfinder import find_nvidia_binary_utility
 
     path = find_nvidia_binary_utility("nvdisasm")
