@@ -100,7 +100,8 @@ def _target(ins: str) -> str | None:
 
 def common_path(instructions: list[str], labels: dict[str, int]) -> list[str]:
     """The instructions one trip of the kernel's loop issues on its common path (see the module docstring); where the
-    compiler made several versions of the loop, the one with 128-bit loads."""
+    kernel has several loops (a version of the loop with scalar loads, a remainder loop after an unrolled one), the
+    one with the most 128-bit loads, the last of those."""
 
     def arm(i):  # the instructions from i to the next BSYNC; a CALL makes an arm the longer one
         n = 0
@@ -113,9 +114,10 @@ def common_path(instructions: list[str], labels: dict[str, int]) -> list[str]:
              if opcode(ins).startswith("BRA") and ins.startswith("@") and labels.get(_target(ins), i) < i]
     if not backs:
         raise ValueError("no loop in this kernel")
-    vector = [b for b in backs
-              if any(opcode(x) == "LDG.E.128" for x in instructions[labels[_target(instructions[b])]:b])]
-    back = (vector or backs)[-1]
+    def vector_loads(b):
+        return sum(opcode(x) == "LDG.E.128" for x in instructions[labels[_target(instructions[b])]:b])
+
+    back = max(reversed(backs), key=vector_loads)  # max keeps the first of equals: the last loop
     i, path = labels[_target(instructions[back])], []
     while i <= back:
         ins = instructions[i]
@@ -131,9 +133,10 @@ def common_path(instructions: list[str], labels: dict[str, int]) -> list[str]:
 
 
 def instances():
-    """(family, source, file name, options, {label: name expression}, labels whose loop trip is counted) of every C++
-    elementwise kernel. The trip is counted where the shorter arm is the common case: not for given noise, whose
-    read (where S ≠ 0) is the longer arm."""
+    """(family, source, file name, options, {label: name expression}, labels whose loop trip is counted, elements a
+    trip) of every C++ elementwise kernel: fused_update.cu as cuda_vec launches it and with FU_UNROLL = 2 (two Philox
+    blocks a trip). The trip is counted where the shorter arm is the common case: not for given noise, whose read
+    (where S ≠ 0) is the longer arm."""
     from kernels.gumbel import cuda_vec as gumbel_vec
     from kernels.schedule import cuda_vec as schedule_vec
 
@@ -141,19 +144,21 @@ def instances():
             (True, True, False): "DDPM / DDIM step (draws its noise)",
             (True, False, False): "DDPM / DDIM step (noise given, or none: DDIM η = 0)"}
     names = {what[k]: schedule_vec.kernel_name(*k) for k in schedule_vec.INSTANCES}
-    yield "schedule", schedule_vec.source(), "fused_update.cu", ("-std=c++17",), names, {
-        what[(False, True, True)], what[(True, True, False)], what[(True, False, False)]}
+    walked = {what[(False, True, True)], what[(True, True, False)], what[(True, False, False)]}
+    for unroll in (schedule_vec.UNROLL, 2):
+        yield (f"schedule (unroll {unroll})", schedule_vec.source(), "fused_update.cu", schedule_vec.options(unroll),
+               names, walked, 4 * unroll)
     for threads in (256, 512, 1024):
         yield (f"gumbel ({threads} threads)", gumbel_vec.source(), "softmax_rows.cu", gumbel_vec.options(threads),
                {"forward, seeded": gumbel_vec.kernel_name(True), "forward, noise given": gumbel_vec.kernel_name(False)},
-               set())
+               set(), None)
 
 
 def report() -> list[dict]:
     """One row per kernel instance: family, instance, registers, instructions, kinds, and where counted the common
-    path's length and kinds (the trip of η = 0 for the step given no noise)."""
+    path's length, kinds and elements (the trip of η = 0 for the step given no noise)."""
     rows = []
-    for family, source, filename, options, names, walked in instances():
+    for family, source, filename, options, names, walked, elements in instances():
         b = build(source, filename, list(names.values()), options, arch=ARCH, extra=("-Xptxas", "-v"))
         code = disassemble(b.cubin)
         for label, name in names.items():
@@ -165,7 +170,7 @@ def report() -> list[dict]:
                        instructions=len(ins), kinds=dict(kinds(ins)))
             if label in walked:
                 path = common_path(ins, labels)
-                row.update(common_path=len(path), common_kinds=dict(kinds(path)))
+                row.update(common_path=len(path), common_kinds=dict(kinds(path)), trip_elements=elements)
             rows.append(row)
     return rows
 
@@ -174,7 +179,7 @@ def main(argv=None):
     """Print the report (see the module docstring)."""
     argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args(argv)
     for row in report():
-        trip = f"; one loop trip (4 elements) {row['common_path']}" if "common_path" in row else ""
+        trip = f"; one loop trip ({row['trip_elements']} elements) {row['common_path']}" if "common_path" in row else ""
         print(f"{row['family']:22s} {row['instance']:52s} {row['registers']} registers, "
               f"{row['instructions']} instructions{trip}")
         counts = row.get("common_kinds", row["kinds"])

@@ -5,8 +5,10 @@ thread taking Philox block after Philox block (a grid-stride loop). Whether a th
 flight during its draw keeps HBM busy depends on how many threads there are: this times every update at
 64×3×1024×1024 float32 for grids of 1 … 32 blocks per SM and blocks of 128 and 256 threads (GPU time per call: 20
 calls queued between two CUDA events, as the bench's stream time), beside the numba.cuda form and a copy of the
-same bytes, and checks that every shape gives the default launch's result bit for bit. It prints one line per shape:
-ms, GB/s and the fraction of the copy's GB/s — what to set cuda_vec.WAVES and the block size to.
+same bytes, each shape with the kernel compiled for one Philox block a thread per trip (the default) and for two
+(FU_UNROLL = 2: both blocks' loads in flight before the first draw), and checks that every shape gives the default
+launch's result bit for bit. It prints one line per shape: ms, GB/s and the fraction of the copy's GB/s — what to set
+cuda_vec.WAVES, UNROLL and the block size to.
 
 Then the Gumbel-softmax forward (kernels/gumbel/softmax_rows.cu) at 16384×8192 float32, seeded, soft, as the bench
 times it: one block a row, compiled for blocks of 256 (the default: 8 float4 chunks of the row a thread), 512 (4)
@@ -24,6 +26,7 @@ from bench.harness import Backend, measure_stream
 SHAPE = (64, 3, 1024, 1024)
 WAVES = (1, 2, 4, 8, 16, 32)  # blocks of the grid per SM
 BLOCKS = (128, 256)  # threads per block (fused_update.cu's __launch_bounds__ is 256)
+UNROLLS = (1, 2)  # Philox blocks a thread per trip (cuda_vec.UNROLL, fused_update.cu's FU_UNROLL)
 GUMBEL_SHAPE = (16384, 8192)
 GUMBEL_THREADS = (256, 512, 1024)
 
@@ -56,7 +59,6 @@ def main():
     coefs = {"q_sample": (None, q_sample_coefficients(sched, t), True),
              "ddpm_step": (eps, ddpm_coefficients(sched, t, None, "posterior"), False),
              "ddim_step": (eps, ddim_coefficients(sched, t, t - 1, 0.0), False)}
-    kernels = cuda_vec._kernels()
     for name in coefs:
         for form in ("cuda", "cuda_vec"):  # as the bench times them (its inputs: the same shape, seed and t's)
             s = measure_stream(schedule_bench._ours(backend, name, SHAPE, form)())
@@ -64,15 +66,17 @@ def main():
                   f"{nbytes / s / 1e9 / copy_gbs:6.1%} of copy")
         e, coef, want_noise = coefs[name]
         base = cuda_vec.launch_args(x, e, coef, np.inf, 1, None, want_noise)
-        kernel = kernels[base.instance]
-        kernel((base.grid,), (base.block,), base.args)
+        cuda_vec._kernels()[base.instance]((base.grid,), (base.block,), base.args)
         want = base.out.copy()
-        for grid, block in configs(sm_count()):
-            launch = cuda_vec.launch_args(x, e, coef, np.inf, 1, None, want_noise, grid=grid)
-            s = measure_stream(lambda: kernel((grid,), (block,), launch.args))  # noqa: B023 (timed here, in this iteration)
-            same = bool(cupy.array_equal(launch.out, want))
-            print(f"{name:10s} cuda_vec  grid {grid:5d} × {block:3d}  {s * 1e3:7.3f} ms {nbytes / s / 1e9:6.0f} GB/s "
-                  f"{nbytes / s / 1e9 / copy_gbs:6.1%} of copy{'' if same else '  RESULT DIFFERS FROM THE DEFAULT'}")
+        for unroll in UNROLLS:
+            kernel = cuda_vec._kernels(unroll)[base.instance]
+            for grid, block in configs(sm_count()):
+                launch = cuda_vec.launch_args(x, e, coef, np.inf, 1, None, want_noise, grid=grid, unroll=unroll)
+                s = measure_stream(lambda: kernel((grid,), (block,), launch.args))  # noqa: B023 (timed here, now)
+                same = bool(cupy.array_equal(launch.out, want))
+                print(f"{name:10s} cuda_vec  unroll {unroll} grid {grid:5d} × {block:3d}  {s * 1e3:7.3f} ms "
+                      f"{nbytes / s / 1e9:6.0f} GB/s {nbytes / s / 1e9 / copy_gbs:6.1%} of copy"
+                      f"{'' if same else '  RESULT DIFFERS FROM THE DEFAULT'}")
     gumbel(copy_gbs)
 
 

@@ -344,6 +344,65 @@ def test_gpu_sweep_includes_the_default_launch():
     assert all(block <= cuda_vec.THREADS for _, block in shapes)  # __launch_bounds__(256)
 
 
+def test_gpu_sweep_runs_through_on_a_fake_gpu(monkeypatch, capsys):
+    """bench.sweep_cuda_vec end to end with NumPy standing in for CuPy, tiny shapes and kernels that copy x: every
+    update × unroll × launch shape and every Gumbel block size prints its line (a lent GPU's minutes are not spent
+    finding a typo), and a result that differs from the default launch's is flagged."""
+    import types
+
+    import numpy as np
+
+    from bench import sweep_cuda_vec as sweep
+    from kernels import dispatch
+    from kernels.gumbel import cuda_vec as gumbel_vec
+    from kernels.schedule import cuda_vec
+
+    class Device:
+        attributes = {"MultiProcessorCount": 2}
+
+        def synchronize(self):
+            pass
+
+    fake = types.SimpleNamespace(
+        is_available=lambda: True, asarray=np.asarray, empty_like=np.empty_like, copyto=np.copyto,
+        array_equal=np.array_equal, allclose=np.allclose,
+        cuda=types.SimpleNamespace(Device=Device, runtime=types.SimpleNamespace(
+            getDeviceProperties=lambda i: {"name": b"Fake GPU"})))
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    monkeypatch.setattr(dispatch, "sm_count", lambda: 2)
+    monkeypatch.setattr(sweep, "measure_stream", lambda fn, **kw: (fn(), 1e-3)[1])
+    monkeypatch.setattr(sweep, "SHAPE", (2, 3, 8, 8))
+    monkeypatch.setattr(sweep, "GUMBEL_SHAPE", (4, 64))
+    monkeypatch.setattr(sweep.schedule_bench, "_ours", lambda *a: lambda: lambda: None)
+    launched = []
+
+    def schedule_kernels(unroll=cuda_vec.UNROLL):
+        def kernel(grid, block, args):  # out = x, or x + 1 for unroll 2 on 2 blocks per SM of 256: "differs"
+            launched.append((unroll, grid[0], block[0]))
+            args[10][...] = args[0] + (unroll == 2 and grid[0] == 4 and block[0] == 256)
+        return {k: kernel for k in cuda_vec.INSTANCES}
+
+    def gumbel_kernels(threads=gumbel_vec.THREADS):
+        def kernel(grid, block, args):
+            args[-1][...] = args[0]
+        return {True: kernel, False: kernel}
+
+    monkeypatch.setattr(cuda_vec, "_kernels", schedule_kernels)
+    monkeypatch.setattr(gumbel_vec, "_kernels", gumbel_kernels)
+    sweep.main()
+    lines = capsys.readouterr().out.splitlines()
+    shapes = sweep.configs(2)
+    for name in ("q_sample", "ddpm_step", "ddim_step"):
+        for form in ("cuda ", "cuda_vec "):
+            assert sum(line.startswith(f"{name:10s} {form}") and "default launch" in line for line in lines) == 1
+        for unroll in sweep.UNROLLS:
+            mine = [line for line in lines if line.startswith(f"{name:10s} cuda_vec  unroll {unroll} grid")]
+            assert len(mine) == len(shapes)
+            assert sum("RESULT DIFFERS" in line for line in mine) == (unroll == 2)
+    assert {(u, g, b) for u, g, b in launched} >= {(u, g, b) for u in sweep.UNROLLS for g, b in shapes}
+    assert sum(line.startswith("gumbel     cuda_vec") for line in lines) == 2 * len(sweep.GUMBEL_THREADS)
+
+
 def test_bad_family_is_refused(capsys):
     assert main(["bench", "nonsense"]) == 2
     assert "unknown family" in capsys.readouterr().err

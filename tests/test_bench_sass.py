@@ -19,8 +19,8 @@ def rows():
     return {(r["family"], r["instance"]): r for r in sass.report()}
 
 
-def _trip(rows, instance):
-    return rows[("schedule", instance)]["common_kinds"]
+def _trip(rows, instance, unroll=1):
+    return rows[(f"schedule (unroll {unroll})", instance)]["common_kinds"]
 
 
 def test_q_sample_trip_moves_its_arrays_as_float4_and_reads_coefficients_once(rows):
@@ -42,9 +42,20 @@ def test_noisy_step_and_ddim_trips(rows):
     assert sum(quiet.values()) < sum(noisy.values()) / 2
 
 
+def test_two_blocks_a_trip_load_both_before_drawing(rows):
+    """FU_UNROLL = 2: the trip moves two float4 of each array, and issues fewer instructions an element."""
+    q, step = _trip(rows, "q_sample (draws ε, writes it)", 2), _trip(rows, "DDPM / DDIM step (draws its noise)", 2)
+    assert q["global load 128-bit"] == 2 and q["global store 128-bit"] == 4 and q["special (MUFU)"] == 4
+    assert step["global load 128-bit"] == 4 and step["global store 128-bit"] == 2
+    for instance in ("q_sample (draws ε, writes it)", "DDPM / DDIM step (draws its noise)"):
+        one, two = (rows[(f"schedule (unroll {u})", instance)] for u in (1, 2))
+        assert (one["trip_elements"], two["trip_elements"]) == (4, 8)
+        assert two["common_path"] / 8 < one["common_path"] / 4
+
+
 def test_every_instance_is_reported_without_its_loop_walk_for_given_noise(rows):
-    assert len(rows) == 4 + 3 * 2
-    assert "common_path" not in rows[("schedule", "q_sample (ε given)")]
+    assert len(rows) == 2 * 4 + 3 * 2
+    assert "common_path" not in rows[("schedule (unroll 1)", "q_sample (ε given)")]
     for r in rows.values():
         assert r["registers"] and r["instructions"] == sum(r["kinds"].values())
 

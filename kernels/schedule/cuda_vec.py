@@ -31,6 +31,7 @@ SOURCE = Path(__file__).with_name("fused_update.cu")
 INSTANCES = ((False, True, True), (False, False, False), (True, True, False), (True, False, False))
 THREADS = 256  # fused_update.cu's __launch_bounds__
 WAVES = 4  # blocks of the grid per SM, at most; the grid-stride loop takes the rest
+UNROLL = 1  # Philox blocks a thread takes per trip (fused_update.cu's FU_UNROLL; bench.sweep_cuda_vec times 2)
 
 
 def source() -> str:
@@ -44,13 +45,21 @@ def kernel_name(has_e: bool, seeded: bool, write_z: bool) -> str:
     return f"fused_update<{flags}>"
 
 
+def options(unroll: int = UNROLL) -> tuple:
+    """The compiler options for `unroll` Philox blocks a thread per trip of the loop (1, 2 or 4)."""
+    if unroll not in (1, 2, 4):
+        raise ValueError(f"unroll must be 1, 2 or 4, got {unroll}")
+    return ("-std=c++17", f"-DFU_UNROLL={unroll}")
+
+
 @functools.cache
-def _kernels():
-    """Every instance, compiled once per process by NVRTC (CuPy also caches on disk): {(has_e, seeded, write_z): f}."""
+def _kernels(unroll: int = UNROLL):
+    """Every instance, compiled once per process by NVRTC (CuPy also caches on disk) for `unroll` Philox blocks a
+    trip: {(has_e, seeded, write_z): f}."""
     import cupy
 
     names = [kernel_name(*k) for k in INSTANCES]
-    module = cupy.RawModule(code=source(), options=("-std=c++17",), name_expressions=names)
+    module = cupy.RawModule(code=source(), options=options(unroll), name_expressions=names)
     return {k: module.get_function(name) for k, name in zip(INSTANCES, names)}
 
 
@@ -66,10 +75,10 @@ class Launch(NamedTuple):
     noise: object
 
 
-def launch_args(x, e, coef, clip, seed, noise, want_noise, out=None, *, grid=None) -> Launch:
-    """Check the arguments and build the launch (with no arguments when there is nothing to launch: an empty array).
-    `out` as in the other forms; grid: the number of blocks (default: one per THREADS Philox blocks, at most WAVES
-    per SM)."""
+def launch_args(x, e, coef, clip, seed, noise, want_noise, out=None, *, grid=None, unroll=UNROLL) -> Launch:
+    """Check the arguments and build the launch (with no arguments when there is nothing to launch: an empty array)
+    of the kernel compiled for `unroll` Philox blocks a trip (`_kernels(unroll)`). `out` as in the other forms; grid:
+    the number of blocks (default: one per THREADS·unroll Philox blocks, at most WAVES per SM)."""
     xp = array_module(x)
     if x.dtype != np.float32:
         raise TypeError(f"cuda_vec computes float32 arrays, got {x.dtype}; float64 arrays go to form='cuda'")
@@ -93,7 +102,7 @@ def launch_args(x, e, coef, clip, seed, noise, want_noise, out=None, *, grid=Non
         return Launch(instance, 0, THREADS, (), res, noise_back)
     vec = all(data_ptr(a) % 16 == 0 for a in (xc, e_c, z_c, z_out, res))
     if grid is None:
-        grid = min(math.ceil(math.ceil(n / 4) / THREADS), WAVES * (sm_count() if xp is not np else 1))
+        grid = min(math.ceil(math.ceil(n / 4) / (THREADS * unroll)), WAVES * (sm_count() if xp is not np else 1))
     coefn = xp.asarray(np.ascontiguousarray(coef[:, 3:], dtype=np.float32))
     args = (xc, e_c, xp.asarray(np.ascontiguousarray(coef, dtype=np.float64)), coefn, np.float64(1.0 / per_sample),
             np.float64(clip), np.uint32(k0), np.uint32(k1), z_c, z_out, res, np.int64(n), np.int32(vec))

@@ -57,6 +57,43 @@ PHILOX_DEVICE float update_one(float x, float e, float zi, const double* coef, c
     return acc;
 }
 
+// One Philox block of four elements 4b … 4b + 3 (x, e already loaded into xv, ev): draw or read the noise, update,
+// store.
+template <bool HAS_E, bool SEEDED, bool WRITE_Z>
+PHILOX_DEVICE void update_block(long long b, const float xv[4], const float ev[4], const double* coef,
+                                const float* coefn, double inv_per_sample, double clip, unsigned k0, unsigned k1,
+                                const float* z, float* z_out, float* out, long long n, int vec) {
+    long long i0 = b << 2;
+    float zv[4] = {0.0f, 0.0f, 0.0f, 0.0f}, ov[4];
+    long long first = sample_of(i0, inv_per_sample);
+    long long last = sample_of(i0 + 3 < n ? i0 + 3 : n - 1, inv_per_sample);
+    if (SEEDED) {
+        // the noise is an output, or some sample of the four elements adds noise (samples shorter than the block
+        // between first and last: drawn without looking, as cuda.py's _noisy does)
+        if (WRITE_Z || last > first + 1 || coef[first * 6 + 5] != 0.0 || coef[last * 6 + 5] != 0.0)
+            normal4_32(b, k0, k1, zv);
+        if (WRITE_Z) store4(z_out, i0, n, vec, zv);
+    }
+    if (first == last) {  // the four elements in one sample (all but the blocks that straddle two): one s
+        // given noise: read (one float4) only where the sample adds noise, so a NaN there stays out
+        if (!SEEDED && coefn[first * 3 + 2] != 0.0f) load4(z, i0, n, vec, zv);
+        for (int j = 0; j < 4; ++j) ov[j] = update_one<HAS_E>(xv[j], ev[j], zv[j], coef, coefn, first, clip);
+    } else {
+        for (int j = 0; j < 4; ++j) {
+            long long i = i0 + j < n ? i0 + j : n - 1, s = sample_of(i, inv_per_sample);
+            if (!SEEDED) zv[j] = coefn[s * 3 + 2] != 0.0f ? z[i] : 0.0f;
+            ov[j] = update_one<HAS_E>(xv[j], ev[j], zv[j], coef, coefn, s, clip);
+        }
+    }
+    store4(out, i0, n, vec, ov);
+}
+
+// Philox blocks a thread takes per trip of its loop: b, b + stride, …, all their loads issued before the first draw
+// (more bytes in flight per thread; cuda_vec.py compiles others for bench.sweep_cuda_vec to time)
+#ifndef FU_UNROLL
+#define FU_UNROLL 1
+#endif
+
 // The kernel, one instance per kind of update (HAS_E: ε̂ is read — the DDPM and DDIM steps; SEEDED: the noise is
 // drawn, else given or unused; WRITE_Z: the drawn noise is an output — q_sample), so that none of these choices is a
 // branch in the loop. x, e, z, out may be one array (an update in place): each element is read before it is written,
@@ -66,33 +103,29 @@ template <bool HAS_E, bool SEEDED, bool WRITE_Z>
 __global__ void __launch_bounds__(256)
 fused_update(const float* x, const float* e, const double* coef, const float* coefn, double inv_per_sample,
              double clip, unsigned k0, unsigned k1, const float* z, float* z_out, float* out, long long n, int vec) {
-    long long blocks = (n + 3) >> 2;
-    long long stride = (long long)gridDim.x * blockDim.x;
-    for (long long b = (long long)blockIdx.x * blockDim.x + threadIdx.x; b < blocks; b += stride) {
-        long long i0 = b << 2;
-        float xv[4], ev[4] = {0.0f, 0.0f, 0.0f, 0.0f}, zv[4] = {0.0f, 0.0f, 0.0f, 0.0f}, ov[4];
-        load4(x, i0, n, vec, xv);  // the loads are in flight while the block's normals are drawn
-        if (HAS_E) load4(e, i0, n, vec, ev);
-        long long first = sample_of(i0, inv_per_sample);
-        long long last = sample_of(i0 + 3 < n ? i0 + 3 : n - 1, inv_per_sample);
-        if (SEEDED) {
-            // the noise is an output, or some sample of the four elements adds noise (samples shorter than the
-            // block between first and last: drawn without looking, as cuda.py's _noisy does)
-            if (WRITE_Z || last > first + 1 || coef[first * 6 + 5] != 0.0 || coef[last * 6 + 5] != 0.0)
-                normal4_32(b, k0, k1, zv);
-            if (WRITE_Z) store4(z_out, i0, n, vec, zv);
+    const long long blocks = (n + 3) >> 2;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    long long b = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    // FU_UNROLL blocks a trip while the last of them exists, with no test between (the common path)
+    for (; b + (FU_UNROLL - 1) * stride < blocks; b += FU_UNROLL * stride) {
+        float xv[FU_UNROLL][4], ev[FU_UNROLL][4] = {};
+#pragma unroll
+        for (int u = 0; u < FU_UNROLL; ++u) {  // the loads are in flight while the blocks' normals are drawn
+            load4(x, (b + u * stride) << 2, n, vec, xv[u]);
+            if (HAS_E) load4(e, (b + u * stride) << 2, n, vec, ev[u]);
         }
-        if (first == last) {  // the four elements in one sample (all but the blocks that straddle two): one s
-            // given noise: read (one float4) only where the sample adds noise, so a NaN there stays out
-            if (!SEEDED && coefn[first * 3 + 2] != 0.0f) load4(z, i0, n, vec, zv);
-            for (int j = 0; j < 4; ++j) ov[j] = update_one<HAS_E>(xv[j], ev[j], zv[j], coef, coefn, first, clip);
-        } else {
-            for (int j = 0; j < 4; ++j) {
-                long long i = i0 + j < n ? i0 + j : n - 1, s = sample_of(i, inv_per_sample);
-                if (!SEEDED) zv[j] = coefn[s * 3 + 2] != 0.0f ? z[i] : 0.0f;
-                ov[j] = update_one<HAS_E>(xv[j], ev[j], zv[j], coef, coefn, s, clip);
-            }
+#pragma unroll
+        for (int u = 0; u < FU_UNROLL; ++u)
+            update_block<HAS_E, SEEDED, WRITE_Z>(b + u * stride, xv[u], ev[u], coef, coefn, inv_per_sample, clip, k0,
+                                                 k1, z, z_out, out, n, vec);
+    }
+    if (FU_UNROLL > 1) {  // the thread's last few blocks, one a trip
+        for (; b < blocks; b += stride) {
+            float xv[4], ev[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            load4(x, b << 2, n, vec, xv);
+            if (HAS_E) load4(e, b << 2, n, vec, ev);
+            update_block<HAS_E, SEEDED, WRITE_Z>(b, xv, ev, coef, coefn, inv_per_sample, clip, k0, k1, z, z_out, out,
+                                                 n, vec);
         }
-        store4(out, i0, n, vec, ov);
     }
 }

@@ -36,9 +36,10 @@ TOL = dict(rtol=2e-6, atol=2e-6)
 # ---------------------------------------------------------------------------------------------------------------
 # 1. Compilation for sm_90
 # ---------------------------------------------------------------------------------------------------------------
-def test_compiles_for_sm90_with_nvrtc_to_vector_loads():
+@pytest.mark.parametrize("unroll", [1, 2])
+def test_compiles_for_sm90_with_nvrtc_to_vector_loads(unroll):
     names = [cuda_vec.kernel_name(*k) for k in cuda_vec.INSTANCES]
-    ptx, _, _, lowered = nvrtc_build(cuda_vec.source(), "fused_update.cu", names, ("-std=c++17",))
+    ptx, _, _, lowered = nvrtc_build(cuda_vec.source(), "fused_update.cu", names, cuda_vec.options(unroll))
     assert all(lowered[name].startswith(b"_Z12fused_update") for name in names)  # CuPy finds them by these names
     assert ".target sm_90" in ptx and ptx.count(".entry") == len(names)
     assert "ld.global.v4.f32" in ptx and "st.global.v4.f32" in ptx  # 128-bit loads and stores
@@ -91,12 +92,14 @@ extern "C" int emulate(int has_e, int seeded, int write_z, int grid, int block, 
 """
 
 
-@pytest.fixture(scope="module")
-def emulated(tmp_path_factory):
-    """A form (q_sample, ddpm_step, ddim_step) whose per-element pass is fused_update.cu built for the CPU; grid: the
-    blocks of each launch (small, so that the grid-stride loop turns)."""
+@pytest.fixture(scope="module", params=[1, 2], ids=["unroll1", "unroll2"])
+def emulated(request, tmp_path_factory):
+    """A form (q_sample, ddpm_step, ddim_step) whose per-element pass is fused_update.cu built for the CPU, taking 1
+    Philox block a trip of its loop (the default) or 2 (FU_UNROLL, which bench.sweep_cuda_vec times); grid: the
+    blocks of each launch (small, so that the grid-stride loop turns, and with 2 a trip leaves a remainder)."""
     d = tmp_path_factory.mktemp("fused_update_emulation")
-    lib = host_build(d, {"fused_update_defined.cu": cuda_vec.source(), "emulate.cpp": EMULATION})
+    unroll = f"#define FU_UNROLL {request.param}\n"
+    lib = host_build(d, {"fused_update_defined.cu": unroll + cuda_vec.source(), "emulate.cpp": EMULATION})
     fn = lib.emulate
     vp, i32, i64, f64, u32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong, ctypes.c_double, ctypes.c_uint
     fn.argtypes = [i32, i32, i32, i32, i32, vp, vp, vp, vp, f64, f64, u32, u32, vp, vp, vp, i64, i32]
