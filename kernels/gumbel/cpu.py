@@ -5,8 +5,8 @@ layout, so each element keeps its flat index — its Philox counter). For each r
 
   1. the noise's Philox blocks covering the row, four elements per call (a branch-free loop LLVM vectorizes): for
      float64 logits their uniforms, for float32 logits their float32 Gumbel noise itself;
-  2. z_j = (l_j + g_j)/τ with g_j = −log(−log u_j); then the max and the (first) argmax;
-  3. e_j = exp(z_j − max) and their sum;
+  2. s_j = l_j + g_j with g_j = −log(−log u_j); then its max and (first) argmax — the hard index;
+  3. e_j = exp(z_j − max z) with z_j = s_j/τ (max z = (max s)/τ), and their sum;
   4. y_soft_j = e_j / sum, and the one-hot of the argmax when hard.
 
 The noise is the reference's (kernels/gumbel/reference.py). float64 logits: u = philox's float64 uniform and g in
@@ -26,7 +26,7 @@ import numpy as np
 from numba import njit, prange
 
 from kernels import philox
-from kernels.gumbel.reference import as_rows, check_forward
+from kernels.gumbel.reference import as_rows, check_backward, check_dim, check_forward
 
 ROWS_PER_TASK = 4
 fast_log, fast_exp = philox.fast_log, philox.fast_exp
@@ -102,7 +102,7 @@ def forward_rows(l2, tau, hard, seeded, k0, k1, g2, noise32, y2, ys2):
         for r in range(task * ROWS_PER_TASK, min(rows, (task + 1) * ROWS_PER_TASK)):
             lrow, ys = l2[r], ys2[r]
             inv_tau = 1.0 / tau  # multiplications instead of divisions in the loops (within an ulp of them)
-            # 1–2. z_j = (l_j + g_j)/τ, g_j = −log(−log u_j)
+            # 1–2. s_j = l_j + g_j, g_j = −log(−log u_j)
             if seeded:
                 base = r * n
                 off = base & 3
@@ -110,20 +110,21 @@ def forward_rows(l2, tau, hard, seeded, k0, k1, g2, noise32, y2, ys2):
                     _fill_gumbel32(k0, k1, base, n, gbuf)
                     gs = gbuf[off:off + n]  # indexed from 0, so Numba emits no negative-index wraparound
                     for j in range(n):
-                        zbuf[j] = (np.float64(lrow[j]) + np.float64(gs[j])) * inv_tau
+                        zbuf[j] = np.float64(lrow[j]) + np.float64(gs[j])
                 else:
                     _fill_uniforms(k0, k1, base, n, ubuf)
                     us = ubuf[off:off + n]
                     for j in range(n):
-                        zbuf[j] = (np.float64(lrow[j]) - fast_log(-fast_log(us[j]))) * inv_tau
+                        zbuf[j] = np.float64(lrow[j]) - fast_log(-fast_log(us[j]))
             else:
                 grow = g2[r]
                 for j in range(n):
-                    zbuf[j] = (np.float64(lrow[j]) + np.float64(grow[j])) * inv_tau
-            z_max, arg = _max_argmax(zbuf, n)
+                    zbuf[j] = np.float64(lrow[j]) + np.float64(grow[j])
+            s_max, arg = _max_argmax(zbuf, n)
+            z_max = s_max * inv_tau  # = max_j s_j·(1/τ): rounding is monotone
             # 3. e_j = exp(z_j − max) and their sum (eight running sums, so the adds do not wait on each other)
             for j in range(n):
-                zbuf[j] = fast_exp(zbuf[j] - z_max)
+                zbuf[j] = fast_exp(zbuf[j] * inv_tau - z_max)
             s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0
             j = 0
             while j + 8 <= n:
@@ -183,7 +184,7 @@ def gumbel_softmax_forward(logits, tau=1.0, hard=False, *, seed=None, noise=None
     logits = np.asarray(logits)
     noise = None if noise is None else np.asarray(noise)
     check_forward(logits, tau, seed, noise, scalar_ok=True)
-    dim = dim % max(logits.ndim, 1)
+    dim = check_dim(dim, logits.ndim)
     last = logits.ndim == 0 or dim == logits.ndim - 1
     if seed is not None and not last:
         noise, seed = gumbel_noise(seed, logits.shape, logits.dtype), None
@@ -203,11 +204,9 @@ def gumbel_softmax_forward(logits, tau=1.0, hard=False, *, seed=None, noise=None
 def gumbel_softmax_backward(grad_y, y_soft, tau=1.0, *, dim=-1):
     """∂L/∂logits = y_soft ∘ (g_y − Σ g_y y_soft)/τ (straight-through for hard: the gradient of y_soft)."""
     y_soft, grad_y = np.asarray(y_soft), np.asarray(grad_y)
-    if grad_y.shape != y_soft.shape:
-        raise ValueError(f"grad shape {grad_y.shape} != y_soft shape {y_soft.shape}")
+    dim = check_backward(grad_y, y_soft, dim)
     if y_soft.ndim == 0:
         return np.zeros_like(y_soft)
-    dim = dim % y_soft.ndim
     ys2, gy2 = as_rows(y_soft, dim), as_rows(grad_y, dim)
     out2 = np.empty_like(ys2)
     if ys2.size:

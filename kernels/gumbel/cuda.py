@@ -40,7 +40,7 @@ from numba import cuda, float32, float64, int64
 
 from kernels import philox
 from kernels.dispatch import array_module, launch
-from kernels.gumbel.reference import as_rows, check_forward
+from kernels.gumbel.reference import as_rows, check_backward, check_dim, check_forward
 
 # Threads per block (a power of two, for the tree reductions), the longest row whose float32 noise (40 KiB) a block
 # keeps in shared memory, and the most blocks a launch has (each then takes rows, or Philox blocks, a grid apart).
@@ -126,7 +126,8 @@ def make_forward_kernel(gumbel):
     @cuda.jit(device=True)
     def pass1(m, a, j, x, w, seeded, cache, scale, grow, gs):
         """Pass 1 at element j of a row (logit x, Philox word w): g (drawn, and kept for pass 2 in gs or grow — y_soft's
-        row then —, or read from grow, the noise), z = (x + g)·scale, and the running (max, first argmax) (m, a)."""
+        row then —, or read from grow, the noise), and the running (max, first argmax) (m, a) of s = x + g (the max of
+        z = s·scale is then m·scale: rounding is monotone)."""
         c = np.uint64(j)
         if seeded:
             drawn = gumbel(w)  # of the row's dtype: kept exactly
@@ -137,9 +138,9 @@ def make_forward_kernel(gumbel):
             g = np.float64(drawn)
         else:
             g = np.float64(grow[c])
-        z = (np.float64(x) + g) * scale
-        if z > m or a == grow.shape[0]:
-            return z, j
+        s = np.float64(x) + g
+        if s > m or a == grow.shape[0]:
+            return s, j
         return m, a
 
     def forward_rows_kernel(l2, tau, hard, seeded, k0, k1, g2, single, cache, y2, ys2):
@@ -157,7 +158,7 @@ def make_forward_kernel(gumbel):
         scale = LOG2_E * (1.0 / tau)  # z in base-2 units: 2^(z − max) = exp((l + g − max(l + g))/τ)
         zero = np.uint64(0)
         for r in range(cuda.blockIdx.x, rows, cuda.gridDim.x):
-            # pass 1: max and first argmax of z, a thread's step being the 4 elements of Philox block b
+            # pass 1: max and first argmax of s = l + g, a thread's step being the 4 elements of Philox block b
             first = r * n  # the flat index of the row's first element
             lrow, grow, yrow, hrow = l2[r], g2[r], ys2[r], y2[r]
             m = -math.inf
@@ -178,7 +179,8 @@ def make_forward_kernel(gumbel):
                         if 0 <= j4 + k < n:
                             m, a = pass1(m, a, j4 + k, _pick(x0, x1, x2, x3, k), _pick(w0, w1, w2, w3, k), seeded,
                                          cache, scale, grow, gs)
-            z_max, arg = _block_argmax(vbuf, ibuf, m, a, n)
+            s_max, arg = _block_argmax(vbuf, ibuf, m, a, n)
+            z_max = s_max * scale  # the largest z = s·scale
             # pass 2: e = 2^(z − max) and the softmax denominator; e is kept where g was, or in y_soft's array
             s = 0.0
             for j0 in range(tid, n, 4 * THREADS):
@@ -186,7 +188,7 @@ def make_forward_kernel(gumbel):
                     j = j0 + k * THREADS
                     c = _clamp(j, n)
                     g = np.float64(gs[c]) if cache else np.float64(grow[c])
-                    d = (np.float64(lrow[c]) + g) * scale - z_max  # pass 1's z, bit for bit
+                    d = (np.float64(lrow[c]) + g) * scale - z_max
                     if single:
                         e = math.exp2(np.float32(d))  # one instruction, ex2.approx.f32 (≤ 2 ulp)
                         if j < n:
@@ -293,7 +295,7 @@ def gumbel_softmax_forward(logits, tau=1.0, hard=False, *, seed=None, noise=None
     """Sample y ~ Gumbel-softmax(logits, τ) along `dim`, one block per row; returns (y, y_soft)."""
     xp = array_module(logits)
     check_forward(logits, tau, seed, noise)
-    dim = dim % logits.ndim
+    dim = check_dim(dim, logits.ndim)
     if seed is not None and dim != logits.ndim - 1:  # draw in the original layout, then move the axis
         noise, seed = gumbel_noise(seed, logits.shape, logits.dtype, xp), None
     l2 = as_rows(logits, dim)
@@ -315,9 +317,7 @@ def gumbel_softmax_forward(logits, tau=1.0, hard=False, *, seed=None, noise=None
 def gumbel_softmax_backward(grad_y, y_soft, tau=1.0, *, dim=-1):
     """∂L/∂logits = y_soft ∘ (g_y − Σ g_y y_soft)/τ (straight-through for hard: the gradient of y_soft)."""
     xp = array_module(y_soft)
-    if grad_y.shape != y_soft.shape:
-        raise ValueError(f"grad shape {grad_y.shape} != y_soft shape {y_soft.shape}")
-    dim = dim % y_soft.ndim
+    dim = check_backward(grad_y, y_soft, dim)
     ys2, gy2 = as_rows(y_soft, dim), as_rows(grad_y, dim)
     out2 = xp.empty_like(ys2)
     if ys2.size:

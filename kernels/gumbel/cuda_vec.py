@@ -24,7 +24,7 @@ import numpy as np
 
 from kernels import philox
 from kernels.dispatch import array_module, data_ptr
-from kernels.gumbel.reference import as_rows, check_forward
+from kernels.gumbel.reference import as_rows, check_dim, check_forward
 
 SOURCE = Path(__file__).with_name("softmax_rows.cu")
 THREADS = 256  # softmax_rows.cu's GS_THREADS, by default (bench.sweep_cuda_vec times others)
@@ -79,7 +79,7 @@ def launch_args(logits, tau=1.0, hard=False, *, seed=None, noise=None, dim=-1, g
     check_forward(logits, tau, seed, noise)
     if logits.dtype != np.float32:
         raise TypeError(f"cuda_vec computes float32 logits, got {logits.dtype}; float64 ones go to form='cuda'")
-    dim = dim % logits.ndim
+    dim = check_dim(dim, logits.ndim)
     n = logits.shape[dim]
     if n % 4 or n > MAX_ROW:
         raise ValueError(f"cuda_vec takes rows of a multiple of 4 values up to {MAX_ROW}, got {n}; use form='cuda'")

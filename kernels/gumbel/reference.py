@@ -20,10 +20,15 @@ middle of a 2⁻²³-wide step (within 2⁻²⁴ of the float64 u), up to 1 − 
 ≈ 22.9 for float64's u), and near u → 1 the step moves g by up to ≈ 2⁻²⁴/(1 − u) (tests/kernels/test_gumbel.py
 measures the distance between the two).
 Or `noise=` gives g itself (PyTorch's `gumbels`), so tests compare exactly. The softmax is computed in float64
-and rounded to the dtype; the hard index is the first maximum of (logits + g)/τ.
+and rounded to the dtype; the hard index is the first maximum of logits + g in float64 — the Gumbel-max sample,
+the same index as (logits + g)/τ's for τ > 0 but free of the division's rounding (which can make two different
+values equal, or one form's multiplication by 1/τ order them otherwise), so that every form finds the same one. A
+row holding a NaN has a NaN y_soft, and its hard index is not specified (the forms may differ).
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -46,8 +51,20 @@ def as_rows(a, dim):
     """a (NumPy or CuPy) with axis `dim` moved last, as a C-contiguous (rows, n) array — the compiled forms' layout
     (a copy unless dim is already last and a contiguous)."""
     xp = array_module(a)
+    if a.ndim == 0:
+        return a.reshape(1, 1)
     a = xp.ascontiguousarray(xp.moveaxis(a, dim, -1))
-    return a.reshape(-1, a.shape[-1]) if a.ndim else a.reshape(1, 1)
+    return a.reshape(math.prod(a.shape[:-1]), a.shape[-1])
+
+
+def check_dim(dim, ndim):
+    """`dim` as an axis in [0, ndim) of an ndim-dimensional array (a 0-d one takes −1 and 0, as in PyTorch); an
+    IndexError naming the range otherwise, rather than a silent wrap-around."""
+    n = max(ndim, 1)
+    if not -n <= dim < n:
+        raise IndexError(f"gumbel_softmax: dim {dim} is out of range for a {ndim}-d array (expected one in "
+                         f"[{-n}, {n - 1}])")
+    return dim % n
 
 
 def check_forward(logits, tau, seed, noise, scalar_ok=False):
@@ -55,14 +72,22 @@ def check_forward(logits, tau, seed, noise, scalar_ok=False):
     (unless scalar_ok: the NumPy forms take a 0-d logit as a row of one) at least one dimension."""
     if logits.dtype not in (np.float32, np.float64):
         raise TypeError(f"expected float32 or float64 logits, got {logits.dtype}")
-    if tau <= 0:
-        raise ValueError(f"tau must be positive, got {tau}")
+    if not tau > 0 or math.isinf(1.0 / float(tau)):  # (NaN fails the first test; 1/τ must be a number)
+        raise ValueError(f"tau must be positive, with 1/tau finite, got {tau}")
     if (seed is None) == (noise is None):
         raise ValueError("pass exactly one of seed= and noise=")
     if logits.ndim == 0 and not scalar_ok:
         raise ValueError("gumbel_softmax needs at least one dimension")
     if noise is not None and noise.shape != logits.shape:
         raise ValueError(f"noise shape {noise.shape} != logits shape {logits.shape}")
+
+
+def check_backward(grad_y, y_soft, dim):
+    """The argument checks of every form's backward: the gradient of y_soft's shape, `dim` an axis of it; returns
+    dim in [0, ndim)."""
+    if grad_y.shape != y_soft.shape:
+        raise ValueError(f"grad shape {grad_y.shape} != y_soft shape {y_soft.shape}")
+    return check_dim(dim, y_soft.ndim)
 
 
 def gumbel_softmax_forward(logits, tau=1.0, hard=False, *, seed=None, noise=None, dim=-1):
@@ -73,14 +98,22 @@ def gumbel_softmax_forward(logits, tau=1.0, hard=False, *, seed=None, noise=None
     logits = np.asarray(logits)
     noise = None if noise is None else np.asarray(noise)
     check_forward(logits, tau, seed, noise, scalar_ok=True)
+    dim = check_dim(dim, logits.ndim)
+    if logits.ndim == 0:  # a row of one
+        y, y_soft = gumbel_softmax_forward(logits.reshape(1), tau, hard, seed=seed,
+                                           noise=None if noise is None else noise.reshape(1))
+        return y.reshape(()), y_soft.reshape(())
+    if logits.size == 0:
+        return np.zeros_like(logits), np.zeros_like(logits)
     g = gumbel_noise(seed, logits.shape, logits.dtype) if noise is None else noise
-    z = (logits.astype(np.float64) + g) / tau
+    s = logits.astype(np.float64) + g  # logits + g: its first maximum is the hard index
+    z = s / tau
     z_max = z.max(axis=dim, keepdims=True)
     e = np.exp(z - z_max)
     y_soft = (e / e.sum(axis=dim, keepdims=True)).astype(logits.dtype)
     if not hard:
         return y_soft, y_soft
-    index = np.expand_dims(np.argmax(z, axis=dim), dim)
+    index = np.expand_dims(np.argmax(s, axis=dim), dim)
     y_hard = np.zeros_like(y_soft)
     np.put_along_axis(y_hard, index, 1, axis=dim)
     return y_hard, y_soft
@@ -89,6 +122,7 @@ def gumbel_softmax_forward(logits, tau=1.0, hard=False, *, seed=None, noise=None
 def gumbel_softmax_backward(grad_y, y_soft, tau=1.0, *, dim=-1):
     """∂L/∂logits = y_soft ∘ (g_y − Σ_dim g_y y_soft)/τ — the softmax Jacobian-vector product, scaled by 1/τ."""
     grad_y, y_soft = np.asarray(grad_y), np.asarray(y_soft)
+    check_backward(grad_y, y_soft, dim)
     g = grad_y.astype(np.float64)
     y = y_soft.astype(np.float64)
     dot = (g * y).sum(axis=dim, keepdims=True)

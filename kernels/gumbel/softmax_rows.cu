@@ -4,10 +4,11 @@
 //
 // One block of GS_THREADS threads per row (grid-stride over rows); thread t holds the row's float4 chunks t,
 // t + GS_THREADS, … in registers — as the float64 z of its elements — so the row is read once and written once: pass
-// 1 draws g (a chunk of four elements is one Philox block when the row starts at a multiple of 4) and finds the max
-// and first argmax of z = (l + g)·log₂e/τ in float64, keeping z (the registers logits and noise would take: pass 2
-// recomputing z from them issued 6 more instructions an element, two of them float→double conversions); pass 2
-// forms e = 2^(z − max) and its sum; pass 3 writes e/Σ. The
+// 1 draws g (a chunk of four elements is one Philox block when the row starts at a multiple of 4), finds the max
+// and first argmax of s = l + g in float64 (the hard index; the max of z = s·log₂e/τ is then max s·log₂e/τ, rounding
+// being monotone) and keeps z (the registers logits and noise would take: pass 2 recomputing z from them issued 6
+// more instructions an element, two of them float→double conversions); pass 2 forms e = 2^(z − max) and its sum;
+// pass 3 writes e/Σ. The
 // numba.cuda form (cuda.py), which cannot hold a row in registers through arrays it indexes at run time nor load a
 // float4, keeps g in shared memory and reads the logits twice. Rows of n ≤ 4·GS_THREADS·GS_CHUNKS values, n a
 // multiple of 4; cuda_vec.py checks.
@@ -76,7 +77,7 @@ gumbel_softmax_rows(const float* l2, const float* g2, long long rows, int n, dou
         const float4* l = reinterpret_cast<const float4*>(l2 + r * n);
         double zv[GS_CHUNKS][4];  // z, kept from pass 1 for pass 2 (as many registers as the logits and noise)
         float ev[GS_CHUNKS][4];
-        // pass 1: the logits, the noise, and the thread's max and first argmax of z (its elements in index order)
+        // pass 1: the logits, the noise, z, and the thread's max and first argmax of s (its elements in index order)
         double m = 0.0;
         int a = n;
 #pragma unroll
@@ -95,13 +96,14 @@ gumbel_softmax_rows(const float* l2, const float* g2, long long rows, int n, dou
                     gv[0] = g.x, gv[1] = g.y, gv[2] = g.z, gv[3] = g.w;
                 }
                 for (int i = 0; i < 4; ++i) {
-                    const double z = ((double)lv[i] + (double)gv[i]) * scale;
-                    zv[k][i] = z;
-                    if (z > m || a == n) m = z, a = 4 * c + i;
+                    const double s = (double)lv[i] + (double)gv[i];
+                    zv[k][i] = s * scale;
+                    if (s > m || a == n) m = s, a = 4 * c + i;
                 }
             }
         }
         block_argmax(vbuf, ibuf, m, a, n);
+        m *= scale;  // the max of z
         // pass 2: e = 2^(z − max) and their sum
         double s = 0.0;
 #pragma unroll

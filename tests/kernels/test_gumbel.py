@@ -168,6 +168,38 @@ def test_argument_checks():
         gumbel.gumbel_softmax_forward(x, 1.0, seed=1, form="tpu")
 
 
+def test_bad_dim_tau_and_empty_rows():
+    """dim outside the array is an IndexError naming the range (not a wrap-around), as in PyTorch; τ NaN or so small
+    that 1/τ overflows is refused; rows of no values give empty results; a 0-d logit is a row of one."""
+    x = np.arange(6.0).reshape(2, 3)
+    for form in ("reference", "cpu"):
+        for dim in (2, 5, -3):
+            with pytest.raises(IndexError, match=r"dim .* out of range for a 2-d array \(expected one in \[-2, 1\]\)"):
+                gumbel.gumbel_softmax_forward(x, 1.0, noise=np.zeros_like(x), dim=dim, form=form)
+            with pytest.raises(IndexError, match="out of range"):
+                gumbel.gumbel_softmax_backward(x, x, 1.0, dim=dim, form=form)
+        for tau in (float("nan"), 1e-310, -1.0):
+            with pytest.raises(ValueError, match="tau must be positive"):
+                gumbel.gumbel_softmax_forward(x, tau, seed=1, form=form)
+        empty = np.zeros((3, 0))
+        y, y_soft = gumbel.gumbel_softmax_forward(empty, 1.0, True, seed=1, form=form)
+        assert y.shape == y_soft.shape == (3, 0)
+        assert gumbel.gumbel_softmax_backward(empty, empty, 1.0, form=form).shape == (3, 0)
+        y, y_soft = gumbel.gumbel_softmax_forward(np.float64(3.0), 1.0, True, seed=1, form=form)
+        assert y.shape == y_soft.shape == () and y == y_soft == 1.0
+
+
+@pytest.mark.parametrize("tau", [3.0, 7.0, 0.1])
+def test_hard_index_is_the_first_max_of_logits_plus_noise(tau):
+    """Two logits one ulp apart: dividing by τ may round them equal, and multiplying by 1/τ (the CPU form's) may even
+    order them otherwise; the sample is the larger l + g, in every form."""
+    a = 1.7237803311822981
+    logits = np.array([[a, np.nextafter(a, 2.0)], [np.nextafter(a, 2.0), a]])
+    for form in ("reference", "cpu"):
+        y, _ = gumbel.gumbel_softmax_forward(logits, tau, True, noise=np.zeros_like(logits), form=form)
+        np.testing.assert_array_equal(y, [[0.0, 1.0], [1.0, 0.0]])
+
+
 def test_uniform_source_is_philox():
     g = ref.gumbel_noise(9, (4, 5))
     np.testing.assert_array_equal(g, -np.log(-np.log(philox.uniform(9, np.arange(20)))).reshape(4, 5))

@@ -159,6 +159,16 @@ def test_another_dim_draws_in_the_original_layout(emulated):
         np.testing.assert_allclose(got, want, **TOL)
 
 
+def test_hard_index_is_the_first_max_of_logits_plus_noise(emulated):
+    """Logits one float32 ulp apart, in either order: the larger l + g is the sample whatever τ (as in every form)."""
+    a = np.float32(1.7237803)
+    b = np.nextafter(a, np.float32(2))
+    logits = np.array([[a, b, 0, 0], [b, a, 0, 0]], np.float32)
+    for tau in (3.0, 7.0, 0.1):
+        y, _ = emulated(logits, tau, True, noise=np.zeros_like(logits))
+        np.testing.assert_array_equal(y.argmax(-1), [1, 0])
+
+
 def test_unsupported_rows_are_refused():
     with pytest.raises(ValueError, match="multiple of 4"):
         cuda_vec.launch_args(np.zeros((2, 6), np.float32), seed=1)
@@ -166,6 +176,8 @@ def test_unsupported_rows_are_refused():
         cuda_vec.launch_args(np.zeros((1, 8196), np.float32), seed=1)
     with pytest.raises(TypeError, match="float32"):
         cuda_vec.launch_args(np.zeros((2, 8)), seed=1)
+    with pytest.raises(IndexError, match="out of range"):
+        cuda_vec.launch_args(np.zeros((2, 8), np.float32), seed=1, dim=2)
 
 
 @pytest.mark.gpu

@@ -31,6 +31,18 @@ def test_cuda_equals_reference(data, shape, dtype, hard, seeded):
                                ref.gumbel_softmax_backward(grad, y_soft_ref, tau, dim=dim), **TOL[dtype])
 
 
+def test_hard_index_is_the_first_max_of_logits_plus_noise_and_bad_dim():
+    a = 1.7237803311822981
+    logits = np.array([[a, np.nextafter(a, 2.0)], [np.nextafter(a, 2.0), a]])
+    for tau in (3.0, 7.0, 0.1):
+        y, _ = gcuda.gumbel_softmax_forward(logits, tau, True, noise=np.zeros_like(logits))
+        np.testing.assert_array_equal(y, [[0.0, 1.0], [1.0, 0.0]])
+    with pytest.raises(IndexError, match="out of range"):
+        gcuda.gumbel_softmax_forward(logits, 1.0, seed=1, dim=2)
+    with pytest.raises(IndexError, match="out of range"):
+        gcuda.gumbel_softmax_backward(logits, logits, 1.0, dim=-3)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_cuda_noise_is_the_reference_noise(dtype):
     exact32 = dtype == np.float32
