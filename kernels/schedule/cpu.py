@@ -25,7 +25,15 @@ import numpy as np
 from numba import njit, prange
 
 from kernels import philox
-from kernels.schedule.reference import Schedule, check_update, ddim_sigma, given_noise, per_sample_t
+from kernels.schedule.reference import (
+    Schedule,
+    check_clip,
+    check_float,
+    check_update,
+    ddim_sigma,
+    given_noise,
+    per_sample_t,
+)
 
 # 1024 elements: the chunk's scratch of normals (4 KiB in float32, 8 KiB in float64) stays in the 32 KiB L1 cache
 # beside the arrays streaming through it. Measured on this project's 2-core EPYC (64×3×256×256 float32, into buffers,
@@ -73,6 +81,7 @@ def ddim_coefficients(sched: Schedule, t, t_prev, eta) -> np.ndarray:
 
 
 def clip_value(clip_x0) -> float:
+    check_clip(clip_x0)
     return NO_CLIP if clip_x0 is None else float(clip_x0)
 
 
@@ -197,7 +206,7 @@ def draw(out, seed):
     can be measured apart from the update's memory traffic."""
     if not isinstance(out, np.ndarray) or not out.flags.c_contiguous:
         raise ValueError("draw: out must be a C-contiguous NumPy array")
-    _check_float(out)
+    check_float(out)
     k0, k1 = philox.seed_key(seed)
     _draw(k0, k1, out.reshape(-1), out.dtype == np.float32)
     return out
@@ -229,11 +238,6 @@ def run(x, e, coef, clip, seed, noise, want_noise, out=None):
     return res, given_noise(noise, z_given)
 
 
-def _check_float(x):
-    if x.dtype not in (np.float32, np.float64):
-        raise TypeError(f"expected a float32 or float64 array, got {x.dtype}")
-
-
 # ---------------------------------------------------------------------------------------------------------
 # The public updates (same signatures as reference.py), for any form's `run`
 # ---------------------------------------------------------------------------------------------------------
@@ -242,7 +246,7 @@ def _host(a):
     return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else np.asarray(a)
 
 
-def updates(run, array=np.asarray, check=_check_float):
+def updates(run, array=np.asarray, check=check_float):
     """(q_sample, ddpm_step, ddim_step) of a compiled form, given its `run(x, e, coef, clip, seed, noise, want_noise,
     out)`: each computes its per-sample coefficients here (O(batch), from t on the host) and leaves the per-element
     pass to run. array converts x, check tests its dtype."""
@@ -270,7 +274,7 @@ def updates(run, array=np.asarray, check=_check_float):
         x_t = array(x_t)
         check(x_t)
         t = per_sample_t(_host(t), x_t, sched.T)
-        t_prev = per_sample_t(_host(t_prev), x_t, sched.T, lowest=-1)
+        t_prev = per_sample_t(_host(t_prev), x_t, sched.T, lowest=-1, name="t_prev")
         coef = ddim_coefficients(sched, t, t_prev, eta)
         return run(x_t, eps_hat, coef, clip_value(clip_x0), seed, noise, want_noise=False, out=out)[0]
 

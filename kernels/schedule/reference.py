@@ -131,18 +131,40 @@ class Schedule:
 # ---------------------------------------------------------------------------------------------------------
 # Per-sample coefficients (O(batch) work, shared by every form; the kernels do the O(elements) part)
 # ---------------------------------------------------------------------------------------------------------
-def per_sample_t(t, x, T: int, lowest: int = 0) -> np.ndarray:
-    """t as an int64 array with one entry per sample (x.shape[0]), range-checked."""
-    batch = x.shape[0] if x.ndim else 1
-    t = np.broadcast_to(np.asarray(t, dtype=np.int64), (batch,))
+def per_sample_t(t, x, T: int, lowest: int = 0, name: str = "t") -> np.ndarray:
+    """t as an int64 array with one entry per sample (x.shape[0]): integer timesteps in [lowest, T), one for the
+    whole batch or one per sample — anything else refused, naming the argument (a float t is not rounded)."""
+    if x.ndim == 0:
+        raise ValueError("the diffusion updates take a batch x of shape (B, ...), got a 0-d array")
+    batch = x.shape[0]
+    t = np.asarray(t)
+    if t.dtype.kind not in "iu":
+        raise TypeError(f"{name} must be integer timesteps, got {t.dtype} values {t.reshape(-1)[:4].tolist()}")
+    if t.ndim > 1 or t.size not in (1, batch):
+        raise ValueError(f"{name} has shape {t.shape}: give one timestep, or one per sample of the batch of {batch}")
+    t = np.broadcast_to(t.reshape(-1).astype(np.int64), (batch,))
     if t.size and (t.min() < lowest or t.max() >= T):
-        raise ValueError(f"timesteps must lie in [{lowest}, {T}), got {t.min()}..{t.max()}")
+        raise ValueError(f"{name} must lie in [{lowest}, {T}), got {t.min()}..{t.max()}")
     return t
+
+
+def check_clip(clip_x0):
+    """clip_x0: None (no clipping) or a number ≥ 0 (x̂_0 is clipped to ±clip_x0)."""
+    if clip_x0 is not None and not clip_x0 >= 0:  # (NaN fails the comparison)
+        raise ValueError(f"clip_x0 must be None or a number >= 0, got {clip_x0}")
+
+
+def check_float(x):
+    """The updates compute float32 and float64 arrays."""
+    if x.dtype not in (np.float32, np.float64):
+        raise TypeError(f"expected a float32 or float64 array, got {x.dtype}")
 
 
 def ddim_sigma(sched: Schedule, t, t_prev, eta: float) -> np.ndarray:
     """DDIM eq. 16: σ = η · √((1 − ᾱ_prev)/(1 − ᾱ_t)) · √(1 − ᾱ_t/ᾱ_prev); η = 1 gives DDPM's β̃ when t_prev = t − 1."""
     ab, ab_prev = sched.alpha_bar(t), sched.alpha_bar(t_prev)
+    if not 0 <= eta <= 1:  # (NaN fails it too) η > 1 would make σ² exceed 1 − ᾱ_prev, the direction term's room
+        raise ValueError(f"eta must lie in [0, 1] (0: DDIM, 1: DDPM's variance), got {eta}")
     if eta == 0:
         return np.zeros(np.shape(ab))
     if np.any(np.asarray(t_prev) >= np.asarray(t)):
@@ -250,6 +272,24 @@ def _noise(x, seed, noise):
 # ---------------------------------------------------------------------------------------------------------
 # The updates
 # ---------------------------------------------------------------------------------------------------------
+def _step_inputs(x_t, eps_hat, noise, clip_x0, out):
+    """A step's x_t and ε̂ as arrays, checked as the compiled forms check them (dtype, ε̂'s shape, clip_x0, out)."""
+    x_t, eps_hat = np.asarray(x_t), np.asarray(eps_hat)
+    check_float(x_t)
+    if eps_hat.shape != x_t.shape:
+        raise ValueError(f"eps_hat shape {eps_hat.shape} != x shape {x_t.shape}")
+    check_clip(clip_x0)
+    if out is not None:
+        check_out(out, x_t, same_ok=(x_t, eps_hat, None if noise is None else np.asarray(noise)))
+    return x_t, eps_hat
+
+
+def _scaled_noise(sigma, z):
+    """σ·z, and 0 where σ = 0 whatever z holds there: a sample that adds no noise does not read it (a NaN stays out),
+    as in the compiled forms."""
+    return np.where(sigma != 0, sigma * z, 0.0)
+
+
 def q_sample(x0, t, sched: Schedule, *, seed=None, noise=None, out=None):
     """Diffuse x_0 to step t in one jump (eq. 4): x_t = √ᾱ_t · x_0 + √(1 − ᾱ_t) · ε, ε ~ N(0, I).
 
@@ -257,6 +297,7 @@ def q_sample(x0, t, sched: Schedule, *, seed=None, noise=None, out=None):
     out=(x_t, ε) when given.
     """
     x0 = np.asarray(x0)
+    check_float(x0)
     t = per_sample_t(t, x0, sched.T)
     eps = _noise(x0, seed, noise)
     if out is not None:
@@ -286,9 +327,7 @@ def ddpm_step(x_t, eps_hat, t, sched: Schedule, *, seed=None, noise=None, clip_x
     σ_t² = β̃_t (variance="posterior", the lower bound of §3.2) or β_t (variance="beta", the upper bound).
     Written into out (which may be x_t itself) when given.
     """
-    x_t, eps_hat = np.asarray(x_t), np.asarray(eps_hat)
-    if out is not None:
-        check_out(out, x_t, same_ok=(x_t, eps_hat, None if noise is None else np.asarray(noise)))
+    x_t, eps_hat = _step_inputs(x_t, eps_hat, noise, clip_x0, out)
     t = per_sample_t(t, x_t, sched.T)
     z = _noise(x_t, seed, noise)
     if variance == "posterior":
@@ -304,7 +343,7 @@ def ddpm_step(x_t, eps_hat, t, sched: Schedule, *, seed=None, noise=None, clip_x
     else:
         x0 = predict_x0(x_t, eps_hat, _expand(sched.alphas_cumprod[t], x_t), clip_x0)
         mean = _expand(sched.posterior_mean_coef1[t], x_t) * x0 + _expand(sched.posterior_mean_coef2[t], x_t) * x_t
-    return _store(out, (mean + sigma * z).astype(x_t.dtype))
+    return _store(out, (mean + _scaled_noise(sigma, z)).astype(x_t.dtype))
 
 
 def ddim_step(x_t, eps_hat, t, t_prev, sched: Schedule, eta: float = 0.0, *, seed=None, noise=None, clip_x0=None,
@@ -316,14 +355,13 @@ def ddim_step(x_t, eps_hat, t, t_prev, sched: Schedule, eta: float = 0.0, *, see
     (strided sampling), be −1 (land on x_0), or, with η = 0, exceed t (DDIM inversion, x_t → x_{t_next}).
     Written into out (which may be x_t itself) when given.
     """
-    x_t, eps_hat = np.asarray(x_t), np.asarray(eps_hat)
-    if out is not None:
-        check_out(out, x_t, same_ok=(x_t, eps_hat, None if noise is None else np.asarray(noise)))
+    x_t, eps_hat = _step_inputs(x_t, eps_hat, noise, clip_x0, out)
     t = per_sample_t(t, x_t, sched.T)
-    t_prev = per_sample_t(t_prev, x_t, sched.T, lowest=-1)
+    t_prev = per_sample_t(t_prev, x_t, sched.T, lowest=-1, name="t_prev")
     z = _noise(x_t, seed, noise)
     ab, ab_prev = sched.alpha_bar(t), sched.alpha_bar(t_prev)
     sigma = ddim_sigma(sched, t, t_prev, eta)
     x0 = predict_x0(x_t, eps_hat, _expand(ab, x_t), clip_x0)
     direction = _expand(np.sqrt(np.maximum(1.0 - ab_prev - sigma**2, 0.0)), x_t) * eps_hat  # "direction to x_t"
-    return _store(out, (_expand(np.sqrt(ab_prev), x_t) * x0 + direction + _expand(sigma, x_t) * z).astype(x_t.dtype))
+    return _store(out, (_expand(np.sqrt(ab_prev), x_t) * x0 + direction + _scaled_noise(_expand(sigma, x_t), z))
+                  .astype(x_t.dtype))

@@ -124,6 +124,49 @@ def test_argument_checks():
         schedule.q_sample(x, 0, LINEAR, seed=1, form="tpu")
 
 
+@pytest.mark.parametrize("form", ["reference", "cpu"])
+def test_bad_timesteps_eta_clip_and_inputs_name_the_argument(form):
+    """What the forms refuse, each with a message naming the argument — nothing rounded, broadcast or wrapped."""
+    x = np.zeros((3, 4))
+    q = lambda t, **kw: schedule.q_sample(x, t, LINEAR, seed=1, form=form, **kw)  # noqa: E731
+    with pytest.raises(ValueError, match=r"t has shape \(2,\): give one timestep, or one per sample of the batch of 3"):
+        q([1, 2])
+    with pytest.raises(ValueError, match=r"t has shape \(3, 1\)"):
+        q(np.ones((3, 1), np.int64))
+    for bad in (2.9, [1.0, 2.0, 3.0], np.nan, True, "5"):
+        with pytest.raises(TypeError, match="t must be integer timesteps"):
+            q(bad)
+    with pytest.raises(ValueError, match=r"t_prev must lie in \[-1, 1000\)"):
+        schedule.ddim_step(x, x, 5, -2, LINEAR, seed=1, form=form)
+    with pytest.raises(ValueError, match="0-d"):
+        schedule.q_sample(np.float64(1.0), 3, LINEAR, seed=1, form=form)
+    for eta in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match=r"eta must lie in \[0, 1\]"):
+            schedule.ddim_step(x, x, 5, 4, LINEAR, eta, seed=1, form=form)
+    with pytest.raises(ValueError, match="clip_x0 must be None or a number >= 0"):
+        schedule.ddpm_step(x, x, 5, LINEAR, seed=1, clip_x0=float("nan"), form=form)
+    with pytest.raises(ValueError, match=r"eps_hat shape \(1, 4\) != x shape \(3, 4\)"):
+        schedule.ddpm_step(x, x[:1], 5, LINEAR, seed=1, form=form)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        schedule.q_sample(x.astype(np.int64), 3, LINEAR, seed=1, form=form)
+
+
+def test_reference_reads_no_noise_where_sigma_is_zero():
+    """A sample that adds no noise (DDPM's last step, DDIM with η = 0) ignores the noise given for it — NaN included —
+    in the reference as in the compiled forms."""
+    rng = np.random.default_rng(4)
+    x, e = rng.standard_normal((2, 3, 5)), rng.standard_normal((2, 3, 5))
+    z = rng.standard_normal((2, 3, 5))
+    z[0] = np.nan  # sample 0: t = 0 for DDPM, η = 0 for DDIM
+    for form in ("reference", "cpu"):
+        got = schedule.ddpm_step(x, e, np.array([0, 7]), LINEAR, noise=z, form=form)
+        assert np.isfinite(got[0]).all() and np.isfinite(got[1]).all()
+        got = schedule.ddim_step(x, e, np.array([9, 9]), np.array([8, 8]), LINEAR, 0.0, noise=z, form=form)
+        assert np.isfinite(got).all()
+    np.testing.assert_allclose(ref.ddpm_step(x, e, np.array([0, 7]), LINEAR, noise=z),
+                               cpu.ddpm_step(x, e, np.array([0, 7]), LINEAR, noise=z), **TOL[np.float64])
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The CPU form equals the reference
 # ---------------------------------------------------------------------------------------------------------
