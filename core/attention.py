@@ -37,7 +37,7 @@ __all__ = ["scaled_dot_product_attention", "gumbel_softmax", "patterns", "Causal
 
 def _softmax(s, axis=-1):
     """Stable softmax: subtract the max first. A row that is all -inf (fully masked) gives all zeros."""
-    m = np.max(s, axis=axis, keepdims=True)
+    m = np.max(s, axis=axis, keepdims=True, initial=-np.inf)  # (initial: a row of no keys, S = 0)
     m = np.where(np.isfinite(m), m, 0.0)  # an all -inf row keeps its -inf scores, so exp gives 0, not NaN
     e = np.exp(s - m)
     z = np.sum(e, axis=axis, keepdims=True)
@@ -161,7 +161,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     not together with attn_mask; scale defaults to 1/sqrt(E). dropout_p > 0 drops attention
     weights (kept ones scaled by 1/(1-p)) with `generator` — like PyTorch it applies whenever
     dropout_p > 0, so pass dropout_p only in training. A fully masked query row returns zeros and
-    passes zero gradient (PyTorch 2.13 returns zeros too, for bool and -inf masks alike).
+    passes zero gradient (PyTorch 2.13 returns zeros too, for bool and -inf masks alike);
+    a NaN or +inf score (a NaN in q or k, a NaN or +inf in an additive mask) makes its rows NaN, as in
+    PyTorch, rather than dropping the key.
 
     pattern (keyword-only, not in PyTorch): one of `core.attention.patterns` — Causal(), Row(T, W),
     Column(T, W), Conv(T, W, kernel), PrefixLM(P) — a structured mask evaluated inside the kernels
@@ -202,7 +204,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                              f"{scores} (query {q.shape}, key {k.shape})") from None
     if not 0.0 <= dropout_p <= 1.0:
         raise ValueError(f"{op}: dropout_p must be in [0, 1], got {dropout_p}")
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if scale is None:  # with E = 0 every score is 0 whatever the scale (PyTorch: the mean of the values)
+        scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] else 1.0
+    scale = float(scale)
     if _needs_dense(q, k, v, attn_mask, dropout_p):
         keep = None
         if dropout_p > 0:

@@ -54,6 +54,8 @@ def _check_4d(op: str, x, weight=None):
 def _batched(fn, input, *args, **kwargs):  # noqa: A002 - PyTorch's name
     """Run a 4-D op on an unbatched 3-D (C, H, W) input by adding and removing a batch dim, as PyTorch does."""
     if input.ndim == 3:
+        if not isinstance(input, Tensor):  # a plain array, as the 4-D path also takes
+            return fn(input[None], *args, **kwargs).squeeze(0)
         return fn(input.unsqueeze(0), *args, **kwargs).squeeze(0)
     return fn(input, *args, **kwargs)
 

@@ -137,6 +137,35 @@ def test_fully_masked_row_gradient_passes_gradcheck():
     assert gradcheck(fn, [T(a, grad=True) for a in (q, k, v)])
 
 
+@pytest.mark.parametrize("shapes", [((2, 3, 4), (2, 0, 4), (2, 0, 5)), ((2, 3, 0), (2, 4, 0), (2, 4, 5))],
+                         ids=["no keys", "no features"])
+def test_attention_with_no_keys_or_no_features_matches_pytorch(shapes):
+    """S = 0: zeros (nothing to attend); E = 0: every score 0, so the mean of the values — PyTorch's results, and
+    its gradients, where the engine's dense path once raised on an empty reduction or a 1/√0."""
+    rng = np.random.default_rng(0)
+    arrays = [rng.standard_normal(s) for s in shapes]
+    ours = [core.Tensor(a, requires_grad=True) for a in arrays]
+    theirs = [torch.tensor(a, requires_grad=True) for a in arrays]
+    out = F.scaled_dot_product_attention(*ours)
+    want = TF.scaled_dot_product_attention(*theirs)
+    np.testing.assert_allclose(out.data, want.detach().numpy(), rtol=1e-12, atol=1e-12)
+    grad = rng.standard_normal(out.shape)
+    out.backward(core.Tensor(grad))
+    want.backward(torch.tensor(grad))
+    for o, t in zip(ours, theirs):
+        np.testing.assert_allclose(o.grad.data, t.grad.numpy(), rtol=1e-12, atol=1e-12)
+
+
+def test_conv_takes_an_unbatched_numpy_array_as_pytorch_takes_a_tensor():
+    rng = np.random.default_rng(1)
+    x, w = rng.standard_normal((3, 6, 6)), rng.standard_normal((4, 3, 3, 3))
+    np.testing.assert_allclose(F.conv2d(x, core.Tensor(w), padding=1).data,
+                               TF.conv2d(torch.tensor(x), torch.tensor(w), padding=1).numpy(), rtol=1e-12)
+    wt = rng.standard_normal((3, 2, 3, 3))
+    np.testing.assert_allclose(F.conv_transpose2d(x, core.Tensor(wt), stride=2).data,
+                               TF.conv_transpose2d(torch.tensor(x), torch.tensor(wt), stride=2).numpy(), rtol=1e-12)
+
+
 def test_attention_is_stable_for_scores_of_1e4():
     q, k, v = rnd(2, 3, 4, seed=1) * 100, rnd(2, 6, 4, seed=2) * 100, rnd(2, 6, 5, seed=3)
     k[0, 1] = k[0, 2]  # two tied huge scores: the weight splits between them

@@ -11,7 +11,7 @@ float64. ``mask`` is boolean (True = may attend, PyTorch's convention) or additi
 (B, H, L, S); ``causal`` is top-left aligned (PyTorch's ``is_causal``); ``pattern`` is one of
 ``kernels.attention.patterns`` (Causal, Row, Column, Conv, PrefixLM), evaluated inside the kernels. ``scale``
 None means 1/√D. lse (B, H, L) is the row log-sum-exp, saved for the backward. A row that may attend to
-nothing gets out = 0, lse = −inf and zero gradients.
+nothing gets out = 0, lse = −inf and zero gradients; a row with a NaN or +inf score gets NaN, as in PyTorch.
 
 The form follows the array type (NumPy → cpu, CuPy → cuda); ``form="reference" | "cpu" | "cuda"`` overrides
 it (``cuda`` on NumPy arrays needs the Numba CUDA simulator).
@@ -44,6 +44,9 @@ def _check(q, k, v):
         raise TypeError(f"q, k, v must share dtype float32 or float64, got {q.dtype}, {k.dtype}, {v.dtype}")
     if k.shape[:-2] != q.shape[:-2] or v.shape[:-1] != k.shape[:-1] or k.shape[-1] != q.shape[-1]:
         raise ValueError(f"incompatible shapes q {q.shape}, k {k.shape}, v {v.shape}")
+    if 0 in (*q.shape, *k.shape, *v.shape):
+        raise ValueError(f"the attention kernels take non-empty q, k, v, got {q.shape}, {k.shape}, {v.shape} "
+                         "(core's F.scaled_dot_product_attention computes empty ones)")
 
 
 class _Prepared:

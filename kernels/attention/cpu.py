@@ -110,7 +110,7 @@ def _exp_nonpositive(x):
         # Cephes' expf: x = n ln2 + f with |f| ≤ ln2/2 (ln2 split in two for exactness), exp(f) by a degree-7
         # polynomial, 2ⁿ written straight into the exponent bits. Relative error ≈ 2e-7, and no libm call,
         # so a whole row of exps is vectorized (Numba has no vector exp without Intel's SVML).
-        big = x >= np.float32(-87.0)  # below, exp(x) < 1.7e-38: flush to 0 (and −inf ↦ 0)
+        big = not x < np.float32(-87.0)  # below, exp(x) < 1.7e-38: flush to 0 (−inf ↦ 0; NaN stays NaN)
         x = x if big else np.float32(0.0)
         n = np.floor(x * np.float32(1.44269504088896341) + np.float32(0.5))
         f = x - n * np.float32(0.693359375) + n * np.float32(2.12194440e-4)
@@ -245,7 +245,7 @@ def _forward_block(q, k, v, mask, has_mask, H, kind, T, W, r, P, causal, scale, 
             for d in range(Dv):
                 acc[a, d] = alpha[a] * acc[a, d] + pv[a, d]
     for a in range(nq):
-        if lsum[a] > 0.0:
+        if not lsum[a] <= 0.0:  # (NaN: a NaN or +inf score, which makes the row NaN, as in PyTorch)
             inv = 1.0 / lsum[a]
             for d in range(Dv):
                 out[bh, i0 + a, d] = acc[a, d] * inv

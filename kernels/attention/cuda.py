@@ -176,7 +176,7 @@ def _build(ftype):
                             o += p[c] * sV[c * Dv + d]
                         sO[a * PV + d] = o
         if active:
-            if lsum > 0.0:
+            if not lsum <= 0.0:  # (NaN: a NaN or +inf score, which makes the row NaN, as in PyTorch)
                 for d in range(Dv):
                     out[bh, qi, d] = sO[a * PV + d] / lsum
                 lse[bh, qi] = m + math.log(lsum)
@@ -643,7 +643,7 @@ def _build_fast(D):
         for i in range(TM):  # O = acc / l, lse = m + log l (lines 12-13); a fully blocked row: 0 and −inf
             lsum = _row_sum(lp[i])
             inv = zero
-            if lsum > zero:
+            if not lsum <= zero:  # (NaN: a NaN or +inf score makes the row NaN, as in PyTorch)
                 inv = float32(1.0) / lsum
                 m[i] += math.log(lsum)
             else:

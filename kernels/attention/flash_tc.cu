@@ -354,12 +354,13 @@ flash_forward(const Elem* __restrict__ q, const Elem* __restrict__ k, const Elem
         l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
         l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
         if (row[r] >= L) continue;
-        const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;  // a row that saw no key: out = 0
+        // a row that saw no key: out = 0; a NaN l (a NaN or +inf score) makes the row NaN, as in PyTorch
+        const float inv = !(l[r] <= 0.0f) ? 1.0f / l[r] : 0.0f;
         Elem* dst = out + (size_t(bh) * L + row[r]) * D + 2 * t;
 #pragma unroll
         for (int n = 0; n < D / 8; ++n)
             *reinterpret_cast<unsigned*>(dst + 8 * n) = pack2<Elem>(o[n][2 * r] * inv, o[n][2 * r + 1] * inv);
-        if (t == 0) lse[size_t(bh) * L + row[r]] = l[r] > 0.0f ? m[r] + logf(l[r]) : NEG_INF;
+        if (t == 0) lse[size_t(bh) * L + row[r]] = !(l[r] <= 0.0f) ? m[r] + logf(l[r]) : NEG_INF;
     }
 }
 

@@ -64,11 +64,12 @@ def attention_forward(q, k, v, *, scale, mask=None, causal=False, pattern=None):
     s = scores(q, k, scale=scale, mask=mask, causal=causal, pattern=pattern)
     m = s.max(axis=-1, keepdims=True)
     m = np.where(np.isneginf(m), 0.0, m)  # a fully blocked row: any finite shift, its exps are all 0
-    e = np.exp(s - m)  # the stable softmax: every exponent ≤ 0
-    lsum = e.sum(axis=-1, keepdims=True)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        p = np.where(lsum > 0, e / lsum, 0.0)
-        lse = np.where(lsum > 0, m + np.log(lsum), -np.inf)[..., 0]
+    with np.errstate(divide="ignore", invalid="ignore"):  # (a NaN or +inf score: NaN, as in PyTorch)
+        e = np.exp(s - m)  # the stable softmax: every exponent ≤ 0
+        lsum = e.sum(axis=-1, keepdims=True)
+        blocked = lsum == 0  # a NaN lsum is not "blocked": its row stays NaN
+        p = np.where(blocked, 0.0, e / lsum)
+        lse = np.where(blocked, -np.inf, m + np.log(lsum))[..., 0]
     out = np.matmul(p, v)
     return out.astype(q.dtype, copy=False), lse.astype(q.dtype, copy=False)
 

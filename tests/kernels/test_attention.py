@@ -200,6 +200,34 @@ def assert_same(form, q, k, v, dout, kw):
         np.testing.assert_allclose(g, g_r, rtol=tol["rtol"], atol=tol["atol"] * scale, err_msg=name)
 
 
+def nan_cases(dtype, D=4):
+    """Scores PyTorch turns into NaN rows: an additive mask holding a NaN and a +inf (beside a fully blocked row,
+    which stays 0), and a key holding a NaN (every row sees it)."""
+    rng = np.random.default_rng(8)
+    q, k, v, dout = (rng.standard_normal((1, 2, 9, D)).astype(dtype) for _ in range(4))
+    mask = np.zeros((9, 9), dtype)
+    mask[2, 3], mask[5, 0], mask[7] = np.nan, np.inf, -np.inf
+    k_nan = k.copy()
+    k_nan[0, 1, 4, D - 1] = np.nan
+    yield q, k, v, dout, {"scale": 0.5, "mask": mask}
+    yield q, k_nan, v, dout, {"scale": 0.5}
+
+
+def assert_nan_where_reference(form, q, k, v, dout, kw):
+    """``form`` is NaN exactly where the reference is (out, lse, dq, dk, dv), and equals it elsewhere."""
+    tol = tolerances(q.dtype)
+    fwd_r = attention_forward(q, k, v, form="reference", **kw)
+    fwd = attention_forward(q, k, v, form=form, **kw)
+    grads_r = attention_backward(q, k, v, *fwd_r, dout, form="reference", **kw)
+    grads = attention_backward(q, k, v, *fwd, dout, form=form, **kw)
+    for name, got, want in zip(("out", "lse", "dq", "dk", "dv"), (*fwd, *grads), (*fwd_r, *grads_r)):
+        assert np.isnan(want).any(), name
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(want), err_msg=name)
+        finite = np.abs(want[np.isfinite(want)])
+        scale = max(1.0, float(finite.max())) if finite.size else 1.0
+        np.testing.assert_allclose(got, want, rtol=tol["rtol"], atol=tol["atol"] * scale, err_msg=name)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The reference equals PyTorch (float64, forward and backward).
 
@@ -403,6 +431,31 @@ def test_fully_blocked_rows_give_zeros_not_nan(dtype):
     assert all((g == 0).all() for g in grads)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_nan_and_inf_scores_make_their_rows_nan_as_in_pytorch(dtype):
+    """A NaN or +inf score is not a blocked key: the rows (and the gradients) it reaches are NaN, where PyTorch's
+    are — never a finite answer with the key dropped, nor a zero row, which would hide a diverging run."""
+    for q, k, v, dout, kw in nan_cases(dtype):
+        tq, tk, tv = (torch.tensor(a, requires_grad=True) for a in (q, k, v))
+        mask = kw.get("mask")
+        out = torch.nn.functional.scaled_dot_product_attention(
+            tq, tk, tv, attn_mask=None if mask is None else torch.tensor(mask), scale=kw["scale"])
+        out.backward(torch.tensor(dout))
+        want = [a.detach().numpy() for a in (out, tq.grad, tk.grad, tv.grad)]
+        out_r, lse_r = attention_forward(q, k, v, form="reference", **kw)
+        got = [out_r, *attention_backward(q, k, v, out_r, lse_r, dout, form="reference", **kw)]
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(np.isnan(g), np.isnan(w))
+            np.testing.assert_allclose(g, w, **tolerances(dtype))
+        assert_nan_where_reference("cpu", q, k, v, dout, kw)
+
+
+def test_empty_inputs_are_refused_with_their_shapes():
+    q = np.zeros((1, 1, 4, 3))
+    with pytest.raises(ValueError, match=r"non-empty q, k, v, got \(1, 1, 4, 3\), \(1, 1, 0, 3\)"):
+        attention_forward(q, q[:, :, :0], q[:, :, :0], scale=1.0)
+
+
 def test_arguments_are_checked():
     q = np.zeros((1, 1, 4, 3))
     with pytest.raises(ValueError):
@@ -450,6 +503,7 @@ def test_cpu_exp_polynomial():
     exact = np.exp(x.astype(np.float64))
     assert np.max(np.abs(y - exact) / exact) < 2e-7
     np.testing.assert_array_equal(apply(np.array([-np.inf, -88.0, -1e4], dtype=np.float32)), 0.0)
+    assert np.isnan(apply(np.array([np.nan], dtype=np.float32))).all()  # a NaN score is not a blocked one
     x64 = -np.linspace(0, 700, 1001)
     np.testing.assert_allclose(apply(x64), np.exp(x64), rtol=1e-15)
 
