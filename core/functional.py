@@ -93,10 +93,11 @@ def _softplus(x):
 
 def _log_softmax(x, axis):
     """x - logsumexp(x) along axis, with the maximum subtracted first so e^{x - max} ≤ 1."""
-    m = np.max(x, axis=axis, keepdims=True)
+    m = np.max(x, axis=axis, keepdims=True, initial=-np.inf)  # (initial: a dim of size 0)
     m = np.where(np.isfinite(m), m, 0)  # a row of all -inf stays -inf (and +inf gives NaN, as in PyTorch)
     z = x - m
-    return z - np.log(np.sum(np.exp(z), axis=axis, keepdims=True))
+    with np.errstate(divide="ignore"):  # log 0 = −inf: over no elements, or all −inf
+        return z - np.log(np.sum(np.exp(z), axis=axis, keepdims=True))
 
 
 # --- linear -------------------------------------------------------------------------------------
@@ -151,7 +152,7 @@ class Softmax(Function):
         if x.ndim == 0:
             out = np.ones_like(x)
         else:
-            m = np.max(x, axis=axis, keepdims=True)
+            m = np.max(x, axis=axis, keepdims=True, initial=-np.inf)  # (initial: a dim of size 0)
             with np.errstate(invalid="ignore"):
                 e = np.exp(x - np.where(np.isfinite(m), m, 0))
                 out = e / np.sum(e, axis=axis, keepdims=True)
@@ -844,6 +845,26 @@ def logsigmoid(input):  # noqa: A002
 # --- normalize ----------------------------------------------------------------------------------
 
 
+class PNorm(Function):
+    """‖x‖_p along `dim` (kept), with PyTorch's gradient at a zero vector: 0, where the chain rule through
+    (Σ|x|^p)^(1/p) gives 0·∞ = NaN (F.normalize of a zero row, or of one whose squares underflow)."""
+
+    @staticmethod
+    def forward(ctx, x, p, dim):
+        norm = (np.abs(x) ** p).sum(axis=dim, keepdims=True) ** (1.0 / p)
+        ctx.save_for_backward(x, norm)
+        ctx.p = p
+        return norm
+
+    @staticmethod
+    def backward(ctx, g):
+        x, norm = ctx.saved_tensors
+        p = ctx.p
+        with np.errstate(divide="ignore", invalid="ignore"):  # ∂‖x‖/∂x = sign(x)·(|x|/‖x‖)^(p−1)
+            d = np.sign(x) * (np.abs(x) / norm) ** (p - 1)
+        return g * np.where((norm == 0) | (x == 0), 0.0, d), None, None
+
+
 def normalize(input, p=2.0, dim=1, eps=1e-12):  # noqa: A002
     """x / max(‖x‖_p, eps) along `dim` (unit vectors, as CLIP does to its embeddings)."""
     x = _tensor(input)
@@ -853,5 +874,5 @@ def normalize(input, p=2.0, dim=1, eps=1e-12):  # noqa: A002
     elif p <= 0:
         raise ValueError(f"normalize: p must be positive, got {p}")
     else:
-        norm = (x.abs() ** float(p)).sum(dim, keepdim=True) ** (1.0 / p)
+        norm = PNorm.apply(x, float(p), dim)
     return x / norm.clamp(min=eps)

@@ -65,6 +65,21 @@ def _promote(out, a, b):
     return out if out.dtype == want else out.astype(want)
 
 
+def _promote_all(out, arrays):
+    """_promote for ops of many tensors (cat, stack): floats take the float operands' dtype, ints and bools with
+    floats do not make float64 of them."""
+    floats = [x.dtype for x in arrays if x.dtype.kind == "f"]
+    want = np.result_type(*floats) if floats else out.dtype
+    return out if out.dtype == want else out.astype(want)
+
+
+def _dim_index(name, dim, ndim):
+    """dim as an axis in [0, ndim), or PyTorch's IndexError (not a silent wrap-around)."""
+    if not -ndim <= dim < ndim:
+        raise IndexError(f"{name}: dim {dim} out of range (expected one in [{-ndim}, {ndim - 1}])")
+    return dim % ndim
+
+
 def _binary(name, f, a, b):
     """f(a, b) with broadcasting and PyTorch's type promotion (`_promote`); a shape mismatch is
     reported with the op's name and both shapes. (Trying first and explaining on failure keeps the
@@ -156,6 +171,12 @@ class MatMul(Function):
         kb = b.shape[0] if b.ndim == 1 else b.shape[-2]
         if ka != kb:
             raise ValueError(f"matmul: shapes {a.shape} and {b.shape} do not align ({ka} != {kb})")
+        if a.ndim > 2 and b.ndim > 2:
+            try:
+                np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+            except ValueError:
+                raise ValueError(f"matmul: the batch dims of {a.shape} and {b.shape} cannot be broadcast together") \
+                    from None
         ctx.save_for_backward(a, b)
         return np.matmul(a, b)
 
@@ -329,25 +350,26 @@ class Abs(Function):
 
 
 class Clamp(Function):
+    """min(max(a, lo), hi), each bound a number or a tensor (which then gets the gradient where it is the
+    result, as in PyTorch); the dtype is PyTorch's promotion of a with the bounds (an int tensor clamped to 0.5
+    gives floats)."""
+
     @staticmethod
     def forward(ctx, a, lo, hi):
-        ctx.save_for_backward(a, lo, hi)
-        out = a
-        if lo is not None:
-            out = np.maximum(out, lo)
-        if hi is not None:
-            out = np.minimum(out, hi)
-        return out.astype(a.dtype, copy=False) if out is not a else out.copy()
+        low = a if lo is None else _promote(np.asarray(np.maximum(a, lo)), a, lo)  # (0-d a: NumPy gives a scalar)
+        out = low if hi is None else _promote(np.asarray(np.minimum(low, hi)), low, hi)
+        ctx.save_for_backward(a, low, lo, hi)
+        return out.copy() if out is a else out
 
     @staticmethod
     def backward(ctx, g):
-        a, lo, hi = ctx.saved_tensors
-        keep = np.ones(a.shape, dtype=bool)
-        if lo is not None:
-            keep &= a >= lo
-        if hi is not None:
-            keep &= a <= hi
-        return g * keep, None, None
+        a, low, lo, hi = ctx.saved_tensors
+        under = np.zeros(a.shape, dtype=bool) if lo is None else a < lo  # lo is the result (unless hi is)
+        over = np.zeros(low.shape, dtype=bool) if hi is None else low > hi  # hi is the result
+        ga = g * (~under & ~over)
+        glo = g * (under & ~over) if ctx.needs_input_grad[1] else None
+        ghi = g * over if ctx.needs_input_grad[2] else None
+        return ga, glo, ghi
 
 
 class MaskedFill(Function):
@@ -364,7 +386,8 @@ class MaskedFill(Function):
     @staticmethod
     def backward(ctx, g):
         (mask,) = ctx.saved_tensors
-        return np.where(mask, 0, g), None, None
+        gv = np.where(mask, g, 0) if ctx.needs_input_grad[2] else None  # a tensor value: the filled places'
+        return np.where(mask, 0, g), None, gv
 
 
 class Cast(Function):
@@ -446,19 +469,23 @@ class _Extreme(Function):
 
     @classmethod
     def forward(cls, ctx, a, dim, keepdim):
-        if a.size == 0:
-            raise RuntimeError(f"{cls.__name__.lower()}: cannot reduce an empty tensor of shape {a.shape}")
         axes = _axes(dim, a.ndim)
+        if any(a.shape[i] == 0 for i in axes):
+            raise RuntimeError(f"{cls.__name__.lower()}: cannot reduce over an empty dimension of shape {a.shape}")
         out = np.asarray(cls.reduce(a, axis=axes, keepdims=True))
         ctx.save_for_backward(a, out)
         ctx.axes, ctx.keepdim, ctx.shape = axes, keepdim, a.shape
         return out if keepdim else out.reshape(tuple(n for i, n in enumerate(a.shape) if i not in axes))
 
-    @staticmethod
-    def backward(ctx, g):
+    nan_hits = False  # whether a NaN result's gradient goes to the NaNs that made it (else: NaN, as amax's)
+
+    @classmethod
+    def backward(cls, ctx, g):
         a, out = ctx.saved_tensors
         g = g if ctx.keepdim else _keep(g, ctx.axes, ctx.shape)
         hit = a == out
+        if cls.nan_hits:
+            hit |= np.isnan(a) & np.isnan(out)
         return g * hit / hit.sum(axis=ctx.axes, keepdims=True), None, None
 
 
@@ -468,6 +495,16 @@ class Amax(_Extreme):
 
 class Amin(_Extreme):
     reduce = staticmethod(np.min)
+
+
+class MaxAll(Amax):
+    """x.max() over all elements: as amax, but a NaN maximum passes its gradient to the NaN (PyTorch's max())."""
+
+    nan_hits = True
+
+
+class MinAll(Amin):
+    nan_hits = True
 
 
 class Var(Function):
@@ -546,10 +583,12 @@ class Gather(Function):
 class LogSumExp(Function):
     @staticmethod
     def forward(ctx, a, dim, keepdim):
+        a = _floating(a)
         axes = _axes(dim, a.ndim)
-        m = np.max(a, axis=axes, keepdims=True)
+        m = np.max(a, axis=axes, keepdims=True, initial=-np.inf)  # (initial: over no elements, −inf as PyTorch)
         m = np.where(np.isfinite(m), m, 0)
-        out = np.log(np.sum(np.exp(a - m), axis=axes, keepdims=True)) + m
+        with np.errstate(divide="ignore"):  # log 0 = −inf: over no elements, or all −inf
+            out = np.log(np.sum(np.exp(a - m), axis=axes, keepdims=True)) + m
         ctx.save_for_backward(a, out)
         ctx.axes, ctx.keepdim, ctx.shape = axes, keepdim, a.shape
         return out if keepdim else out.reshape(tuple(n for i, n in enumerate(a.shape) if i not in axes))
@@ -647,24 +686,66 @@ def _no_repeats(index):
     return len(masks) == 1 and not others
 
 
+def _ints_first(index, ndim):
+    """For a key that mixes integers with index arrays: (the key with each array as full slices, the arrays' key
+    into that result); None for any other key.
+
+    PyTorch applies integers as basic indexing, before the arrays: for x of shape (4, 5, 3), x[0, :, [1, 2]] has
+    shape (5, 2). NumPy counts the integer as one more advanced index, which the slice separates from the list,
+    and puts the advanced dimension first: (2, 5). Indexing in these two steps gives PyTorch's result."""
+    parts = index if isinstance(index, tuple) else (index,)
+    is_int = lambda p: isinstance(p, (int, np.integer)) and not isinstance(p, (bool, np.bool_))  # noqa: E731
+    is_array = lambda p: isinstance(p, np.ndarray) and p.ndim > 0  # noqa: E731
+    if not (any(map(is_int, parts)) and any(map(is_array, parts))):
+        return None
+    width = lambda p: p.ndim if is_array(p) and p.dtype == np.bool_ else (0 if p is None else 1)  # noqa: E731
+    if any(p is Ellipsis for p in parts):
+        i = next(k for k, p in enumerate(parts) if p is Ellipsis)
+        fill = max(ndim - sum(width(p) for p in parts if p is not Ellipsis), 0)
+        parts = parts[:i] + (slice(None),) * fill + parts[i + 1 :]
+    basic, arrays = [], []
+    for p in parts:
+        if is_int(p):
+            basic.append(p)
+        elif is_array(p):  # its dims stay, for the second step
+            basic += [slice(None)] * width(p)
+            arrays.append(p)
+        else:  # a slice or None: one dimension of the first step's result
+            basic.append(p)
+            arrays.append(slice(None))
+    return tuple(basic), tuple(arrays)
+
+
+def _scatter(shape, index, g):
+    """The gradient of a[index] for a of `shape`: g put back where it was read, repeated reads adding up."""
+    out = np.zeros(shape, dtype=g.dtype)
+    if _is_basic(index) or _no_repeats(index):
+        out[index] = g
+    else:  # integer arrays may repeat an index: those gradients must add up
+        np.add.at(out, index, g)
+    return out
+
+
 class GetItem(Function):
     @staticmethod
     def forward(ctx, a, index):
         index = _index(index)
         ctx.shape, ctx.dtype, ctx.index = a.shape, a.dtype, index
+        ctx.steps = _ints_first(index, a.ndim)
         try:
-            return a[index]
+            if ctx.steps is None:
+                return a[index]
+            first = a[ctx.steps[0]]
+            ctx.first_shape = first.shape
+            return first[ctx.steps[1]]
         except IndexError as e:
             raise IndexError(f"getitem: {e} (tensor of shape {a.shape})") from None
 
     @staticmethod
     def backward(ctx, g):
-        out = np.zeros(ctx.shape, dtype=g.dtype)
-        if _is_basic(ctx.index) or _no_repeats(ctx.index):
-            out[ctx.index] = g
-        else:  # integer arrays may repeat an index: those gradients must add up
-            np.add.at(out, ctx.index, g)
-        return out, None
+        if ctx.steps is None:
+            return _scatter(ctx.shape, ctx.index, g), None
+        return _scatter(ctx.shape, ctx.steps[0], _scatter(ctx.first_shape, ctx.steps[1], g)), None
 
 
 def cat(tensors, dim=0):
@@ -678,12 +759,14 @@ class Cat(Function):
         if not arrays:
             raise ValueError("cat: expected a non-empty list of tensors")
         nd = arrays[0].ndim
-        d = dim % nd
+        if nd == 0:
+            raise ValueError("cat: zero-dimensional tensors cannot be concatenated (use stack)")
+        d = _dim_index("cat", dim, nd)
         for x in arrays:
             if x.ndim != nd or x.shape[:d] + x.shape[d + 1 :] != arrays[0].shape[:d] + arrays[0].shape[d + 1 :]:
                 raise ValueError(f"cat: shapes {[y.shape for y in arrays]} do not match outside dim {dim}")
         ctx.d, ctx.sizes = d, [x.shape[d] for x in arrays]
-        return np.concatenate(arrays, axis=d)
+        return _promote_all(np.concatenate(arrays, axis=d), arrays)
 
     @staticmethod
     def backward(ctx, g):
@@ -703,8 +786,8 @@ class Stack(Function):
             raise ValueError("stack: expected a non-empty list of tensors")
         if len({x.shape for x in arrays}) != 1:
             raise ValueError(f"stack: all tensors must have the same shape, got {[x.shape for x in arrays]}")
-        ctx.d = dim % (arrays[0].ndim + 1)
-        return np.stack(arrays, axis=ctx.d)
+        ctx.d = _dim_index("stack", dim, arrays[0].ndim + 1)
+        return _promote_all(np.stack(arrays, axis=ctx.d), arrays)
 
     @staticmethod
     def backward(ctx, g):
@@ -723,7 +806,7 @@ class Where(Function):
         if cond.dtype != np.bool_:
             raise TypeError(f"where: condition must be bool, got {cond.dtype}")
         ctx.save_for_backward(cond)
-        return np.where(cond, a, b)
+        return _promote(np.where(cond, a, b), a, b)
 
     @staticmethod
     def backward(ctx, g):

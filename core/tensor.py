@@ -209,6 +209,26 @@ class Tensor:
     def __pos__(self):
         return self
 
+    # x += y and the like change x itself, as in PyTorch (another name for x sees it; an optimizer step written
+    # `with no_grad(): p -= lr * p.grad` updates the model's p) — where no gradient is recorded, as for __setitem__
+    def _inplace(self, o, op, name):
+        recorded = autograd.is_grad_enabled() and (self.requires_grad or getattr(o, "requires_grad", False))
+        if recorded:
+            raise RuntimeError(f"x {name} y on a tensor that is part of a graph (x or y requires grad) is not "
+                               f"supported: write x = x {name[0]} y, or do it inside core.no_grad()")
+        result = op(self, o).data
+        if result.shape != self.shape:
+            raise RuntimeError(f"x {name} y: the result's shape {result.shape} is not x's {self.shape}")
+        if not np.can_cast(result.dtype, self.dtype, casting="same_kind"):
+            raise TypeError(f"x {name} y: the result's dtype {result.dtype} cannot be stored in x's {self.dtype}")
+        self.data[...] = result
+        return self
+
+    __iadd__ = lambda self, o: self._inplace(o, ops.Add.apply, "+=")  # noqa: E731
+    __isub__ = lambda self, o: self._inplace(o, ops.Sub.apply, "-=")  # noqa: E731
+    __imul__ = lambda self, o: self._inplace(o, ops.Mul.apply, "*=")  # noqa: E731
+    __itruediv__ = lambda self, o: self._inplace(o, ops.Div.apply, "/=")  # noqa: E731
+
     add = __add__
     sub = __sub__
     mul = __mul__
@@ -293,13 +313,13 @@ class Tensor:
         """Without dim: the max element (gradient split among ties). With dim: (values, indices) as in
         PyTorch, the gradient going to the returned index only."""
         if dim is None:
-            return self.amax()
+            return ops.MaxAll.apply(self, None, False)
         return self._select(self.argmax(dim, keepdim=True), dim, keepdim)
 
     def min(self, dim=None, keepdim=False):
         """Like max: the min element, or (values, indices) over dim."""
         if dim is None:
-            return self.amin()
+            return ops.MinAll.apply(self, None, False)
         return self._select(self.argmin(dim, keepdim=True), dim, keepdim)
 
     def _select(self, index, dim, keepdim):
@@ -352,6 +372,9 @@ class Tensor:
         return ops.Permute.apply(self, _dims(dims))
 
     def transpose(self, dim0, dim1):
+        for d in (dim0, dim1):
+            if not -max(self.ndim, 1) <= d < max(self.ndim, 1):
+                raise IndexError(f"transpose: dim {d} out of range for a tensor of {self.ndim} dimensions")
         order = list(range(self.ndim))
         order[dim0], order[dim1] = order[dim1], order[dim0]
         return ops.Permute.apply(self, tuple(order))
@@ -374,7 +397,12 @@ class Tensor:
     def flatten(self, start_dim=0, end_dim=-1):
         if self.ndim == 0:
             return self.reshape(1)
+        for d in (start_dim, end_dim):
+            if not -self.ndim <= d < self.ndim:
+                raise IndexError(f"flatten: dim {d} out of range for a tensor of {self.ndim} dimensions")
         s, e = start_dim % self.ndim, end_dim % self.ndim
+        if s > e:
+            raise RuntimeError(f"flatten: start_dim {start_dim} cannot come after end_dim {end_dim}")
         return self.reshape(self.shape[:s] + (-1,) + self.shape[e + 1 :])
 
     def unflatten(self, dim, sizes):
@@ -403,7 +431,7 @@ class Tensor:
         if chunks < 1:
             raise ValueError(f"chunk: chunks must be at least 1, got {chunks}")
         n = self.shape[dim]
-        step = -(-n // chunks)
+        step = max(-(-n // chunks), 1)
         return self.split(step, dim)
 
     def split(self, size, dim=0):
@@ -413,7 +441,7 @@ class Tensor:
         if isinstance(size, int):
             if size < 1:
                 raise ValueError(f"split: split_size must be positive, got {size}")
-            bounds = [(s, min(s + size, n)) for s in range(0, n, size)]
+            bounds = [(s, min(s + size, n)) for s in range(0, n, size)] or [(0, 0)]  # (n = 0: one empty piece)
         else:
             if sum(size) != n or any(s < 0 for s in size):
                 raise ValueError(f"split: sizes {list(size)} must be non-negative and sum to {n} (dim {dim})")
@@ -432,8 +460,9 @@ class Tensor:
 def _arg(f, a, dim, keepdim):
     if a.ndim == 0:  # a 0-d tensor accepts dim 0 / -1; its one element is at index 0
         return np.zeros((), dtype=np.int64)
-    if dim is None:
-        return np.asarray(f(a.reshape(-1)))
+    if dim is None:  # over all elements: the flat index (with keepdim, in an array of a's rank, as PyTorch)
+        r = np.asarray(f(a.reshape(-1)))
+        return r.reshape((1,) * a.ndim) if keepdim else r
     r = f(a, axis=dim)
     return np.expand_dims(r, dim) if keepdim else r
 

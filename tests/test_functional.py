@@ -293,3 +293,17 @@ def test_dropout_inplace():
     assert y is x and (x.data == 0).any() and (x.data == 2).any()
     with pytest.raises(RuntimeError, match="inplace"):
         F.dropout(core.ones(3, requires_grad=True), 0.5, inplace=True)
+
+
+@pytest.mark.parametrize("p", [2.0, 1.0, 3.0, 0.5])
+def test_normalize_gradient_at_a_zero_or_tiny_vector_matches_pytorch(p):
+    """The norm's gradient at a zero vector is 0 (PyTorch's), not 0·∞ = NaN; squares that underflow alike."""
+    a = np.array([[0.0, 0.0], [3.0, 4.0], [1e-200, 2e-200], [0.5, 0.0]])
+    x, t = core.Tensor(a, requires_grad=True), torch.tensor(a, requires_grad=True)
+    g = np.random.default_rng(0).standard_normal(a.shape)
+    y, ty = F.normalize(x, p=p, dim=1), torch.nn.functional.normalize(t, p=p, dim=1)
+    y.backward(core.Tensor(g))
+    ty.backward(torch.tensor(g))
+    np.testing.assert_allclose(y.data, ty.detach().numpy(), rtol=1e-12)
+    assert np.isfinite(x.grad).all()
+    np.testing.assert_allclose(x.grad, t.grad.numpy(), rtol=1e-9)

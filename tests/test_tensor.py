@@ -275,3 +275,95 @@ def test_a_float32_model_stays_float32_next_to_integer_and_double_constants():
     assert y.dtype == np.float32
     y.backward()
     assert w.grad.dtype == np.float32
+
+
+# --- what fuzzing against PyTorch found (2026-11-26) ------------------------------------------------
+
+
+@pytest.mark.parametrize("key", [(0, slice(None), [1, 2]), (1, Ellipsis, [0, 2]), (None, [1, 1], Ellipsis, 0),
+                                 (slice(None), 0, [2, 2]), (0, [[1, 2], [3, 3]], slice(0, 2)), ([0, 1], 0)])
+def test_integers_index_before_arrays_as_in_pytorch(key):
+    """x[0, :, [1, 2]] is (5, 2) in PyTorch, which applies the integer first; NumPy's rule gives (2, 5)."""
+    a = np.random.default_rng(0).standard_normal((4, 5, 3))
+    x, t = core.Tensor(a, requires_grad=True), torch.tensor(a, requires_grad=True)
+    y, ty = x[key], t[tuple(torch.tensor(k) if isinstance(k, list) else k for k in key)]
+    assert y.shape == tuple(ty.shape)
+    np.testing.assert_array_equal(y.data, ty.detach().numpy())
+    g = np.random.default_rng(1).standard_normal(y.shape)
+    y.backward(core.Tensor(g))
+    ty.backward(torch.tensor(g))
+    np.testing.assert_array_equal(x.grad, t.grad.numpy())  # repeated indices add up
+
+
+def test_tensor_bounds_and_fill_values_get_their_gradients():
+    x, lo, hi = (core.Tensor(np.array(v), requires_grad=True) for v in ([0.0, 2.0, 5.0], [1.0, 1.0, 1.0], [4.0]))
+    x.clamp(min=lo, max=hi).sum().backward()
+    np.testing.assert_array_equal(x.grad, [0, 1, 0])
+    np.testing.assert_array_equal(lo.grad, [1, 0, 0])
+    np.testing.assert_array_equal(hi.grad, [1])
+    value = core.Tensor(np.array(5.0), requires_grad=True)
+    core.Tensor(np.zeros(3), requires_grad=True).masked_fill(np.array([True, False, True]), value).sum().backward()
+    assert value.grad == 2.0
+    clamped = core.tensor([0, 1, 2]).clamp(min=0.5)
+    assert clamped.dtype == np.float32 and clamped.data.tolist() == [0.5, 1.0, 2.0]  # torch: float32 [0.5, 1, 2]
+
+
+def test_max_of_everything_sends_a_nan_its_gradient():
+    x, t = core.Tensor(np.array([1.0, np.nan, 3.0]), requires_grad=True), torch.tensor([1.0, np.nan, 3.0],
+                                                                                        requires_grad=True)
+    x.max().backward()
+    t.max().backward()
+    np.testing.assert_array_equal(x.grad, t.grad.numpy())  # [0, 1, 0]
+
+
+def test_dtype_promotion_and_dims_of_where_cat_stack():
+    c = core.tensor(np.array([True, False]))
+    assert core.where(c, core.zeros(2), core.tensor(np.array([1, 2]))).dtype == np.float32
+    assert core.where(c, 1.0, 2.0).dtype == np.float32
+    assert core.cat([core.zeros(2), core.tensor(np.array([1, 2]))]).dtype == np.float32
+    assert core.tensor(np.array([1, 2])).logsumexp(0).dtype == np.float32
+    for bad in (lambda: core.cat([core.zeros(2, 3)] * 2, 2), lambda: core.cat([core.zeros(2, 3)] * 2, -3),
+                lambda: core.stack([core.zeros(2, 3)] * 2, 3), lambda: core.zeros(2, 3).transpose(0, 3)):
+        with pytest.raises(IndexError, match="out of range"):
+            bad()
+    with pytest.raises(RuntimeError, match="start_dim 2 cannot come after end_dim 1"):
+        core.zeros(2, 3, 4, 5).flatten(2, 1)
+    with pytest.raises(ValueError, match="zero-dimensional"):
+        core.cat([core.tensor(1.0), core.tensor(2.0)])
+    with pytest.raises(ValueError, match=r"batch dims of \(2, 2, 3\) and \(3, 3, 2\)"):
+        core.zeros(2, 2, 3) @ core.zeros(3, 3, 2)
+    assert core.zeros(2, 3).argmax(keepdim=True).shape == (1, 1)
+
+
+def test_reductions_over_empty_dims_as_in_pytorch():
+    from core import functional as F
+
+    np.testing.assert_array_equal(core.zeros(0, 3).logsumexp(0).data, torch.zeros(0, 3).logsumexp(0).numpy())
+    assert F.softmax(core.zeros(0, 3), 0).shape == (0, 3) and core.zeros(0, 3).amax(1).shape == (0,)
+    assert [p.shape for p in core.zeros(0, 3).split(2, 0)] == [(0, 3)]
+    with pytest.raises(RuntimeError, match="empty dimension"):
+        core.zeros(0, 3).amax(0)
+
+
+def test_in_place_arithmetic_changes_the_tensor_itself():
+    """x += 1 changes x, which other names for it see (an optimizer step `p -= lr * g` under no_grad updates the
+    model's p); where a gradient would be recorded it is refused instead of silently making a new tensor."""
+    x = core.zeros(3)
+    alias = x
+    x += 1
+    x *= 3
+    assert alias is x and alias.data.tolist() == [3.0, 3.0, 3.0]
+    p = core.Tensor(np.ones(2), requires_grad=True)
+    with core.no_grad():
+        p -= 0.5 * core.Tensor(np.ones(2))
+    assert p.is_leaf and p.data.tolist() == [0.5, 0.5]
+    with pytest.raises(RuntimeError, match="part of a graph"):
+        p += 1
+    with pytest.raises(RuntimeError, match="part of a graph"):
+        x += p
+    with pytest.raises(TypeError, match="cannot be stored"):
+        ints = core.tensor(np.array([1, 2]))
+        ints += 0.5
+    with pytest.raises(RuntimeError, match="shape"):
+        y = core.zeros(3)
+        y += core.zeros(2, 3)
