@@ -483,6 +483,10 @@ class Sequential(Module):
         keys = list(self._modules)[idx] if isinstance(idx, slice) else [self._key(idx)]
         for k in keys:
             del self._modules[k]
+        mods = list(self._modules.values())
+        self._modules.clear()
+        for i, m in enumerate(mods):  # keep the keys 0..n-1 (named ones too), as PyTorch does
+            self._modules[str(i)] = m
 
     def __len__(self):
         return len(self._modules)

@@ -23,6 +23,7 @@ continue as if it had never stopped: weights, optimizer state, LR schedule, EMA,
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -49,17 +50,33 @@ class SerializationError(ValueError):
 # --- plain tensor files -----------------------------------------------------------------------
 
 
+def _is_torch(value):
+    """Whether `value` is a torch.Tensor (duck-typed: torch is not imported), read as `Module.load_state_dict`
+    reads one, with `.detach().cpu().numpy()`, so that torch weights can be saved directly."""
+    return all(hasattr(value, a) for a in ("detach", "cpu", "numpy"))
+
+
+def _type_name(value):
+    """The type of `value` with its module (`torch.Tensor`, not `Tensor`), for error messages."""
+    t = type(value)
+    return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+
+
 def _as_array(value, name):
-    """A C-contiguous, little-endian NumPy array of a Tensor / ndarray / NumPy scalar (never a view with odd
-    strides: safetensors copies raw memory, so a transposed view would otherwise be written in storage order)."""
+    """A C-contiguous, little-endian NumPy array of a Tensor / torch.Tensor / ndarray / NumPy scalar (never a view
+    with odd strides: safetensors copies raw memory, so a transposed view would otherwise be written in storage
+    order)."""
     from .tensor import Tensor
 
     if isinstance(value, Tensor):
         value = value.numpy()
+    elif _is_torch(value):  # before the CuPy test: a CUDA torch.Tensor has __cuda_array_interface__ too
+        value = value.detach().cpu().numpy()
     elif hasattr(value, "__cuda_array_interface__"):  # a CuPy array
         value = value.get()
     if not isinstance(value, (np.ndarray, np.generic)):
-        raise TypeError(f"save: {name!r} must be a Tensor or a NumPy array, got {type(value).__name__}")
+        raise TypeError(f"save: {name!r} must be a core Tensor, a torch.Tensor or a NumPy or CuPy array, "
+                        f"got {_type_name(value)}")
     a = np.asarray(value)
     if a.dtype.name not in _DTYPES:
         raise TypeError(f"save: {name!r} has dtype {a.dtype}, which safetensors cannot hold "
@@ -217,7 +234,7 @@ def _encode(obj, name, arrays):
     """A JSON-able copy of `obj`, with each array moved into `arrays[name...]`."""
     from .tensor import Tensor
 
-    is_array = isinstance(obj, (Tensor, np.ndarray)) or hasattr(obj, "__cuda_array_interface__")
+    is_array = isinstance(obj, (Tensor, np.ndarray)) or hasattr(obj, "__cuda_array_interface__") or _is_torch(obj)
     if is_array or isinstance(obj, np.generic):  # a NumPy scalar keeps its dtype: stored as a 0-d array
         while name in arrays:  # two paths spelled alike (a key "3" next to a key 3): keep both
             name += "_"
@@ -236,7 +253,7 @@ def _encode(obj, name, arrays):
             if not isinstance(k, (str, int)) or isinstance(k, bool):
                 raise TypeError(f"save_checkpoint: {name} has a key of type {type(k).__name__}; use str or int")
         return {"$items": [[k, _encode(v, f"{name}.{k}", arrays)] for k, v in obj.items()]}
-    raise TypeError(f"save_checkpoint: {name} is a {type(obj).__name__}, which a checkpoint cannot hold "
+    raise TypeError(f"save_checkpoint: {name} is a {_type_name(obj)}, which a checkpoint cannot hold "
                     "(use numbers, str, lists, dicts and arrays)")
 
 
@@ -278,12 +295,27 @@ def save_checkpoint(path, model, optimizer=None, step=0, *, scheduler=None, ema=
     save(path, arrays, metadata=meta)
 
 
+def _rehearse(obj, state, model):
+    """Load `state` into a deep copy of `obj`, so that whatever `obj.load_state_dict` would reject is found
+    before anything is changed. The copy shares the model and its parameters: an optimizer or EMA refers to
+    them and loading only reads them, so only the (small) rest is copied."""
+    memo = {id(model): model}
+    if hasattr(model, "parameters"):
+        memo.update((id(p), p) for p in model.parameters())
+    try:
+        trial = copy.deepcopy(obj, memo)
+    except (TypeError, copy.Error):  # it holds something that cannot be copied (a lock, a file): not rehearsed
+        return
+    trial.load_state_dict(state)
+
+
 def load_checkpoint(path, model, optimizer=None, *, scheduler=None, ema=None):
     """Restore a checkpoint written by `save_checkpoint` into `model` (and the optimizer, scheduler and
     EMA if given) and restore the default generator's RNG state. Returns {"step": int, "extra": ...}.
 
-    Every key and shape is checked against the model before anything is changed, and a mismatch names
-    the file, the key and both shapes.
+    Every part is checked before anything is changed, so a checkpoint that does not fit leaves the model,
+    optimizer, scheduler, EMA and RNG as they were: the model's keys and shapes (a mismatch names the file,
+    the key and both shapes), the RNG state, and the other parts by loading each into a copy first.
     """
     path = os.fspath(path)
     arrays, meta = _read(path)
@@ -295,7 +327,8 @@ def load_checkpoint(path, model, optimizer=None, *, scheduler=None, ema=None):
         states = {key: _decode(json.loads(meta[key]), arrays, path) if key in meta else None
                   for key in ("optimizer", "scheduler", "ema", "extra")}
         step, rng = json.loads(meta["step"]), meta["rng"]
-    except (KeyError, json.JSONDecodeError, TypeError, ValueError) as e:
+        _random.Generator().set_state(rng)  # a scratch generator: the default one is set last
+    except (KeyError, json.JSONDecodeError, TypeError, ValueError, AttributeError, OverflowError) as e:
         raise SerializationError(f"{path}: corrupted checkpoint metadata ({type(e).__name__}: {e})") from None
 
     own = model.state_dict()
@@ -308,16 +341,21 @@ def load_checkpoint(path, model, optimizer=None, *, scheduler=None, ema=None):
             raise SerializationError(f"{path}: size mismatch for {k}: the file has shape {weights[k].shape}, "
                                      f"the model has shape {tuple(v.shape)}")
     weights = {k: weights[k] for k in own}  # the model's order (the file stores entries sorted)
-    for key, obj in [("optimizer", optimizer), ("scheduler", scheduler), ("ema", ema)]:
-        if obj is not None and states[key] is None:
-            raise SerializationError(f"{path}: a {key} was given but the checkpoint holds no {key} state")
+    parts = [(what, obj, states[what]) for what, obj in [("optimizer", optimizer), ("scheduler", scheduler),
+                                                          ("ema", ema)] if obj is not None]
+    for what, obj, state in parts:
+        if state is None:
+            raise SerializationError(f"{path}: a {what} was given but the checkpoint holds no {what} state")
+        try:
+            _rehearse(obj, state, model)
+        except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
+            raise SerializationError(f"{path}: cannot load the {what} state: {e}") from e
 
-    for what, obj, state in [("model", model, weights), ("optimizer", optimizer, states["optimizer"]),
-                             ("scheduler", scheduler, states["scheduler"]), ("ema", ema, states["ema"])]:
-        if obj is not None:
-            try:
-                obj.load_state_dict(state)
-            except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
-                raise SerializationError(f"{path}: cannot load the {what} state: {e}") from e
+    try:  # every part fits: only now is anything changed, the model first (it was checked, not rehearsed)
+        model.load_state_dict(weights)
+    except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
+        raise SerializationError(f"{path}: cannot load the model state: {e}") from e
+    for _, obj, state in parts:
+        obj.load_state_dict(state)
     _random.default_generator.set_state(rng)
     return {"step": step, "extra": states["extra"]}

@@ -5,6 +5,7 @@
 """
 
 import math
+from collections import OrderedDict
 
 import numpy as np
 import pytest
@@ -132,8 +133,6 @@ def test_containers():
         seq[3]
     x = core.randn(4, 2)
     assert np.allclose(seq(x).numpy(), seq[2](seq[1](seq[0](x))).numpy())
-    from collections import OrderedDict
-
     named = nn.Sequential(OrderedDict([("fc", nn.Linear(2, 2)), ("act", nn.Tanh())]))
     assert [k for k, _ in named.named_parameters()] == ["fc.weight", "fc.bias"]
     ml = nn.ModuleList([nn.ReLU(), nn.Tanh()])
@@ -145,6 +144,26 @@ def test_containers():
     md["b"] = nn.Linear(1, 2)
     assert "a" in md and list(md) == ["a", "b"] and len(md) == 2
     assert [k for k, _ in md.named_parameters()] == ["a.weight", "a.bias", "b.weight", "b.bias"]
+
+
+@pytest.mark.parametrize("make, idx", [
+    (lambda n: n.Sequential(n.Linear(2, 2), n.ReLU(), n.Tanh()), 0),
+    (lambda n: n.Sequential(n.ReLU(), n.Linear(2, 3)), 0),
+    (lambda n: n.Sequential(n.Linear(2, 2), n.ReLU(), n.Tanh(), n.Linear(2, 3)), slice(1, 3)),
+    (lambda n: n.Sequential(n.Linear(2, 2), n.ReLU(), n.Tanh(), n.Linear(2, 3)), -2),
+    (lambda n: n.Sequential(OrderedDict([("fc", n.Linear(2, 2)), ("act", n.Tanh()), ("out", n.Linear(2, 1))])), 1),
+], ids=["first", "before-a-linear", "slice", "negative", "named"])
+def test_sequential_del_renumbers_as_torch(make, idx):
+    """del renumbers the keys 0..n-1 as torch does, so a later append adds a module instead of replacing one."""
+    ours, ref = make(nn), make(torch.nn)
+    del ours[idx]
+    del ref[idx]
+    assert list(ours._modules) == list(ref._modules)
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    ours.append(nn.Sigmoid())
+    ref.append(torch.nn.Sigmoid())
+    assert [type(m).__name__ for m in ours] == [type(m).__name__ for m in ref]
+    assert list(ours.state_dict()) == list(ref.state_dict())
 
 
 def test_apply_zero_grad_requires_grad():

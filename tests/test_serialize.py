@@ -6,6 +6,7 @@ import pickle
 
 import numpy as np
 import pytest
+import torch
 
 import core
 from core import functional as F
@@ -71,6 +72,21 @@ def test_tensors_are_saved_and_load_as_arrays(tmp_path):
     assert np.array_equal(back["w"], t.data) and np.array_equal(back["i"], [1, 2])
     back["w"][0, 0] = 42.0  # the loaded arrays own writable memory
     assert t.data[0, 0] == 0.0
+
+
+def test_torch_tensors_are_saved_as_arrays(tmp_path):
+    """A torch.Tensor is read as Module.load_state_dict reads one, so torch weights can be saved directly."""
+    t = torch.arange(6, dtype=torch.float32).reshape(2, 3).requires_grad_()
+    save(tmp_path / "t", {"w": t, "wt": t.T, "i": torch.tensor([1, 2])})  # a transposed view is saved by value
+    back = load(tmp_path / "t")
+    assert back["w"].dtype == np.float32 and np.array_equal(back["w"], t.detach().numpy())
+    assert np.array_equal(back["wt"], t.detach().numpy().T) and back["i"].dtype == np.int64
+
+
+@pytest.mark.parametrize("value, name", [(torch.Size([2]), "torch.Size"), ([1.0], "list")])
+def test_a_rejected_value_is_named_with_its_module(tmp_path, value, name):
+    with pytest.raises(TypeError, match=rf"'a' must be .*, got {name}$"):
+        save(tmp_path / "bad", {"a": value})
 
 
 def test_metadata_round_trip(tmp_path):
@@ -499,6 +515,47 @@ def test_checkpoint_file_holds_the_optimizer_state_as_entries(tmp_path):
     groups = json.loads(meta["optimizer"])["param_groups"]
     assert groups[0]["params"] == [0, 1, 2, 3] and json.loads(meta["step"]) == 2
     assert json.loads(meta["rng"])["bit_generator"]["bit_generator"] == "Philox"
+
+
+def assert_load_changes_nothing(path, run, what):
+    """Loading `path` into `run` fails on `what`, and leaves the weights, optimizer, schedule, EMA and RNG as they
+    were (the parts before `what` fit, so a load that changes as it goes would have changed them)."""
+    train(run, range(1))  # an optimizer state to keep
+    before, rng = snapshot(run), core.random.get_rng_state()
+    with pytest.raises(SerializationError, match=f"cannot load the {what} state"):
+        serialize.load_checkpoint(path, run[0], run[1], scheduler=run[2], ema=run[3])
+    assert_bitwise_equal(snapshot(run), before)
+    assert core.random.get_rng_state() == rng
+
+
+def test_an_optimizer_that_does_not_fit_changes_nothing(tmp_path):
+    """The weights would fit; the optimizer has one param group where the file has two."""
+    model = make_run(seed=0)[0]
+    opt = optim.Adam([{"params": list(model[0].parameters())}, {"params": list(model[3].parameters())}], lr=1e-2)
+    run = (model, opt, optim.WarmupCosine(opt, 3, STEPS), optim.EMA(model))
+    train(run, range(2))
+    serialize.save_checkpoint(tmp_path / "c", *run[:2], step=2, scheduler=run[2], ema=run[3])
+    model, _, _, ema = make_run(seed=1)
+    wrong = optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    assert_load_changes_nothing(tmp_path / "c", (model, wrong, optim.WarmupCosine(wrong, 3, STEPS), ema), "optimizer")
+
+
+def test_an_ema_that_does_not_fit_changes_nothing(tmp_path):
+    """The weights, optimizer and schedule would fit; the EMA (of another model) does not."""
+    run = make_run(seed=0)
+    train(run, range(2))
+    serialize.save_checkpoint(tmp_path / "c", run[0], run[1], step=2, scheduler=run[2], ema=run[3])
+    model, opt, sched, _ = make_run(seed=1)
+    assert_load_changes_nothing(tmp_path / "c", (model, opt, sched, optim.EMA(nn.Sequential(nn.Linear(4, 16)))), "ema")
+
+
+def test_a_corrupted_rng_state_changes_nothing(tmp_path):
+    save(tmp_path / "c", {"model.w": np.ones(2)},
+         metadata={"format": serialize.CHECKPOINT_FORMAT, "step": "1", "rng": json.dumps({"seed": 0})})
+    model, rng = Holder({"w": np.zeros(2)}), core.random.get_rng_state()
+    with pytest.raises(SerializationError, match="corrupted checkpoint metadata"):
+        serialize.load_checkpoint(tmp_path / "c", model)
+    assert np.array_equal(model.state["w"], np.zeros(2)) and core.random.get_rng_state() == rng
 
 
 def test_real_model_shape_mismatch_names_file_key_and_shapes(tmp_path):
