@@ -580,6 +580,19 @@ class Gather(Function):
         return out, None, None
 
 
+class CumSum(Function):
+    @staticmethod
+    def forward(ctx, a, dim):
+        ctx.d = _dim_index("cumsum", dim, max(a.ndim, 1))
+        return np.cumsum(a, axis=ctx.d) if a.ndim else a.copy()
+
+    @staticmethod
+    def backward(ctx, g):  # ∂(Σ_{j≤i} a_j)/∂a_k = [k ≤ i]: the sum of g over i ≥ k
+        if g.ndim == 0:
+            return g, None
+        return np.flip(np.cumsum(np.flip(g, ctx.d), axis=ctx.d), ctx.d), None
+
+
 class LogSumExp(Function):
     @staticmethod
     def forward(ctx, a, dim, keepdim):

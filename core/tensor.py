@@ -332,19 +332,44 @@ class Tensor:
         """Values picked along dim by an integer index tensor (torch.gather)."""
         return ops.Gather.apply(self, dim, index)
 
+    def sort(self, dim=-1, descending=False):
+        """(values, indices) sorted along dim, stably (equal values keep their order); the values' gradient goes
+        back to the places they came from (torch.sort)."""
+        a = self.data
+        order = np.argsort(a, axis=dim, kind="stable")
+        if descending:  # stable and descending: sort the reversed array, then map back and reverse
+            n = a.shape[dim]
+            order = np.flip(n - 1 - np.argsort(np.flip(a, dim), axis=dim, kind="stable"), dim)
+        index = Tensor(order.astype(np.int64))
+        return values_indices(self.gather(dim, index), index)
+
+    def topk(self, k, dim=-1, largest=True, sorted=True):  # noqa: A002 - PyTorch's name
+        """(values, indices) of the k largest (or smallest) along dim, in order (torch.topk); ties keep the lower
+        index first."""
+        if not 0 <= k <= self.shape[dim]:
+            raise ValueError(f"topk: k = {k} is not in [0, {self.shape[dim]}] for dim {dim} of shape {self.shape}")
+        values, index = self.sort(dim, descending=largest)
+        keep = (slice(None),) * (dim % self.ndim) + (slice(0, k),)
+        index = Tensor(index.data[keep])
+        return values_indices(self.gather(dim, index), index)
+
+    def cumsum(self, dim):
+        """Running sums along dim (torch.cumsum); the gradient is the reversed running sum of the incoming one."""
+        return ops.CumSum.apply(self, dim)
+
     def argmax(self, dim=None, keepdim=False):
         return Tensor(_arg(np.argmax, self.data, dim, keepdim))
 
     def argmin(self, dim=None, keepdim=False):
         return Tensor(_arg(np.argmin, self.data, dim, keepdim))
 
-    def var(self, dim=None, *, correction=1, keepdim=False):
-        """Variance with Bessel's correction by default (torch.var's correction=1)."""
-        return ops.Var.apply(self, dim, correction, keepdim)
+    def var(self, dim=None, unbiased=None, keepdim=False, *, correction=None):
+        """Variance with Bessel's correction by default (torch.var: correction=1, or unbiased=False for 0)."""
+        return ops.Var.apply(self, dim, _correction("var", unbiased, correction), keepdim)
 
-    def std(self, dim=None, *, correction=1, keepdim=False):
+    def std(self, dim=None, unbiased=None, keepdim=False, *, correction=None):
         """Standard deviation, sqrt(var(dim, correction)); its gradient is 0 where it is 0, as in PyTorch."""
-        return ops.Std.apply(self, dim, correction, keepdim)
+        return ops.Std.apply(self, dim, _correction("std", unbiased, correction), keepdim)
 
     def logsumexp(self, dim, keepdim=False):
         return ops.LogSumExp.apply(self, dim, keepdim)
@@ -455,6 +480,15 @@ class Tensor:
 
     def __getitem__(self, index):
         return ops.GetItem.apply(self, index)
+
+
+def _correction(name, unbiased, correction):
+    """torch.var's two spellings of Bessel's correction: unbiased (True: 1, False: 0) or correction; 1 by default."""
+    if unbiased is not None and correction is not None:
+        raise ValueError(f"{name}: pass unbiased or correction, not both")
+    if correction is not None:
+        return correction
+    return 0 if unbiased is False else 1
 
 
 def _arg(f, a, dim, keepdim):

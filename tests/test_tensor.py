@@ -367,3 +367,42 @@ def test_in_place_arithmetic_changes_the_tensor_itself():
     with pytest.raises(RuntimeError, match="shape"):
         y = core.zeros(3)
         y += core.zeros(2, 3)
+
+
+def test_var_std_take_pytorch_unbiased_positionally():
+    a = np.random.default_rng(0).standard_normal((3, 4))
+    x, t = core.Tensor(a), torch.tensor(a)
+    for args, kw in [((), {}), ((1,), {}), ((1, False), {}), ((1, True, True), {}), ((0,), {"correction": 2})]:
+        np.testing.assert_allclose(x.var(*args, **kw).data, t.var(*args, **kw).numpy(), rtol=1e-12)
+        np.testing.assert_allclose(x.std(*args, **kw).data, t.std(*args, **kw).numpy(), rtol=1e-12)
+    with pytest.raises(ValueError, match="not both"):
+        x.var(0, True, correction=1)
+
+
+def _against_torch(a, ours, theirs, with_index=True):
+    """ours(x) and theirs(t) on the same array: values, indices, and the gradient of a random projection."""
+    x, t = core.Tensor(a, requires_grad=True), torch.tensor(a, requires_grad=True)
+    (y, iy), (ty, ti) = (ours(x), theirs(t)) if with_index else ((ours(x), None), (theirs(t), None))
+    np.testing.assert_allclose(y.data, ty.detach().numpy(), rtol=1e-12)
+    if with_index:
+        np.testing.assert_array_equal(iy.data, ti.numpy())
+    if y.data.size:
+        g = np.random.default_rng(3).standard_normal(y.shape)
+        y.backward(core.Tensor(g))
+        ty.backward(torch.tensor(g))
+        np.testing.assert_allclose(x.grad, t.grad.numpy(), rtol=1e-12)
+
+
+@pytest.mark.parametrize("dim", [0, 1, -1])
+def test_sort_topk_cumsum_match_pytorch(dim):
+    """sort is stable (ties keep their order, as torch's stable=True); topk is compared without ties (PyTorch leaves
+    their order unspecified; ours keeps the lower index first)."""
+    rng = np.random.default_rng(2)
+    ties, distinct = np.round(rng.standard_normal((3, 6))), rng.standard_normal((3, 6))
+    for desc in (False, True):
+        _against_torch(ties, lambda x: x.sort(dim, desc), lambda t: t.sort(dim=dim, descending=desc, stable=True))
+    for k, largest in ((2, True), (2, False), (0, True), (distinct.shape[dim], False)):
+        _against_torch(distinct, lambda x: x.topk(k, dim, largest), lambda t: t.topk(k, dim, largest))
+    _against_torch(distinct, lambda x: x.cumsum(dim), lambda t: t.cumsum(dim), with_index=False)
+    with pytest.raises(ValueError, match="topk: k = 7"):
+        core.zeros(3, 6).topk(7)
