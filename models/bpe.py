@@ -90,11 +90,13 @@ class Tokenizer:
 
     def __init__(self, merges, special=SPECIALS):
         merges = [tuple(int(i) for i in m) for m in merges]
+        if isinstance(special, str):
+            raise TypeError(f"Tokenizer: special tokens must be a sequence of str, got the str {special!r}")
         vocab = [bytes([i]) for i in range(256)]
-        for r, (a, b) in enumerate(merges):
-            if len((a, b)) != 2 or not (0 <= a < 256 + r and 0 <= b < 256 + r):
-                raise ValueError(f"Tokenizer: merge {r} = {(a, b)} must join two ids below {256 + r}")
-            vocab.append(vocab[a] + vocab[b])
+        for r, m in enumerate(merges):
+            if len(m) != 2 or not (0 <= m[0] < 256 + r and 0 <= m[1] < 256 + r):
+                raise ValueError(f"Tokenizer: merge {r} = {m} must join two ids below {256 + r}")
+            vocab.append(vocab[m[0]] + vocab[m[1]])
         if isinstance(special, dict):  # from a saved file: the ids must be the ones this class would give
             names = sorted(special, key=special.get)
             if [special[n] for n in names] != list(range(len(vocab), len(vocab) + len(names))):
@@ -126,11 +128,14 @@ class Tokenizer:
         """
         if not isinstance(text, str):
             raise TypeError(f"Tokenizer.train: text must be a str, got {type(text).__name__}")
+        if isinstance(special_tokens, str):  # (tuple() would split it into characters)
+            raise TypeError(f"Tokenizer.train: special_tokens must be a sequence of str, got the str "
+                            f"{special_tokens!r}")
         special_tokens = tuple(special_tokens)
-        n_merges = vocab_size - 256 - len(special_tokens)
-        if not isinstance(vocab_size, int) or n_merges < 0:
+        if not _is_int(vocab_size) or vocab_size - 256 - len(special_tokens) < 0:
             raise ValueError(f"Tokenizer.train: vocab_size must be an int >= 256 + {len(special_tokens)} specials, "
                              f"got {vocab_size!r}")
+        n_merges = int(vocab_size) - 256 - len(special_tokens)
         counts = Counter(_words(text, special_tokens))
         words = [list(_to_bytes(w)) for w in counts]
         freq = list(counts.values())
@@ -290,8 +295,9 @@ class Tokenizer:
         """Read a tokenizer written by `save`."""
         with open(path, encoding="utf-8") as f:
             d = json.load(f)
-        if not isinstance(d, dict) or d.get("format") != FORMAT:
-            raise ValueError(f"Tokenizer.load: {path} is not a {FORMAT} tokenizer file")
+        if not isinstance(d, dict) or d.get("format") != FORMAT or not {"pattern", "merges", "special"} <= set(d):
+            raise ValueError(f"Tokenizer.load: {path} is not a {FORMAT} tokenizer file (format, pattern, merges, "
+                             "special)")
         if d["pattern"] != PATTERN:
             raise ValueError(f"Tokenizer.load: {path} was trained with another pre-split pattern")
         return cls(d["merges"], d["special"])

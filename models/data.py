@@ -152,4 +152,4 @@ class Batches:
     def _epoch(self, order):
         for b in range(len(self)):
             idx = order[b * self.batch_size : (b + 1) * self.batch_size]
-            yield tuple([a[i] for i in idx] if isinstance(a, list) else a[idx] for a in self.arrays)
+            yield tuple([a[i] for i in idx] if isinstance(a, (list, tuple)) else a[idx] for a in self.arrays)

@@ -173,10 +173,10 @@ def top_k_filter(logits, k):
 def top_p_filter(logits, p):
     """logits (B, V) keeping, per row, the smallest set of likeliest tokens whose probability reaches p
     (nucleus sampling, Holtzman et al. 2020, eq. 3); the rest set to −inf. p = 1 keeps every token."""
-    if p is None:
-        return logits
-    if not 0 < p <= 1:
+    if not (p is None or 0 < p <= 1):
         raise ValueError(f"top_p_filter: p must be in (0, 1], got {p}")
+    if p is None or p == 1:  # every token: the running sum can reach 1.0 in floating point before the last one
+        return logits
     order = np.argsort(-logits, axis=-1, kind="stable")
     probs = np.take_along_axis(_softmax(logits), order, axis=-1)
     before = np.cumsum(probs, axis=-1) - probs  # mass of the likelier tokens

@@ -141,6 +141,8 @@ def class_agreement(images, labels, dataset):
     out = {}
     for k, y in labels.items():
         y = np.asarray(y)
+        if y.shape != (len(images),):
+            raise ValueError(f"class_agreement: head {k!r} needs {len(images)} labels, got shape {y.shape}")
         asked = y >= 0
         if asked.any():
             out[k] = float((pred[k][asked] == y[asked]).mean())
@@ -161,10 +163,11 @@ def class_frequencies(images, dataset, head="label"):
 
 def mode_coverage(images, dataset, reference, head="label"):
     """Per-class frequencies of the images against those of `reference` (e.g. the test set):
-    dict(freq, reference, tv = total variation distance ½Σ|p - q|, covered = classes holding at least
-    half their reference share)."""
+    dict(freq, reference, tv = total variation distance ½Σ|p - q|, covered = classes of the reference holding at
+    least half their reference share)."""
     p, q = class_frequencies(images, dataset, head), class_frequencies(reference, dataset, head)
-    return dict(freq=p, reference=q, tv=float(np.abs(p - q).sum() / 2), covered=int((p >= q / 2).sum()))
+    covered = int(((p >= q / 2) & (q > 0)).sum())  # a class absent from the reference is not "covered"
+    return dict(freq=p, reference=q, tv=float(np.abs(p - q).sum() / 2), covered=covered)
 
 
 # --- baselines for samplers -----------------------------------------------------------------------
@@ -231,7 +234,8 @@ def dequantize(x, levels, lo=-1.0, hi=1.0, *, generator=None):
     gen = generator or core.random.default_generator
     a = x.data if isinstance(x, core.Tensor) else np.asarray(x)
     u = gen.uniform(a.shape)
-    y = (lo + bin_width(levels, lo, hi) * (quantize(a, levels, lo, hi) + u - 0.5)).astype(a.dtype)
+    dtype = a.dtype if a.dtype.kind == "f" else core.tensor(0.0).dtype  # integer levels: floats (the default)
+    y = (lo + bin_width(levels, lo, hi) * (quantize(a, levels, lo, hi) + u - 0.5)).astype(dtype)
     return core.tensor(y) if isinstance(x, core.Tensor) else y
 
 

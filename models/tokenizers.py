@@ -130,11 +130,13 @@ class ImageTokenizer:
         was_training = self.training
         self.eval()
         out = [np.zeros((0, *self.grid), np.int64)]
-        with core.no_grad():
-            for i in range(0, len(x), batch_size):
-                out.append(np.asarray(self._encode(core.tensor(x[i : i + batch_size].astype(np.float32))).numpy(),
-                                      np.int64))
-        self.train(was_training)
+        try:
+            with core.no_grad():
+                for i in range(0, len(x), batch_size):
+                    codes = self._encode(core.tensor(x[i : i + batch_size].astype(np.float32)))
+                    out.append(np.asarray(codes.numpy(), np.int64))
+        finally:  # the caller's mode back, also after an error
+            self.train(was_training)
         return np.concatenate(out)
 
     def decode(self, tokens, batch_size=256):
@@ -149,10 +151,12 @@ class ImageTokenizer:
         was_training = self.training
         self.eval()
         out = [np.zeros((0, self.channels, self.resolution, self.resolution), np.float32)]
-        with core.no_grad():
-            for i in range(0, len(t), batch_size):
-                out.append(np.clip(self._decode(t[i : i + batch_size].astype(np.int64)).numpy(), -1, 1))
-        self.train(was_training)
+        try:
+            with core.no_grad():
+                for i in range(0, len(t), batch_size):
+                    out.append(np.clip(self._decode(t[i : i + batch_size].astype(np.int64)).numpy(), -1, 1))
+        finally:  # the caller's mode back, also after an error
+            self.train(was_training)
         return np.concatenate(out).astype(np.float32)
 
     def reconstruct(self, images):
@@ -166,7 +170,10 @@ class ImageTokenizer:
 def usage(tokens, codebook_size):
     """(perplexity, fraction of codes in use) of a set of tokens: exp of the entropy of the codes'
     empirical frequencies (K when all are used equally, 1 under collapse), and how many occur at all / K."""
-    counts = np.bincount(np.asarray(tokens).ravel(), minlength=codebook_size).astype(np.float64)
+    tokens = np.asarray(tokens).ravel()
+    if tokens.size and not (0 <= tokens.min() and tokens.max() < codebook_size):
+        raise ValueError(f"usage: tokens must lie in [0, {codebook_size}), got {tokens.min()}..{tokens.max()}")
+    counts = np.bincount(tokens, minlength=codebook_size).astype(np.float64)
     p = counts / max(counts.sum(), 1)
     entropy = -(p[p > 0] * np.log(p[p > 0])).sum()
     return float(np.exp(entropy)), float((counts > 0).mean())

@@ -176,3 +176,15 @@ def test_errors(shipped, tiny):
         tiny.id_to_token(tiny.vocab_size)
     with pytest.raises(KeyError, match="not one token"):
         shipped.token_to_id("not a single token at all")
+
+
+def test_bad_arguments_name_themselves():
+    """A str as special tokens would be split into characters (every "P" of later text a special id); a NumPy int
+    vocab size is an int; a bad merge or file says what is wrong."""
+    with pytest.raises(TypeError, match="special_tokens must be a sequence of str"):
+        Tokenizer.train("abab", 262, special_tokens="[PAD]")
+    with pytest.raises(TypeError, match="special tokens must be a sequence of str"):
+        Tokenizer([], "[PAD]")
+    assert Tokenizer.train("abab" * 5, np.int64(258), special_tokens=()).vocab_size == 258
+    with pytest.raises(ValueError, match=r"merge 0 = \(97, 98, 99\) must join two ids"):
+        Tokenizer([(97, 98, 99)])

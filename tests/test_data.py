@@ -398,3 +398,10 @@ def test_batches_bad_arguments():
         Batches(batch_size=2)
     with pytest.raises(ValueError, match="seed"):
         Batches(np.arange(3), batch_size=2, seed=-3)
+
+
+def test_batches_keep_tuples_of_captions_aligned():
+    x = np.arange(5)
+    caps = tuple(f"c{i}" for i in range(5))
+    for xb, cb in Batches(x, caps, batch_size=2, seed=0):
+        assert list(cb) == [f"c{i}" for i in xb]

@@ -359,3 +359,10 @@ def test_bar_text(tmp_path):
 def test_usage_errors():
     with pytest.raises(UsageError, match="unknown dataset 'digits' for gpt"):
         registry.config(gpt, "digits")
+
+
+def test_top_p_of_one_keeps_every_token():
+    """p = 1 is the filter off (as the docstring and HF say), even where the running sum reaches 1.0 in floating
+    point before the least likely tokens (probabilities below ~1e-16)."""
+    logits = np.array([[0.0, -40.0, -50.0]])
+    np.testing.assert_array_equal(gpt.top_p_filter(logits, 1.0), logits)

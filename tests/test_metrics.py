@@ -181,3 +181,12 @@ def test_independent_pixel_baseline(digit_sets):
     one = train[:1]
     want = -np.log2(np.where(metrics.quantize(test[:1], 17) == metrics.quantize(one, 17), 2 / 18, 1 / 18)).mean()
     assert metrics.independent_pixel_baseline(one, test[:1]) == pytest.approx(want)
+
+
+def test_dequantize_of_integer_levels_gives_floats_in_their_bins():
+    """Integer input is dequantized to floats (it was cast back to ints, moving values to other levels)."""
+    x = np.array([-1, 0, 1, 1, -1, 0])
+    y = metrics.dequantize(x, 3, generator=core.random.Generator(0))
+    assert y.dtype.kind == "f"
+    np.testing.assert_array_equal(metrics.quantize(y, 3), metrics.quantize(x.astype(np.float64), 3))
+    assert not np.array_equal(y, np.round(y))

@@ -113,3 +113,9 @@ def test_reconstruction_figures_of_a_fixed_tokenizer():
 
     x, labels = tk.held_out(_Cfg(), 256)
     assert r["classifier_accuracy"]["originals"] == pytest.approx(accuracy(load_classifier("shapes", 32), x, labels))
+
+
+def test_usage_counts_the_codebook_and_refuses_codes_outside_it():
+    assert tk.usage(np.array([0, 1, 1, 3]), 4)[1] == 0.75
+    with pytest.raises(ValueError, match=r"tokens must lie in \[0, 4\), got 0..20"):
+        tk.usage(np.array([0, 20]), 4)
