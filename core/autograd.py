@@ -30,6 +30,13 @@ class _Mode(threading.local):
 
 
 _mode = _Mode()
+_inplace = [0]  # in-place changes of tensors so far (Tensor._version's sum): 0 in most programs, which skip the check
+
+
+def note_inplace(tensor):
+    """Count an in-place change of `tensor` (its _version, for the check before backward)."""
+    tensor._version += 1
+    _inplace[0] += 1
 
 
 def is_grad_enabled() -> bool:
@@ -167,7 +174,7 @@ def _describe(x) -> str:
 class Context:
     """What a Function's forward leaves for its backward: inputs, saved arrays, flags."""
 
-    __slots__ = ("fn", "inputs", "needs_input_grad", "_saved", "_freed", "__dict__")
+    __slots__ = ("fn", "inputs", "needs_input_grad", "_saved", "_freed", "_stamp", "_versions", "__dict__")
 
     def __init__(self, fn, inputs):
         self.fn = fn
@@ -175,6 +182,27 @@ class Context:
         self.needs_input_grad = tuple(t is not None and t.requires_grad for t in inputs)
         self._saved = ()
         self._freed = False
+        self._stamp = 0  # _inplace at the forward, and the inputs' versions then (None: all 0)
+        self._versions = None
+
+    def _check_versions(self, out):
+        """Refuse a backward whose saved arrays were changed in place since the forward (PyTorch's check): an
+        input, or the output `out` (made at version 0), changed (x += …, x[i] = … under no_grad) whose memory
+        this op saved."""
+        versions = self._versions or (0,) * len(self.inputs)
+        changed = [t for t, v in zip(self.inputs, versions) if t is not None and t._version != v]
+        if out is not None and out._version:
+            changed.append(out)
+        if not changed:
+            return
+        kept = [a for a in (*self._saved, *self.__dict__.values()) if isinstance(a, np.ndarray)]
+        for t in changed:
+            if isinstance(t.data, np.ndarray) and any(np.may_share_memory(a, t.data) for a in kept):
+                raise RuntimeError(
+                    f"{self.fn.__name__}: a tensor of shape {t.shape} whose values it saved for backward was changed "
+                    "in place after the forward (x += …, x[i] = …); its gradient would be wrong. Change a copy, or "
+                    "change it after backward."
+                )
 
     def save_for_backward(self, *arrays):
         """Keep arrays for backward; they are freed after backward unless retain_graph=True."""
@@ -239,6 +267,9 @@ class Function:
         t = Tensor(out, requires_grad=record and _is_float(out))
         if t.requires_grad:
             t._ctx = ctx
+            if _inplace[0]:
+                ctx._stamp = _inplace[0]
+                ctx._versions = tuple(0 if x is None else x._version for x in inputs)
         return t
 
 
@@ -329,6 +360,8 @@ def backward(tensor, gradient=None, retain_graph=False):
     if tensor._ctx is None:  # a leaf
         return
     grads = {id(tensor._ctx): gradient}
+    track = _inplace[0] != 0  # something was changed in place: find each op's output, for _check_versions
+    outs = {id(tensor._ctx): tensor} if track else None
     for ctx in _topological(tensor._ctx):
         g = grads.pop(id(ctx), None)
         if g is None:
@@ -336,6 +369,8 @@ def backward(tensor, gradient=None, retain_graph=False):
         name = ctx.fn.__name__
         if ctx._freed:
             ctx.saved_tensors  # raises the clear "second time" error
+        if ctx._stamp != _inplace[0]:  # something was changed in place since this op's forward
+            ctx._check_versions(outs.get(id(ctx)))
         in_grads = ctx.fn.backward(ctx, g)
         if not isinstance(in_grads, tuple):
             in_grads = (in_grads,)
@@ -356,6 +391,8 @@ def backward(tensor, gradient=None, retain_graph=False):
             else:
                 key = id(inp._ctx)
                 grads[key] = gi if key not in grads else grads[key] + gi
+                if track:
+                    outs[key] = inp
                 if inp._retains_grad:
                     give(inp, gi)
         if not retain_graph:

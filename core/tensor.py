@@ -31,7 +31,7 @@ def _device_of(a) -> str:
 class Tensor:
     """An n-dimensional array that records the ops made from it, for reverse-mode autograd."""
 
-    __slots__ = ("data", "grad", "requires_grad", "_ctx", "_retains_grad", "__weakref__")
+    __slots__ = ("data", "grad", "requires_grad", "_ctx", "_retains_grad", "_version", "__weakref__")
     __array_priority__ = 1000  # ndarray (op) Tensor defers to Tensor's reflected operator
     __hash__ = object.__hash__  # == is elementwise, as in PyTorch; hash by identity
 
@@ -47,6 +47,7 @@ class Tensor:
         self.requires_grad = bool(requires_grad)
         self._ctx = None
         self._retains_grad = False
+        self._version = 0  # in-place changes so far (autograd checks that saved values were not changed)
 
     # --- properties ---------------------------------------------------------------------------
     shape = property(lambda self: tuple(self.data.shape))
@@ -165,6 +166,7 @@ class Tensor:
         if isinstance(index, Tensor):
             index = index.data
         self.data[index] = value.data if isinstance(value, Tensor) else value
+        autograd.note_inplace(self)
 
     # --- arithmetic -----------------------------------------------------------------------------
     def __add__(self, o):
@@ -222,6 +224,7 @@ class Tensor:
         if not np.can_cast(result.dtype, self.dtype, casting="same_kind"):
             raise TypeError(f"x {name} y: the result's dtype {result.dtype} cannot be stored in x's {self.dtype}")
         self.data[...] = result
+        autograd.note_inplace(self)
         return self
 
     __iadd__ = lambda self, o: self._inplace(o, ops.Add.apply, "+=")  # noqa: E731

@@ -535,3 +535,31 @@ def test_a_small_mlp_step_matches_pytorch():
     np.testing.assert_allclose(lo.item(), lr.item(), rtol=1e-12)
     for a, b in zip(ours[1:], ref[1:]):
         np.testing.assert_allclose(a.grad, b.grad.numpy(), rtol=1e-10, atol=1e-12)
+
+
+def test_backward_refuses_values_changed_in_place_after_the_forward():
+    """PyTorch's version check: a value an op saved for backward, changed in place afterwards (x += …, x[i] = …,
+    allowed where no gradient is recorded), would give a wrong gradient — backward says so; a change that no op
+    saved, or one made after backward, is fine."""
+    w = core.Tensor(np.array([1.0, 2.0]), requires_grad=True)
+    x = core.tensor(np.array([3.0, 4.0]))
+    y = (x * w).sum()  # Mul saved x
+    x += 1
+    with pytest.raises(RuntimeError, match="Mul: a tensor of shape \\(2,\\) whose values it saved"):
+        y.backward()
+    x = core.tensor(np.array([3.0, 4.0]))
+    y = (x + w).sum()  # Add saved nothing
+    x[0] = 7.0
+    y.backward()
+    np.testing.assert_array_equal(w.grad, [1.0, 1.0])
+    e = w.exp()  # Exp saved its output (Sum saves no values)
+    loss = e.sum()
+    with core.no_grad():
+        e *= 0.0
+    with pytest.raises(RuntimeError, match="Exp: a tensor of shape"):
+        loss.backward()
+    w.grad = None
+    loss = (w.exp() * x).sum()
+    loss.backward()
+    x += 1  # after backward: nothing left to check
+    np.testing.assert_allclose(w.grad, np.exp([1.0, 2.0]) * [7.0, 4.0])
