@@ -38,7 +38,7 @@ __all__ = ["scaled_dot_product_attention", "gumbel_softmax", "patterns", "Causal
 def _softmax(s, axis=-1):
     """Stable softmax: subtract the max first. A row that is all -inf (fully masked) gives all zeros."""
     m = np.max(s, axis=axis, keepdims=True, initial=-np.inf)  # (initial: a row of no keys, S = 0)
-    m = np.where(np.isfinite(m), m, 0.0)  # an all -inf row keeps its -inf scores, so exp gives 0, not NaN
+    m = np.where(np.isneginf(m), 0.0, m)  # an all -inf row keeps its -inf scores, so exp gives 0, not NaN
     e = np.exp(s - m)
     z = np.sum(e, axis=axis, keepdims=True)
     return e / np.where(z > 0, z, 1.0)

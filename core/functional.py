@@ -154,7 +154,7 @@ class Softmax(Function):
         else:
             m = np.max(x, axis=axis, keepdims=True, initial=-np.inf)  # (initial: a dim of size 0)
             with np.errstate(invalid="ignore"):
-                e = np.exp(x - np.where(np.isfinite(m), m, 0))
+                e = np.exp(x - np.where(np.isneginf(m), 0, m))  # all −inf: 0s; a +inf: NaN (PyTorch's)
                 out = e / np.sum(e, axis=axis, keepdims=True)
         ctx.save_for_backward(out)
         ctx.axis = axis

@@ -334,7 +334,7 @@ class Relu(Function):
     @staticmethod
     def backward(ctx, g):
         (out,) = ctx.saved_tensors
-        return g * (out > 0)
+        return g * ~(out <= 0)  # (a NaN input passes its gradient, as PyTorch's threshold_backward)
 
 
 class Abs(Function):

@@ -459,8 +459,9 @@ class Tensor:
         if chunks < 1:
             raise ValueError(f"chunk: chunks must be at least 1, got {chunks}")
         n = self.shape[dim]
-        step = max(-(-n // chunks), 1)
-        return self.split(step, dim)
+        if n == 0:  # PyTorch: `chunks` empty pieces
+            return tuple(self for _ in range(chunks))
+        return self.split(-(-n // chunks), dim)
 
     def split(self, size, dim=0):
         """Pieces along dim: of `size` each (the last maybe smaller), or of the sizes in a list."""

@@ -307,3 +307,15 @@ def test_normalize_gradient_at_a_zero_or_tiny_vector_matches_pytorch(p):
     np.testing.assert_allclose(y.data, ty.detach().numpy(), rtol=1e-12)
     assert np.isfinite(x.grad).all()
     np.testing.assert_allclose(x.grad, t.grad.numpy(), rtol=1e-9)
+
+
+def test_nan_and_inf_edges_match_pytorch():
+    """relu passes a NaN input its gradient; softmax of a row holding +inf is all NaN (not [nan, 0])."""
+    a = np.array([np.nan, 1.0, -1.0])
+    x, t = core.Tensor(a, requires_grad=True), torch.tensor(a, requires_grad=True)
+    x.relu().sum().backward()
+    t.relu().sum().backward()
+    np.testing.assert_array_equal(x.grad, t.grad.numpy())
+    for row in ([np.inf, 0.0], [-np.inf, 0.0], [-np.inf, -np.inf]):
+        np.testing.assert_array_equal(F.softmax(core.tensor(np.array(row)), 0).data,
+                                      torch.softmax(torch.tensor(row), 0).numpy())

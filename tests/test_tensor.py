@@ -406,3 +406,9 @@ def test_sort_topk_cumsum_match_pytorch(dim):
     _against_torch(distinct, lambda x: x.cumsum(dim), lambda t: t.cumsum(dim), with_index=False)
     with pytest.raises(ValueError, match="topk: k = 7"):
         core.zeros(3, 6).topk(7)
+
+
+def test_chunk_of_an_empty_dim_gives_chunks_pieces():
+    for chunks in (1, 2, 3):
+        assert [p.shape for p in core.zeros(0, 3).chunk(chunks, 0)] == [tuple(p.shape)
+                                                                       for p in torch.zeros(0, 3).chunk(chunks, 0)]
