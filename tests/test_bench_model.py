@@ -53,10 +53,11 @@ def _row(case, impl, ms, **kw):
 
 
 def test_targets_arithmetic():
-    report = {"results": [_row("train step GPT x", "cpu", 30.0, ratio_to_torch=1.5),
-                          _row("train step GPT x", "torch", 20.0),
-                          _row("generate 256 tokens GPT", "kv-cache", 100.0),
-                          _row("generate 256 tokens GPT", "no-cache", 450.0),
+    step, generate = model.case_names(model.STEP, model.GENERATE)
+    report = {"results": [_row(step, "cpu", 30.0, ratio_to_torch=1.5),
+                          _row(step, "torch", 20.0),
+                          _row(generate, "kv-cache", 100.0),
+                          _row(generate, "no-cache", 450.0),
                           _row("bpe encode corpus val text", "cold-cache", 500.0,
                                params=dict(tokens=1000, chars=4000))]}
     checks = {c["field"]: c for c in model.targets(report)}
@@ -83,4 +84,5 @@ def test_quick_model_bench_end_to_end(tmp_path, capsys, monkeypatch):
     step = next(r for r in report["results"] if r["impl"] == "cpu" and r["case"].startswith("train"))
     assert step["ratio_to_torch"] == pytest.approx(step["median_ms"] / step["torch_ms"])
     fields = {c["field"]: c["verdict"] for c in report["targets"] if c["family"] == "model"}
-    assert set(fields) == {"ratio_to_torch", "speed-up"} and "not measured" not in fields.values()
+    # the targets name the full sizes: a --quick run's tiny ones give no verdict (they gave "met" and "missed")
+    assert fields == {"ratio_to_torch": "not measured", "speed-up": "not measured"}

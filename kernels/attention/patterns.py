@@ -135,15 +135,21 @@ class Causal(Pattern):
         return k <= q
 
 
+def _count(name, value, least):
+    """`value` as an int ≥ least, or a ValueError naming it: a float or a bool is not rounded into a count (2.5
+    would silently change which keys are visible)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < least:
+        raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+    return int(value)
+
+
 class _Image(Pattern):
     """Shared part of DALL·E's patterns: T text tokens, then a W×W image grid in raster order."""
 
     kind = NONE
 
     def __init__(self, text_len, width, r=0):
-        if text_len < 0 or width < 1:
-            raise ValueError(f"need text_len >= 0 and width >= 1, got {text_len}, {width}")
-        self.text_len, self.width = int(text_len), int(width)
+        self.text_len, self.width = _count("text_len", text_len, 0), _count("width", width, 1)
         self.params = (self.kind, self.text_len, self.width, int(r), 0)
 
     def __repr__(self):
@@ -182,7 +188,7 @@ class Conv(_Image):
     kind = CONV
 
     def __init__(self, text_len, width, kernel):
-        if kernel < 1 or kernel % 2 == 0:
+        if _count("kernel", kernel, 1) % 2 == 0:
             raise ValueError(f"kernel must be odd and positive, got {kernel}")
         self.kernel = int(kernel)
         super().__init__(text_len, width, r=kernel // 2)
@@ -201,9 +207,7 @@ class PrefixLM(Pattern):
     """ERNIE-ViLG's prefix LM: keys k < P are visible to every query, later keys only causally."""
 
     def __init__(self, prefix_len):
-        if prefix_len < 0:
-            raise ValueError(f"prefix_len must be >= 0, got {prefix_len}")
-        self.prefix_len = int(prefix_len)
+        self.prefix_len = _count("prefix_len", prefix_len, 0)
         self.params = (PREFIX, 0, 1, 0, self.prefix_len)
 
     def _mask(self, q, k):

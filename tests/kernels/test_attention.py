@@ -519,3 +519,15 @@ def test_cuda_tc_form_routes_the_backward(monkeypatch):
     got = attention.attention_backward(q, k, v, out, lse, do, scale=0.5, causal=True, form="cuda_tc")
     assert got == "grads" and all(a is b for a, b in zip(seen["args"], (q, k, v, out, lse, do)))
     assert seen["kw"] == dict(scale=0.5, mask=None, causal=True, pattern=None)
+
+
+def test_pattern_arguments_must_be_counts():
+    """A float or a bool is refused, not rounded into a count (PrefixLM(2.5) would see 2 prefix keys)."""
+    for make in (lambda: Conv(text_len=0, width=3, kernel=2.5), lambda: PrefixLM(prefix_len=2.5),
+                 lambda: Row(text_len=1.7, width=2), lambda: Row(text_len=float("nan"), width=2),
+                 lambda: Conv(text_len=0, width=3, kernel=True), lambda: Column(text_len=-1, width=2)):
+        with pytest.raises(ValueError, match="must be an int >="):
+            make()
+    with pytest.raises(ValueError, match="odd"):
+        Conv(text_len=0, width=3, kernel=4)
+    assert Row(text_len=np.int64(3), width=4).text_len == 3
