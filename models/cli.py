@@ -18,6 +18,7 @@ Exit codes: 0 success, 1 a check failed (or a requirement is missing), 2 bad arg
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import sys
@@ -172,6 +173,36 @@ def _positive_float(text):
     return x
 
 
+def _probability(text):
+    p = float(text)
+    if not 0 < p <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return p
+
+
+def _finite_float(text):
+    x = float(text)
+    if not math.isfinite(x):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return x
+
+
+def _check_out(path, what="--out"):
+    """A file path that is not a folder, its folder made if missing (as the image grids' always was): checked
+    before the work, not after it."""
+    import os
+
+    from models.registry import UsageError
+
+    if os.path.isdir(path):
+        raise UsageError(f"{what} {path} is a directory; give a file path")
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"{what} {path}: cannot make the directory {folder} ({e.strerror})") from None
+
+
 def _key_value(text):
     """KEY=VALUE with VALUE parsed as JSON when it can be (numbers, true/false, null), else a string."""
     key, sep, value = text.partition("=")
@@ -195,8 +226,9 @@ def _load(args):
     from models.train import read_checkpoint
 
     module = registry.get(args.model)
-    if not os.path.exists(args.ckpt):
-        raise registry.UsageError(f"--ckpt {args.ckpt}: no such file")
+    if not os.path.isfile(args.ckpt):
+        raise registry.UsageError(f"--ckpt {args.ckpt}: no such file" + (" (a directory)" if os.path.isdir(args.ckpt)
+                                                                           else ""))
     saved = read_checkpoint(args.ckpt)["model"]
     if saved != args.model:
         raise registry.UsageError(f"--ckpt {args.ckpt} holds a {saved!r} model, not {args.model!r}")
@@ -247,7 +279,9 @@ def _train(args) -> int:
     from models import registry
 
     module = registry.get(args.model)
-    overrides = dict(args.overrides, steps=args.steps, seed=args.seed, batch_size=args.batch_size, lr=args.lr)
+    flags = dict(steps=args.steps, seed=args.seed, batch_size=args.batch_size, lr=args.lr)
+    overrides = dict(args.overrides, **{k: v for k, v in flags.items() if v is not None})  # (unset flags: --set's)
+    _check_out(args.out)
     try:
         cfg = registry.config(module, args.data, **overrides)
     except (TypeError, ValueError) as e:
@@ -272,7 +306,7 @@ def _add_sample(sub):
     p.add_argument("--ckpt", required=True, metavar="PATH", help="checkpoint written by t2i train")
     p.add_argument("--n", type=_positive_int, default=64, metavar="N", help="number of samples (default: 64)")
     p.add_argument("--label", type=_non_negative_int, metavar="K", help="class of every sample (conditional models)")
-    p.add_argument("--guidance", type=float, metavar="W", help="classifier-free guidance weight w (diffusion): "
+    p.add_argument("--guidance", type=_finite_float, metavar="W", help="classifier-free guidance weight w (diffusion): "
                    "(1+w)·ε(x,c) − w·ε(x), so w = 0 is the plain conditional model")
     p.add_argument("--steps", type=_positive_int, metavar="N", help="sampling steps (diffusion)")
     p.add_argument("--seed", type=_non_negative_int, default=0, metavar="S", help="seed of the noise (default: 0)")
@@ -280,12 +314,14 @@ def _add_sample(sub):
     p.add_argument("--max-new-tokens", type=_positive_int, metavar="N", help="tokens to generate (gpt)")
     p.add_argument("--temperature", type=_positive_float, metavar="T", help="softmax temperature (gpt)")
     p.add_argument("--top-k", type=_positive_int, metavar="K", help="sample among the K likeliest tokens (gpt)")
-    p.add_argument("--top-p", type=_positive_float, metavar="P", help="nucleus sampling mass in (0, 1] (gpt)")
+    p.add_argument("--top-p", type=_probability, metavar="P", help="nucleus sampling mass in (0, 1] (gpt)")
     p.add_argument("--nrow", type=_positive_int, metavar="K", help="images per row (default: about √n)")
     p.add_argument("-o", "--output", metavar="PATH", help="where to write the grid (PNG; required for images)")
     p.set_defaults(run=_usage_errors(_sample), parser=p)
 
 
+_TEXT_MODELS = ("gpt", "bert")  # their samples are text; every other model's an image grid
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 _SAMPLE_OPTIONS = ("label", "guidance", "steps", "prompt", "max_new_tokens", "temperature", "top_k", "top_p")
 
 
@@ -294,7 +330,16 @@ def _sample(args) -> int:
     from models.train import limit_threads, save_grid
 
     module, model, cfg = _load(args)
+    if args.output:
+        _check_out(args.output, "-o")
+        if args.model not in _TEXT_MODELS and not args.output.lower().endswith(_IMAGE_SUFFIXES):
+            raise UsageError(f"-o {args.output}: {args.model} draws an image grid, which needs an image file name "
+                             "(grid.png)")
     options = {k: getattr(args, k) for k in _SAMPLE_OPTIONS if getattr(args, k) is not None}
+    nrow = args.nrow or math.ceil(math.sqrt(args.n))
+    pairs = "nrow" in inspect.signature(module.sample).parameters  # a tokenizer: originals above reconstructions
+    if pairs:
+        options["nrow"] = nrow
     try:
         with limit_threads(1):
             out = module.sample(model, cfg, args.n, seed=args.seed, **options)
@@ -312,8 +357,9 @@ def _sample(args) -> int:
         return 0
     if not args.output:
         raise UsageError(f"{args.model} draws images: give -o grid.png")
-    save_grid(out, args.output, nrow=args.nrow or math.ceil(math.sqrt(args.n)))
-    print(f"{len(out)} images of {args.model} ({cfg.data}) -> {args.output}")
+    save_grid(out, args.output, nrow=nrow)
+    what = "originals above their reconstructions" if pairs else "images"
+    print(f"{args.n} {what} of {args.model} ({cfg.data}) -> {args.output}")
     return 0
 
 

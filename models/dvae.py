@@ -305,9 +305,9 @@ def load(path):
 # --- sampling and evaluation ----------------------------------------------------------------------
 
 
-def sample(model, cfg, n, *, seed=0, **options):
+def sample(model, cfg, n, *, seed=0, nrow=None, **options):
     """n test images above their reconstructions from argmax codes (the tokenizers' shared layout)."""
-    return tok.sample(model, cfg, n, seed=seed, **options)
+    return tok.sample(model, cfg, n, seed=seed, nrow=nrow, **options)
 
 
 def relaxed_reconstruction(model, x, tau, *, seed=0, batch_size=256):

@@ -101,8 +101,26 @@ def config(module, data=None, **overrides):
     if unknown:
         raise UsageError(f"{module.__name__}.Config has no field(s) {', '.join(unknown)}; "
                          f"fields: {', '.join(sorted(fields))}")
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    defaults = {f.name: f.default for f in dataclasses.fields(module.Config)}
+    values.update({k: _coerce(module, k, v, defaults[k]) for k, v in overrides.items() if v is not None})
     return module.Config(**values)
+
+
+def _coerce(module, name, value, default):
+    """An override in the type of the field's default: "False"/"true" (text from --set) for a bool, an int for
+    a float, a list for a tuple; anything else of another type is a UsageError (a "False" string would be a true
+    flag)."""
+    kind = type(default)
+    if default is None or default is dataclasses.MISSING or isinstance(value, kind) and not (
+            isinstance(value, bool) and kind is not bool):
+        return value
+    if kind is bool and isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is tuple and isinstance(value, list):
+        return tuple(value)
+    raise UsageError(f"{module.__name__}.Config.{name} is a {kind.__name__} (default {default!r}), got {value!r}")
 
 
 def from_dict(cls, d):

@@ -265,10 +265,10 @@ def reconstruction_figures(model, cfg, *, seed=0, n=None):
     return result
 
 
-def sample(model, cfg, n, *, seed=0, **options):
-    """n held-out originals and their reconstructions as one (m, C, H, W) array: with k = ceil(√n) images
-    per row, each row of k originals is followed by the row of their k reconstructions (the last row pair
-    padded with gray). The originals are a random pick of the test split by `seed`."""
+def sample(model, cfg, n, *, seed=0, nrow=None, **options):
+    """n held-out originals and their reconstructions as one (m, C, H, W) array: with k = nrow (default
+    ceil(√n)) images per row, each row of k originals is followed by the row of their k reconstructions (the
+    last row pair padded with gray). The originals are a random pick of the test split by `seed`."""
     if options:
         raise UsageError(f"{type(model).__name__.lower()}: a tokenizer's sample shows reconstructions of "
                          f"test images; {', '.join('--' + k.replace('_', '-') for k in options)} do(es) not apply")
@@ -277,7 +277,7 @@ def sample(model, cfg, n, *, seed=0, **options):
     x, _ = loop.dataset(cfg.data, cfg.resolution, "test")
     x = x[np.random.default_rng(seed).choice(len(x), size=n, replace=n > len(x))]
     rec = model.reconstruct(x)
-    k = math.ceil(math.sqrt(n))
+    k = nrow or math.ceil(math.sqrt(n))
     pad = (-n) % k
     blank = np.zeros((pad, *x.shape[1:]), np.float32)
     x, rec = np.concatenate([x, blank]), np.concatenate([rec, blank])

@@ -172,6 +172,8 @@ def _fit(cfg, out, *, model, optimizer, step, data, ema, scheduler, resume, prog
     from tqdm import tqdm
 
     every = every or getattr(cfg, "checkpoint_every", 500)
+    if every < 1:
+        raise UsageError(f"checkpoint_every must be >= 1, got {every}")
     name = name or type(model).__module__.rsplit(".", 1)[-1]
     meta = {"model": name, "config": config_dict(cfg), "history": {"step": []}}
     start = 0
@@ -188,6 +190,9 @@ def _fit(cfg, out, *, model, optimizer, step, data, ema, scheduler, resume, prog
         fresh = scheduler.state_dict() if scheduler is not None else None
         info = serialize.load_checkpoint(out, model, optimizer, scheduler=scheduler, ema=ema)
         start, meta["history"] = info["step"], info["extra"]["history"]
+        if start > cfg.steps:
+            raise UsageError(f"{out} has already trained {start} steps, more than the {cfg.steps} asked for; give "
+                             "--steps of at least that, or a new --out")
         if scheduler is not None and saved["config"].get("steps") != cfg.steps:  # a longer (or shorter) run
             scheduler.load_state_dict({k: v for k, v in fresh.items() if k not in ("last_epoch", "_last_lr")})
             scheduler.last_epoch -= 1

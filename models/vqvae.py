@@ -238,10 +238,10 @@ def load(path):
 # --- sampling and evaluation ----------------------------------------------------------------------
 
 
-def sample(model, cfg, n, *, seed=0, **options):
+def sample(model, cfg, n, *, seed=0, nrow=None, **options):
     """n held-out test images and their reconstructions decode(encode(x)), a row of originals above each
     row of reconstructions (`models.tokenizers.sample`); a tokenizer takes no sampling options."""
-    return tok.sample(model, cfg, n, seed=seed, **options)
+    return tok.sample(model, cfg, n, seed=seed, nrow=nrow, **options)
 
 
 def evaluate(model, cfg, *, seed=0):

@@ -93,6 +93,9 @@ def test_sample_layout_rows_of_originals_above_reconstructions():
     for bad in ({"label": 1}, {"guidance": 2.0}, {"steps": 3}, {"temperature": 1.0}):
         with pytest.raises(UsageError, match="do\\(es\\) not apply"):
             tk.sample(m, _Cfg(), 4, **bad)
+    wide = tk.sample(m, _Cfg(), 4, seed=3, nrow=3)  # t2i sample --nrow 3: [o0 o1 o2][r0 r1 r2][o3 - -][r3 - -]
+    assert wide.shape == (12, 3, 32, 32)
+    np.testing.assert_array_equal(wide[[3, 4, 5, 9]], m.reconstruct(wide[[0, 1, 2, 6]]))
 
 
 class _Cfg:

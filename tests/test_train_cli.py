@@ -175,6 +175,12 @@ def test_cli_train_sample_eval_in_process(tmp_path, capsys):
     (["train", "gan"], "--out"),
     (["sample", "gan", "--ckpt", "/nonexistent.safetensors", "-o", "x.png"], "no such file"),
     (["eval", "gan"], "--ckpt"),
+    (["train", "gan", "--set", "conditional=maybe", "--out", "x"], "Config.conditional is a bool"),
+    (["train", "gan", "--out", "/proc/nonexistent-dir/x.safetensors"], "cannot make the directory"),
+    (["train", "gan", "--out", "/"], "is a directory"),
+    (["sample", "gan", "--ckpt", "/", "-o", "x.png"], "no such file (a directory)"),
+    (["sample", "gpt", "--ckpt", "x", "--top-p", "5"], "must be in (0, 1]"),
+    (["sample", "ddpm", "--ckpt", "x", "--guidance", "nan"], "must be a finite number"),
 ])
 def test_bad_arguments_exit_2_with_a_message(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -189,7 +195,8 @@ def test_sample_arguments_the_model_does_not_take_exit_2(tmp_path, capsys):
     png = ["-o", str(tmp_path / "s.png")]
     for extra, message in [(["--guidance", "3", *png], "guidance"), (["--label", "11", *png], "label must be in 0..9"),
                            (["--prompt", "a red", *png], "gan does not take --prompt"),
-                           ([], "gan draws images: give -o")]:
+                           ([], "gan draws images: give -o"),
+                           (["-o", str(tmp_path / "grid.txt")], "needs an image file name")]:
         with pytest.raises(SystemExit) as e:
             cli.main(["sample", "gan", "--ckpt", ckpt, *extra])
         assert e.value.code == 2 and message in capsys.readouterr().err
@@ -204,3 +211,29 @@ def test_every_command_has_help(capsys):
         with pytest.raises(SystemExit) as e:
             cli.main([cmd, "--help"])
         assert e.value.code == 0 and "MODEL" in capsys.readouterr().out
+
+
+def test_set_and_flags_combine_and_bools_parse(tmp_path, capsys):
+    """--set steps=… counts unless --steps is given (unset flags erased it); --set conditional=False is False
+    (the string "False" was a true flag); checkpoint_every=0 and a shorter --steps than done are refused."""
+    ckpt = str(tmp_path / "g.safetensors")
+    tiny = [a for a in TINY_GAN if a not in ("--steps", "2")]
+    assert cli.main(["train", "gan", *tiny, "--set", "steps=1", "--set", "conditional=False", "--out", ckpt,
+                     "--quiet"]) == 0
+    saved = loop.read_checkpoint(ckpt)
+    assert saved["config"]["steps"] == 1 and saved["config"]["conditional"] is False
+    assert not any(k.startswith("G.embed") for k in saved["weights"])
+    capsys.readouterr()
+    assert cli.main(["train", "gan", *tiny, "--set", "steps=9", "--steps", "2", "--set", "conditional=false",
+                     "--out", str(tmp_path / "h.safetensors"), "--quiet"]) == 0
+    assert "steps 0->2" in capsys.readouterr().out  # the flag wins over --set
+    fresh, done = str(tmp_path / "fresh.safetensors"), str(tmp_path / "h.safetensors")
+    for out, extra, message in [(fresh, ["--set", "checkpoint_every=0"], "checkpoint_every must be >= 1"),
+                                (done, ["--steps", "1"], "has already trained 2 steps, more than the 1 asked for")]:
+        with pytest.raises(SystemExit) as e:
+            cli.main(["train", "gan", *tiny, "--set", "conditional=false", *extra, "--out", out, "--quiet"])
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not os.path.exists(fresh)
+    nested = str(tmp_path / "new" / "dir" / "g.safetensors")  # a missing folder is made, before training
+    assert cli.main(["train", "gan", *tiny, "--set", "steps=1", "--out", nested, "--quiet"]) == 0
+    assert os.path.isfile(nested)
