@@ -66,6 +66,22 @@ def _var(d):
     return [x], {"dim": dim, "correction": d.int(0, min(2, n - 1)), "keepdim": d.bool()}
 
 
+def _along(d, min_dims=1):
+    """An array and one of its dims (negative or not): for ops along a dim (cumsum, sort, topk)."""
+    x = d.array(d.shape(min_dims, 3))
+    return x, d.int(-x.ndim, x.ndim - 1)
+
+
+def _sort(d):
+    x, dim = _along(d)
+    return [x], {"dim": dim, "descending": d.bool()}
+
+
+def _topk(d):
+    x, dim = _along(d)
+    return [x], {"k": d.int(0, x.shape[dim]), "dim": dim, "largest": d.bool()}
+
+
 def _regroup(d, shape):
     """A new shape with the same number of elements: adjacent dims merged, 1s inserted, one -1."""
     out = []
@@ -402,6 +418,15 @@ _REDUCE = [
     Case("var", lambda lib, F, a, dim, correction, keepdim: a.var(dim, correction=correction, keepdim=keepdim), _var),
     Case("var_default", lambda lib, F, a: a.var() + a.var(0), lambda d: [d.array(d.shape(1, 3, min_side=2))]),
     Case("std", lambda lib, F, a, dim, correction, keepdim: a.std(dim, correction=correction, keepdim=keepdim), _var),
+    Case("var_unbiased", lambda lib, F, a, dim, correction, keepdim: a.var(dim, correction == 1, keepdim), _var),
+    Case("cumsum", lambda lib, F, a, dim: a.cumsum(dim), lambda d: (lambda x, dim: ([x], {"dim": dim}))(*_along(d))),
+    # random floats have no ties, where PyTorch's sort and topk leave the order of equals unspecified
+    Case("sort", lambda lib, F, a, dim, descending: a.sort(dim=dim, descending=descending).values, _sort),
+    Case("sort_indices", lambda lib, F, a, dim, descending: a.sort(dim=dim, descending=descending).indices, _sort,
+         grad=False),
+    Case("topk", lambda lib, F, a, k, dim, largest: a.topk(k, dim=dim, largest=largest).values, _topk),
+    Case("topk_indices", lambda lib, F, a, k, dim, largest: a.topk(k, dim=dim, largest=largest).indices, _topk,
+         grad=False),
     # dim=() means every dim in PyTorch's reductions (not "no dim"). var/std are left out: PyTorch
     # 2.13 computes their value over all dims but returns an infinite gradient for dim=().
     Case("reduce_empty_dim", lambda lib, F, a: a.sum(dim=()) + a.mean(dim=()) + a.amax(dim=()) * a.amin(dim=()),
