@@ -201,8 +201,9 @@ def cases(backend, *, quick=False, full=False) -> list[Case]:
     widths = [4] if quick else [16, 24, 32] + ([48, 64] if full else [])
     for W in widths:
         n = T + W * W
+        kernel = 3 if quick else 11
         patterns = [("causal", None), ("row", Row(T, W)), ("column", Column(T, W)),
-                    ("conv11", Conv(T, W, kernel=3 if quick else 11))]
+                    (f"conv{kernel}", Conv(T, W, kernel=kernel))]
         for label, pattern in patterns:
             out.append(_case(backend, f"fwd+bwd {label} T={T} {W}x{W} (N={n})", B, H, n, D, pattern, True,
                              reference=n <= (64 if quick else 640), core=False,

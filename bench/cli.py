@@ -14,6 +14,7 @@ import argparse
 import gc
 import importlib
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -34,6 +35,13 @@ def _positive_int(text):
     return n
 
 
+def _seconds(text):
+    x = float(text)
+    if not (x >= 0 and math.isfinite(x)):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds >= 0, got {text}")
+    return x
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Declare `t2i bench`'s arguments on p."""
     p.add_argument("families", nargs="*", metavar="family",
@@ -47,7 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=_positive_int, default=None, metavar="R",
                    help="timed calls per measurement after one warm-up (default: 5; 2 with --quick), and more, up to "
                         f"{MAX_REPEATS}, until they take --min-time seconds")
-    p.add_argument("--min-time", type=float, default=None, metavar="S",
+    p.add_argument("--min-time", type=_seconds, default=None, metavar="S",
                    help=f"seconds of timed calls a measurement takes at least (default: {MIN_TIME_S}; 0 with --quick)")
     p.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
     p.add_argument("--markdown", action="store_true", help="print the table as Markdown (for the README)")
@@ -60,6 +68,12 @@ def run(args) -> int:
     unknown = [f for f in args.families if f not in FAMILIES]
     if unknown:
         print(f"unknown family {', '.join(unknown)}; known: {', '.join(FAMILIES)}", file=sys.stderr)
+        return 2
+    out_dir = args.out or RESULTS_DIR
+    try:  # before any measuring: a bad --out would otherwise lose the run at its end
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        print(f"t2i bench --out {out_dir}: {e.strerror}", file=sys.stderr)
         return 2
     openmp = passive_openmp()
     families = list(dict.fromkeys(args.families)) or list(FAMILIES)
@@ -74,8 +88,6 @@ def run(args) -> int:
     report = run_benchmarks(backend, families, threads=threads, quick=args.quick, full=args.full, repeats=repeats,
                             min_time_s=min_time_s, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     report["settings"]["openmp"] = openmp
-    out_dir = args.out or RESULTS_DIR
-    out_dir.mkdir(parents=True, exist_ok=True)
     stem = result_stem(args.device, report["machine"]["date"][:10], families, args.quick, args.full)
     json_path = out_dir / f"{stem}.json"
     from bench.plot import plot_report
@@ -169,6 +181,12 @@ def run_benchmarks(backend, families, *, threads, quick=False, full=False, repea
             status[family] = f"unavailable: {e}"
             results.append({"family": family, "case": "*", "impl": "*", "status": "unavailable", "reason": str(e)})
             log(f"{family}: unavailable ({e})")
+            continue
+        except Exception as e:  # a broken family is reported, the run goes on (as for a broken implementation)
+            reason = f"{type(e).__name__}: {e}"
+            status[family] = f"error: {reason}"
+            results.append({"family": family, "case": "*", "impl": "*", "status": "error", "reason": reason})
+            log(f"{family}: error ({reason})")
             continue
         status[family] = "ok"
         for case in cases:

@@ -299,7 +299,7 @@ def _try_import(name):
         return None
 
 
-_BLAS_LIMITS = []  # keeps the threadpoolctl limiter alive (it lifts the limit when collected)
+_BLAS_LIMITS = []  # the latest threadpoolctl limiter (kept for its restore_original_limits)
 
 
 def pin_threads(n: int) -> dict:
@@ -315,8 +315,8 @@ def pin_threads(n: int) -> dict:
     if torch is not None:
         torch.set_num_threads(n)
     tpc = _try_import("threadpoolctl")
-    if tpc is not None and not _BLAS_LIMITS:
-        _BLAS_LIMITS.append(tpc.threadpool_limits(limits=n))
+    if tpc is not None:  # every call: a BLAS loaded since (SciPy's, when Numba first compiles np.dot) is pinned too
+        _BLAS_LIMITS[:] = [tpc.threadpool_limits(limits=n)]
     return {"numba": numba.get_num_threads(), "torch": torch.get_num_threads() if torch else None}
 
 

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -403,6 +404,46 @@ def test_gpu_sweep_runs_through_on_a_fake_gpu(monkeypatch, capsys):
     assert sum(line.startswith("gumbel     cuda_vec") for line in lines) == 2 * len(sweep.GUMBEL_THREADS)
 
 
+def test_a_broken_family_is_reported_and_the_run_goes_on(monkeypatch, tmp_path, capsys):
+    def broken(*args, **kwargs):
+        raise RuntimeError("cases exploded")
+
+    monkeypatch.setattr(gumbel, "cases", broken)
+    monkeypatch.setattr(schedule, "cases", lambda backend, quick, full: [])
+    code = main(["bench", "gumbel", "schedule", "--quick", "--repeats", "1", "--json", "--out", str(tmp_path)])
+    report = json.loads(capsys.readouterr().out)
+    assert report["families"] == {"gumbel": "error: RuntimeError: cases exploded", "schedule": "ok"}
+    assert code == 1  # an error was reported
+
+
+def test_bad_out_and_min_time_are_refused_before_measuring(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "run_benchmarks", lambda *a, **k: pytest.fail("measured before checking --out"))
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    assert main(["bench", "schedule", "--quick", "--out", str(afile / "sub")]) == 2
+    assert "t2i bench --out" in capsys.readouterr().err
+    for bad in ("inf", "nan", "-1"):
+        with pytest.raises(SystemExit) as e:
+            main(["bench", "--quick", "--min-time", bad, "--out", str(tmp_path)])
+        assert e.value.code == 2 and "finite number of seconds" in capsys.readouterr().err
+
+
+def test_pin_threads_pins_a_blas_loaded_after_the_first_call():
+    """SciPy's OpenBLAS (Numba's np.dot) is loaded after the run's first pin_threads: later calls pin it too. In a
+    fresh process, so that it is not loaded yet."""
+    import subprocess
+
+    pytest.importorskip("threadpoolctl")
+    code = ("import threadpoolctl\nimport numpy as np\nfrom bench import harness\nharness.pin_threads(1)\n"
+            "import scipy.linalg\nscipy.linalg.blas.dgemm(1.0, np.ones((2, 2)), np.ones((2, 2)))\n"
+            "harness.pin_threads(1)\n"
+            "print(sorted({p['num_threads'] for p in threadpoolctl.threadpool_info() if p['user_api'] == 'blas'}))")
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")}  # the libraries' own defaults
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env,
+                         cwd=Path(__file__).resolve().parents[1]).stdout
+    assert out.strip() == "[1]", out
+
+
 def test_bad_family_is_refused(capsys):
     assert main(["bench", "nonsense"]) == 2
     assert "unknown family" in capsys.readouterr().err
@@ -412,7 +453,6 @@ def test_gpu_check_script_parses():
     """bench/gpu_check.sh runs only on a lent GPU machine, where a syntax error would cost a whole device session."""
     import shutil
     import subprocess
-    from pathlib import Path
 
     bash = shutil.which("bash")
     if bash is None:
