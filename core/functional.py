@@ -41,12 +41,7 @@ from .tensor import Tensor
 # --- helpers ------------------------------------------------------------------------------------
 
 
-def _dim(op, dim, ndim):
-    """A PyTorch dim (negative allowed) as a non-negative axis; a 0-d tensor has the one axis 0."""
-    n = max(ndim, 1)
-    if not isinstance(dim, (int, np.integer)) or not -n <= dim < n:
-        raise IndexError(f"{op}: dim {dim!r} is out of range for a tensor of {ndim} dimensions")
-    return int(dim) % n
+_dim = ops._dim  # a PyTorch dim as an axis, or PyTorch's IndexError
 
 
 def _reduce(op, loss, reduction):

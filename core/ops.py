@@ -73,11 +73,13 @@ def _promote_all(out, arrays):
     return out if out.dtype == want else out.astype(want)
 
 
-def _dim_index(name, dim, ndim):
-    """dim as an axis in [0, ndim), or PyTorch's IndexError (not a silent wrap-around)."""
-    if not -ndim <= dim < ndim:
-        raise IndexError(f"{name}: dim {dim} out of range (expected one in [{-ndim}, {ndim - 1}])")
-    return dim % ndim
+def _dim(op, dim, ndim):
+    """A PyTorch dim (negative allowed) as a non-negative axis; a 0-d tensor has the one axis 0. Out of range:
+    PyTorch's IndexError, not a silent wrap-around."""
+    n = max(ndim, 1)
+    if not isinstance(dim, (int, np.integer)) or not -n <= dim < n:
+        raise IndexError(f"{op}: dim {dim!r} is out of range for a tensor of {ndim} dimensions")
+    return int(dim) % n
 
 
 def _binary(name, f, a, b):
@@ -583,7 +585,7 @@ class Gather(Function):
 class CumSum(Function):
     @staticmethod
     def forward(ctx, a, dim):
-        ctx.d = _dim_index("cumsum", dim, max(a.ndim, 1))
+        ctx.d = _dim("cumsum", dim, a.ndim)
         return np.cumsum(a, axis=ctx.d) if a.ndim else a.copy()
 
     @staticmethod
@@ -699,6 +701,19 @@ def _no_repeats(index):
     return len(masks) == 1 and not others
 
 
+def _is_int_key(p):
+    return isinstance(p, (int, np.integer)) and not isinstance(p, (bool, np.bool_))
+
+
+def _is_array_key(p):
+    return isinstance(p, np.ndarray) and p.ndim > 0
+
+
+def _key_width(p):
+    """The dimensions a part of an index key consumes: a bool array its ndim, None none, anything else one."""
+    return p.ndim if _is_array_key(p) and p.dtype == np.bool_ else (0 if p is None else 1)
+
+
 def _ints_first(index, ndim):
     """For a key that mixes integers with index arrays: (the key with each array as full slices, the arrays' key
     into that result); None for any other key.
@@ -707,21 +722,18 @@ def _ints_first(index, ndim):
     shape (5, 2). NumPy counts the integer as one more advanced index, which the slice separates from the list,
     and puts the advanced dimension first: (2, 5). Indexing in these two steps gives PyTorch's result."""
     parts = index if isinstance(index, tuple) else (index,)
-    is_int = lambda p: isinstance(p, (int, np.integer)) and not isinstance(p, (bool, np.bool_))  # noqa: E731
-    is_array = lambda p: isinstance(p, np.ndarray) and p.ndim > 0  # noqa: E731
-    if not (any(map(is_int, parts)) and any(map(is_array, parts))):
+    if not (any(map(_is_int_key, parts)) and any(map(_is_array_key, parts))):
         return None
-    width = lambda p: p.ndim if is_array(p) and p.dtype == np.bool_ else (0 if p is None else 1)  # noqa: E731
     if any(p is Ellipsis for p in parts):
         i = next(k for k, p in enumerate(parts) if p is Ellipsis)
-        fill = max(ndim - sum(width(p) for p in parts if p is not Ellipsis), 0)
+        fill = max(ndim - sum(_key_width(p) for p in parts if p is not Ellipsis), 0)
         parts = parts[:i] + (slice(None),) * fill + parts[i + 1 :]
     basic, arrays = [], []
     for p in parts:
-        if is_int(p):
+        if _is_int_key(p):
             basic.append(p)
-        elif is_array(p):  # its dims stay, for the second step
-            basic += [slice(None)] * width(p)
+        elif _is_array_key(p):  # its dims stay, for the second step
+            basic += [slice(None)] * _key_width(p)
             arrays.append(p)
         else:  # a slice or None: one dimension of the first step's result
             basic.append(p)
@@ -774,7 +786,7 @@ class Cat(Function):
         nd = arrays[0].ndim
         if nd == 0:
             raise ValueError("cat: zero-dimensional tensors cannot be concatenated (use stack)")
-        d = _dim_index("cat", dim, nd)
+        d = _dim("cat", dim, nd)
         for x in arrays:
             if x.ndim != nd or x.shape[:d] + x.shape[d + 1 :] != arrays[0].shape[:d] + arrays[0].shape[d + 1 :]:
                 raise ValueError(f"cat: shapes {[y.shape for y in arrays]} do not match outside dim {dim}")
@@ -799,7 +811,7 @@ class Stack(Function):
             raise ValueError("stack: expected a non-empty list of tensors")
         if len({x.shape for x in arrays}) != 1:
             raise ValueError(f"stack: all tensors must have the same shape, got {[x.shape for x in arrays]}")
-        ctx.d = _dim_index("stack", dim, arrays[0].ndim + 1)
+        ctx.d = _dim("stack", dim, arrays[0].ndim + 1)
         return _promote_all(np.stack(arrays, axis=ctx.d), arrays)
 
     @staticmethod

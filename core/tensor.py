@@ -400,9 +400,9 @@ class Tensor:
         return ops.Permute.apply(self, _dims(dims))
 
     def transpose(self, dim0, dim1):
-        for d in (dim0, dim1):
-            if not -max(self.ndim, 1) <= d < max(self.ndim, 1):
-                raise IndexError(f"transpose: dim {d} out of range for a tensor of {self.ndim} dimensions")
+        dim0, dim1 = ops._dim("transpose", dim0, self.ndim), ops._dim("transpose", dim1, self.ndim)
+        if self.ndim == 0:
+            return ops.Permute.apply(self, ())
         order = list(range(self.ndim))
         order[dim0], order[dim1] = order[dim1], order[dim0]
         return ops.Permute.apply(self, tuple(order))
@@ -425,10 +425,7 @@ class Tensor:
     def flatten(self, start_dim=0, end_dim=-1):
         if self.ndim == 0:
             return self.reshape(1)
-        for d in (start_dim, end_dim):
-            if not -self.ndim <= d < self.ndim:
-                raise IndexError(f"flatten: dim {d} out of range for a tensor of {self.ndim} dimensions")
-        s, e = start_dim % self.ndim, end_dim % self.ndim
+        s, e = ops._dim("flatten", start_dim, self.ndim), ops._dim("flatten", end_dim, self.ndim)
         if s > e:
             raise RuntimeError(f"flatten: start_dim {start_dim} cannot come after end_dim {end_dim}")
         return self.reshape(self.shape[:s] + (-1,) + self.shape[e + 1 :])
