@@ -257,33 +257,22 @@ def _expand(v, x):
     return np.asarray(v).reshape((-1,) + (1,) * (x.ndim - 1))
 
 
-def _noise(x, seed, noise):
-    """The Gaussian noise of an update: given, or drawn from Philox for (seed, flat index) in x's dtype."""
-    if (seed is None) == (noise is None):
-        raise ValueError("pass exactly one of seed= and noise=")
-    if noise is not None:
-        noise = np.asarray(noise)
-        if noise.shape != x.shape:
-            raise ValueError(f"noise shape {noise.shape} != x shape {x.shape}")
-        return noise
-    return philox.normal_like(seed, np.arange(x.size), x.dtype).reshape(x.shape)
+def _inputs(x, e, seed, noise, clip_x0, want_noise, out):
+    """An update's arguments checked as the compiled forms check them (check_update: one of seed= and noise=,
+    shapes, out; the dtype, clip_x0), and its Gaussian noise: given, or drawn from Philox for (seed, flat index)
+    in x's dtype. Returns (x, e, z, out, z_out) — out and z_out the buffers of the result and of ε (q_sample)."""
+    x = np.asarray(x)
+    check_float(x)
+    check_clip(clip_x0)
+    e, z, out, z_out = check_update(x, e, seed, noise, want_noise, out)
+    if z is None:
+        z = philox.normal_like(seed, np.arange(x.size), x.dtype).reshape(x.shape)
+    return x, e, z, out, z_out
 
 
 # ---------------------------------------------------------------------------------------------------------
 # The updates
 # ---------------------------------------------------------------------------------------------------------
-def _step_inputs(x_t, eps_hat, noise, clip_x0, out):
-    """A step's x_t and ε̂ as arrays, checked as the compiled forms check them (dtype, ε̂'s shape, clip_x0, out)."""
-    x_t, eps_hat = np.asarray(x_t), np.asarray(eps_hat)
-    check_float(x_t)
-    if eps_hat.shape != x_t.shape:
-        raise ValueError(f"eps_hat shape {eps_hat.shape} != x shape {x_t.shape}")
-    check_clip(clip_x0)
-    if out is not None:
-        check_out(out, x_t, same_ok=(x_t, eps_hat, None if noise is None else np.asarray(noise)))
-    return x_t, eps_hat
-
-
 def _scaled_noise(sigma, z):
     """σ·z, and 0 where σ = 0 whatever z holds there: a sample that adds no noise does not read it (a NaN stays out),
     as in the compiled forms."""
@@ -296,18 +285,12 @@ def q_sample(x0, t, sched: Schedule, *, seed=None, noise=None, out=None):
     Returns (x_t, ε) — the noise is the regression target of L_simple, so the training step needs it back — into
     out=(x_t, ε) when given.
     """
-    x0 = np.asarray(x0)
-    check_float(x0)
+    x0, _, eps, out, eps_out = _inputs(x0, None, seed, noise, None, True, out)
     t = per_sample_t(t, x0, sched.T)
-    eps = _noise(x0, seed, noise)
-    if out is not None:
-        out = out_pair(out, x0, eps if noise is not None else None)
     a = _expand(sched.sqrt_alphas_cumprod[t], x0)
     s = _expand(sched.sqrt_one_minus_alphas_cumprod[t], x0)
     xt = (a * x0 + s * eps).astype(x0.dtype)
-    if out is None:
-        return xt, eps
-    return _store(out[0], xt), _store(out[1], eps)
+    return _store(out, xt), _store(eps_out, eps)
 
 
 def predict_x0(x_t, eps_hat, ab, clip_x0=None):
@@ -327,9 +310,8 @@ def ddpm_step(x_t, eps_hat, t, sched: Schedule, *, seed=None, noise=None, clip_x
     σ_t² = β̃_t (variance="posterior", the lower bound of §3.2) or β_t (variance="beta", the upper bound).
     Written into out (which may be x_t itself) when given.
     """
-    x_t, eps_hat = _step_inputs(x_t, eps_hat, noise, clip_x0, out)
+    x_t, eps_hat, z, out, _ = _inputs(x_t, eps_hat, seed, noise, clip_x0, False, out)
     t = per_sample_t(t, x_t, sched.T)
-    z = _noise(x_t, seed, noise)
     if variance == "posterior":
         var = sched.posterior_variance[t]
     elif variance == "beta":
@@ -355,10 +337,9 @@ def ddim_step(x_t, eps_hat, t, t_prev, sched: Schedule, eta: float = 0.0, *, see
     (strided sampling), be −1 (land on x_0), or, with η = 0, exceed t (DDIM inversion, x_t → x_{t_next}).
     Written into out (which may be x_t itself) when given.
     """
-    x_t, eps_hat = _step_inputs(x_t, eps_hat, noise, clip_x0, out)
+    x_t, eps_hat, z, out, _ = _inputs(x_t, eps_hat, seed, noise, clip_x0, False, out)
     t = per_sample_t(t, x_t, sched.T)
     t_prev = per_sample_t(t_prev, x_t, sched.T, lowest=-1, name="t_prev")
-    z = _noise(x_t, seed, noise)
     ab, ab_prev = sched.alpha_bar(t), sched.alpha_bar(t_prev)
     sigma = ddim_sigma(sched, t, t_prev, eta)
     x0 = predict_x0(x_t, eps_hat, _expand(ab, x_t), clip_x0)
