@@ -166,41 +166,21 @@ _MODELS = ("gan", "vae", "glow", "ddpm", "gpt", "bert", "vit", "clip", "vqvae", 
 _DATASETS = ("digits", "shapes", "text")
 
 
-def _positive_float(text):
-    x = float(text)
-    if not (x > 0 and math.isfinite(x)):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return x
+def _float_where(ok, what):
+    """An argparse type: a finite float x with ok(x), else the message "must be <what>"."""
+
+    def parse(text):
+        x = float(text)
+        if not (math.isfinite(x) and ok(x)):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return x
+
+    return parse
 
 
-def _probability(text):
-    p = float(text)
-    if not 0 < p <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return p
-
-
-def _finite_float(text):
-    x = float(text)
-    if not math.isfinite(x):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-    return x
-
-
-def _check_out(path, what="--out"):
-    """A file path that is not a folder, its folder made if missing (as the image grids' always was): checked
-    before the work, not after it."""
-    import os
-
-    from models.registry import UsageError
-
-    if os.path.isdir(path):
-        raise UsageError(f"{what} {path} is a directory; give a file path")
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"{what} {path}: cannot make the directory {folder} ({e.strerror})") from None
+_positive_float = _float_where(lambda x: x > 0, "a positive number")
+_probability = _float_where(lambda x: x <= 1 and x > 0, "in (0, 1]")
+_finite_float = _float_where(lambda x: True, "a finite number")
 
 
 def _key_value(text):
@@ -281,7 +261,9 @@ def _train(args) -> int:
     module = registry.get(args.model)
     flags = dict(steps=args.steps, seed=args.seed, batch_size=args.batch_size, lr=args.lr)
     overrides = dict(args.overrides, **{k: v for k, v in flags.items() if v is not None})  # (unset flags: --set's)
-    _check_out(args.out)
+    from models.train import check_out_path
+
+    check_out_path(args.out)
     try:
         cfg = registry.config(module, args.data, **overrides)
     except (TypeError, ValueError) as e:
@@ -327,11 +309,11 @@ _SAMPLE_OPTIONS = ("label", "guidance", "steps", "prompt", "max_new_tokens", "te
 
 def _sample(args) -> int:
     from models.registry import UsageError
-    from models.train import limit_threads, save_grid
+    from models.train import check_out_path, limit_threads, save_grid
 
     module, model, cfg = _load(args)
     if args.output:
-        _check_out(args.output, "-o")
+        check_out_path(args.output, "-o")
         if args.model not in _TEXT_MODELS and not args.output.lower().endswith(_IMAGE_SUFFIXES):
             raise UsageError(f"-o {args.output}: {args.model} draws an image grid, which needs an image file name "
                              "(grid.png)")

@@ -311,6 +311,18 @@ def _num(v):
 # --- images ---------------------------------------------------------------------------------------
 
 
+def check_out_path(path, what="--out"):
+    """A file path that is not a folder, its folder made if missing (as save_grid's is): checked before a run's
+    work, not after it (a bad path lost a whole training run)."""
+    if os.path.isdir(path):
+        raise UsageError(f"{what} {path} is a directory; give a file path")
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"{what} {path}: cannot make the directory {folder} ({e.strerror})") from None
+
+
 def save_grid(images, path, nrow=8, *, scale=None, pad=1):
     """Write images (N, C, H, W) in [-1, 1] (C = 1 or 3) as one PNG grid with `nrow` images per row,
     `pad` pixels of mid-gray between them, each pixel enlarged `scale` times (default: to about 64 pixels
