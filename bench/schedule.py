@@ -13,8 +13,9 @@ the peak does. Every call to the first takes new memory — arrays this large ar
 system faults in and zeroes each page (4 KiB) on first touch, a write pass the kernel does not make —; the second
 is the kernel's own bandwidth, which the fraction-of-copy target reads.
 
-On a GPU our kernel runs in two forms: `cuda` (numba.cuda, the default for CuPy arrays) and `cuda_vec` (CUDA C++ with
-128-bit loads and stores, kernels/schedule/cuda_vec.py), so that one run measures the one against the other.
+On a GPU our kernel runs in two forms: `cuda`, the default for float32 CuPy arrays (CUDA C++ with 128-bit loads and
+stores, kernels/schedule/cuda_vec.py), and `cuda_numba` (numba.cuda, kernels/schedule/cuda.py, the form for other
+dtypes), so that one run measures the one against the other.
 
 On a CPU one more case, `normal draw`, times the noise alone: our kernel's Philox normals written into a buffer made
 once (`kernels.schedule.cpu.draw`, the ε that q_sample returns, drawn chunk by chunk as the updates draw it) against
@@ -37,7 +38,7 @@ FAMILY = "schedule"
 OPS = ("q_sample", "ddpm_step", "ddim_step")
 T_STEPS = 1000
 OUT_BUFFERS = "cpu-out"  # our CPU kernel writing into buffers made once (out=)
-CUDA_VEC = "cuda_vec"  # on a GPU, the CUDA C++ form beside the numba.cuda one
+CUDA_NUMBA = "cuda_numba"  # on a GPU, the numba.cuda form (form="cuda") beside the default, cuda_vec
 
 
 def nbytes_moved(shape, itemsize=4):
@@ -149,8 +150,8 @@ def cases(backend, *, quick=False, full=False) -> list[Case]:
             impls = [Impl(backend.ours, _ours(backend, op, shape, None))]
             if backend.device == "cpu":  # (on a GPU CuPy's memory pool hands the same memory back: no difference)
                 impls.append(Impl(OUT_BUFFERS, _ours(backend, op, shape, None, into_buffers=True)))
-            else:  # the CUDA C++ form with 128-bit loads (kernels/schedule/cuda_vec.py), against numba.cuda's
-                impls.append(Impl(CUDA_VEC, _ours(backend, op, shape, CUDA_VEC)))
+            else:  # numba.cuda's form, against the default (the CUDA C++ one with 128-bit loads)
+                impls.append(Impl(CUDA_NUMBA, _ours(backend, op, shape, "cuda")))
             if backend.device == "cpu" and side <= ref_cap:
                 impls.append(Impl("reference", _ours(backend, op, shape, "reference")))
             impls.append(Impl(TORCH, _torch(backend, op, shape)))

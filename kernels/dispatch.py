@@ -40,10 +40,16 @@ def sm_count() -> int:
     return cupy.cuda.Device().attributes["MultiProcessorCount"]
 
 
+def default_form(a) -> str:
+    """The form an array goes to when none is named: cpu for NumPy arrays, cuda for CuPy arrays (a family may send
+    some CuPy arrays on to a faster form of its own, as schedule and gumbel do float32 ones to cuda_vec)."""
+    return "cuda" if _is_cupy(a) else "cpu"
+
+
 def form_module(family: str, form, a):
-    """The module `kernels.<family>.<form>`; form None means cpu for NumPy arrays and cuda for CuPy arrays."""
+    """The module `kernels.<family>.<form>`; form None means `default_form(a)`."""
     if form is None:
-        form = "cuda" if _is_cupy(a) else "cpu"
+        form = default_form(a)
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
     return importlib.import_module(f"kernels.{family}.{form}")

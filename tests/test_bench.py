@@ -331,8 +331,8 @@ def test_cuda_cases_are_built_without_a_gpu():
             assert not {"reference", "core", "cpu"} & set(names)
             assert case.work > 0
     assert any(c.name.startswith("fwd causal fp16") for c in attention.cases(fake, quick=True))
-    assert all(schedule.CUDA_VEC in [i.name for i in c.impls] for c in schedule.cases(fake, quick=True))
-    assert all("cuda_vec" in [i.name for i in c.impls] for c in gumbel.cases(fake, quick=True))
+    assert all(schedule.CUDA_NUMBA in [i.name for i in c.impls] for c in schedule.cases(fake, quick=True))
+    assert all("cuda_numba" in [i.name for i in c.impls] for c in gumbel.cases(fake, quick=True))
 
 
 def test_gpu_sweep_includes_the_default_launch():

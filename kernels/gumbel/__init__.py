@@ -1,10 +1,12 @@
 """Fused Gumbel-softmax: noise, temperature, softmax and the optional hard one-hot in one pass, and its backward.
 
 Three forms with one signature — `reference` (NumPy, the spec), `cpu` (Numba, parallel over rows), `cuda`
-(numba.cuda, one block per row) — picked by array type (NumPy → cpu, CuPy → cuda) or by
+(numba.cuda, one block per row) — picked by array type (NumPy → cpu, CuPy → cuda or cuda_vec below) or by
 `form="reference" | "cpu" | "cuda"` (the cuda form also runs on NumPy arrays under the CUDA simulator).
 `form="cuda_vec"` is a fourth forward, for float32 CuPy rows of up to 8192 values (a multiple of 4): CUDA C++ holding
-each row in registers (cuda_vec.py), not yet measured on a GPU against cuda.py.
+each row in registers (cuda_vec.py) — the default for the rows it takes, because a GPU measured it faster: 16384×8192
+on an H200, calls queued back to back, 0.72 ms against numba.cuda's 1.05 ms and PyTorch's 1.91 ms
+(bench/results/cuda-2026-11-26-1506-gumbel-schedule.json).
 """
 
 from __future__ import annotations
@@ -16,17 +18,18 @@ from .. import dispatch
 FORMS = (*dispatch.FORMS, "cuda_vec")
 
 
-def _form(form, x):
-    if form == "cuda_vec":
+def _form(form, x, dim=-1):
+    if form == "cuda_vec" or (form is None and dispatch.default_form(x) == "cuda"):
         from . import cuda_vec
 
-        return cuda_vec
+        if form == "cuda_vec" or cuda_vec.takes(x, dim):
+            return cuda_vec
     return dispatch.form_module("gumbel", form, x)
 
 
 def gumbel_softmax_forward(logits, tau=1.0, hard=False, *, seed=None, noise=None, dim=-1, form=None):
     """y ~ Gumbel-softmax(logits, τ) along dim, noise from Philox(seed) or given; returns (y, y_soft)."""
-    return _form(form, logits).gumbel_softmax_forward(logits, tau, hard, seed=seed, noise=noise, dim=dim)
+    return _form(form, logits, dim).gumbel_softmax_forward(logits, tau, hard, seed=seed, noise=noise, dim=dim)
 
 
 def gumbel_softmax_backward(grad_y, y_soft, tau=1.0, *, dim=-1, form=None):

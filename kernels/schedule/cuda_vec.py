@@ -8,8 +8,8 @@ within an ulp or two: the GPU fuses multiply-adds), same arithmetic as cuda.py; 
 to form="cuda"). Compiled on first use by NVRTC through a CuPy RawModule; importing this module needs neither CuPy
 nor a GPU. `launch_args` builds a launch that the tests also run through a CPU build of the same source.
 
-Not the default form for CuPy arrays until a GPU has measured it against cuda.py (`t2i bench schedule --device
-cuda` times both).
+The default form for float32 CuPy arrays (kernels/schedule/__init__.py): a GPU measured it faster than cuda.py
+(`t2i bench schedule --device cuda` times both).
 """
 
 from __future__ import annotations
@@ -30,8 +30,11 @@ SOURCE = Path(__file__).with_name("fused_update.cu")
 # the kernel's instances (has_e, seeded, write_z): q_sample drawing or given its noise, a step drawing or not
 INSTANCES = ((False, True, True), (False, False, False), (True, True, False), (True, False, False))
 THREADS = 256  # fused_update.cu's __launch_bounds__
-WAVES = 4  # blocks of the grid per SM, at most; the grid-stride loop takes the rest
-UNROLL = 1  # Philox blocks a thread takes per trip (fused_update.cu's FU_UNROLL; bench.sweep_cuda_vec times 2)
+# Blocks of the grid per SM, at most; the grid-stride loop takes the rest. From `python -m bench.sweep_cuda_vec` on an
+# H200 (bench/results/cuda-2026-11-26-1456-all.log): 32 was the best or within noise of it for all three updates
+# (q_sample / DDPM / DDIM 89.5% / 90.9% / 98.3% of copy, against 88.0% / 81.3% / 95.2% at 4).
+WAVES = 32
+UNROLL = 1  # Philox blocks a thread per trip (fused_update.cu's FU_UNROLL): 2 measured no faster on the H200
 
 
 def source() -> str:

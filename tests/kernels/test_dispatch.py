@@ -119,3 +119,60 @@ def test_the_driver_gets_pointers_to_each_value(monkeypatch):
     fmts = dispatch.slots(argtypes)
     got = [struct.unpack("<" + f, b)[0] for f, b in zip(fmts, seen["slots"])]
     assert got == want
+
+
+class _CupyLike(np.ndarray):
+    """A NumPy array whose type says it is CuPy's: all the dispatcher reads to pick a GPU form."""
+
+
+_CupyLike.__module__ = "cupy._like"
+
+
+def _gpu_array(shape, dtype=np.float32):
+    return np.zeros(shape, dtype).view(_CupyLike)
+
+
+def test_float32_cupy_arrays_default_to_the_cuda_cxx_schedule_kernel():
+    """cuda_vec is the measured-faster default for float32 CuPy arrays; other dtypes and NumPy arrays keep theirs."""
+    from kernels import schedule
+    from kernels.schedule import cpu, cuda_vec
+
+    assert dispatch.default_form(_gpu_array(3)) == "cuda" and dispatch.default_form(np.zeros(3)) == "cpu"
+    assert schedule._form(None, _gpu_array((2, 3))) is cuda_vec
+    assert schedule._form(None, _gpu_array((2, 3), np.float64)) is schedule_cuda
+    assert schedule._form("cuda", _gpu_array((2, 3))) is schedule_cuda  # a named form is kept
+    assert schedule._form(None, np.zeros((2, 3), np.float32)) is cpu
+
+
+def test_gumbel_rows_cuda_vec_takes_default_to_it():
+    """The C++ forward is the default for the float32 rows it takes (a multiple of 4, at most MAX_ROW); the rest
+    go to numba.cuda, which reports a bad dim itself."""
+    from kernels import gumbel
+    from kernels.gumbel import cpu, cuda_vec
+
+    assert gumbel._form(None, _gpu_array((2, 8))) is cuda_vec
+    assert gumbel._form(None, _gpu_array((2, cuda_vec.MAX_ROW))) is cuda_vec
+    assert gumbel._form(None, _gpu_array((8, 2)), 0) is cuda_vec
+    too_long = (1, cuda_vec.MAX_ROW + 4)
+    for shape, dim in (((2, 8), 0), ((2, 6), -1), (too_long, -1), ((2, 8), 2), ((2, 8), 1.0), ((), -1)):
+        assert gumbel._form(None, _gpu_array(shape), dim) is gumbel_cuda, (shape, dim)
+    assert gumbel._form(None, _gpu_array((2, 8), np.float64)) is gumbel_cuda
+    assert gumbel._form(None, np.zeros((2, 8), np.float32)) is cpu
+    assert gumbel._form("cuda", _gpu_array((2, 8))) is gumbel_cuda
+
+
+@pytest.mark.gpu
+def test_default_forms_on_gpu_are_cuda_vec_for_float32(cupy):
+    """On a GPU, the default call on float32 CuPy arrays gives what form="cuda_vec" gives, bit for bit."""
+    from kernels import gumbel, schedule
+    from kernels.schedule.reference import Schedule
+
+    x = cupy.asarray(np.random.default_rng(0).standard_normal((4, 3, 8, 8), dtype=np.float32))
+    t, sched = np.array([1, 10, 100, 999]), Schedule.linear(1000)
+    default, vec = (schedule.q_sample(x, t, sched, seed=3, form=form) for form in (None, "cuda_vec"))
+    for got, want in zip(default, vec):
+        assert bool((got == want).all())
+    logits = x.reshape(12, 64)
+    for got, want in zip(gumbel.gumbel_softmax_forward(logits, 0.7, True, seed=3),
+                         gumbel.gumbel_softmax_forward(logits, 0.7, True, seed=3, form="cuda_vec")):
+        assert bool((got == want).all())

@@ -223,20 +223,23 @@ def test_benchmark_helper_runs():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_cuda_equals_reference_on_gpu(cupy, dtype):
-    """On a real GPU with CuPy arrays: rows longer than the block, several rows per block, dim ≠ −1, hard and soft."""
+    """On a real GPU with CuPy arrays, the numba.cuda form (float32 rows it takes default to cuda_vec, tested in
+    test_gumbel_vec.py): rows longer than the block, several rows per block, dim ≠ −1, hard and soft."""
     rng = np.random.default_rng(0)
     for shape, dim in (((64, 1000), -1), ((5, 7, 300), 1), ((1, 100_003), -1), ((9000, 3), -1)):
         logits = (rng.standard_normal(shape) * 3).astype(dtype)
         for hard in (False, True):
             for kw in (dict(seed=123), dict(noise=rng.gumbel(size=shape).astype(dtype))):
                 dkw = {k: cupy.asarray(v) if k == "noise" else v for k, v in kw.items()}
-                y, y_soft = gumbel.gumbel_softmax_forward(cupy.asarray(logits), 0.5, hard, dim=dim, **dkw)
+                y, y_soft = gumbel.gumbel_softmax_forward(cupy.asarray(logits), 0.5, hard, dim=dim, form="cuda",
+                                                          **dkw)
                 y_ref, y_soft_ref = ref.gumbel_softmax_forward(logits, 0.5, hard, dim=dim, **kw)
                 np.testing.assert_allclose(cupy.asnumpy(y_soft), y_soft_ref, **TOL[dtype])
                 if hard:
                     np.testing.assert_array_equal(cupy.asnumpy(y), y_ref)
                 grad = rng.standard_normal(shape).astype(dtype)
-                got = gumbel.gumbel_softmax_backward(cupy.asarray(grad), cupy.asarray(y_soft_ref), 0.5, dim=dim)
+                got = gumbel.gumbel_softmax_backward(cupy.asarray(grad), cupy.asarray(y_soft_ref), 0.5, dim=dim,
+                                                     form="cuda")
                 np.testing.assert_allclose(cupy.asnumpy(got), ref.gumbel_softmax_backward(grad, y_soft_ref, 0.5,
                                                                                           dim=dim), **TOL[dtype])
     # the same seed draws the same noise on the device as the reference on the host. float64: the device's log may

@@ -352,7 +352,8 @@ def test_draw_refuses_what_it_cannot_fill():
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("sched", [LINEAR, COSINE], ids=["linear", "cosine"])
 def test_cuda_equals_reference_on_gpu(cupy, dtype, sched):
-    """On a real GPU with CuPy arrays: every update, drawn noise and given noise, clipping and both variances."""
+    """On a real GPU with CuPy arrays, the numba.cuda form (float32 arrays default to cuda_vec, tested in
+    test_schedule_vec.py): every update, drawn noise and given noise, clipping and both variances."""
     rng = np.random.default_rng(1)
     shape = (16, 3, 33, 31)
     x, e, z = ((rng.standard_normal(shape) * 1.5).astype(dtype) for _ in range(3))
@@ -361,15 +362,17 @@ def test_cuda_equals_reference_on_gpu(cupy, dtype, sched):
     xd, ed = cupy.asarray(x), cupy.asarray(e)
     tol = TOL[dtype]
     for kw, dkw in ((dict(seed=7), dict(seed=7)), (dict(noise=z), dict(noise=cupy.asarray(z)))):
-        for got, want in zip(schedule.q_sample(xd, t, sched, **dkw), ref.q_sample(x, t, sched, **kw)):
+        for got, want in zip(schedule.q_sample(xd, t, sched, form="cuda", **dkw), ref.q_sample(x, t, sched, **kw)):
             assert isinstance(got, cupy.ndarray) and got.dtype == dtype
             np.testing.assert_allclose(cupy.asnumpy(got), want, **tol)
         for clip in (None, 1.0):
             for var in ("posterior", "beta"):
                 np.testing.assert_allclose(
-                    cupy.asnumpy(schedule.ddpm_step(xd, ed, t, sched, clip_x0=clip, variance=var, **dkw)),
+                    cupy.asnumpy(schedule.ddpm_step(xd, ed, t, sched, clip_x0=clip, variance=var, form="cuda",
+                                                    **dkw)),
                     ref.ddpm_step(x, e, t, sched, clip_x0=clip, variance=var, **kw), **tol)
             for eta in (0.0, 1.0):
                 np.testing.assert_allclose(
-                    cupy.asnumpy(schedule.ddim_step(xd, ed, t, t_prev, sched, eta, clip_x0=clip, **dkw)),
+                    cupy.asnumpy(schedule.ddim_step(xd, ed, t, t_prev, sched, eta, clip_x0=clip, form="cuda",
+                                                    **dkw)),
                     ref.ddim_step(x, e, t, t_prev, sched, eta, clip_x0=clip, **kw), **tol)
