@@ -1,14 +1,14 @@
 """Launch shapes of the CUDA C++ kernels on a GPU: `python -m bench.sweep_cuda_vec` (needs a GPU and CuPy).
 
-kernels/schedule/cuda_vec.py launches fused_update.cu with 256 threads a block and at most 4 blocks per SM, each
-thread taking Philox block after Philox block (a grid-stride loop). Whether a thread's one float4 load per array in
-flight during its draw keeps HBM busy depends on how many threads there are: this times every update at
-64×3×1024×1024 float32 for grids of 1 … 32 blocks per SM and blocks of 128 and 256 threads (GPU time per call: 20
-calls queued between two CUDA events, as the bench's stream time), beside the numba.cuda form and a copy of the
-same bytes, each shape with the kernel compiled for one Philox block a thread per trip (the default) and for two
-(FU_UNROLL = 2: both blocks' loads in flight before the first draw), and checks that every shape gives the default
-launch's result bit for bit. It prints one line per shape: ms, GB/s and the fraction of the copy's GB/s — what to set
-cuda_vec.WAVES, UNROLL and the block size to.
+kernels/schedule/cuda_vec.py launches fused_update.cu with 256 threads a block and at most WAVES blocks per SM (32,
+set from this sweep on an H200), each thread taking Philox block after Philox block (a grid-stride loop). Whether a
+thread's one float4 load per array in flight during its draw keeps HBM busy depends on how many threads there are:
+this times every update at 64×3×1024×1024 float32 for grids of 1 … 32 blocks per SM and blocks of 128 and 256 threads
+(GPU time per call: 20 calls queued between two CUDA events, as the bench's stream time), beside the numba.cuda form
+(printed by its form name, `cuda`) and a copy of the same bytes, each shape with the kernel compiled for one Philox
+block a thread per trip (the default) and for two (FU_UNROLL = 2: both blocks' loads in flight before the first draw),
+and checks that every shape gives the default launch's result bit for bit. It prints one line per shape: ms, GB/s and
+the fraction of the copy's GB/s — what to set cuda_vec.WAVES, UNROLL and the block size to.
 
 Then the Gumbel-softmax forward (kernels/gumbel/softmax_rows.cu) at 16384×8192 float32, seeded, soft, as the bench
 times it: one block a row, compiled for blocks of 256 (the default: 8 float4 chunks of the row a thread), 512 (4)
