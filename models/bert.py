@@ -183,6 +183,11 @@ def mask_tokens(ids, sp, rng, prob=0.15, replace=(0.8, 0.1)):
     max(1, round(prob · n)) of its n ordinary (non-special) tokens are chosen uniformly; a chosen token
     becomes [MASK] with probability replace[0], a uniformly random ordinary token with replace[1], and stays
     itself otherwise. labels holds the original token at the chosen positions and IGNORE elsewhere."""
+    if not 0 < prob <= 1:  # above 1, k would exceed n and the specials' keys would be chosen too
+        raise ValueError(f"mask_tokens: prob must be in (0, 1], got {prob}")
+    if len(replace) != 2 or min(replace) < 0 or sum(replace) > 1:
+        raise ValueError(f"mask_tokens: replace must be two probabilities ([MASK], random) summing to <= 1, "
+                         f"got {replace}")
     ids = np.asarray(ids)
     ordinary = ids < sp.ordinary
     n = ordinary.sum(1)

@@ -158,7 +158,8 @@ class CLIP(nn.Module):
         return F.normalize(self.text_projection(feats), dim=-1)
 
     def temperature_scale(self):
-        """exp(t), with t clipped at log(max_logit_scale) (§2.5); no gradient flows to t while clipped."""
+        """exp(t), with t clipped at log(max_logit_scale) (§2.5); no gradient flows to t while clipped, so
+        `train` also clips t's value after each step, which keeps it at the clip, not past it."""
         return self.logit_scale.clamp(max=math.log(self.cfg.max_logit_scale)).exp()
 
     def forward(self, images, texts):
@@ -302,6 +303,8 @@ def train(cfg, out, *, resume=True, progress=True):
         opt.zero_grad()
         loss.backward()
         opt.step()
+        t = model.logit_scale.data  # t itself is clipped (as OpenCLIP does), so it never dies above the clip
+        t[...] = t.clip(max=math.log(cfg.max_logit_scale))
         sched.step()
         return {"loss": loss.item(), "scale": model.temperature_scale().item()}
 

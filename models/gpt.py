@@ -141,6 +141,8 @@ class GPT(nn.Module):
         idx = np.array(idx.numpy() if isinstance(idx, core.Tensor) else idx, dtype=np.int64)
         if idx.ndim != 2 or idx.shape[1] < 1:
             raise ValueError(f"GPT.generate: idx must be (batch, time >= 1) token ids, got shape {idx.shape}")
+        if max_new_tokens < 0:
+            raise ValueError(f"GPT.generate: max_new_tokens must be >= 0, got {max_new_tokens}")
         gen = generator if generator is not None else core.random.default_generator
         training, cache = self.training, None
         self.eval()  # no dropout while generating; the mode is restored at the end
@@ -162,10 +164,10 @@ class GPT(nn.Module):
 
 def top_k_filter(logits, k):
     """logits (B, V) with every entry below the row's k-th largest set to −inf (ties with it are kept)."""
+    if k is not None and (isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1):
+        raise ValueError(f"top_k_filter: k must be an integer >= 1 (or None), got {k!r}")
     if k is None or k >= logits.shape[-1]:
         return logits
-    if k < 1:
-        raise ValueError(f"top_k_filter: k must be >= 1, got {k}")
     kth = np.partition(logits, -k, axis=-1)[:, [-k]]
     return np.where(logits < kth, -np.inf, logits)
 
@@ -193,11 +195,11 @@ def _softmax(z):
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """One token per row of logits (B, V): argmax when temperature is 0, else a draw from
     softmax(logits / temperature) after the top-k, then the top-p filter (int64 (B,))."""
-    if temperature < 0:
+    if not temperature >= 0:  # NaN too
         raise ValueError(f"sample_next: temperature must be >= 0, got {temperature}")
     logits = np.asarray(logits, dtype=np.float64)
-    if temperature == 0:
-        return logits.argmax(-1)
+    if temperature == 0:  # the filters keep the argmax; they run to check their arguments
+        return top_p_filter(top_k_filter(logits, top_k), top_p).argmax(-1)
     probs = _softmax(top_p_filter(top_k_filter(logits / temperature, top_k), top_p))
     u = (generator or core.random.default_generator).uniform((len(probs), 1))
     cdf = np.cumsum(probs, axis=-1)

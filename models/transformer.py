@@ -110,8 +110,8 @@ class SelfAttention(nn.Module):
                 attn_mask = core.tensor(visible)
             elif np.dtype(attn_mask.dtype) == np.bool_:
                 attn_mask = core.tensor(visible) & attn_mask
-            else:  # additive
-                attn_mask = attn_mask.masked_fill(core.tensor(~visible), float("-inf"))
+            else:  # additive: add −inf where hidden (broadcasts like the mask, e.g. (B, 1, 1, S) with (L, S))
+                attn_mask = attn_mask + core.tensor(np.where(visible, 0.0, -np.inf).astype(attn_mask.dtype))
             is_causal, pattern = False, None
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, pattern=pattern,
                                            dropout_p=self.dropout if self.training else 0.0)

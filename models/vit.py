@@ -96,6 +96,9 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(channels, dim, patch, stride=patch)  # weight.reshape(D, C·P·P) = Eᵀ
 
     def forward(self, x):
+        if x.shape[-2] % self.patch or x.shape[-1] % self.patch:  # a stride-P convolution would drop the rest
+            raise ValueError(f"PatchEmbed: image {x.shape[-2]}×{x.shape[-1]} is not a whole number of "
+                             f"{self.patch}×{self.patch} patches")
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
@@ -104,6 +107,8 @@ class ViT(nn.Module):
 
     def __init__(self, resolution, patch, channels, dim, depth, heads, mlp_ratio=4, dropout=0.0, num_classes=0):
         super().__init__()
+        if resolution % patch:
+            raise ValueError(f"ViT: resolution {resolution} must be a multiple of patch {patch}")
         self.resolution, self.channels = resolution, channels
         self.patch_embed = PatchEmbed(channels, patch, dim)
         n = (resolution // patch) ** 2

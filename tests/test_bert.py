@@ -173,6 +173,20 @@ def test_masking_statistics():
     assert np.all(inputs[labels != -100] == SP.mask)
 
 
+def test_masking_arguments_are_checked():
+    """prob > 1 asked for more tokens than a row's ordinary ones, and the k smallest keys then took [CLS] and
+    [SEP] as well; replace probabilities summing past 1 silently dropped the unchanged share."""
+    ids = np.array([[SP.cls, 1, 2, 3, 4, SP.sep, SP.pad, SP.pad]])
+    for prob in (1.5, 0.0, -0.1, float("nan")):
+        with pytest.raises(ValueError, match=rf"prob must be in \(0, 1\], got {prob}"):
+            bert.mask_tokens(ids, SP, np.random.default_rng(0), prob=prob)
+    for replace in ((0.9, 0.2), (1.1, -0.1), (0.8,)):
+        with pytest.raises(ValueError, match="replace must be two probabilities"):
+            bert.mask_tokens(ids, SP, np.random.default_rng(0), replace=replace)
+    inputs, labels = bert.mask_tokens(ids, SP, np.random.default_rng(0), prob=1.0)  # every ordinary token
+    np.testing.assert_array_equal(labels != -100, ids < SP.ordinary)
+
+
 def test_pairs_are_contiguous_or_from_another_document():
     # documents of unique ids: doc d holds ids 1000 d + k, in sentences of 3 tokens
     docs = [[list(range(1000 * d + s, 1000 * d + s + 3)) for s in range(0, 3 * (1 + d % 5), 3)] for d in range(30)]

@@ -88,6 +88,19 @@ def test_temperature_starts_at_one_over_0_07_and_is_clipped_at_100():
         tiny(init_temperature=0.001)
 
 
+def test_training_clips_t_itself_at_log_100(tmp_path, monkeypatch):
+    """With the clip only in the forward, a t pushed past log(100) gets no gradient ever after (a dead
+    parameter, frozen at the maximum); OpenCLIP clamps t's value after each step. A loss that rewards a
+    larger scale pushes t against the clip from log(99): it must stop at log(100), not pass it."""
+    loss = clip.clip_loss
+    monkeypatch.setattr(clip, "clip_loss", lambda logits: loss(logits) - 10 * logits.abs().mean())
+    path = str(tmp_path / "t.safetensors")
+    clip.train(tiny(steps=6, lr=0.02, init_temperature=1 / 99.0), path, progress=False)
+    m, _ = clip.load(path)
+    t = float(m.logit_scale.numpy())
+    assert math.log(99.0) < t <= float(np.float32(math.log(100.0)))
+
+
 def test_embeddings_are_unit_vectors_and_score_is_their_cosine_similarity():
     core.manual_seed(1)
     m = clip.build(tiny()).eval()

@@ -366,3 +366,22 @@ def test_top_p_of_one_keeps_every_token():
     point before the least likely tokens (probabilities below ~1e-16)."""
     logits = np.array([[0.0, -40.0, -50.0]])
     np.testing.assert_array_equal(gpt.top_p_filter(logits, 1.0), logits)
+
+
+def test_bad_sampling_arguments_are_errors_naming_the_argument():
+    """A NaN temperature, a fractional or boolean top_k and a negative max_new_tokens are errors (they used to
+    sample from NaN probabilities, fail inside np.partition, or return the prompt); the filters' arguments are
+    checked at temperature 0 (greedy) too, whose result they cannot change."""
+    logits = np.array([[0.5, 2.0, 1.0, 2.0]])
+    with pytest.raises(ValueError, match="temperature must be >= 0, got nan"):
+        gpt.sample_next(logits, temperature=float("nan"))
+    for k in (2.5, True, 0, -1):
+        with pytest.raises(ValueError, match=rf"k must be an integer >= 1 \(or None\), got {k!r}"):
+            gpt.sample_next(logits, temperature=1.0, top_k=k)
+        with pytest.raises(ValueError, match="k must be an integer"):
+            gpt.sample_next(logits, temperature=0, top_k=k)
+    with pytest.raises(ValueError, match="p must be in"):
+        gpt.sample_next(logits, temperature=0, top_p=0.0)
+    assert gpt.sample_next(logits, temperature=0, top_k=np.int64(1), top_p=0.1)[0] == 1  # the first of the tied maxima
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 0, got -1"):
+        model().generate(tokens((1, 2)), -1)

@@ -102,3 +102,23 @@ def test_cache_is_for_inference_and_checks_shapes():
     cache.update(0, np.zeros((1, 2, 3, 4)), np.zeros((1, 2, 3, 4)))
     with pytest.raises(ValueError, match="cannot append"):
         cache.update(0, np.zeros((2, 2, 1, 4)), np.zeros((2, 2, 1, 4)))
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_cached_forward_with_an_additive_padding_mask_and_a_pattern_equals_full_forward(dtype):
+    """An additive mask broadcast as (B, 1, 1, S) combines with the pattern's rows for a chunk of L > 1 new
+    queries, as the bool mask does."""
+    core.manual_seed(0)
+    model = Transformer(depth=2, dim=8, heads=2).double() if dtype == np.float64 else Transformer(2, 8, 2)
+    x = np.random.default_rng(0).standard_normal((2, 7, 8)).astype(dtype)
+    keep = np.arange(7)[None, :] != np.array([6, 3])[:, None]  # one hidden key per row
+    additive = np.where(keep, 0.0, -np.inf).astype(dtype)[:, None, None, :]
+    pattern = PrefixLM(prefix_len=2)
+    with core.no_grad():
+        full = model(core.tensor(x), attn_mask=core.tensor(additive), pattern=pattern).numpy()
+        cache, pieces = model.new_cache(), []
+        for lo, hi in ((0, 2), (2, 5), (5, 7)):
+            mask = core.tensor(additive[..., :hi])
+            pieces.append(model(core.tensor(x[:, lo:hi]), attn_mask=mask, pattern=pattern, cache=cache).numpy())
+    tol = 1e-10 if dtype == np.float64 else 1e-5
+    np.testing.assert_allclose(np.concatenate(pieces, axis=1), full, rtol=tol, atol=tol)

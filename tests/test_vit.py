@@ -191,3 +191,11 @@ def test_bar_digits(tmp_path):
     m, c = vit.load(str(tmp_path / "vit.safetensors"))
     fig = vit.evaluate(m, c)["figures"][0]
     assert fig["value"] >= 95.0
+
+
+def test_image_not_a_whole_number_of_patches_is_an_error():
+    """A 9×9 image in 2×2 patches: the stride-2 convolution would silently drop the last row and column."""
+    with pytest.raises(ValueError, match="ViT: resolution 9 must be a multiple of patch 2"):
+        vit.ViT(9, 2, 1, 16, 1, 2)
+    with pytest.raises(ValueError, match=r"PatchEmbed: image 9×8 is not a whole number of 2×2 patches"):
+        vit.PatchEmbed(1, 2, 4)(core.randn(1, 1, 9, 8))
