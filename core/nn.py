@@ -15,6 +15,7 @@ import itertools
 import math
 import types
 from collections import OrderedDict, namedtuple
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -308,15 +309,41 @@ class Module:
             out[prefix + key] = t if keep_vars else t.detach()
         return out
 
+    def _unexpected_keys(self, state_dict):
+        """The keys no module claims, listed module by module in load order, as PyTorch lists them."""
+        out = []
+        for prefix, mod in self.named_modules(remove_duplicate=False):
+            dot = prefix + "." if prefix else ""
+            own = {k for k, t in itertools.chain(mod._parameters.items(), mod._buffers.items())
+                   if t is not None and k not in mod._non_persistent_buffers_set}
+            for key in state_dict:
+                if key.startswith(dot):
+                    head, *rest = key[len(dot):].split(".", 1)
+                    if head not in (mod._modules if rest else own):
+                        out.append(key)
+        return out
+
+    def _optional_keys(self, state_dict):
+        """Keys that may be absent: a BatchNorm's num_batches_tracked, unless the state_dict's metadata says it
+        was saved after PyTorch added it (version 2); its current value is then kept, as in PyTorch."""
+        meta = getattr(state_dict, "_metadata", None) or {}
+        return {prefix + ("." if prefix else "") + "num_batches_tracked"
+                for prefix, mod in self.named_modules(remove_duplicate=False)
+                if isinstance(mod, BatchNorm2d) and mod.track_running_stats
+                and (meta.get(prefix, {}).get("version") or 0) < 2}
+
     def load_state_dict(self, state_dict, strict=True):
         """Copy values (Tensors or ndarrays) into the parameters and buffers, keeping the module's dtypes.
 
         Shape mismatches are always an error; missing and unexpected keys are an error when strict.
         Nothing is copied unless everything checks out. Returns (missing_keys, unexpected_keys).
         """
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"Expected state_dict to be dict-like, got {type(state_dict)}.")
         own = OrderedDict(self._state_items())
-        missing = [k for k in own if k not in state_dict]
-        unexpected = [k for k in state_dict if k not in own]
+        optional = self._optional_keys(state_dict)
+        missing = [k for k in own if k not in state_dict and k not in optional]
+        unexpected = self._unexpected_keys(state_dict)
         values, errors = {}, []
         for key, t in own.items():
             if key not in state_dict:
@@ -505,6 +532,31 @@ class Sequential(Module):
             self.append(m)
         return self
 
+    def insert(self, index, module):
+        """Insert a module before index (-len ≤ index ≤ len); the keys are renumbered 0..n."""
+        if not isinstance(module, Module):
+            raise TypeError(f"Sequential.insert: module should be a Module, got {type(module).__name__}")
+        n = len(self)
+        if not -n <= index <= n:
+            raise IndexError(f"Sequential.insert: index {index} is out of range for length {n}")
+        mods = list(self._modules.values())
+        mods.insert(index, module)
+        self._modules.clear()
+        for i, m in enumerate(mods):
+            self._modules[str(i)] = m
+        return self
+
+    def pop(self, key):
+        """Remove the module at index key and return it (the rest are renumbered)."""
+        m = self[key]
+        del self[key]
+        return m
+
+    def __add__(self, other):
+        if not isinstance(other, Sequential):
+            raise ValueError(f"add operator supports only objects of Sequential class, but {type(other)} is given.")
+        return Sequential(*self, *other)
+
     def forward(self, input):  # noqa: A002 - PyTorch's name
         x = input
         for m in self:
@@ -549,6 +601,15 @@ class ModuleList(Module):
 
     def __iadd__(self, modules):
         return self.extend(modules)
+
+    def __add__(self, other):
+        return ModuleList(list(self) + list(other))
+
+    def pop(self, key):
+        """Remove the module at index key and return it (the rest are renumbered)."""
+        m = self[key]
+        del self[key]
+        return m
 
     def append(self, module):
         """Add a module at the end, under the next index."""
@@ -625,6 +686,10 @@ class ModuleDict(Module):
         del self[key]
         return m
 
+    def clear(self):
+        """Remove every module."""
+        self._modules.clear()
+
     def update(self, modules):
         """Add (name, module) pairs from a dict or an iterable of pairs."""
         items = modules.items() if hasattr(modules, "items") else modules
@@ -680,32 +745,87 @@ class Linear(Module):
 class Embedding(Module):
     """A lookup table: row i of `weight` (num_embeddings, embedding_dim) for each index i; init N(0, 1).
 
-    The row at padding_idx starts at zero and gets no gradient.
+    The row at padding_idx starts at zero and gets no gradient. With max_norm, each row looked up
+    whose norm_type-norm exceeds max_norm is first rescaled in place to norm max_norm (as PyTorch's
+    embedding_renorm_). _weight gives the initial table (shared, not copied; what from_pretrained uses).
     """
 
-    def __init__(self, num_embeddings, embedding_dim, padding_idx=None, device=None, dtype=None):
+    def __init__(self, num_embeddings, embedding_dim, padding_idx=None, max_norm=None, norm_type=2.0,
+                 scale_grad_by_freq=False, sparse=False, _weight=None, _freeze=False, device=None, dtype=None):
         super().__init__()
         if padding_idx is not None:
             if not -num_embeddings <= padding_idx < num_embeddings:
                 raise ValueError(f"Embedding: padding_idx {padding_idx} must be within num_embeddings {num_embeddings}")
             padding_idx = padding_idx % num_embeddings
+        if scale_grad_by_freq or sparse:
+            raise NotImplementedError(f"Embedding: scale_grad_by_freq={scale_grad_by_freq} and sparse={sparse} are "
+                                      "not supported (only False)")
         self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
-        self.weight = _empty((num_embeddings, embedding_dim), dtype)
-        self.reset_parameters()
+        self.max_norm, self.norm_type = max_norm, norm_type
+        self.scale_grad_by_freq, self.sparse = scale_grad_by_freq, sparse
+        if _weight is None:
+            self.weight = _empty((num_embeddings, embedding_dim), dtype)
+            self.reset_parameters()
+        else:
+            if tuple(_weight.shape) != (num_embeddings, embedding_dim):
+                raise ValueError(f"Embedding: _weight of shape {tuple(_weight.shape)} does not match num_embeddings "
+                                 f"and embedding_dim {(num_embeddings, embedding_dim)}")
+            self.weight = Parameter(_weight, requires_grad=not _freeze)
         if device is not None:
             self.to(device)
+
+    @classmethod
+    def from_pretrained(cls, embeddings, freeze=True, padding_idx=None, max_norm=None, norm_type=2.0,
+                        scale_grad_by_freq=False, sparse=False):
+        """An Embedding whose table is embeddings (2-d, shared); frozen (no gradient) unless freeze=False."""
+        if len(embeddings.shape) != 2:
+            raise ValueError(f"Embedding.from_pretrained: embeddings must be 2-d, got shape {tuple(embeddings.shape)}")
+        rows, cols = embeddings.shape
+        return cls(rows, cols, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse, _weight=embeddings,
+                   _freeze=freeze)
 
     def reset_parameters(self):
         init.normal_(self.weight)
         if self.padding_idx is not None:
             self.weight.data[self.padding_idx] = 0
 
+    def _renorm(self, input):  # noqa: A002
+        """Rescale (in place, no gradient) each looked-up row whose norm exceeds max_norm to max_norm."""
+        w = self.weight.data
+        idx = np.unique(input.data if isinstance(input, Tensor) else input)
+        if idx.size == 0 or not np.issubdtype(idx.dtype, np.integer) or idx[0] < 0 or idx[-1] >= w.shape[0]:
+            return  # F.embedding reports the bad indices
+        rows, p = w[idx], float(self.norm_type)
+        a = abs(rows)
+        if p == math.inf:
+            norm = a.max(axis=1)
+        elif p == 2:
+            norm = (a * a).sum(axis=1) ** 0.5
+        else:
+            norm = (a**p).sum(axis=1) ** (1.0 / p)
+        norm = norm.astype(np.float64)  # PyTorch takes each norm as a double (.item()) to form the scale
+        big = norm > self.max_norm
+        scale = self.max_norm / (norm[big] + 1e-7)
+        w[idx[big]] = rows[big] * scale[:, None].astype(w.dtype)
+
     def forward(self, input):  # noqa: A002
+        if self.max_norm is not None:
+            self._renorm(input)
         return F.embedding(input, self.weight, self.padding_idx)
 
     def extra_repr(self):
         s = f"{self.num_embeddings}, {self.embedding_dim}"
-        return s + (f", padding_idx={self.padding_idx}" if self.padding_idx is not None else "")
+        if self.padding_idx is not None:
+            s += f", padding_idx={self.padding_idx}"
+        if self.max_norm is not None:
+            s += f", max_norm={self.max_norm}"
+        if self.norm_type != 2:
+            s += f", norm_type={self.norm_type}"
+        if self.scale_grad_by_freq:
+            s += ", scale_grad_by_freq=True"
+        if self.sparse:
+            s += ", sparse=True"
+        return s
 
 
 def _pair(v):
@@ -869,6 +989,8 @@ class GroupNorm(Module):
 
     def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, device=None, dtype=None, *, bias=True):
         super().__init__()
+        if num_groups <= 0:
+            raise ValueError(f"GroupNorm: num_groups must be a positive integer, got {num_groups!r}")
         if num_channels % num_groups != 0:
             raise ValueError(f"GroupNorm: num_channels ({num_channels}) must be divisible by num_groups ({num_groups})")
         self.num_groups, self.num_channels, self.eps, self.affine = num_groups, num_channels, eps, affine
@@ -1203,12 +1325,19 @@ class MultiheadAttention(Module):
 # --- utils ----------------------------------------------------------------------------------------
 
 
-def _clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=False):
+def _clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=False, foreach=None):
     """See core.optim.clip_grad_norm_ (imported late: optim does not depend on nn)."""
     from .optim import clip_grad_norm_
 
-    return clip_grad_norm_(parameters, max_norm, norm_type, error_if_nonfinite)
+    return clip_grad_norm_(parameters, max_norm, norm_type, error_if_nonfinite, foreach)
 
 
-# core.nn.utils.clip_grad_norm_, where PyTorch users look for it
-utils = types.SimpleNamespace(clip_grad_norm_=_clip_grad_norm_)
+def _clip_grad_value_(parameters, clip_value, foreach=None):
+    """See core.optim.clip_grad_value_."""
+    from .optim import clip_grad_value_
+
+    return clip_grad_value_(parameters, clip_value, foreach)
+
+
+# core.nn.utils.clip_grad_norm_ / clip_grad_value_, where PyTorch users look for them
+utils = types.SimpleNamespace(clip_grad_norm_=_clip_grad_norm_, clip_grad_value_=_clip_grad_value_)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
+import types
 from collections import OrderedDict
 
 import numpy as np
@@ -23,7 +24,8 @@ import numpy as np
 from .autograd import enable_grad
 from .tensor import Tensor
 
-__all__ = ["SGD", "EMA", "Adam", "AdamW", "LRScheduler", "LambdaLR", "Optimizer", "WarmupCosine", "clip_grad_norm_"]
+__all__ = ["SGD", "EMA", "Adam", "AdamW", "LRScheduler", "LambdaLR", "Optimizer", "WarmupCosine", "clip_grad_norm_",
+           "clip_grad_value_"]
 
 
 class _Required:
@@ -80,6 +82,9 @@ class Optimizer:
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
         group = dict(param_group)
         params = group["params"]
+        if isinstance(params, (set, frozenset)):  # their order changes between runs: state_dict indices would too
+            raise TypeError("optimizer parameters need to be organized in ordered collections, but the ordering of "
+                            "tensors in sets will change between runs. Please use a list instead.")
         group["params"] = [params] if isinstance(params, Tensor) else list(params)
         for p in group["params"]:
             if not isinstance(p, Tensor):
@@ -156,13 +161,13 @@ class Optimizer:
             p = by_index[idx]
             entry = {}
             for k, v in s.items():
-                if hasattr(v, "shape") and np.ndim(v) > 0:
+                if k == "step":  # a count (PyTorch saves a float tensor)
+                    v = int(np.asarray(v))
+                elif hasattr(v, "shape"):  # an array (0-d too: a 0-d parameter's state), as p's dtype and device
                     if tuple(v.shape) != p.shape:
                         raise ValueError(f"loaded state dict: state '{k}' of parameter {idx} has shape "
                                          f"{tuple(v.shape)}, but the parameter has shape {p.shape}")
                     v = _like(v, p)
-                elif k == "step":
-                    v = int(np.asarray(v))
                 entry[k] = v
             state[p] = entry
         self.state = state
@@ -307,10 +312,16 @@ class AdamW(Adam):
 
 
 def _vector_norm(a, p):
-    """‖a‖_p over all elements (p = inf: max |a|, p = 0: number of non-zeros)."""
+    """‖a‖_p over all elements (p = inf: max |a|, p = 0: number of non-zeros).
+
+    An empty a has no inf, -inf or negative-order norm (no identity), so that raises, as in PyTorch.
+    """
     a = np.abs(np.asarray(a))
+    if a.size == 0 and (p < 0 or p == math.inf):
+        raise RuntimeError(f"linalg.vector_norm cannot compute the {p:g} norm on an empty tensor because the "
+                           "operation does not have an identity")
     if p == math.inf:
-        return a.max() if a.size else 0.0
+        return a.max()
     if p == -math.inf:
         return a.min()
     if p == 0:
@@ -320,11 +331,12 @@ def _vector_norm(a, p):
     return np.sum(a**p) ** (1.0 / p)
 
 
-def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=False):
+def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=False, foreach=None):
     """Scale all gradients together so that their total norm is at most max_norm; returns the total norm.
 
     The total norm is the norm of the vector of per-parameter norms, i.e. of all gradients
     concatenated; the scale is min(1, max_norm / (total + 1e-6)) (Pascanu et al. 2013), as in PyTorch.
+    foreach is accepted for PyTorch's signature; there is one implementation.
     """
     if isinstance(parameters, Tensor):
         parameters = [parameters]
@@ -345,6 +357,16 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=Fals
     for p in params:
         p.grad = p.grad * coef  # a new array: a grad may be shared with another tensor's
     return Tensor(total)
+
+
+def clip_grad_value_(parameters, clip_value, foreach=None):
+    """Clamp every gradient elementwise to [-clip_value, clip_value]; foreach as in clip_grad_norm_."""
+    if isinstance(parameters, Tensor):
+        parameters = [parameters]
+    clip_value = float(clip_value)
+    for p in parameters:
+        if p.grad is not None:
+            p.grad = p.grad.clip(-clip_value, clip_value)  # a new array, as in clip_grad_norm_
 
 
 # --- learning-rate schedules ----------------------------------------------------------------------
@@ -412,6 +434,23 @@ class LambdaLR(LRScheduler):
 
     def get_lr(self):
         return [base * f(self.last_epoch) for base, f in zip(self.base_lrs, self.lr_lambdas)]
+
+    def state_dict(self):
+        """As LRScheduler's, plus "lr_lambdas": the attributes of each lambda that is a callable object
+        (None for a plain function), as PyTorch saves them."""
+        state = super().state_dict()
+        state["lr_lambdas"] = [None if isinstance(f, types.FunctionType) or not hasattr(f, "__dict__")
+                               else copy.deepcopy(f.__dict__) for f in self.lr_lambdas]
+        return state
+
+    def load_state_dict(self, state_dict):
+        """Restore the step count and settings, and the attributes of callable-object lambdas."""
+        state_dict = dict(state_dict)
+        saved = state_dict.pop("lr_lambdas", None) or []
+        super().load_state_dict(state_dict)
+        for f, attrs in zip(self.lr_lambdas, saved):
+            if attrs is not None:
+                f.__dict__.update(copy.deepcopy(attrs))
 
 
 class WarmupCosine(LRScheduler):

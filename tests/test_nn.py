@@ -166,6 +166,31 @@ def test_sequential_del_renumbers_as_torch(make, idx):
     assert list(ours.state_dict()) == list(ref.state_dict())
 
 
+@pytest.mark.parametrize("op", [
+    lambda n: n.Sequential(n.Linear(1, 1), n.Linear(2, 1), n.Linear(3, 1)).insert(1, n.ReLU()),
+    lambda n: n.Sequential(n.Linear(1, 1), n.Linear(2, 1), n.Linear(3, 1)).insert(-1, n.ReLU()),
+    lambda n: n.Sequential(n.Linear(1, 1), n.Linear(2, 1)).insert(2, n.ReLU()),
+    lambda n: (lambda s: (s.pop(-2), s)[1])(n.Sequential(n.Linear(1, 1), n.Linear(2, 1), n.Linear(3, 1))),
+    lambda n: n.Sequential(n.Linear(1, 1), n.ReLU()) + n.Sequential(n.Linear(2, 1)),
+    lambda n: (lambda m: (m.pop(1), m)[1])(n.ModuleList([n.Linear(1, 1), n.Linear(2, 1), n.Linear(3, 1)])),
+    lambda n: n.ModuleList([n.Linear(1, 1)]) + n.ModuleList([n.ReLU(), n.Linear(2, 1)]),
+    lambda n: (lambda d: (d.clear(), d.update({"b": n.ReLU()}), d)[2])(n.ModuleDict({"a": n.Linear(1, 1)})),
+], ids=["seq-insert", "seq-insert-negative", "seq-insert-end", "seq-pop", "seq-add", "list-pop", "list-add",
+        "dict-clear"])
+def test_container_insert_pop_add_clear_as_torch(op):
+    ours, ref = op(nn), op(torch.nn)
+    assert type(ours).__name__ == type(ref).__name__
+    assert [(k, type(m).__name__) for k, m in ours._modules.items()] == [
+        (k, type(m).__name__) for k, m in ref._modules.items()]
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    with pytest.raises(IndexError, match="index 3 is out of range"):
+        nn.Sequential(nn.ReLU(), nn.ReLU()).insert(3, nn.ReLU())
+    with pytest.raises(TypeError, match="should be a Module, got int"):
+        nn.Sequential().insert(0, 1)
+    with pytest.raises(ValueError, match="only objects of Sequential class"):
+        nn.Sequential() + nn.ModuleList()
+
+
 def test_apply_zero_grad_requires_grad():
     m = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
     seen = []
@@ -247,6 +272,48 @@ def test_embedding_norm_and_mha_init():
     uniform_ok(mha.in_proj_weight.data, math.sqrt(6 / (64 + 3 * 64)))  # xavier on the stacked (3E, E)
     assert np.all(mha.in_proj_bias.data == 0) and np.all(mha.out_proj.bias.data == 0)
     uniform_ok(mha.out_proj.weight.data, 1 / math.sqrt(64))
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("max_norm, norm_type, padding_idx", [(1.0, 2.0, None), (0.5, 1.0, 0), (1.5, math.inf, 2)])
+def test_embedding_max_norm_equals_torch(dtype, max_norm, norm_type, padding_idx):
+    # PyTorch's positional order (padding_idx, max_norm, norm_type, ...): looked-up rows are renormed in place
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((7, 4)).astype(dtype)
+    ours = nn.Embedding(7, 4, padding_idx, max_norm, norm_type, _weight=w.copy())
+    ref = torch.nn.Embedding(7, 4, padding_idx, max_norm, norm_type, _weight=torch.from_numpy(w.copy()))
+    assert repr(ours) == repr(ref)
+    for _ in range(3):
+        idx = rng.integers(0, 7, (2, 5))
+        g = rng.standard_normal((2, 5, 4)).astype(dtype)
+        out, ref_out = ours(core.tensor(idx)), ref(torch.from_numpy(idx))
+        (out * core.tensor(g)).sum().backward()
+        (ref_out * torch.from_numpy(g)).sum().backward()
+        np.testing.assert_array_equal(out.numpy(), ref_out.detach().numpy())
+        np.testing.assert_array_equal(ours.weight.numpy(), ref.weight.detach().numpy())
+        np.testing.assert_array_equal(ours.weight.grad, ref.weight.grad.numpy())
+        ours.weight.data -= 0.3 * ours.weight.grad  # move some rows back over max_norm
+        with torch.no_grad():
+            ref.weight -= 0.3 * ref.weight.grad
+        ours.weight.grad = ref.weight.grad = None
+    before = ours.weight.numpy().copy()
+    with pytest.raises(IndexError, match="index -1 is out of range"):
+        ours(core.tensor(np.array([-1, 0])))
+    np.testing.assert_array_equal(ours.weight.numpy(), before)  # a bad index renorms nothing
+
+
+def test_embedding_from_pretrained_and_unsupported_options():
+    table = core.tensor(np.arange(6.0).reshape(3, 2))
+    frozen = nn.Embedding.from_pretrained(table)
+    assert frozen.weight.data is table.data and not frozen.weight.requires_grad  # shared, as in PyTorch
+    trained = nn.Embedding.from_pretrained(table, freeze=False, padding_idx=1)
+    assert trained.weight.requires_grad and trained.weight.data[1].tolist() == [2.0, 3.0]  # not zeroed
+    with pytest.raises(ValueError, match=r"_weight of shape \(2, 2\)"):
+        nn.Embedding(3, 2, _weight=np.zeros((2, 2)))
+    with pytest.raises(ValueError, match="must be 2-d"):
+        nn.Embedding.from_pretrained(np.zeros(3))
+    with pytest.raises(NotImplementedError, match="scale_grad_by_freq=True"):
+        nn.Embedding(3, 2, scale_grad_by_freq=True)
 
 
 def test_init_functions():
@@ -359,6 +426,37 @@ def test_load_state_dict_errors():
         with pytest.raises(RuntimeError, match=r"size mismatch for 0.weight: .*\(3, 3\).*\(2, 3\)"):
             m.load_state_dict(wrong, strict=strict)
     assert np.array_equal(m[0].weight.numpy(), before)  # nothing was copied from a failed load
+    with pytest.raises(TypeError, match="Expected state_dict to be dict-like, got <class 'list'>"):
+        m.load_state_dict(list(good.items()))  # not reported as every key missing
+
+
+def test_batchnorm_num_batches_tracked_optional_in_old_state_dicts():
+    # torch treats a state_dict without version metadata (a plain dict, an old checkpoint) as saved before
+    # BatchNorm had num_batches_tracked: its absence is not a missing key, and the current count is kept
+    ours = nn.Sequential(nn.Linear(1, 1), nn.BatchNorm2d(2))
+    ref = torch.nn.Sequential(torch.nn.Linear(1, 1), torch.nn.BatchNorm2d(2))
+    ours[1].num_batches_tracked.data[...] = 5
+    ref[1].num_batches_tracked += 5
+    plain = {k: v for k, v in ref.state_dict().items() if k != "1.num_batches_tracked"}
+    assert ours.load_state_dict(plain) == ref.load_state_dict(plain) == ([], [])
+    assert ours[1].num_batches_tracked.item() == ref[1].num_batches_tracked.item() == 5
+    versioned = ref.state_dict()  # its _metadata says version 2: the key is then required
+    del versioned["1.num_batches_tracked"]
+    for m in (ours, ref):
+        with pytest.raises(RuntimeError, match='Missing key.*"1.num_batches_tracked"'):
+            m.load_state_dict(versioned)
+
+
+def test_unexpected_keys_listed_module_by_module_as_torch():
+    # torch lists unexpected keys in the order it visits modules, not in the state_dict's order
+    ours = nn.Sequential(nn.Linear(1, 1), nn.Sequential(nn.Linear(1, 1)))
+    ref = torch.nn.Sequential(torch.nn.Linear(1, 1), torch.nn.Sequential(torch.nn.Linear(1, 1)))
+    extra = {k: torch.zeros(1) for k in ["1.0.a", "1.b", "0.c", "d", "1.0.weight.e", "5.f"]}
+    got = ours.load_state_dict(dict(ref.state_dict(), **extra), strict=False)
+    want = ref.load_state_dict(dict(ref.state_dict(), **extra), strict=False)
+    assert got.unexpected_keys == want.unexpected_keys == ["d", "5.f", "0.c", "1.b", "1.0.a", "1.0.weight.e"]
+    with pytest.raises(RuntimeError, match='Unexpected key.*: "d", "5.f", "0.c", "1.b", "1.0.a", "1.0.weight.e". '):
+        ours.load_state_dict(dict(ref.state_dict(), **extra))
 
 
 # --- train / eval ---------------------------------------------------------------------------------
@@ -430,6 +528,8 @@ def test_module_validation():
         nn.Conv2d(3, 3, 3, padding_mode="mirror")
     with pytest.raises(ValueError, match="divisible by num_groups"):
         nn.GroupNorm(3, 4)
+    with pytest.raises(ValueError, match="num_groups must be a positive integer, got 0"):
+        nn.GroupNorm(0, 4)  # not a ZeroDivisionError
     with pytest.raises(ValueError, match="dropout probability"):
         nn.Dropout(1.5)
     with pytest.raises(ValueError, match="output size"):

@@ -152,6 +152,44 @@ def test_clip_grad_norm_edge_cases():
         optim.clip_grad_norm_([p], 1.0, error_if_nonfinite=True)
 
 
+@pytest.mark.parametrize("clip_value", [0.5, 2, -0.5])
+def test_clip_grad_value_equals_torch(clip_value):
+    rng = np.random.default_rng(2)
+    grads = [rng.standard_normal(s).astype(np.float32) * 2 for s in [(3, 4), (5,)]] + [None]
+    ours = [nn.Parameter(np.zeros((1,), np.float32) if g is None else np.zeros_like(g)) for g in grads]
+    ref = [torch.zeros(p.shape, requires_grad=True) for p in ours]
+    for p, r, g in zip(ours, ref, grads):
+        if g is not None:
+            p.grad, r.grad = g.copy(), torch.from_numpy(g.copy())
+    shared = ours[0].grad
+    assert torch.nn.utils.clip_grad_value_(ref, clip_value, foreach=False) is None
+    assert nn.utils.clip_grad_value_(ours, clip_value, foreach=False) is None
+    for p, r in zip(ours, ref):
+        assert (p.grad is None) == (r.grad is None)
+        if p.grad is not None:
+            assert p.grad.dtype == np.float32
+            np.testing.assert_array_equal(p.grad, r.grad.numpy())
+    np.testing.assert_array_equal(shared, grads[0])  # a new array: another holder of the old grad keeps it
+    total = optim.clip_grad_norm_(ours, 1.0, foreach=True)  # PyTorch's signature
+    ref_total = torch.nn.utils.clip_grad_norm_(ref, 1.0, foreach=True)
+    np.testing.assert_allclose(total.item(), ref_total.item(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("norm_type", [math.inf, -math.inf, -1.0])
+def test_clip_grad_norm_empty_gradient_has_no_max_norm(norm_type):
+    # a zero-size gradient has no max (or min, or negative-order) norm: torch raises, leaving the grads alone
+    p, q = nn.Parameter(np.zeros(0)), nn.Parameter(np.zeros(3))
+    p.grad, q.grad = np.zeros(0), np.array([1.0, -2.0, 4.0])
+    r, s = torch.zeros(0, requires_grad=True), torch.zeros(3, requires_grad=True)
+    r.grad, s.grad = torch.zeros(0), torch.tensor([1.0, -2.0, 4.0])
+    with pytest.raises(RuntimeError, match="empty tensor"):
+        torch.nn.utils.clip_grad_norm_([r, s], 1.0, norm_type)
+    with pytest.raises(RuntimeError, match=f"compute the {norm_type:g} norm on an empty tensor"):
+        optim.clip_grad_norm_([p, q], 1.0, norm_type)
+    np.testing.assert_array_equal(q.grad, [1.0, -2.0, 4.0])
+    assert optim.clip_grad_norm_([p, q], 1.0, 2.0).item() == pytest.approx(math.sqrt(21))  # other orders: 0
+
+
 # --- state_dict -----------------------------------------------------------------------------------
 
 
@@ -195,6 +233,30 @@ def test_state_dict_format_is_torchs():
         assert sd["param_groups"][0][k] == ref_sd["param_groups"][0][k]
 
 
+@pytest.mark.parametrize("name,kwargs", [("SGD", dict(lr=0.1, momentum=0.9)), ("Adam", dict(lr=0.1, amsgrad=True))])
+def test_load_torchs_state_dict_with_a_0d_parameter(name, kwargs):
+    # a 0-d parameter's state is a 0-d array: it is converted (and cast to the parameter's dtype) like any other
+    ref = [torch.tensor(1.5, dtype=torch.float64, requires_grad=True), torch.ones(2, dtype=torch.float64,
+                                                                               requires_grad=True)]
+    ref_opt = getattr(torch.optim, name)(ref, **kwargs)
+    ours = [nn.Parameter(np.array(1.5, np.float32)), nn.Parameter(np.ones(2, np.float32))]
+    opt = getattr(optim, name)(ours, **kwargs)
+    for t in range(6):
+        if t == 3:
+            for p, r in zip(ours, ref):
+                p.data[...] = r.detach().numpy()
+            opt.load_state_dict(ref_opt.state_dict())  # float64 state into float32 parameters
+            assert all(isinstance(v, np.ndarray) and v.dtype == np.float32
+                       for s in opt.state.values() for k, v in s.items() if k != "step")
+        for p, r in zip(ours, ref):
+            p.grad, r.grad = np.full(p.shape, t + 1.0, np.float32), torch.full(r.shape, t + 1.0, dtype=torch.float64)
+        ref_opt.step()
+        if t >= 3:
+            opt.step()
+    for p, r in zip(ours, ref):
+        np.testing.assert_allclose(p.numpy(), r.detach().numpy(), rtol=1e-6)
+
+
 def test_load_state_dict_errors():
     model, _ = models()
     params = list(model.parameters())
@@ -226,6 +288,18 @@ def test_optimizer_validation():
         optim.SGD(p, lr=0.1)
     with pytest.raises(ValueError, match="non-leaf"):
         optim.SGD([p * 2], lr=0.1)
+
+
+def test_param_group_as_a_set_is_refused_as_torch():
+    # a set's order changes between runs, so its state_dict indices would too
+    p, r = nn.Parameter(np.zeros(2)), torch.zeros(2, requires_grad=True)
+    with pytest.raises(TypeError, match="ordered collections"):
+        torch.optim.SGD([{"params": {r}}], lr=0.1)
+    with pytest.raises(TypeError, match="ordered collections"):
+        optim.SGD([{"params": {p}}], lr=0.1)
+    opt = optim.SGD([p], lr=0.1)
+    with pytest.raises(TypeError, match="ordered collections"):
+        opt.add_param_group({"params": frozenset([nn.Parameter(np.zeros(1))])})
 
 
 # --- schedules ------------------------------------------------------------------------------------
@@ -272,6 +346,41 @@ def test_warmup_cosine_equals_torch_lambda_lr_and_resumes():
         sched.step(), ref.step(), ours_lambda.step()
     with pytest.raises(ValueError, match="warmup_steps"):
         optim.WarmupCosine(opt, 50, 40)
+
+
+class _Decay:
+    """A stateful callable lr_lambda: LambdaLR's state_dict keeps its attributes, as torch's does."""
+
+    def __init__(self, rate):
+        self.rate = rate
+
+    def __call__(self, t):
+        return self.rate**t
+
+
+def test_lambda_lr_state_dict_keeps_callable_objects_attributes():
+    def run(lib, param):
+        sched = lib.optim.lr_scheduler.LambdaLR if lib is torch else optim.LambdaLR
+        opt = (torch.optim.SGD if lib is torch else optim.SGD)([{"params": [param]}], lr=1.0)
+        return sched(opt, [_Decay(0.5)])
+
+    ours, ref = run(core, nn.Parameter(np.zeros(1))), run(torch, torch.zeros(1, requires_grad=True))
+    for s in (ours, ref):
+        s.lr_lambdas[0].rate = 0.9
+        s.optimizer.step()
+        s.step()
+    saved, ref_saved = ours.state_dict(), ref.state_dict()
+    assert saved["lr_lambdas"] == ref_saved["lr_lambdas"] == [{"rate": 0.9}]
+    ours2, ref2 = run(core, nn.Parameter(np.zeros(1))), run(torch, torch.zeros(1, requires_grad=True))
+    ours2.load_state_dict(saved)
+    ref2.load_state_dict(ref_saved)
+    for s in (ours2, ref2):
+        s.optimizer.step()
+        s.step()
+    assert ours2.lr_lambdas[0].rate == ref2.lr_lambdas[0].rate == 0.9
+    assert ours2.get_last_lr() == pytest.approx(ref2.get_last_lr(), rel=1e-15) == [0.9**2]
+    plain = optim.LambdaLR(optim.SGD([nn.Parameter(np.zeros(1))], lr=1.0), lambda t: 1.0)
+    assert plain.state_dict()["lr_lambdas"] == [None]  # a function is not saved
 
 
 # --- EMA ------------------------------------------------------------------------------------------
