@@ -33,11 +33,11 @@ def _is_int(v) -> bool:
 
 
 def _pair(v, name: str, op: str) -> tuple:
-    """An int or a pair of ints, as PyTorch's `_pair`: 3 -> (3, 3)."""
+    """An int, a one-int sequence or a pair of ints, as PyTorch takes them: 3 -> (3, 3), (3,) -> (3, 3)."""
     if _is_int(v):
         return (int(v), int(v))
-    if isinstance(v, (tuple, list)) and len(v) == 2 and all(_is_int(e) for e in v):
-        return (int(v[0]), int(v[1]))
+    if isinstance(v, (tuple, list)) and len(v) in (1, 2) and all(_is_int(e) for e in v):
+        return (int(v[0]), int(v[-1]))
     raise TypeError(f"{op}: {name} must be an int or a pair of ints, got {v!r}")
 
 
@@ -103,6 +103,8 @@ def _conv2d_forward(x, w, stride, padding, dilation, groups, out_hw=None):
     k, cg, kh, kw = w.shape
     if out_hw is None:
         out_hw = tuple(_out_size(x.shape[2 + a], w.shape[2 + a], stride[a], padding[a], dilation[a]) for a in (0, 1))
+    if n == 0 or min(out_hw) == 0:  # an empty batch (conv_transpose2d's backward: also an empty image)
+        return np.zeros((n, k, *out_hw), dtype=np.result_type(x, w))
     cols = _cols(x, (kh, kw), stride, padding, dilation, out_hw).reshape(n, groups, cg * kh * kw, -1)
     # einsum hands the contraction to BLAS; a stacked matmul broadcasting w over the images was 10-40x slower
     out = np.einsum("gkc,ngcp->ngkp", w.reshape(groups, k // groups, cg * kh * kw), cols, optimize=True)
@@ -122,6 +124,8 @@ def _conv2d_backward_input(grad, w, x_shape, stride, padding, dilation, groups):
     n, c, h, wd = x_shape
     k, cg, kh, kw = w.shape
     ho, wo = grad.shape[2:]
+    if grad.size == 0:
+        return np.zeros(x_shape, dtype=np.result_type(grad, w))
     (sh, sw), (dh, dw), (pt, pb), (pl, pr) = stride, dilation, padding[0], padding[1]
     wt = w.reshape(groups, k // groups, cg * kh * kw).transpose(0, 2, 1)
     dcols = np.einsum("gck,ngkp->ngcp", wt, grad.reshape(n, groups, k // groups, ho * wo), optimize=True)  # as above
@@ -142,6 +146,8 @@ def _conv2d_backward_weight(x, grad, w_shape, stride, padding, dilation, groups)
                                                     dilation=dilation, groups=groups)
     k, cg, kh, kw = w_shape
     n, _, ho, wo = grad.shape
+    if grad.size == 0:
+        return np.zeros(w_shape, dtype=np.result_type(x, grad))
     cols = _cols(x, (kh, kw), stride, padding, dilation, (ho, wo)).reshape(n, groups, cg * kh * kw, ho * wo)
     g = grad.reshape(n, groups, k // groups, ho * wo)
     # one contraction over images and positions together (einsum hands it to BLAS): a matmul per image
@@ -224,6 +230,14 @@ def _conv_padding(op, padding, kernel, stride, dilation):
     return ((p[0], p[0]), (p[1], p[1]))
 
 
+def _check_sizes(op, x, w):
+    """PyTorch's refusals of empty kernels, and of empty images in a non-empty batch (an empty batch is fine)."""
+    if 0 in w.shape[2:]:
+        raise ValueError(f"{op}: kernel size should be greater than zero, got weight of shape {w.shape}")
+    if 0 in x.shape[2:] and x.shape[0] and x.shape[1]:
+        raise ValueError(f"{op}: only zero batch or zero channel inputs are supported, got input of shape {x.shape}")
+
+
 def _conv_args(op, stride, dilation, groups):
     stride, dilation = _pair(stride, "stride", op), _pair(dilation, "dilation", op)
     if min(stride) < 1:
@@ -251,6 +265,9 @@ def _conv2d(x, w, b, stride, padding, dilation, groups):
     _check_4d(op, x, w)
     stride, dilation, groups = _conv_args(op, stride, dilation, groups)
     k, cg, kh, kw = w.shape
+    _check_sizes(op, x, w)
+    if k == 0:
+        raise ValueError(f"{op}: weight of shape {w.shape} has no output channels (weight.shape[0] must be at least 1)")
     if k % groups:
         raise ValueError(f"{op}: out_channels {k} (weight.shape[0] of weight {w.shape}) is not divisible by "
                          f"groups={groups}")
@@ -291,6 +308,9 @@ def _conv_transpose2d(x, w, b, stride, padding, output_padding, groups, dilation
     if min(p) < 0 or min(op_pad) < 0:
         raise ValueError(f"{op}: padding and output_padding must be non-negative, got {p} and {op_pad}")
     cin, cg_out, kh, kw = w.shape
+    _check_sizes(op, x, w)
+    if 0 in w.shape:
+        raise ValueError(f"{op}: expected a non-empty weight, got shape {w.shape}")
     if cin % groups:
         raise ValueError(f"{op}: in_channels {cin} (weight.shape[0] of weight {w.shape}) is not divisible by "
                          f"groups={groups}")
@@ -309,7 +329,7 @@ def _conv_transpose2d(x, w, b, stride, padding, output_padding, groups, dilation
     out_hw = tuple(
         (x.shape[2 + a] - 1) * stride[a] - 2 * p[a] + dilation[a] * (w.shape[2 + a] - 1) + op_pad[a] + 1 for a in (0, 1)
     )
-    if min(out_hw) < 1:
+    if min(out_hw) < (0 if x.shape[0] == 0 else 1):  # an empty batch may have an empty output, as in PyTorch
         raise ValueError(f"{op}: input {x.shape} with weight {w.shape} and padding {p} gives an empty output {out_hw}")
     pad = ((p[0], p[0]), (p[1], p[1]))
     return ConvTranspose2d.apply(x, w, b, stride=stride, padding=pad, dilation=dilation, groups=groups, out_hw=out_hw)
@@ -419,11 +439,25 @@ def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False, coun
 
 
 def _max_pool2d_forward(x, k, s, p, d, out):
-    """Max of each window (padding is -inf, so it never wins) and the argmax's tap index in the window."""
-    fill = -np.inf if np.issubdtype(x.dtype, np.floating) else np.iinfo(x.dtype).min
-    win = _pool_windows(_pool_pad(x, k, s, p, d, out, fill), k, s, d, out)
+    """Max of each window and the argmax's tap index in the window, as PyTorch picks it: the first maximum
+    among the taps inside the input (padding never wins, not even over -inf), or the last NaN."""
+    floating = np.issubdtype(x.dtype, np.floating)
+    fill = -np.inf if floating else np.iinfo(x.dtype).min
+    xp = _pool_pad(x, k, s, p, d, out, fill)
+    win = _pool_windows(xp, k, s, d, out)
     win = win.reshape(*win.shape[:-2], k[0] * k[1])
-    arg = win.argmax(axis=-1)  # the first maximum, as PyTorch; NaN counts as the maximum
+    arg = win.argmax(axis=-1)  # the first maximum
+    # a window whose taps inside the input all equal the fill: argmax may have picked a padding tap before them
+    rows, cols = _max_pool2d_rows_cols(arg, k, s, p, d, out) if xp.shape != x.shape else (0, 0)
+    picked_pad = (rows < 0) | (rows >= x.shape[-2]) | (cols < 0) | (cols >= x.shape[-1])
+    if np.any(picked_pad):
+        taps = [(np.arange(out[a])[:, None] * s[a] + np.arange(k[a]) * d[a] - p[a]) for a in (0, 1)]
+        inside = [(t >= 0) & (t < x.shape[-2 + a]) for a, t in enumerate(taps)]  # (Ho, kh) and (Wo, kw)
+        valid = (inside[0][:, None, :, None] & inside[1][None, :, None, :]).reshape(*out, -1)
+        arg = np.where(picked_pad & valid.any(axis=-1), valid.argmax(axis=-1), arg)
+    if floating and np.isnan(x).any():  # PyTorch's scan keeps the last NaN it meets
+        nan = np.isnan(win)
+        arg = np.where(nan.any(axis=-1), nan.shape[-1] - 1 - nan[..., ::-1].argmax(axis=-1), arg)
     return np.take_along_axis(win, arg[..., None], axis=-1)[..., 0], arg
 
 
@@ -482,9 +516,15 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
 # --- interpolation -----------------------------------------------------------------------------------
 
 
-def _nearest_index(n_in: int, n_out: int, scale_factor):
-    """PyTorch's nearest rule: src = min(⌊dst · scale⌋, n_in - 1) in float32, scale = n_in/n_out or 1/scale_factor."""
+def _nearest_index(n_in: int, n_out: int, scale_factor, shortcut: bool = False):
+    """PyTorch's nearest rule: src = min(⌊dst · scale⌋, n_in - 1) in float32, scale = n_in/n_out or 1/scale_factor.
+
+    `shortcut`: PyTorch's 2-D kernels (forward and backward) take src = dst when n_out = n_in and
+    src = dst // 2 when n_out = 2·n_in, whatever scale_factor gave that size (e.g. 3 · 2.3 -> 6).
+    """
     dst = np.arange(n_out)
+    if shortcut and n_out in (n_in, 2 * n_in):
+        return dst // (n_out // n_in)
     scale = np.float32(1.0 / scale_factor) if scale_factor else np.float32(n_in) / np.float32(n_out)
     return np.minimum(np.floor(dst.astype(np.float32) * scale).astype(np.int64), n_in - 1)
 
@@ -545,6 +585,8 @@ def interpolate(input, size=None, scale_factor=None, mode="nearest", align_corne
         raise ValueError(f"{op}: give exactly one of size and scale_factor, got size={size!r}, "
                          f"scale_factor={scale_factor!r}")
     if size is not None:
+        if recompute_scale_factor:
+            raise ValueError(f"{op}: recompute_scale_factor is not meaningful with an explicit size")
         sizes = (size,) * dims if _is_int(size) else tuple(size)
         if len(sizes) != dims or not all(_is_int(n) and n > 0 for n in sizes):
             raise ValueError(f"{op}: size must be a positive int or {dims} positive ints for input {input.shape}, "
@@ -561,7 +603,9 @@ def interpolate(input, size=None, scale_factor=None, mode="nearest", align_corne
                              f"{input.shape}")
         if recompute_scale_factor:
             scales = (None,) * dims
-    indices = tuple(_nearest_index(n, m, f) for n, m, f in zip(spatial, sizes, scales))
+    # (PyTorch 2.13's 1-D and 3-D kernels take the shortcut in the backward only, so their gradient is not
+    # that of their forward; this gives the forward's true gradient)
+    indices = tuple(_nearest_index(n, m, f, dims == 2) for n, m, f in zip(spatial, sizes, scales))
     return InterpolateNearest.apply(input, indices=indices)
 
 

@@ -715,7 +715,7 @@ class Gelu(Function):
     def forward(ctx, x, approximate):
         ctx.approximate = approximate
         if approximate == "none":
-            cdf = 0.5 * (1 + erf(x / _SQRT_2))
+            cdf = (0.5 * (1 + erf(x / _SQRT_2))).astype(x.dtype, copy=False)  # scipy's erf has no float16 loop
             ctx.save_for_backward(x, cdf)
             return x * cdf
         if approximate == "tanh":  # Φ(x) ≈ ½ (1 + tanh(√(2/π) (x + 0.044715 x³)))

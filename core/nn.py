@@ -829,7 +829,10 @@ class Embedding(Module):
 
 
 def _pair(v):
-    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+    """(v, v) for one value or a one-element sequence, as PyTorch's modules expand them; a pair as it is."""
+    if isinstance(v, (tuple, list)):
+        return tuple(v) * 2 if len(v) == 1 else tuple(v)
+    return (v, v)
 
 
 class _ConvNd(Module):

@@ -213,6 +213,16 @@ def test_float32_in_float32_out(name):
     assert x.grad.dtype == np.float32
 
 
+def test_gelu_keeps_float16():  # scipy's erf computes float16 in float64
+    x16 = X32.astype(np.float16)
+    x = core.Tensor(x16, requires_grad=True)
+    out = F.gelu(x)
+    out.sum().backward()
+    assert out.dtype == np.float16 and x.grad.dtype == np.float16
+    ref = TF.gelu(torch.from_numpy(x16)).numpy()
+    np.testing.assert_allclose(out.numpy().astype(np.float32), ref.astype(np.float32), rtol=2e-3, atol=1e-3)
+
+
 # --- batch_norm's running statistics ------------------------------------------------------------
 
 

@@ -571,3 +571,19 @@ def test_deepcopy_keeps_structure_and_sharing():
     assert list(c.state_dict()) == list(m.state_dict())
     c[0].weight.data[...] = 0
     assert not np.all(lin.weight.data == 0)
+
+
+def test_conv_modules_expand_one_element_sequences_like_pytorch():
+    """nn.Conv2d(2, 3, 3, padding=(1,), stride=[2]) computes PyTorch's Conv2d(2, 3, 3, padding=1, stride=2) (PyTorch
+    keeps the one-element sequences as attributes and F.conv2d expands them; ours are stored expanded)."""
+    import torch
+
+    m = nn.Conv2d(2, 3, 3, padding=(1,), stride=[2]).double()
+    assert (m.kernel_size, m.padding, m.stride) == ((3, 3), (1, 1), (2, 2))
+    t = torch.nn.Conv2d(2, 3, 3, padding=(1,), stride=[2]).double()
+    with torch.no_grad():
+        t.weight.copy_(torch.from_numpy(m.weight.numpy()))
+        t.bias.copy_(torch.from_numpy(m.bias.numpy()))
+    x = np.random.default_rng(0).standard_normal((1, 2, 5, 5))
+    np.testing.assert_allclose(m(core.tensor(x)).numpy(), t(torch.from_numpy(x)).detach().numpy(), rtol=1e-12)
+    assert nn.ConvTranspose2d(2, 3, 3, output_padding=(1,), stride=2).output_padding == (1, 1)

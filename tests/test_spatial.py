@@ -47,10 +47,25 @@ def rnd(*shape, seed=0, dtype=np.float64):
          r"conv_transpose2d: output padding must be smaller than either stride or dilation"),
         (lambda: F.conv_transpose2d(T(rnd(1, 4, 2, 2)), T(rnd(3, 3, 3, 3))),
          r"conv_transpose2d.*\(3, 3, 3, 3\).*3 channels"),
+        (lambda: F.conv2d(T(rnd(1, 2, 0, 3)), T(rnd(3, 2, 1, 1)), padding=1),
+         r"conv2d: only zero batch or zero channel inputs are supported.*\(1, 2, 0, 3\)"),
+        (lambda: F.conv_transpose2d(T(rnd(1, 2, 0, 3)), T(rnd(2, 3, 3, 3))),
+         r"conv_transpose2d: only zero batch or zero channel inputs are supported.*\(1, 2, 0, 3\)"),
+        (lambda: F.conv2d(T(rnd(1, 2, 5, 5)), T(rnd(3, 2, 0, 3))), r"conv2d: kernel size should be greater than zero"),
+        (lambda: F.conv_transpose2d(T(rnd(1, 2, 5, 5)), T(rnd(2, 3, 3, 0))),
+         r"conv_transpose2d: kernel size should be greater than zero"),
+        (lambda: F.conv2d(T(rnd(1, 2, 5, 5)), T(rnd(0, 2, 3, 3))),
+         r"conv2d: weight of shape \(0, 2, 3, 3\) has no output"),
+        (lambda: F.conv_transpose2d(T(rnd(1, 2, 5, 5)), T(rnd(2, 0, 3, 3))),
+         r"conv_transpose2d: expected a non-empty weight, got shape \(2, 0, 3, 3\)"),
+        (lambda: F.conv_transpose2d(T(rnd(1, 2, 2, 3)), T(rnd(2, 3, 1, 1)), padding=(1, 0)),
+         r"conv_transpose2d: .* gives an empty output \(0, 3\)"),
         (lambda: F.avg_pool2d(T(rnd(1, 1, 5, 5)), 3, padding=2), r"avg_pool2d: pad should be at most half"),
         (lambda: F.max_pool2d(T(rnd(5, 5)), 2), r"max_pool2d: expected a 3-D .*\(5, 5\)"),
         (lambda: F.interpolate(T(rnd(1, 1, 4, 4)), size=(2, 2, 2)), r"interpolate: size must be"),
         (lambda: F.interpolate(T(rnd(1, 1, 4, 4))), r"interpolate: give exactly one of size and scale_factor"),
+        (lambda: F.interpolate(T(rnd(1, 1, 4, 4)), size=3, recompute_scale_factor=True),
+         r"interpolate: recompute_scale_factor is not meaningful with an explicit size"),
         (lambda: F.pad(T(rnd(1, 1, 5)), (5, 0), mode="reflect"), r"pad: padding \(5, 0\) in mode 'reflect'"),
         (lambda: F.pad(T(rnd(5)), (1, 1), mode="reflect"),
          r"pad: mode 'reflect' with padding size 2 needs a 2-D or 3-D"),
@@ -326,6 +341,62 @@ def test_max_pool2d_window_wholly_in_padding_matches_pytorch():
     assert np.array_equal(xt.grad, np.zeros_like(x))
 
 
+def test_conv_transpose2d_of_an_empty_batch_may_have_an_empty_output():
+    x, w, b = rnd(0, 2, 2, 3), rnd(2, 3, 1, 1), rnd(3)
+    ours = [T(a, grad=True) for a in (x, w, b)]
+    y = F.conv_transpose2d(*ours, padding=(1, 0))
+    theirs = [torch.from_numpy(a).requires_grad_() for a in (x, w, b)]
+    ref = TF.conv_transpose2d(*theirs, padding=(1, 0))
+    assert y.shape == tuple(ref.shape) == (0, 3, 0, 3)
+    y.sum().backward()
+    ref.sum().backward()
+    for o, t in zip(ours, theirs):
+        np.testing.assert_array_equal(o.grad, t.grad.numpy())
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float16])  # the kernels, and the NumPy path they replace
+def test_conv_of_an_empty_batch_has_zero_weight_gradients(dtype):
+    x = T(rnd(0, 2, 3, 3, dtype=dtype), grad=True)
+    w = T(rnd(2, 3, 2, 2, dtype=dtype), grad=True)
+    y = F.conv_transpose2d(x, w, stride=2)
+    assert y.shape == (0, 3, 6, 6)
+    F.conv2d(y, T(rnd(4, 3, 2, 2, dtype=dtype))).sum().backward()
+    assert x.grad.shape == x.shape and w.grad.dtype == dtype
+    np.testing.assert_array_equal(w.grad, np.zeros(w.shape))
+
+
+def test_one_int_sequences_expand_like_pytorch():
+    x, w, wt = rnd(1, 2, 5, 6), rnd(3, 2, 3, 2), rnd(2, 3, 3, 3)
+    X = torch.from_numpy(x)
+    pairs = [
+        (F.conv2d(T(x), T(w), stride=(2,), padding=[1], dilation=(1,)),
+         TF.conv2d(X, torch.from_numpy(w), stride=(2,), padding=[1], dilation=(1,))),
+        (F.conv_transpose2d(T(x), T(wt), stride=(2,), padding=(1,), output_padding=(1,)),
+         TF.conv_transpose2d(X, torch.from_numpy(wt), stride=(2,), padding=(1,), output_padding=(1,))),
+        (F.max_pool2d(T(x), (2,), stride=(1,), padding=(1,)), TF.max_pool2d(X, (2,), stride=(1,), padding=(1,))),
+        (F.avg_pool2d(T(x), [3], stride=(2,)), TF.avg_pool2d(X, [3], stride=(2,))),
+    ]
+    for ours, ref in pairs:
+        assert ours.shape == tuple(ref.shape)
+        np.testing.assert_allclose(ours.numpy(), ref.numpy(), rtol=1e-12, atol=1e-12)
+
+
+def test_max_pool2d_padding_never_wins_and_the_last_nan_does():
+    x = np.full((1, 2, 3, 4), -np.inf)
+    x[0, 1] = [[1, np.nan, 5, np.nan], [np.nan, 2, 3, -np.inf], [0, np.nan, -np.inf, -np.inf]]
+    kw = dict(kernel_size=2, stride=2, padding=1, ceil_mode=True)
+    xt = T(x, grad=True)
+    y, idx = F.max_pool2d(xt, return_indices=True, **kw)
+    g = rnd(*y.shape, seed=1)
+    y.backward(g)
+    rt = torch.from_numpy(x).requires_grad_()
+    ref, ref_idx = TF.max_pool2d(rt, return_indices=True, **kw)
+    ref.backward(torch.from_numpy(g))
+    np.testing.assert_array_equal(y.numpy(), ref.detach().numpy())
+    np.testing.assert_array_equal(idx.numpy(), ref_idx.numpy())
+    np.testing.assert_array_equal(xt.grad, rt.grad.numpy())
+
+
 def test_max_pool2d_return_indices_and_ties_match_pytorch():
     x = np.round(rnd(2, 3, 7, 6, seed=5))  # many ties: the first maximum in the window wins
     kw = dict(kernel_size=3, stride=2, padding=1, ceil_mode=True)
@@ -349,6 +420,27 @@ def test_nearest_index_rule_matches_pytorch_for_many_sizes():
                 continue
             out = F.interpolate(T(x[..., :n]), scale_factor=f).numpy()
             assert np.array_equal(out, TF.interpolate(torch.from_numpy(x[..., :n]), scale_factor=f).numpy()), (n, f)
+
+
+def test_nearest_2d_copies_or_halves_when_the_size_stays_or_doubles_like_pytorch():
+    # PyTorch's 2-D kernels take src = dst when the size stays and dst // 2 when it doubles, whatever
+    # scale_factor gave that size: 3 · 2.3 -> 6 rows (not ⌊dst / 2.3⌋), 4 · 1.2 -> 4 columns (not ⌊dst / 1.2⌋)
+    x = rnd(2, 3, 3, 4)
+    xt = T(x, grad=True)
+    y = F.interpolate(xt, scale_factor=(2.3, 1.2))
+    g = rnd(*y.shape, seed=1)
+    y.backward(g)
+    rt = torch.from_numpy(x).requires_grad_()
+    ref = TF.interpolate(rt, scale_factor=(2.3, 1.2))
+    ref.backward(torch.from_numpy(g))
+    assert y.shape == tuple(ref.shape) == (2, 3, 6, 4)
+    np.testing.assert_array_equal(y.numpy(), ref.detach().numpy())
+    np.testing.assert_allclose(xt.grad, rt.grad.numpy(), rtol=1e-12, atol=1e-12)
+    # the 1-D kernel takes no such shortcut
+    x1 = np.arange(3.0)[None, None]
+    out = F.interpolate(T(x1), scale_factor=2.3).numpy()
+    np.testing.assert_array_equal(out, TF.interpolate(torch.from_numpy(x1), scale_factor=2.3).numpy())
+    np.testing.assert_array_equal(out[0, 0], [0, 0, 0, 1, 1, 2])
 
 
 def test_negative_pad_crops_before_padding_in_every_mode():
