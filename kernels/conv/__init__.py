@@ -12,7 +12,8 @@ both sides, as PyTorch's ints — or ((top, bottom), (left, right)); stride and 
 output_padding is expressed), and the backward functions sum over gy's positions, so a gy smaller than the forward's
 output (a transposed convolution's gradient) is fine.
 
-``reference`` (NumPy, the specification), ``cpu`` (Numba: im2col in the cache + BLAS per tile, threads over images)
+``reference`` (NumPy, the specification), ``cpu`` (Numba: im2col in the cache + BLAS per tile, threads over images;
+Winograd F(2×2, 3×3) for the forward and input gradient of 3×3 stride-1 layers with 32 or more channels)
 and ``cuda`` (numba.cuda: shared-memory tiled implicit GEMM). The form follows the array type (NumPy → cpu,
 CuPy → cuda); ``form="reference" | "cpu" | "cuda"`` overrides it (``cuda`` on NumPy arrays needs the Numba CUDA
 simulator).

@@ -17,6 +17,10 @@ Parallelism: the tasks are split into one contiguous range per thread (prange ov
 allocates its buffers once), and each thread calls a single-threaded BLAS. The input gradient's tasks hold whole
 images, since neighbouring row tiles add into the same input rows; the weight gradient keeps one partial sum per
 thread and adds them in thread order at the end (no atomics: the same call gives the same bits every time).
+
+3×3 stride-1 convolutions with enough channels (`_winograd`) take Winograd's F(2×2, 3×3) instead for the forward and
+the input gradient (winograd.py: 16 multiplies per 2×2 output tile where im2col's GEMM does 36); the weight
+gradient stays here.
 """
 
 from __future__ import annotations
@@ -27,8 +31,15 @@ import numba
 import numpy as np
 from numba import njit, prange
 
+from . import winograd
+
 # Elements of the im2col buffer (per thread): 1 MiB in float32, inside a 2 MiB L2 with room for the GEMM's panels.
 COLS_BUDGET = 1 << 18
+# 3×3, stride 1, no dilation or groups, at least this many input and output channels: Winograd F(2×2, 3×3)
+# (winograd.py) for the forward and the input gradient. Below it the GEMMs are too thin to pay for the transforms
+# (2 threads, N = 64, 16×16, forward / input gradient against im2col: 1.45× / 1.22× faster at 64 channels,
+# 1.34× / 0.99× at 32, 0.94× / 0.63× at 16).
+WINOGRAD_MIN_CHANNELS = 32
 
 
 @njit(cache=True, inline="always")
@@ -328,6 +339,13 @@ def _out_hw(x_hw, w_hw, stride, pads, dilation):
                  for a in (0, 1))
 
 
+def _winograd(w_shape, stride, dilation, groups):
+    """Whether the forward and input gradient go through winograd.py (see WINOGRAD_MIN_CHANNELS)."""
+    k, cg, kh, kw = w_shape
+    return ((kh, kw) == (3, 3) and tuple(stride) == (1, 1) and tuple(dilation) == (1, 1) and groups == 1
+            and min(k, cg) >= WINOGRAD_MIN_CHANNELS)
+
+
 def _check_dtype(*arrays):
     dtype = arrays[0].dtype
     if dtype not in (np.float32, np.float64) or any(a.dtype != dtype for a in arrays):
@@ -342,14 +360,18 @@ def conv2d_forward(x, w, *, stride=(1, 1), padding=(0, 0), dilation=(1, 1), grou
     k, cg, kh, kw = w.shape
     ho, wo = _out_hw(x.shape[2:], (kh, kw), stride, pads, dilation)
     r = cg * kh * kw
-    y = np.empty((x.shape[0], k, ho * wo), dtype=x.dtype)
-    if y.size:
-        threads = numba.get_num_threads()
-        w3 = np.ascontiguousarray(w).reshape(groups, k // groups, r)
+    threads = numba.get_num_threads()
+    if _winograd(w.shape, stride, dilation, groups):
         with _one_blas_thread():
-            _forward(x, w3, y, kh, kw, stride[0], stride[1], pt, pl, dilation[0], dilation[1], ho, wo,
-                     *plan(r, x.shape[0], ho, wo, threads), threads)
-    y = y.reshape(x.shape[0], k, ho, wo)
+            y = winograd.conv3x3(x, winograd.filters(w), pt, pl, ho, wo, threads)
+    else:
+        y = np.empty((x.shape[0], k, ho * wo), dtype=x.dtype)
+        if y.size:
+            w3 = np.ascontiguousarray(w).reshape(groups, k // groups, r)
+            with _one_blas_thread():
+                _forward(x, w3, y, kh, kw, stride[0], stride[1], pt, pl, dilation[0], dilation[1], ho, wo,
+                         *plan(r, x.shape[0], ho, wo, threads), threads)
+        y = y.reshape(x.shape[0], k, ho, wo)
     if bias is not None:
         y += bias.reshape(1, k, 1, 1)
     return y
@@ -363,6 +385,11 @@ def conv2d_backward_input(gy, w, x_shape, *, stride=(1, 1), padding=(0, 0), dila
     (pt, _), (pl, _) = _pads(padding)
     k, cg, kh, kw = w.shape
     r = cg * kh * kw
+    if _winograd(w.shape, stride, dilation, groups):  # dx = gy ⋆ (w flipped, channels swapped), padded 2 − p
+        flipped = np.ascontiguousarray(w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])
+        with _one_blas_thread():
+            return winograd.conv3x3(gy.reshape(n, k, ho, wo), winograd.filters(flipped), 2 - pt, 2 - pl,
+                                    x_shape[2], x_shape[3], numba.get_num_threads())
     dx = np.zeros(x_shape, dtype=gy.dtype)
     if dx.size and gy.size:
         threads = numba.get_num_threads()

@@ -131,6 +131,82 @@ def test_cpu_takes_non_contiguous_inputs_and_bias():
                                ref.conv2d_forward(x, w, bias=b, **kwargs), rtol=1e-12, atol=1e-12)
 
 
+# --- Winograd F(2×2, 3×3): the cpu form's path for 3×3, stride-1 convolutions with enough channels -----------------
+def test_winograd_matrices_compute_a_3x3_correlation():
+    """Lavin & Gray eq. 8 with the module's Bᵀ, G, Aᵀ: Aᵀ[(G g Gᵀ) ⊙ (Bᵀ d B)]A is the 2×2 valid correlation of a
+    4×4 tile d with a 3×3 filter g."""
+    from kernels.conv import winograd as wg
+
+    rng = np.random.default_rng(6)
+    d, g = rng.standard_normal((4, 4)), rng.standard_normal((3, 3))
+    y = wg.AT @ ((wg.G @ g @ wg.G.T) * (wg.BT @ d @ wg.BT.T)) @ wg.AT.T
+    want = [[np.sum(d[i : i + 3, j : j + 3] * g) for j in range(2)] for i in range(2)]
+    np.testing.assert_allclose(y, want, rtol=1e-13, atol=1e-13)
+    w = rng.standard_normal((2, 3, 3, 3))
+    np.testing.assert_allclose(wg.filters(w)[:, 1, 0].reshape(4, 4), wg.G @ w[0, 1] @ wg.G.T, rtol=1e-14)
+
+
+@st.composite
+def winograd_case(draw):
+    """A 3×3 stride-1 conv2d of any size (a side of 1 or 2 included) and any asymmetric padding, bias or none."""
+    n, c, k = draw(st.integers(1, 3)), draw(st.integers(1, 6)), draw(st.integers(1, 6))
+    pads = tuple((draw(st.integers(0, 3)), draw(st.integers(0, 3))) for _ in range(2))
+    h, w = (max(1, 3 - sum(pads[a]) + draw(st.integers(0, 10))) for a in (0, 1))
+    dtype = draw(st.sampled_from([np.float32, np.float64]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    x = rng.standard_normal((n, c, h, w)).astype(dtype)
+    wt = rng.standard_normal((k, c, 3, 3)).astype(dtype)
+    bias = rng.standard_normal(k).astype(dtype) if draw(st.booleans()) else None
+    return x, wt, bias, pads
+
+
+@settings(max_examples=60, deadline=None)
+@given(winograd_case())
+def test_winograd_forward_and_input_gradient_equal_reference(case):
+    """With the channel threshold lowered to 1, every drawn 3×3 stride-1 case takes the Winograd path: the forward
+    (bias included) and the input gradient (the flipped filters over gy, padded 2 − p, any x size) equal the
+    reference within the float32/float64 tolerances of every other form."""
+    x, w, bias, pads = case
+    tol = TOL[x.dtype.type]
+    saved = cpu.WINOGRAD_MIN_CHANNELS
+    cpu.WINOGRAD_MIN_CHANNELS = 1
+    try:
+        assert cpu._winograd(w.shape, (1, 1), (1, 1), 1)
+        y = cpu.conv2d_forward(x, w, padding=pads, bias=bias)
+        want = ref.conv2d_forward(x, w, padding=pads, bias=bias)
+        assert y.dtype == x.dtype and y.shape == want.shape
+        np.testing.assert_allclose(y, want, **tol)
+        gy = np.random.default_rng(0).standard_normal(want.shape).astype(x.dtype)
+        dx = cpu.conv2d_backward_input(gy, w, x.shape, padding=pads)
+        assert dx.dtype == x.dtype and dx.shape == x.shape
+        np.testing.assert_allclose(dx, ref.conv2d_backward_input(gy, w, x.shape, padding=pads), **tol)
+    finally:
+        cpu.WINOGRAD_MIN_CHANNELS = saved
+
+
+def test_winograd_is_taken_where_it_applies(monkeypatch):
+    """At the bench's layer shape (64 channels, 16×16, pad 1) the forward and input gradient go through Winograd and
+    equal the reference in float32; a stride, a dilation, groups, another kernel size or few channels do not."""
+    from kernels.conv import winograd
+
+    calls = []
+    real = winograd.conv3x3
+    monkeypatch.setattr(winograd, "conv3x3", lambda *a: calls.append(a[0].shape) or real(*a))
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 64, 16, 16)).astype(np.float32)
+    w = (rng.standard_normal((64, 64, 3, 3)) / 24).astype(np.float32)
+    gy = rng.standard_normal((2, 64, 16, 16)).astype(np.float32)
+    np.testing.assert_allclose(cpu.conv2d_forward(x, w, padding=1), ref.conv2d_forward(x, w, padding=1),
+                               **TOL[np.float32])
+    np.testing.assert_allclose(cpu.conv2d_backward_input(gy, w, x.shape, padding=1),
+                               ref.conv2d_backward_input(gy, w, x.shape, padding=1), **TOL[np.float32])
+    assert calls == [x.shape, gy.shape]
+    for w_shape, kwargs in (((64, 64, 3, 3), dict(stride=(2, 1))), ((64, 64, 3, 3), dict(dilation=(1, 2))),
+                            ((64, 32, 3, 3), dict(groups=2)), ((64, 64, 5, 5), {}), ((64, 8, 3, 3), {})):
+        assert not cpu._winograd(w_shape, kwargs.get("stride", (1, 1)), kwargs.get("dilation", (1, 1)),
+                                 kwargs.get("groups", 1)), (w_shape, kwargs)
+
+
 # --- the reference equals PyTorch ---------------------------------------------------------------------------------
 
 
