@@ -129,7 +129,8 @@ class DDPM(core.nn.Module):
                 eps = self.guided_eps(core.tensor(x), t, y, w).data
                 ks.ddpm_step(x, eps, t, self.sched, seed=seed(), clip_x0=clip_x0, out=x)  # x_t → x_{t−1} in place
         else:
-            ts = np.unique(np.round(np.linspace(0, T - 1, steps)).astype(np.int64))[::-1]
+            grid = np.linspace(0, T - 1, steps) if steps > 1 else [T - 1]  # starts at x_T (Song §4.2)
+            ts = np.unique(np.round(grid).astype(np.int64))[::-1]
             for t, t_prev in zip(ts, list(ts[1:]) + [-1]):  # t_prev = −1: land on x_0
                 eps = self.guided_eps(core.tensor(x), t, y, w).data
                 ks.ddim_step(x, eps, int(t), int(t_prev), self.sched, eta, seed=seed(), clip_x0=clip_x0, out=x)

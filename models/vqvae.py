@@ -92,7 +92,9 @@ class Quantizer(nn.Module):
         self.ema, self.decay, self.eps = ema, decay, eps
         if ema:  # the codebook moves by the running means below, not by gradients
             self.embedding.weight.requires_grad = False
-            self.register_buffer("cluster_size", core.zeros(codebook_size))  # N_i
+            # N_i = 1, m_i = e_i: the state e_i = m_i / N_i of eq. 8 (as a restart sets it); with N_i = 0 the first
+            # update would throw every unused code to γ e_i / ε ≈ 10⁵ e_i, out of reach of the encoder
+            self.register_buffer("cluster_size", core.ones(codebook_size))  # N_i
             self.register_buffer("embed_sum", core.tensor(self.embedding.weight.numpy().copy()))  # m_i
         self.register_buffer("hits", core.zeros(codebook_size))  # uses since the last restart check
         self.codebook_size = codebook_size

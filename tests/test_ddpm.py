@@ -138,6 +138,23 @@ def test_ddim_with_a_perfect_denoiser_recovers_x0():
         np.testing.assert_allclose(out, np.broadcast_to(target, out.shape), atol=1e-4)
 
 
+@pytest.mark.parametrize("steps", [1, 2, 5])
+def test_ddim_steps_start_at_x_T_and_end_at_x_0(steps):
+    """DDIM's timestep sequence starts at t = T−1 (x_T, pure noise) and ends at t = 0 whatever the step count: one
+    step is ε_θ(x_T, T−1) and a jump to x_0 (Song eq. 12), not a denoiser at t = 0 handed pure noise."""
+    seen = []
+
+    class Recorder(ddpm.DDPM):
+        def forward(self, x_t, t, y=None):
+            seen.append(int(np.asarray(t)[0]))
+            return core.zeros(*x_t.shape)
+
+    core.manual_seed(0)
+    Recorder(1, 8, (1, 2), 1, None, T=50).sample(2, (1, 8, 8), steps=steps, generator=core.random.Generator(0))
+    assert len(seen) == steps and seen[0] == 49 and seen == sorted(seen, reverse=True)
+    assert steps == 1 or seen[-1] == 0
+
+
 def test_ema_updates():
     """The EMA kept by `train` moves by (1 − decay) toward the weights after every step, and `load` returns the
     EMA weights, not the raw ones."""

@@ -120,6 +120,19 @@ def test_ema_update_is_eqs_6_to_8_with_laplace_smoothing():
     assert not q.embedding.weight.requires_grad
 
 
+def test_ema_update_leaves_an_unused_code_where_it_is():
+    """With n_i = 0, eqs. 6–7 scale N_i and m_i by the same γ, so e_i = m_i / N_i (eq. 8) stays put: a fresh EMA
+    quantizer's state must agree with its codebook, and its first update must not move the codes nothing chose."""
+    core.manual_seed(0)
+    q = vqvae.Quantizer(8, 2, ema=True)
+    e0 = q.embedding.weight.numpy().copy()
+    np.testing.assert_allclose(q.embed_sum.numpy() / q.cluster_size.numpy()[:, None], e0, rtol=1e-6)  # eq. 8
+    z = np.random.default_rng(0).normal(size=(32, 2)).astype(np.float32)
+    idx = np.zeros(32, np.int64)  # every output chose code 0
+    q.update(z, idx)
+    np.testing.assert_allclose(q.embedding.weight.numpy()[1:], e0[1:], rtol=1e-4)  # up to Laplace smoothing's shift
+
+
 def test_dead_code_restart_fires_on_schedule_and_revives_unused_codes():
     q = quantizer(ema=True, K=5, D=3)
     z = np.random.default_rng(6).normal(size=(2, 3, 2, 2)).astype(np.float32)
