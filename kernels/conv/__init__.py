@@ -13,7 +13,7 @@ output_padding is expressed), and the backward functions sum over gy's positions
 output (a transposed convolution's gradient) is fine.
 
 ``reference`` (NumPy, the specification), ``cpu`` (Numba: im2col in the cache + BLAS per tile, threads over images;
-Winograd F(2×2, 3×3) for the forward and input gradient of 3×3 stride-1 layers with 32 or more channels)
+Winograd's minimal filtering for 3×3 stride-1 layers with 32 or more channels)
 and ``cuda`` (numba.cuda: shared-memory tiled implicit GEMM). The form follows the array type (NumPy → cpu,
 CuPy → cuda); ``form="reference" | "cpu" | "cuda"`` overrides it (``cuda`` on NumPy arrays needs the Numba CUDA
 simulator).

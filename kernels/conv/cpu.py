@@ -18,9 +18,9 @@ allocates its buffers once), and each thread calls a single-threaded BLAS. The i
 images, since neighbouring row tiles add into the same input rows; the weight gradient keeps one partial sum per
 thread and adds them in thread order at the end (no atomics: the same call gives the same bits every time).
 
-3×3 stride-1 convolutions with enough channels (`_winograd`) take Winograd's F(2×2, 3×3) instead for the forward and
-the input gradient (winograd.py: 16 multiplies per 2×2 output tile where im2col's GEMM does 36); the weight
-gradient stays here.
+3×3 stride-1 convolutions with enough channels (`_winograd`) take Winograd's minimal filtering instead (winograd.py:
+F(2×2, 3×3) for the forward and the input gradient, F(3×3, 2×2) for the weight gradient — 16 multiplies per tile
+where im2col's GEMMs do 36).
 """
 
 from __future__ import annotations
@@ -36,9 +36,9 @@ from . import winograd
 # Elements of the im2col buffer (per thread): 1 MiB in float32, inside a 2 MiB L2 with room for the GEMM's panels.
 COLS_BUDGET = 1 << 18
 # 3×3, stride 1, no dilation or groups, at least this many input and output channels: Winograd F(2×2, 3×3)
-# (winograd.py) for the forward and the input gradient. Below it the GEMMs are too thin to pay for the transforms
-# (2 threads, N = 64, 16×16, forward / input gradient against im2col: 1.45× / 1.22× faster at 64 channels,
-# 1.34× / 0.99× at 32, 0.94× / 0.63× at 16).
+# (winograd.py) for the forward and both gradients. Below it the GEMMs are too thin to pay for the transforms
+# (2 threads, N = 64, 16×16, forward / input gradient / weight gradient against im2col: 1.45× / 1.22× / 1.51×
+# faster at 64 channels, 1.34× / 0.99× / 1.69× at 32, 0.94× / 0.63× / – at 16).
 WINOGRAD_MIN_CHANNELS = 32
 
 
@@ -408,6 +408,9 @@ def conv2d_backward_weight(x, gy, w_shape, *, stride=(1, 1), padding=(0, 0), dil
     (pt, _), (pl, _) = _pads(padding)
     k, cg, kh, kw = w_shape
     r = cg * kh * kw
+    if _winograd(w_shape, stride, dilation, groups):
+        with _one_blas_thread():
+            return winograd.weight_grad(x, gy.reshape(n, k_out, ho, wo), pt, pl, numba.get_num_threads())
     dw3 = np.zeros((groups, k // groups, r), dtype=x.dtype)
     if x.size and gy.size:
         threads = numba.get_num_threads()

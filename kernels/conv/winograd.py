@@ -17,6 +17,11 @@ so every transform is a loop over contiguous channels, which the compiler vector
 layout a band of rows at a time, and the output back. For a task — a few images, or a band of tile rows of one — V
 and M stay in the L2 cache, as cpu.py's im2col buffer does, and the GEMMs are BLAS calls.
 
+The weight gradient dw[k, c] = Σ gy[n, k, i, j] · x[n, c, i + a − pt, j + b − pl] is the same trilinear form read
+for the filter: F(3×3, 2×2) with the same matrices transposed (the transposition principle) — for each 2×2 tile t of
+gy and the 4×4 window d of x under it, dw += Gᵀ [ (A t Aᵀ) ⊙ (Bᵀ d B) ] G. Summed over tiles first, that is again 16
+GEMMs, M[ξ] += T[ξ]ᵀ · V[ξ] ((K × P) · (P × C), V the forward's input transform), then one Gᵀ M G per filter pair.
+
 The transforms' arithmetic differs from direct convolution's (adding and subtracting inputs before the multiply), so
 results differ by rounding: a few float32 ulps of the largest term, as the tests bound.
 """
@@ -142,6 +147,79 @@ def _tasks(x, ut, y, pt, pl, imgs, rows, task0, task1):
             _output_tiles(m, y, n0 + n, i0, i1, tw, n * per, stage)
 
 
+@njit(cache=True)
+def _grad_tiles(gy, n, i0, i1, tw, g, q0, band):
+    """g[ξ, q0 + q, :] = (A t Aᵀ)[ξ] over the output channels, for the 2×2 tiles t of gy[n] in tile rows [i0, i1)
+    (zero past gy's edge), q as in _input_tiles. band: scratch (rows, cols, K) for gy's rows, channels last."""
+    k_out, ho, wo = gy.shape[1], gy.shape[2], gy.shape[3]
+    nr = 2 * (i1 - i0)
+    band[:nr] = 0
+    for r in range(nr):
+        src = 2 * i0 + r
+        if src < ho:
+            for col in range(wo):
+                dst = band[r, col]
+                for k in range(k_out):
+                    dst[k] = gy[n, k, src, col]
+    for i in range(i1 - i0):
+        for j in range(tw):
+            t00, t01 = band[2 * i, 2 * j], band[2 * i, 2 * j + 1]
+            t10, t11 = band[2 * i + 1, 2 * j], band[2 * i + 1, 2 * j + 1]
+            q = q0 + i * tw + j
+            for a in range(4):  # row a of A t (A = Aᵀ's transpose: rows t0, t0 + t1, t0 − t1, −t1), then · Aᵀ
+                g0, g1, g2, g3 = g[4 * a, q], g[4 * a + 1, q], g[4 * a + 2, q], g[4 * a + 3, q]
+                for k in range(k_out):
+                    if a == 0:
+                        u, w = t00[k], t01[k]
+                    elif a == 1:
+                        u, w = t00[k] + t10[k], t01[k] + t11[k]
+                    elif a == 2:
+                        u, w = t00[k] - t10[k], t01[k] - t11[k]
+                    else:
+                        u, w = -t10[k], -t11[k]
+                    g0[k], g1[k], g2[k], g3[k] = u, u + w, u - w, -w
+
+
+@njit(cache=True)
+def _weight_tasks(x, gy, acc, pt, pl, imgs, rows, task0, task1):
+    """acc (16, K, C) += Σ over tasks [task0, task1) of T[ξ]ᵀ · V[ξ]: the transformed gy tiles against the
+    transformed x windows under them."""
+    n_img, c = x.shape[0], x.shape[1]
+    k = gy.shape[1]
+    th, tw = (gy.shape[2] + 1) // 2, (gy.shape[3] + 1) // 2
+    bands = (th + rows - 1) // rows
+    p_max = imgs * rows * tw
+    vbuf = np.empty(16 * p_max * c, dtype=x.dtype)
+    gbuf = np.empty(16 * p_max * k, dtype=x.dtype)
+    band = np.empty((2 * rows + 2, 2 * tw + 2, c), dtype=x.dtype)
+    gband = np.empty((2 * rows, 2 * tw, k), dtype=x.dtype)
+    prod = np.empty((k, c), dtype=x.dtype)
+    for task in range(task0, task1):
+        batch, b = divmod(task, bands)
+        n0, i0 = batch * imgs, b * rows
+        nb, i1 = min(imgs, n_img - n0), min(th, i0 + rows)
+        per = (i1 - i0) * tw
+        p = nb * per
+        v = vbuf[: 16 * p * c].reshape(16, p, c)
+        g = gbuf[: 16 * p * k].reshape(16, p, k)
+        for n in range(nb):
+            _input_tiles(x, n0 + n, i0, i1, tw, pt, pl, v, n * per, band)
+            _grad_tiles(gy, n0 + n, i0, i1, tw, g, n * per, gband)
+        for xi in range(16):
+            np.dot(g[xi].T, v[xi], prod)
+            acc[xi] += prod
+
+
+@njit(parallel=True, cache=True)
+def _run_weight(x, gy, acc, pt, pl, imgs, rows, threads):
+    """acc (threads, 16, K, C): one partial sum per thread (added in thread order by the caller: same bits each
+    call)."""
+    th = (gy.shape[2] + 1) // 2
+    tasks = ((x.shape[0] + imgs - 1) // imgs) * ((th + rows - 1) // rows)
+    for t in prange(threads):
+        _weight_tasks(x, gy, acc[t], pt, pl, imgs, rows, t * tasks // threads, (t + 1) * tasks // threads)
+
+
 @njit(parallel=True, cache=True)
 def _run(x, ut, y, pt, pl, imgs, rows, threads):
     th = (y.shape[2] + 1) // 2
@@ -160,3 +238,20 @@ def conv3x3(x, ut, pt, pl, ho, wo, threads):
         th, tw = (ho + 1) // 2, (wo + 1) // 2
         _run(x, ut, y, pt, pl, *plan(c, ut.shape[2], n, th, tw, threads), threads)
     return y
+
+
+def weight_grad(x, gy, pt, pl, threads):
+    """dw (K, C, 3, 3)[k, c, a, b] = Σ_{n, i, j} gy[n, k, i, j] · x[n, c, i + a − pt, j + b − pl] (x zero outside):
+    the weight gradient of conv3x3; x and gy C-contiguous."""
+    n, c = x.shape[:2]
+    k, ho, wo = gy.shape[1:]
+    th, tw = (ho + 1) // 2, (wo + 1) // 2
+    imgs, rows = plan(c, k, n, th, tw, threads)
+    threads = max(1, min(threads, -(-n // imgs) * -(-th // rows)))
+    acc = np.zeros((threads, 16, k, c), dtype=x.dtype)
+    if x.size and gy.size:
+        _run_weight(x, gy, acc, pt, pl, imgs, rows, threads)
+    m = acc[0]
+    for t in range(1, threads):
+        m += acc[t]
+    return np.einsum("ai,abkc,bj->kcij", G, m.reshape(4, 4, k, c), G).astype(x.dtype)  # Gᵀ M G per filter pair

@@ -164,8 +164,9 @@ def winograd_case(draw):
 @given(winograd_case())
 def test_winograd_forward_and_input_gradient_equal_reference(case):
     """With the channel threshold lowered to 1, every drawn 3×3 stride-1 case takes the Winograd path: the forward
-    (bias included) and the input gradient (the flipped filters over gy, padded 2 − p, any x size) equal the
-    reference within the float32/float64 tolerances of every other form."""
+    (bias included), the input gradient (the flipped filters over gy, padded 2 − p, any x size) and the weight
+    gradient (F(3×3, 2×2), tiles past gy's edge included) equal the reference within the float32/float64 tolerances
+    of every other form."""
     x, w, bias, pads = case
     tol = TOL[x.dtype.type]
     saved = cpu.WINOGRAD_MIN_CHANNELS
@@ -180,18 +181,22 @@ def test_winograd_forward_and_input_gradient_equal_reference(case):
         dx = cpu.conv2d_backward_input(gy, w, x.shape, padding=pads)
         assert dx.dtype == x.dtype and dx.shape == x.shape
         np.testing.assert_allclose(dx, ref.conv2d_backward_input(gy, w, x.shape, padding=pads), **tol)
+        dw = cpu.conv2d_backward_weight(x, gy, w.shape, padding=pads)
+        assert dw.dtype == x.dtype and dw.shape == w.shape
+        np.testing.assert_allclose(dw, ref.conv2d_backward_weight(x, gy, w.shape, padding=pads), **tol)
     finally:
         cpu.WINOGRAD_MIN_CHANNELS = saved
 
 
 def test_winograd_is_taken_where_it_applies(monkeypatch):
-    """At the bench's layer shape (64 channels, 16×16, pad 1) the forward and input gradient go through Winograd and
+    """At the bench's layer shape (64 channels, 16×16, pad 1) the forward and both gradients go through Winograd and
     equal the reference in float32; a stride, a dilation, groups, another kernel size or few channels do not."""
     from kernels.conv import winograd
 
     calls = []
-    real = winograd.conv3x3
+    real, real_dw = winograd.conv3x3, winograd.weight_grad
     monkeypatch.setattr(winograd, "conv3x3", lambda *a: calls.append(a[0].shape) or real(*a))
+    monkeypatch.setattr(winograd, "weight_grad", lambda *a: calls.append("dw") or real_dw(*a))
     rng = np.random.default_rng(5)
     x = rng.standard_normal((2, 64, 16, 16)).astype(np.float32)
     w = (rng.standard_normal((64, 64, 3, 3)) / 24).astype(np.float32)
@@ -200,7 +205,9 @@ def test_winograd_is_taken_where_it_applies(monkeypatch):
                                **TOL[np.float32])
     np.testing.assert_allclose(cpu.conv2d_backward_input(gy, w, x.shape, padding=1),
                                ref.conv2d_backward_input(gy, w, x.shape, padding=1), **TOL[np.float32])
-    assert calls == [x.shape, gy.shape]
+    np.testing.assert_allclose(cpu.conv2d_backward_weight(x, gy, w.shape, padding=1),
+                               ref.conv2d_backward_weight(x, gy, w.shape, padding=1), **TOL[np.float32])
+    assert calls == [x.shape, gy.shape, "dw"]
     for w_shape, kwargs in (((64, 64, 3, 3), dict(stride=(2, 1))), ((64, 64, 3, 3), dict(dilation=(1, 2))),
                             ((64, 32, 3, 3), dict(groups=2)), ((64, 64, 5, 5), {}), ((64, 8, 3, 3), {})):
         assert not cpu._winograd(w_shape, kwargs.get("stride", (1, 1)), kwargs.get("dilation", (1, 1)),
