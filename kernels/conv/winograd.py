@@ -53,6 +53,19 @@ def plan(c, k, n_img, th, tw, threads):
     return 1, max(1, min(th, BUDGET // (16 * (c + k) * tw)))
 
 
+@njit(cache=True, inline="always")
+def _task(task, n_img, th, imgs, rows):
+    """Task → (first image, images, first tile row, end tile row): tasks run over (image group, tile-row band)."""
+    batch, b = divmod(task, (th + rows - 1) // rows)
+    n0, i0 = batch * imgs, b * rows
+    return n0, min(imgs, n_img - n0), i0, min(th, i0 + rows)
+
+
+@njit(cache=True, inline="always")
+def _n_tasks(n_img, th, imgs, rows):
+    return ((n_img + imgs - 1) // imgs) * ((th + rows - 1) // rows)
+
+
 @njit(cache=True)
 def _input_tiles(x, n, i0, i1, tw, pt, pl, v, q0, band):
     """v[ξ, q0 + q, :] = (Bᵀ d B)[ξ] over the channels, for the tiles of image n in tile rows [i0, i1),
@@ -125,16 +138,13 @@ def _tasks(x, ut, y, pt, pl, imgs, rows, task0, task1):
     n_img, c = x.shape[0], x.shape[1]
     k = ut.shape[2]
     th, tw = (y.shape[2] + 1) // 2, (y.shape[3] + 1) // 2
-    bands = (th + rows - 1) // rows
     p_max = imgs * rows * tw
     vbuf = np.empty(16 * p_max * c, dtype=x.dtype)
     mbuf = np.empty(16 * p_max * k, dtype=x.dtype)
     band = np.empty((2 * rows + 2, 2 * tw + 2, c), dtype=x.dtype)
     stage = np.empty((2, 2 * tw, k), dtype=x.dtype)
     for task in range(task0, task1):
-        batch, b = divmod(task, bands)
-        n0, i0 = batch * imgs, b * rows
-        nb, i1 = min(imgs, n_img - n0), min(th, i0 + rows)
+        n0, nb, i0, i1 = _task(task, n_img, th, imgs, rows)
         per = (i1 - i0) * tw
         p = nb * per
         v = vbuf[: 16 * p * c].reshape(16, p, c)
@@ -187,7 +197,6 @@ def _weight_tasks(x, gy, acc, pt, pl, imgs, rows, task0, task1):
     n_img, c = x.shape[0], x.shape[1]
     k = gy.shape[1]
     th, tw = (gy.shape[2] + 1) // 2, (gy.shape[3] + 1) // 2
-    bands = (th + rows - 1) // rows
     p_max = imgs * rows * tw
     vbuf = np.empty(16 * p_max * c, dtype=x.dtype)
     gbuf = np.empty(16 * p_max * k, dtype=x.dtype)
@@ -195,9 +204,7 @@ def _weight_tasks(x, gy, acc, pt, pl, imgs, rows, task0, task1):
     gband = np.empty((2 * rows, 2 * tw, k), dtype=x.dtype)
     prod = np.empty((k, c), dtype=x.dtype)
     for task in range(task0, task1):
-        batch, b = divmod(task, bands)
-        n0, i0 = batch * imgs, b * rows
-        nb, i1 = min(imgs, n_img - n0), min(th, i0 + rows)
+        n0, nb, i0, i1 = _task(task, n_img, th, imgs, rows)
         per = (i1 - i0) * tw
         p = nb * per
         v = vbuf[: 16 * p * c].reshape(16, p, c)
@@ -214,16 +221,14 @@ def _weight_tasks(x, gy, acc, pt, pl, imgs, rows, task0, task1):
 def _run_weight(x, gy, acc, pt, pl, imgs, rows, threads):
     """acc (threads, 16, K, C): one partial sum per thread (added in thread order by the caller: same bits each
     call)."""
-    th = (gy.shape[2] + 1) // 2
-    tasks = ((x.shape[0] + imgs - 1) // imgs) * ((th + rows - 1) // rows)
+    tasks = _n_tasks(x.shape[0], (gy.shape[2] + 1) // 2, imgs, rows)
     for t in prange(threads):
         _weight_tasks(x, gy, acc[t], pt, pl, imgs, rows, t * tasks // threads, (t + 1) * tasks // threads)
 
 
 @njit(parallel=True, cache=True)
 def _run(x, ut, y, pt, pl, imgs, rows, threads):
-    th = (y.shape[2] + 1) // 2
-    tasks = ((x.shape[0] + imgs - 1) // imgs) * ((th + rows - 1) // rows)
+    tasks = _n_tasks(x.shape[0], (y.shape[2] + 1) // 2, imgs, rows)
     threads = max(1, min(threads, tasks))
     for t in prange(threads):
         _tasks(x, ut, y, pt, pl, imgs, rows, t * tasks // threads, (t + 1) * tasks // threads)
@@ -247,7 +252,7 @@ def weight_grad(x, gy, pt, pl, threads):
     k, ho, wo = gy.shape[1:]
     th, tw = (ho + 1) // 2, (wo + 1) // 2
     imgs, rows = plan(c, k, n, th, tw, threads)
-    threads = max(1, min(threads, -(-n // imgs) * -(-th // rows)))
+    threads = max(1, min(threads, _n_tasks(n, th, imgs, rows)))
     acc = np.zeros((threads, 16, k, c), dtype=x.dtype)
     if x.size and gy.size:
         _run_weight(x, gy, acc, pt, pl, imgs, rows, threads)
