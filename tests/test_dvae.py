@@ -301,8 +301,9 @@ def test_cli_train_sample_eval_in_process(tmp_path, capsys):
     assert cli.main(["sample", "dvae", "--ckpt", ckpt, "--n", "6", "-o", png]) == 0
     assert "6 originals above their reconstructions" in capsys.readouterr().out
     m, c = dvae.load(ckpt)
-    grid = dvae.sample(m, c, 6, seed=0)
-    np.testing.assert_array_equal(grid[3:6], m.reconstruct(grid[:3]))  # a row of originals, then theirs
+    grid = dvae.sample(m, c, 6, seed=0)  # rows of 3: originals, theirs, originals, theirs
+    rec = m.reconstruct(np.concatenate([grid[0:3], grid[6:9]]))  # one batch of the 6, as sample makes them
+    np.testing.assert_array_equal(np.concatenate([grid[3:6], grid[9:12]]), rec)
     assert cli.main(["eval", "dvae", "--ckpt", ckpt, "--json"]) == 0
     figures = {f["name"]: f for f in json.loads(capsys.readouterr().out)["figures"]}
     assert {"reconstruction MSE", "codes in use", "test -ELBO (β=1)"} <= set(figures)
