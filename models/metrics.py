@@ -66,6 +66,8 @@ def gaussian_fit(feats):
     feats = np.asarray(feats, np.float64)
     if feats.ndim != 2 or len(feats) < 2:
         raise ValueError(f"gaussian_fit: expected (N >= 2, D) features, got shape {feats.shape}")
+    if not np.isfinite(feats).all():  # e.g. a diverged generator's NaN images
+        raise ValueError(f"gaussian_fit: features hold {(~np.isfinite(feats)).sum()} NaN or infinite values")
     return feats.mean(0), np.cov(feats, rowvar=False)
 
 
@@ -101,6 +103,9 @@ def frechet_distance(mu1, s1, mu2, s2):
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.size, mu1.size):
         raise ValueError(f"frechet_distance: shapes do not match: mu1 {mu1.shape}, s1 {s1.shape}, "
                          f"mu2 {mu2.shape}, s2 {s2.shape}")  # fmt: skip
+    for name, a in (("mu1", mu1), ("s1", s1), ("mu2", mu2), ("s2", s2)):
+        if not np.isfinite(a).all():
+            raise ValueError(f"frechet_distance: {name} holds NaN or infinite values")
     d = float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * trace_sqrt_product(s1, s2))
     return max(d, 0.0)  # rounding can leave -1e-12 for identical inputs
 
@@ -126,6 +131,8 @@ def class_agreement(images, labels, dataset):
     -> dict head -> fraction over the images that request it, and "all": the fraction of images
     whose every requested head is right (prompt fidelity).
     """
+    if len(images) == 0:
+        raise ValueError("class_agreement: no images (the fraction of none is undefined)")
     pred = predict(_classifier_for(images, dataset), images)
     if dataset == "digits":
         labels = np.asarray(labels)
@@ -204,7 +211,7 @@ def sampler_baselines(dataset, train_images, test_images, *, seed=0):
 def bits_per_dim(nll_nats, n_dims):
     """Negative log-likelihood in nats per image (a number, an array or a Tensor, e.g. a training loss)
     -> bits per dimension: nll / (D · ln 2)."""
-    if n_dims <= 0:
+    if not n_dims > 0:  # also NaN
         raise ValueError(f"bits_per_dim: n_dims must be positive, got {n_dims}")
     if isinstance(nll_nats, core.Tensor):
         return nll_nats * (1.0 / (n_dims * math.log(2)))
@@ -231,6 +238,8 @@ def dequantize(x, levels, lo=-1.0, hi=1.0, *, generator=None):
     anti-aliased shapes lies between levels) and spread uniformly over that level's bin,
     lo + Δ·(k + u - ½), u ~ U[0, 1), so the bins of width Δ = bin_width(levels) tile [lo - Δ/2, hi + Δ/2]
     without overlap. NumPy arrays or Tensors in, the same out (noise from `generator` or core's default)."""
+    if generator is not None and not isinstance(generator, core.random.Generator):
+        raise TypeError(f"dequantize: generator must be a core.random.Generator, got {type(generator).__name__}")
     gen = generator or core.random.default_generator
     a = x.data if isinstance(x, core.Tensor) else np.asarray(x)
     u = gen.uniform(a.shape)

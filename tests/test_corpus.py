@@ -34,6 +34,16 @@ def test_split_is_by_document_and_fixed():
     assert len(names["train"]) - len(doc) == corpus.CAPTIONS["train"]
 
 
+def test_split_of_is_the_documented_rule():
+    """The first 8 bytes of sha256(name), big-endian, mod 10 (the docstring once said the whole digest)."""
+    for name in ("json.dumps#0", "abc.ABCMeta#0", "email.message.Message.get#0"):
+        head = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big")
+        assert corpus.split_of(name) == ("val" if head % 10 == 0 else "train")
+    names = [n for s in corpus.SPLITS for n, _ in corpus._all_documents()[s] if not n.startswith("shapes.")]
+    val = {n for n in names if int.from_bytes(hashlib.sha256(n.encode()).digest()[:8], "big") % 10 == 0}
+    assert [corpus.split_of(n) == "val" for n in names] == [n in val for n in names]
+
+
 def test_documents_are_sentences():
     docs = corpus.documents("train")
     text = corpus.text("train")

@@ -61,6 +61,19 @@ def test_frechet_distance_of_samples():
     assert metrics.frechet_distance(*fit, *metrics.gaussian_fit(y)) == pytest.approx(5.25, abs=0.1)
 
 
+def test_frechet_distance_rejects_non_finite_input():
+    """NaN features (a diverged generator's images) raised LinAlgError or returned nan; now a clear error."""
+    f = np.random.default_rng(0).standard_normal((10, 3))
+    f[2, 1] = np.nan
+    with pytest.raises(ValueError, match="gaussian_fit: features hold 1 NaN"):
+        metrics.gaussian_fit(f)
+    mu, s = np.zeros(2), np.eye(2)
+    with pytest.raises(ValueError, match="mu1 holds NaN"):
+        metrics.frechet_distance(np.array([np.nan, 0.0]), s, mu, s)
+    with pytest.raises(ValueError, match="s2 holds NaN"):
+        metrics.frechet_distance(mu, s, mu, np.diag([np.inf, 1.0]))
+
+
 # --- the classifiers and the sampler figures ----------------------------------------------------------
 
 
@@ -190,3 +203,14 @@ def test_dequantize_of_integer_levels_gives_floats_in_their_bins():
     assert y.dtype.kind == "f"
     np.testing.assert_array_equal(metrics.quantize(y, 3), metrics.quantize(x.astype(np.float64), 3))
     assert not np.array_equal(y, np.round(y))
+
+
+def test_likelihood_bad_arguments():
+    """n_dims NaN gave nan bits/dim; a NumPy generator was read as dequantize's `low` (wrong noise or an
+    obscure error); class_agreement of no images gave nan."""
+    with pytest.raises(ValueError, match="n_dims"):
+        metrics.bits_per_dim(1.0, float("nan"))
+    with pytest.raises(TypeError, match="core.random.Generator"):
+        metrics.dequantize(np.zeros((1, 1, 1, 1)), 17, generator=np.random.default_rng(0))
+    with pytest.raises(ValueError, match="no images"):
+        metrics.class_agreement(np.zeros((0, 1, 8, 8), np.float32), np.zeros(0, np.int64), "digits")
