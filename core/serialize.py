@@ -41,6 +41,7 @@ CHECKPOINT_FORMAT = "t2i.checkpoint.v1"
 _MAX_HEADER = 100 * 2**20  # safetensors' own limit on the JSON header (100 MB)
 _DTYPES = {"bool", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64",
            "float16", "float32", "float64", "complex64"}  # the NumPy dtypes safetensors can hold
+_FILE_DTYPES = {"BOOL", "I8", "U8", "I16", "U16", "I32", "U32", "I64", "U64", "F16", "F32", "F64", "C64"}  # their names
 
 
 class SerializationError(ValueError):
@@ -71,7 +72,11 @@ def _as_array(value, name):
     if isinstance(value, Tensor):
         value = value.numpy()
     elif _is_torch(value):  # before the CuPy test: a CUDA torch.Tensor has __cuda_array_interface__ too
-        value = value.detach().cpu().numpy()
+        try:
+            value = value.detach().cpu().numpy()
+        except TypeError as e:  # a dtype NumPy lacks (bfloat16, float8): torch's message names no tensor
+            raise TypeError(f"save: {name!r} has dtype {getattr(value, 'dtype', '?')}, which NumPy cannot hold "
+                            f"(convert it first, e.g. .float()): {e}") from None
     elif hasattr(value, "__cuda_array_interface__"):  # a CuPy array
         value = value.get()
     if not isinstance(value, (np.ndarray, np.generic)):
@@ -116,11 +121,18 @@ def save(path, tensors_or_state, metadata=None):
     for name, value in tensors_or_state.items():
         if not isinstance(name, str):
             raise TypeError(f"save: tensor names must be str, got {name!r}")
+        if name == "__metadata__":  # the header's metadata key: the file would hold it twice and never load
+            raise ValueError(f"save: the tensor name {name!r} is reserved by the safetensors format")
         arrays[name] = _as_array(value, name)
     metadata = dict(metadata or {})
     for k, v in metadata.items():
         if not (isinstance(k, str) and isinstance(v, str)):
             raise TypeError(f"save: metadata must map str to str, got {k!r}: {type(v).__name__}")
+    for text in (*arrays, *metadata.keys(), *metadata.values()):
+        try:
+            text.encode()
+        except UnicodeEncodeError:  # a lone surrogate: JSON in UTF-8 cannot hold it
+            raise ValueError(f"save: {text!r} in the tensor names or metadata is not valid Unicode") from None
     if DIGEST_KEY in metadata:
         raise ValueError(f"save: metadata key {DIGEST_KEY!r} is reserved for the file's checksum")
     metadata[DIGEST_KEY] = _digest(arrays, metadata)
@@ -183,7 +195,7 @@ def _read(path):
                                  "length prefix)")
     try:
         header = json.loads(data[8:8 + n])
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # (RecursionError: nesting too deep)
         raise SerializationError(f"{path}: corrupted header (invalid JSON: {e})") from None
     if not isinstance(header, dict):
         raise SerializationError(f"{path}: corrupted header (expected a JSON object)")
@@ -191,6 +203,11 @@ def _read(path):
         end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
     except (TypeError, KeyError, IndexError, ValueError):
         raise SerializationError(f"{path}: corrupted header (a tensor entry lacks valid data_offsets)") from None
+    for k, v in header.items():  # safetensors.numpy fails with a bare KeyError on a dtype NumPy lacks (BF16, F8_*)
+        dtype = v.get("dtype") if k != "__metadata__" and isinstance(v, dict) else None
+        if isinstance(dtype, str) and dtype not in _FILE_DTYPES:
+            raise SerializationError(f"{path}: tensor {k!r} has dtype {dtype}, which NumPy cannot hold (load it with "
+                                     "safetensors.torch and convert it, e.g. to float32)")
     have = len(data) - 8 - n
     if end > have:
         raise SerializationError(f"{path}: truncated (tensors need {end} bytes of data, the file has {have})")
@@ -220,6 +237,12 @@ def load(path):
 def load_metadata(path):
     """The string metadata stored in a safetensors file's header (including its checksum)."""
     return _read(path)[1]
+
+
+def load_with_metadata(path):
+    """(tensors, metadata) of one read of the file: unlike `load` then `load_metadata`, both come from the same
+    version of a file that another process may be replacing meanwhile."""
+    return _read(path)
 
 
 # --- training checkpoints ---------------------------------------------------------------------

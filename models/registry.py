@@ -52,6 +52,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
+import types
+import typing
 
 MODELS = {
     "gan": "models.gan", "vae": "models.vae", "glow": "models.glow", "ddpm": "models.ddpm",  # image generators
@@ -88,7 +91,9 @@ def config(module, data=None, **overrides):
     `module.PRESETS[data]`, then `overrides`.
 
     Unknown field names and datasets the model does not train on raise UsageError naming them and
-    the valid choices.
+    the valid choices; so do values of a type the field's annotation does not allow, and steps,
+    batch_size, lr, seed out of range. An override of None means "not given", except for a field
+    that takes None (`top_p: float | None`).
     """
     valid = datasets(module)
     data = valid[0] if data is None else data
@@ -101,26 +106,64 @@ def config(module, data=None, **overrides):
     if unknown:
         raise UsageError(f"{module.__name__}.Config has no field(s) {', '.join(unknown)}; "
                          f"fields: {', '.join(sorted(fields))}")
-    defaults = {f.name: f.default for f in dataclasses.fields(module.Config)}
-    values.update({k: _coerce(module, k, v, defaults[k]) for k, v in overrides.items() if v is not None})
+    hints = _hints(module.Config)
+    for k, v in overrides.items():
+        if v is not None or k in hints and type(None) in hints[k]:  # None: not given, unless the field takes None
+            values[k] = _coerce(module, k, v, hints.get(k, ()))
+    _check_contract(module, values)
     return module.Config(**values)
 
 
-def _coerce(module, name, value, default):
-    """An override in the type of the field's default: "False"/"true" (text from --set) for a bool, an int for
-    a float, a list for a tuple; anything else of another type is a UsageError (a "False" string would be a true
-    flag)."""
-    kind = type(default)
-    if default is None or default is dataclasses.MISSING or isinstance(value, kind) and not (
-            isinstance(value, bool) and kind is not bool):
+def _hints(cls):
+    """{field: the types its annotation allows} (`int | None` -> (int, NoneType)); the default's type where the
+    annotation cannot be read."""
+    try:
+        hints = typing.get_type_hints(cls)
+    except (NameError, TypeError):
+        hints = {}
+    kinds = {}
+    for f in dataclasses.fields(cls):
+        h = hints.get(f.name)
+        args = typing.get_args(h) if typing.get_origin(h) in (typing.Union, types.UnionType) else (h,)
+        if not all(isinstance(a, type) for a in args):  # (tuple[int, ...], Literal[...]: not checked here)
+            args = ()
+        if args and f.default is not dataclasses.MISSING:
+            args = tuple(dict.fromkeys((*args, type(f.default))))
+        elif f.default is not None and f.default is not dataclasses.MISSING:
+            args = (type(f.default),)
+        kinds[f.name] = args  # () : anything goes
+    return kinds
+
+
+def _coerce(module, name, value, kinds):
+    """An override in a type its field takes: "False"/"true" (text from --set) for a bool, an int for a float, a
+    list for a tuple; anything else of another type is a UsageError (a "False" string would be a true flag)."""
+    if not kinds or object in kinds or value is None and type(None) in kinds:
         return value
-    if kind is bool and isinstance(value, str) and value.lower() in ("true", "false"):
+    if any(isinstance(value, k) and not (isinstance(value, bool) and k is not bool) for k in kinds):
+        return value
+    if bool in kinds and isinstance(value, str) and value.lower() in ("true", "false"):
         return value.lower() == "true"
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+    if float in kinds and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if kind is tuple and isinstance(value, list):
+    if tuple in kinds and isinstance(value, list):
         return tuple(value)
-    raise UsageError(f"{module.__name__}.Config.{name} is a {kind.__name__} (default {default!r}), got {value!r}")
+    want = " or ".join("None" if k is type(None) else k.__name__ for k in kinds)
+    default = {f.name: f.default for f in dataclasses.fields(module.Config)}[name]
+    article = "an" if want[0] in "aeiou" else "a"
+    raise UsageError(f"{module.__name__}.Config.{name} is {article} {want} (default {default!r}), got {value!r}")
+
+
+def _check_contract(module, values):
+    """The fields every Config has, checked as the CLI's --steps/--batch-size/--lr/--seed check them, so that
+    `--set steps=-3` is refused too (it trained nothing and reported a checkpoint it never wrote)."""
+    for k, ok, what in [("steps", lambda v: v >= 1, "a positive integer"),
+                        ("batch_size", lambda v: v >= 1, "a positive integer"),
+                        ("lr", lambda v: math.isfinite(v) and v > 0, "a positive number"),
+                        ("seed", lambda v: v >= 0, "a non-negative integer")]:
+        v = values.get(k)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and not ok(v):
+            raise UsageError(f"{module.__name__}.Config.{k} must be {what}, got {v!r}")
 
 
 def from_dict(cls, d):
@@ -128,7 +171,8 @@ def from_dict(cls, d):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - set(fields))
     if unknown:
-        raise ValueError(f"{cls.__qualname__}: the checkpoint's config has unknown field(s) {', '.join(unknown)}")
+        raise UsageError(f"{cls.__module__}.{cls.__qualname__}: the checkpoint's config has unknown field(s) "
+                         f"{', '.join(unknown)} (written by another version of the model?)")
     values = {}
     for k, v in d.items():
         default = fields[k].default

@@ -230,7 +230,7 @@ def _fit(cfg, out, *, model, optimizer, step, data, ema, scheduler, resume, prog
 def read_checkpoint(path):
     """What `fit` saved in `path`, without touching any RNG: {"model": name, "config": dict, "step": int,
     "history": dict, "weights": {name: ndarray}, "ema": {param name: ndarray} or None}."""
-    arrays, meta = serialize.load(path), serialize.load_metadata(path)
+    arrays, meta = serialize.load_with_metadata(path)  # one read: a run may replace the file between two
     if meta.get("format") != serialize.CHECKPOINT_FORMAT or "extra" not in meta:
         raise UsageError(f"{path}: not a checkpoint written by `t2i train` (no config in its metadata)")
     extra = json.loads(meta["extra"])
@@ -258,7 +258,10 @@ def load_model(path, config_cls, build):
     from models.registry import from_dict
 
     ckpt = read_checkpoint(path)
-    cfg = from_dict(config_cls, ckpt["config"])
+    try:
+        cfg = from_dict(config_cls, ckpt["config"])
+    except (TypeError, ValueError) as e:  # (a Config's own checks raise a plain ValueError)
+        raise UsageError(f"{path}: its config does not fit {config_cls.__module__}.Config: {e}") from None
     state = core.random.get_rng_state()
     try:
         return load_weights(build(cfg), ckpt), cfg

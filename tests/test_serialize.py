@@ -3,6 +3,7 @@
 import json
 import os
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -148,6 +149,30 @@ def test_metadata_must_be_strings(tmp_path):
         save(tmp_path / "m", {"a": np.zeros(1)}, metadata={serialize.DIGEST_KEY: "x"})
 
 
+def test_names_the_format_cannot_hold_are_refused_before_writing(tmp_path):
+    """A tensor named __metadata__ wrote a file whose header held that key twice (it never loaded again); a lone
+    surrogate failed with a bare UnicodeEncodeError naming nothing."""
+    for name in ("__metadata__", "w\ud800"):
+        with pytest.raises(ValueError, match="save: .*" + re.escape(repr(name))):
+            save(tmp_path / "n", {name: np.zeros(1)})
+    with pytest.raises(ValueError, match="not valid Unicode"):
+        save(tmp_path / "n", {"a": np.zeros(1)}, metadata={"k": "\udc80"})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_dtype_numpy_lacks_is_named_on_load_and_save(tmp_path):
+    """bfloat16 and float8 files (as Hugging Face ships weights) failed with a bare KeyError('BF16') from deep
+    inside safetensors.numpy; saving a bfloat16 torch.Tensor with torch's message, which names no tensor."""
+    import safetensors.torch
+
+    for dtype, code in [(torch.bfloat16, "BF16"), (torch.float8_e4m3fn, "F8_E4M3")]:
+        safetensors.torch.save_file({"ok": torch.ones(2), "w": torch.ones(2, dtype=dtype)}, tmp_path / "h")
+        with pytest.raises(SerializationError, match=f"h: tensor 'w' has dtype {code}, which NumPy cannot hold"):
+            load(tmp_path / "h")
+    with pytest.raises(TypeError, match="save: 'w' has dtype torch.bfloat16"):
+        save(tmp_path / "b", {"w": torch.ones(2, dtype=torch.bfloat16)})
+
+
 def test_saved_file_has_a_normal_mode(tmp_path):
     save(tmp_path / "a", {"a": np.zeros(1)})
     umask = os.umask(0)
@@ -288,6 +313,13 @@ class _Payload:
 
     def __reduce__(self):
         return (open, (self.marker, "w"))
+
+
+def test_a_deeply_nested_header_is_corrupted_not_a_recursion_error(tmp_path):
+    header = b'{"a":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    (tmp_path / "d").write_bytes(len(header).to_bytes(8, "little") + header)
+    with pytest.raises(SerializationError, match="d: corrupted header"):
+        load(tmp_path / "d")
 
 
 def test_a_pickle_is_rejected_and_never_executed(tmp_path):

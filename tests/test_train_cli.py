@@ -46,6 +46,34 @@ def test_config_applies_preset_then_overrides_and_rejects_unknown_fields():
         registry.from_dict(gan.Config, {"bogus": 1})
 
 
+def test_set_none_and_types_follow_the_annotation():
+    """`--set top_p=null` was dropped (top_p stayed 0.95) and a field whose default is None took any value
+    (top_k="abc" or 3.5 reached the sampler); None still means "not given" for a field that cannot be None."""
+    from models import gpt
+
+    assert registry.config(gpt, "text", top_p=None).top_p is None
+    assert registry.config(gpt, "text", top_k=5, vocab_size=None).top_k == 5
+    assert registry.config(gan, seed=None).seed == 0
+    for key, value in [("top_k", "abc"), ("top_k", 3.5), ("top_k", True), ("vocab_size", "x")]:
+        with pytest.raises(UsageError, match=rf"Config\.{key} is an int or None \(default None\), got {value!r}"):
+            registry.config(gpt, "text", **{key: value})
+
+
+@pytest.mark.parametrize("key, value, what", [
+    ("steps", -3, "a positive integer"), ("batch_size", 0, "a positive integer"),
+    ("lr", float("nan"), "a positive number"), ("lr", -1.0, "a positive number"),
+    ("seed", -1, "a non-negative integer"),
+])
+def test_set_checks_the_fields_every_config_has(key, value, what, capsys):
+    """`--set steps=-3` trained nothing and reported a checkpoint it never wrote, `lr=NaN` trained NaNs, and
+    `batch_size=0`, `seed=-1` ended in a traceback: refused like --steps/--lr/--seed/--batch-size are."""
+    with pytest.raises(UsageError, match=rf"Config\.{key} must be {what}, got {value!r}"):
+        registry.config(gan, **{key: value})
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "gan", "--set", f"{key}={json.dumps(value)}", "--out", "x"])
+    assert e.value.code == 2 and f"{key} must be {what}" in capsys.readouterr().err
+
+
 # --- train.py pieces ------------------------------------------------------------------------------
 
 
@@ -136,6 +164,44 @@ def test_resuming_with_more_steps_follows_the_longer_schedule(tmp_path):
     assert not np.allclose(first, straight[:4])  # ... after a first half that followed the 4-step schedule
 
 
+def test_read_checkpoint_takes_everything_from_one_version_of_the_file(tmp_path, monkeypatch):
+    """`t2i sample` while training rewrites the checkpoint: the weights and the step (config, history, EMA) came
+    from two reads, so from two versions of the file when it was replaced between them."""
+    import core
+
+    def run(steps, out):
+        cfg = registry.config(gan, steps=steps, batch_size=4)
+        core.manual_seed(0)
+        model = core.nn.Linear(3, 1)
+        opt = core.optim.SGD(model.parameters(), lr=0.1)
+
+        def step(xb, yb):
+            loss = ((model(core.tensor(xb)) - 1.0) ** 2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            return {"loss": loss.item()}
+
+        loop.fit(cfg, out, model=model, optimizer=opt, step=step, data=(np.ones((8, 3)), np.zeros(8)), progress=False)
+
+    old, new = str(tmp_path / "old.safetensors"), str(tmp_path / "new.safetensors")
+    run(1, old)
+    run(2, new)
+    expected = loop.read_checkpoint(old)
+    read = loop.serialize._read
+
+    def racing(path):  # the training run replaces the file just after a read
+        result = read(path)
+        if os.path.exists(new):
+            os.replace(new, old)
+        return result
+
+    monkeypatch.setattr(loop.serialize, "_read", racing)
+    got = loop.read_checkpoint(old)
+    assert got["step"] == expected["step"] == 1 and got["history"] == expected["history"]
+    np.testing.assert_array_equal(got["weights"]["weight"], expected["weights"]["weight"])
+
+
 def test_format_figures_lines_up_value_and_baselines():
     text = loop.format_figures({"figures": [loop.figure("FD-classifier", 1.5, better="lower", gaussian=30.0,
                                                         real_train=0.2)], "note": [1, 2]})
@@ -204,6 +270,29 @@ def test_sample_arguments_the_model_does_not_take_exit_2(tmp_path, capsys):
         cli.main(["sample", "vae", "--ckpt", ckpt, "-o", str(tmp_path / "s.png")])
     assert e.value.code == 2 and "holds a 'gan' model" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "s.png")
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"old_knob": 3}, "models.gan.Config: the checkpoint's config has unknown field(s) old_knob"),
+    ({"resolution": 12}, "resolution"),
+])
+def test_a_checkpoint_config_that_does_not_fit_exits_2(tmp_path, capsys, change, message):
+    """A checkpoint of another version of the model (a field since removed, a value now refused) ended in a
+    traceback (exit 1) from registry.from_dict, not a usage error naming the file."""
+    from core import serialize
+
+    ckpt = str(tmp_path / "g.safetensors")
+    assert cli.main(["train", "gan", *TINY_GAN, "--steps", "1", "--out", ckpt, "--quiet"]) == 0
+    arrays, meta = serialize.load_with_metadata(ckpt)
+    del meta[serialize.DIGEST_KEY]  # (save writes a new one)
+    extra = json.loads(meta["extra"])
+    extra["config"].update(change)
+    serialize.save(ckpt, arrays, metadata=dict(meta, extra=json.dumps(extra)))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        cli.main(["sample", "gan", "--ckpt", ckpt, "-o", str(tmp_path / "s.png")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and ckpt in err and message in err
 
 
 def test_every_command_has_help(capsys):
