@@ -295,11 +295,7 @@ def train(cfg, out, *, resume=True, progress=True):
 
 def load(path):
     """(model, cfg) from a checkpoint written by `train`, in eval mode."""
-    from models.registry import from_dict
-
-    ckpt = loop.read_checkpoint(path)
-    cfg = from_dict(Config, ckpt["config"])
-    return loop.load_weights(build(cfg), ckpt), cfg
+    return loop.load_model(path, Config, build)
 
 
 # --- sampling and evaluation ----------------------------------------------------------------------

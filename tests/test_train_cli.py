@@ -326,3 +326,16 @@ def test_set_and_flags_combine_and_bools_parse(tmp_path, capsys):
     nested = str(tmp_path / "new" / "dir" / "g.safetensors")  # a missing folder is made, before training
     assert cli.main(["train", "gan", *tiny, "--set", "steps=1", "--out", nested, "--quiet"]) == 0
     assert os.path.isfile(nested)
+
+
+@pytest.mark.parametrize("name", ["bert", "clip", "dvae"])
+def test_models_with_their_own_load_refuse_a_config_that_does_not_fit(monkeypatch, name):
+    """bert, clip and dvae read their checkpoints themselves: a config their Config now refuses (an unknown field, a
+    value its checks reject) is a UsageError naming the file there too, not a traceback."""
+    import importlib
+
+    module = importlib.import_module(f"models.{name}")
+    for bad in ({"no_such_field": 1}, {"dim": 0, "heads": 3} if name == "bert" else {"resolution": 7}):
+        monkeypatch.setattr(loop, "read_checkpoint", lambda path, bad=bad: {"config": bad, "weights": {}})
+        with pytest.raises(UsageError, match=f"ckpt.safetensors.*{name}.Config"):
+            module.load("ckpt.safetensors")
