@@ -287,7 +287,8 @@ def gumbel_softmax(logits, tau=1.0, hard=False, eps=1e-10, dim=-1, *, generator=
     op = "gumbel_softmax"
     if logits.dtype not in (np.float32, np.float64):
         raise TypeError(f"{op}: logits must be float32 or float64, got {logits.dtype}")
-    if not -logits.ndim <= dim < logits.ndim:
+    ndim = max(logits.ndim, 1)  # a 0-d logit is a row of one (dim −1 or 0), as in PyTorch
+    if not -ndim <= dim < ndim:
         raise IndexError(f"{op}: dim {dim} out of range for logits of shape {logits.shape}")
     if not tau > 0:
         raise ValueError(f"{op}: tau must be positive, got {tau}")
@@ -300,4 +301,4 @@ def gumbel_softmax(logits, tau=1.0, hard=False, eps=1e-10, dim=-1, *, generator=
             raise ValueError(f"{op}: noise of shape {tuple(noise.shape)} must have the logits' shape {logits.shape}")
         if noise.dtype != logits.dtype:
             noise = noise.to(logits.dtype) if isinstance(noise, Tensor) else noise.astype(logits.dtype)
-    return GumbelSoftmax.apply(logits, noise, tau=float(tau), hard=bool(hard), axis=dim % logits.ndim, seed=seed)
+    return GumbelSoftmax.apply(logits, noise, tau=float(tau), hard=bool(hard), axis=dim % ndim, seed=seed)

@@ -229,6 +229,8 @@ def _forward_block(q, k, v, mask, has_mask, H, kind, T, W, r, P, causal, scale, 
                     mx = s[a, c]
             if mx == ninf:  # nothing visible in this row yet: P = 0, O and l stay 0
                 for c in range(nk):
+                    if s[a, c] != s[a, c]:  # a NaN score (skipped by the max) still makes the row NaN
+                        lsum[a] = np.nan
                     s[a, c] = 0.0
                 alpha[a] = 1.0
                 continue

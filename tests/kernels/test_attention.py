@@ -450,6 +450,31 @@ def test_nan_and_inf_scores_make_their_rows_nan_as_in_pytorch(dtype):
         assert_nan_where_reference("cpu", q, k, v, dout, kw)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_nan_scores_in_a_row_with_no_finite_score_make_it_nan(dtype):
+    """A row whose visible scores are only NaN and −inf (a NaN query; a mask of −inf with a NaN, in the first key
+    tile or a later one) is NaN, as in PyTorch and the reference — not a fully blocked row of zeros with lse −inf:
+    the online softmax's max skips the NaN, so the kernel must still carry it into the row sum."""
+    rng = np.random.default_rng(11)
+    for S in (3, 70, 130):
+        q, dout = (rng.standard_normal((1, 2, 5, 4)).astype(dtype) for _ in range(2))
+        k, v = (rng.standard_normal((1, 2, S, 4)).astype(dtype) for _ in range(2))
+        q_nan = q.copy()
+        q_nan[0, 1, 2, 3] = np.nan
+        assert_nan_where_reference("cpu", q_nan, k, v, dout, {"scale": 0.5})
+        mask = np.zeros((5, S), dtype)
+        mask[1] = -np.inf
+        mask[1, S - 1] = np.nan  # the last key tile
+        mask[3, : min(S, 64)] = np.nan  # the first key tile, finite scores after it
+        kw = {"scale": 0.5, "mask": mask}
+        assert_nan_where_reference("cpu", q, k, v, dout, kw)
+        tq, tk, tv = (torch.tensor(a) for a in (q, k, v))
+        want = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, attn_mask=torch.tensor(mask), scale=0.5)
+        out, lse = attention_forward(q, k, v, form="cpu", **kw)
+        np.testing.assert_array_equal(np.isnan(out), np.isnan(want.numpy()))
+        assert np.isnan(lse[:, :, [1, 3]]).all()
+
+
 def test_empty_inputs_are_refused_with_their_shapes():
     q = np.zeros((1, 1, 4, 3))
     with pytest.raises(ValueError, match=r"non-empty q, k, v, got \(1, 1, 4, 3\), \(1, 1, 0, 3\)"):

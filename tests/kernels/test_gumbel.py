@@ -280,3 +280,23 @@ def test_max_argmax_is_the_plain_scan():
         best, arg = _max_argmax(z, len(z))
         want_best, want_arg = scan(z)
         assert arg == want_arg and (best == want_best or (np.isnan(best) and np.isnan(want_best))), z
+
+
+@pytest.mark.parametrize("hard", [False, True])
+@pytest.mark.parametrize("dim", [-1, 0])
+def test_core_gumbel_softmax_takes_a_0d_logit_as_pytorch_does(hard, dim):
+    """F.gumbel_softmax of a 0-d logit is a row of one (dim −1 or 0): the value 1 and a zero gradient, as PyTorch
+    (and the kernels) give — not an IndexError; any other dim is still out of range."""
+    import core
+    from core import functional as F
+
+    x = core.Tensor(np.array(1.5), requires_grad=True)
+    y = F.gumbel_softmax(x, hard=hard, dim=dim)
+    y.backward(core.Tensor(np.array(2.0)))
+    xt = torch.tensor(1.5, dtype=torch.float64, requires_grad=True)
+    yt = torch.nn.functional.gumbel_softmax(xt, hard=hard, dim=dim)
+    yt.backward(torch.tensor(2.0, dtype=torch.float64))
+    assert y.shape == () and y.numpy() == yt.item() == 1.0
+    assert np.asarray(x.grad.numpy() if hasattr(x.grad, "numpy") else x.grad) == xt.grad.item() == 0.0
+    with pytest.raises(IndexError, match="out of range"):
+        F.gumbel_softmax(core.Tensor(np.array(1.5)), dim=1)
