@@ -175,6 +175,10 @@ def _build(ftype):
                         for c in range(nk):
                             o += p[c] * sV[c * Dv + d]
                         sO[a * PV + d] = o
+                else:  # nothing visible in this row yet, but a NaN score (which max skips) still makes it NaN
+                    for c in range(nk):
+                        if p[c] != p[c]:
+                            lsum = ftype(math.nan)
         if active:
             if not lsum <= 0.0:  # (NaN: a NaN or +inf score, which makes the row NaN, as in PyTorch)
                 for d in range(Dv):

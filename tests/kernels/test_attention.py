@@ -202,7 +202,7 @@ def assert_same(form, q, k, v, dout, kw):
 
 def nan_cases(dtype, D=4):
     """Scores PyTorch turns into NaN rows: an additive mask holding a NaN and a +inf (beside a fully blocked row,
-    which stays 0), and a key holding a NaN (every row sees it)."""
+    which stays 0), a key holding a NaN (every row sees it), and mask rows of only NaN or of −inf and one NaN."""
     rng = np.random.default_rng(8)
     q, k, v, dout = (rng.standard_normal((1, 2, 9, D)).astype(dtype) for _ in range(4))
     mask = np.zeros((9, 9), dtype)
@@ -211,6 +211,20 @@ def nan_cases(dtype, D=4):
     k_nan[0, 1, 4, D - 1] = np.nan
     yield q, k, v, dout, {"scale": 0.5, "mask": mask}
     yield q, k_nan, v, dout, {"scale": 0.5}
+    # rows with no finite score at all, which the online softmax's max (skipping NaN) takes for blocked ones (a NaN
+    # query too, but PyTorch's float32 kernel gives that row zeros and its float64 one NaN: see nan_query_case)
+    blocked = np.zeros((9, 9), dtype)
+    blocked[1], blocked[4] = -np.inf, np.nan
+    blocked[1, 8] = np.nan
+    yield q, k, v, dout, {"scale": 0.5, "mask": blocked}
+
+
+def nan_query_case(dtype, D=4):
+    """A query holding a NaN: its row has no finite score (NaN, as the reference and PyTorch's float64 give it)."""
+    q, k, v, dout, kw = next(nan_cases(dtype, D))
+    q = q.copy()
+    q[0, 1, 2, D - 1] = np.nan
+    return q, k, v, dout, {"scale": 0.5}
 
 
 def assert_nan_where_reference(form, q, k, v, dout, kw):

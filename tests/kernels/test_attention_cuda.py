@@ -82,11 +82,11 @@ def check_simulator():
             assert_same("cuda", q, k, v, dout, kw)
     check_fast_path(assert_same, attention_cuda)
     # NaN and +inf scores make their rows NaN, as in the reference: the general kernels, and the fast ones
-    from test_attention import assert_nan_where_reference, nan_cases
+    from test_attention import assert_nan_where_reference, nan_cases, nan_query_case
 
     general, fast = ([d for d in range(1, 9) if attention_cuda.fast_dims_ok(np.float32, d, d) == f] for f in (0, 1))
     for dtype, D in ((np.float64, 4), (np.float32, general[0]), (np.float32, fast[0])):
-        for q, k, v, dout, kw in nan_cases(dtype, D):
+        for q, k, v, dout, kw in (*nan_cases(dtype, D), nan_query_case(dtype, D)):
             assert_nan_where_reference("cuda", q, k, v, dout, kw)
     # Head dims beyond the default 48 KiB of shared memory are refused up front (a GPU launch would fail).
     from kernels.attention import attention_forward
