@@ -219,9 +219,19 @@ class Context:
         return self._saved
 
     def _free(self):
+        """Drop the saved arrays (and array attributes); an op that saved none can run backward again, as in
+        PyTorch (x.sum().backward() twice doubles x.grad)."""
+        arrays = [k for k, v in self.__dict__.items() if _holds_array(v)]
+        self._freed = self._freed or bool(self._saved) or bool(arrays)
         self._saved = ()
-        self.__dict__.clear()
-        self._freed = True
+        for k in arrays:
+            del self.__dict__[k]
+
+
+def _holds_array(v) -> bool:
+    if isinstance(v, (tuple, list)):
+        return any(map(_holds_array, v))
+    return isinstance(v, np.ndarray) or hasattr(v, "__cuda_array_interface__")
 
 
 class Function:

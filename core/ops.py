@@ -49,19 +49,36 @@ def _floating(a):
     return a if a.dtype.kind in "fc" else a.astype(DEFAULT_DTYPE)
 
 
-def _promote(out, a, b):
-    """Give a float result PyTorch's dtype where NumPy's differs.
+_CATEGORY = {"b": 0, "u": 1, "i": 1, "f": 2, "c": 3}
 
-    PyTorch ranks operands: tensors with dimensions, then 0-d tensors, then Python numbers; a float
-    result takes the float dtype of the highest-ranked float operands, and the default float32 when
-    the floats come only from Python numbers or from dividing integers. NumPy would make float64 of
-    `arange(n) * 0.1` or of `x32 * tensor(np.float64(2))`, silently turning a float32 model into float64.
+
+def _category(x):
+    """PyTorch's dtype category of an operand: 0 bool, 1 integer, 2 float, 3 complex."""
+    if isinstance(x, (np.ndarray, np.generic)):
+        return _CATEGORY[x.dtype.kind]
+    return 0 if isinstance(x, bool) else 1 if isinstance(x, int) else 2 if isinstance(x, float) else 3
+
+
+def _promote(out, a, b):
+    """Give a result PyTorch's dtype where NumPy's differs.
+
+    PyTorch ranks operands: tensors with dimensions, then 0-d tensors, then Python numbers; the result
+    takes the highest category (bool < int < float) of any operand, and within it the dtype of the
+    highest-ranked operands of that category: the default float32 (or int64) when they are only Python
+    numbers, float32 when a float comes only from dividing integers. NumPy would make float64 of
+    `arange(n) * 0.1` or of `x32 * tensor(np.float64(2))`, and int64 of `int32 + tensor(2)`.
     """
-    if out.dtype.kind != "f" or (type(a) is np.ndarray and type(b) is np.ndarray and a.dtype == b.dtype == out.dtype):
+    if out.dtype.kind not in "fiub" or (type(a) is np.ndarray and type(b) is np.ndarray and
+                                         a.dtype == b.dtype == out.dtype):
         return out
-    ranked = [x for x in (a, b) if isinstance(x, np.ndarray) and x.dtype.kind == "f"]
-    dims = [x.dtype for x in ranked if x.ndim]
-    want = np.result_type(*dims) if dims else np.result_type(*(x.dtype for x in ranked)) if ranked else DEFAULT_DTYPE
+    top = max(_category(a), _category(b))
+    if out.dtype.kind == "f" and top < 2:  # true division of integers
+        want = DEFAULT_DTYPE
+    else:
+        ranked = [x for x in (a, b) if isinstance(x, np.ndarray) and _category(x) == top]
+        dims = [x.dtype for x in ranked if x.ndim]
+        want = (np.result_type(*dims) if dims else np.result_type(*(x.dtype for x in ranked)) if ranked
+                else (np.bool_, np.int64, DEFAULT_DTYPE)[top])
     return out if out.dtype == want else out.astype(want)
 
 
@@ -107,9 +124,21 @@ class Add(Function):
         return g, g
 
 
+def _no_bool(op, *xs):
+    """PyTorch refuses `-` on bool tensors (a mask is inverted with ~)."""
+    if any(isinstance(x, (bool, np.bool_)) or getattr(x, "dtype", None) == np.bool_ for x in xs):
+        raise RuntimeError(f"{op}: the `-` operator on a bool tensor is not supported; to invert a mask use ~ "
+                           f"(got {', '.join(_describe_operand(x) for x in xs)})")
+
+
+def _describe_operand(x):
+    return f"{x.dtype} tensor of shape {x.shape}" if isinstance(x, np.ndarray) else repr(x)
+
+
 class Sub(Function):
     @staticmethod
     def forward(ctx, a, b):
+        _no_bool("sub", a, b)
         return _binary("sub", np.subtract, a, b)
 
     @staticmethod
@@ -133,7 +162,8 @@ class Div(Function):
     @staticmethod
     def forward(ctx, a, b):
         ctx.save_for_backward(a, b)
-        return _binary("div", np.true_divide, a, b)
+        with np.errstate(divide="ignore", invalid="ignore"):  # x / 0 is ±inf or nan, silently as in PyTorch
+            return _binary("div", np.true_divide, a, b)
 
     @staticmethod
     def backward(ctx, g):
@@ -146,7 +176,8 @@ class Div(Function):
 class Pow(Function):
     @staticmethod
     def forward(ctx, a, b):
-        out = _binary("pow", np.power, a, b)
+        with np.errstate(divide="ignore", invalid="ignore"):  # 0 ** -1 is inf, (-1) ** 0.5 nan, as in PyTorch
+            out = _binary("pow", np.power, a, b)
         ctx.save_for_backward(a, b, out)
         return out
 
@@ -157,10 +188,9 @@ class Pow(Function):
         if ctx.needs_input_grad[0]:  # b·a^(b-1), taken as 0 where b == 0 (so 0^0 has gradient 0, as PyTorch)
             with np.errstate(divide="ignore", invalid="ignore"):
                 ga = g * np.where(np.equal(b, 0), 0, b * np.power(a, np.subtract(b, 1)))
-        if ctx.needs_input_grad[1]:  # d(a^b)/db = a^b log a, taken as 0 where a == 0 (as PyTorch)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                ga_log = np.where(np.asarray(a) == 0, 0.0, np.log(np.where(np.asarray(a) == 0, 1.0, a)))
-            gb = g * out * ga_log
+        if ctx.needs_input_grad[1]:  # d(a^b)/db = a^b log a, taken as 0 where a == 0 and b >= 0 (as PyTorch:
+            with np.errstate(divide="ignore", invalid="ignore"):  # 0^b with b < 0 is inf, and inf·log 0 is -inf)
+                gb = np.where((np.asarray(a) == 0) & (np.asarray(b) >= 0), 0, g * out * np.log(a))
         return ga, gb
 
 
@@ -169,6 +199,9 @@ class MatMul(Function):
     def forward(ctx, a, b):
         if np.ndim(a) == 0 or np.ndim(b) == 0:
             raise ValueError(f"matmul: both arguments need at least 1 dimension, got {np.shape(a)} and {np.shape(b)}")
+        if a.dtype != b.dtype:  # PyTorch does not promote in matmul (NumPy would make float64 of float32 @ float64)
+            raise TypeError(f"matmul: both arguments must have the same dtype, got {a.dtype} {a.shape} and "
+                            f"{b.dtype} {b.shape}")
         ka = a.shape[-1]
         kb = b.shape[0] if b.ndim == 1 else b.shape[-2]
         if ka != kb:
@@ -204,6 +237,7 @@ class MatMul(Function):
 class Neg(Function):
     @staticmethod
     def forward(ctx, a):
+        _no_bool("neg", a)
         return np.negative(a)
 
     @staticmethod
@@ -382,6 +416,8 @@ class MaskedFill(Function):
             raise TypeError(f"masked_fill: mask must be a bool tensor, got {mask.dtype}")
         if np.broadcast_shapes(a.shape, mask.shape) != a.shape:
             raise ValueError(f"masked_fill: mask of shape {mask.shape} does not broadcast to {a.shape}")
+        if np.ndim(value):
+            raise ValueError(f"masked_fill: value must be a number or a 0-d tensor, got shape {np.shape(value)}")
         ctx.save_for_backward(mask)
         return np.where(mask, np.asarray(value, dtype=a.dtype), a)
 
@@ -512,6 +548,8 @@ class MinAll(Amin):
 class Var(Function):
     @staticmethod
     def forward(ctx, a, dim, correction, keepdim):
+        if a.dtype.kind != "f":
+            raise TypeError(f"var: needs a floating point tensor, got {a.dtype}")
         axes = _axes(dim, a.ndim)
         n = int(np.prod([a.shape[i] for i in axes])) if a.ndim else 1
         centered = a - a.mean(axis=axes, keepdims=True)
@@ -532,6 +570,8 @@ class Std(Function):
 
     @staticmethod
     def forward(ctx, a, dim, correction, keepdim):
+        if a.dtype.kind != "f":
+            raise TypeError(f"std: needs a floating point tensor, got {a.dtype}")
         axes = _axes(dim, a.ndim)
         n = int(np.prod([a.shape[i] for i in axes])) if a.ndim else 1
         centered = a - a.mean(axis=axes, keepdims=True)
@@ -684,7 +724,10 @@ def _index(index):
     if isinstance(index, Tensor):
         index = index.data
     if isinstance(index, list):
-        index = np.asarray(index)
+        index = np.asarray(index) if index else np.zeros(0, dtype=np.int64)  # x[[]]: no rows, as PyTorch
+    if isinstance(index, slice) and index.step is not None and index.step <= 0:
+        raise ValueError(f"index: a slice's step must be positive (PyTorch has no negative steps; use flip), "
+                         f"got {index}")
     return index
 
 

@@ -102,6 +102,9 @@ class Tensor:
     def requires_grad_(self, flag=True):
         if flag and not np.issubdtype(self.dtype, np.floating):
             raise RuntimeError(f"only floating point tensors can require gradients, got dtype {self.dtype}")
+        if not flag and self._ctx is not None:
+            raise RuntimeError(f"requires_grad_(False): only a leaf's flag can be changed, not that of this output of "
+                               f"{self.grad_fn} (shape {self.shape}); use .detach()")
         self.requires_grad = bool(flag)
         return self
 
@@ -163,9 +166,17 @@ class Tensor:
                 "in-place assignment to a tensor that requires grad is not supported; "
                 "use core.where / masked_fill, or assign inside core.no_grad()"
             )
-        if isinstance(index, Tensor):
-            index = index.data
-        self.data[index] = value.data if isinstance(value, Tensor) else value
+        if getattr(value, "requires_grad", False) and autograd.is_grad_enabled():  # PyTorch would record the copy
+            raise RuntimeError(
+                f"x[...] = value: value of shape {value.shape} requires grad, and its gradient would be lost (in-place "
+                "assignment is not recorded); build the tensor with core.where / core.cat / core.stack instead"
+            )
+        index, value = ops._index(index), value.data if isinstance(value, Tensor) else value
+        steps = ops._ints_first(index, self.ndim)  # x[0, :, [1, 2]] = v: PyTorch's order, as in __getitem__
+        if steps is None:
+            self.data[index] = value
+        else:
+            self.data[steps[0]][steps[1]] = value  # (the first step is basic indexing: a view)
         autograd.note_inplace(self)
 
     # --- arithmetic -----------------------------------------------------------------------------
@@ -242,7 +253,27 @@ class Tensor:
 
     # --- comparisons (no grad) ------------------------------------------------------------------
     def _cmp(self, o, f):
-        return Tensor(f(self.data, o.data if isinstance(o, Tensor) else o))
+        b = o.data if isinstance(o, Tensor) else o
+        try:
+            return Tensor(f(self.data, b))
+        except ValueError:
+            ops._check_broadcast(f.__name__, self.data, b)
+            raise
+
+    def _bitwise(self, o, f, reflected=False):
+        """&, |, ^ as in PyTorch: bitwise on integer and bool tensors (logical on bools), with type promotion."""
+        a, b = self.data, o.data if isinstance(o, Tensor) else o
+        a, b = (b, a) if reflected else (a, b)
+        if max(ops._category(a), ops._category(b)) > 1:
+            raise TypeError(f"{f.__name__}: only integer and bool tensors are supported, got "
+                            f"{ops._describe_operand(a)} and {ops._describe_operand(b)}")
+        return Tensor(ops._binary(f.__name__, f, a, b))
+
+    def __invert__(self):
+        """~: logical not of a bool tensor, bitwise not of an integer one."""
+        if self.dtype.kind not in "biu":
+            raise TypeError(f"~ (bitwise_not) is only implemented on integer and bool tensors, got {self.dtype}")
+        return Tensor(np.invert(self.data))
 
     __eq__ = lambda self, o: self._cmp(o, np.equal)  # noqa: E731
     __ne__ = lambda self, o: self._cmp(o, np.not_equal)  # noqa: E731
@@ -250,9 +281,12 @@ class Tensor:
     __le__ = lambda self, o: self._cmp(o, np.less_equal)  # noqa: E731
     __gt__ = lambda self, o: self._cmp(o, np.greater)  # noqa: E731
     __ge__ = lambda self, o: self._cmp(o, np.greater_equal)  # noqa: E731
-    __and__ = lambda self, o: self._cmp(o, np.logical_and)  # noqa: E731
-    __or__ = lambda self, o: self._cmp(o, np.logical_or)  # noqa: E731
-    __invert__ = lambda self: Tensor(np.logical_not(self.data))  # noqa: E731
+    __and__ = lambda self, o: self._bitwise(o, np.bitwise_and)  # noqa: E731
+    __or__ = lambda self, o: self._bitwise(o, np.bitwise_or)  # noqa: E731
+    __xor__ = lambda self, o: self._bitwise(o, np.bitwise_xor)  # noqa: E731
+    __rand__ = lambda self, o: self._bitwise(o, np.bitwise_and, True)  # noqa: E731
+    __ror__ = lambda self, o: self._bitwise(o, np.bitwise_or, True)  # noqa: E731
+    __rxor__ = lambda self, o: self._bitwise(o, np.bitwise_xor, True)  # noqa: E731
     eq, ne, lt, le, gt, ge = __eq__, __ne__, __lt__, __le__, __gt__, __ge__
 
     def __bool__(self):
@@ -317,13 +351,13 @@ class Tensor:
         PyTorch, the gradient going to the returned index only."""
         if dim is None:
             return ops.MaxAll.apply(self, None, False)
-        return self._select(self.argmax(dim, keepdim=True), dim, keepdim)
+        return self._select(Tensor(_arg(np.argmax, self.data, dim, True)), dim, keepdim)
 
     def min(self, dim=None, keepdim=False):
         """Like max: the min element, or (values, indices) over dim."""
         if dim is None:
             return ops.MinAll.apply(self, None, False)
-        return self._select(self.argmin(dim, keepdim=True), dim, keepdim)
+        return self._select(Tensor(_arg(np.argmin, self.data, dim, True)), dim, keepdim)
 
     def _select(self, index, dim, keepdim):
         values = self.gather(dim, index)
@@ -339,6 +373,10 @@ class Tensor:
         """(values, indices) sorted along dim, stably (equal values keep their order); the values' gradient goes
         back to the places they came from (torch.sort)."""
         a = self.data
+        if a.ndim == 0:  # one element: itself, at index 0
+            ops._dim("sort", dim, 0)
+            index = Tensor(np.zeros((), np.int64))
+            return values_indices(self.gather(0, index), index)
         order = np.argsort(a, axis=dim, kind="stable")
         if descending:  # stable and descending: sort the reversed array, then map back and reverse
             n = a.shape[dim]
@@ -361,10 +399,10 @@ class Tensor:
         return ops.CumSum.apply(self, dim)
 
     def argmax(self, dim=None, keepdim=False):
-        return Tensor(_arg(np.argmax, self.data, dim, keepdim))
+        return Tensor(_arg(np.argmax, self.data, dim, keepdim, True))
 
     def argmin(self, dim=None, keepdim=False):
-        return Tensor(_arg(np.argmin, self.data, dim, keepdim))
+        return Tensor(_arg(np.argmin, self.data, dim, keepdim, True))
 
     def var(self, dim=None, unbiased=None, keepdim=False, *, correction=None):
         """Variance with Bessel's correction by default (torch.var: correction=1, or unbiased=False for 0)."""
@@ -492,7 +530,9 @@ def _correction(name, unbiased, correction):
     return 0 if unbiased is False else 1
 
 
-def _arg(f, a, dim, keepdim):
+def _arg(f, a, dim, keepdim, public=False):
+    if public and a.dtype == np.bool_:  # (max/min over a dim take bools, as PyTorch's)
+        raise TypeError(f"{f.__name__}: a bool tensor is not supported (as in PyTorch), got shape {a.shape}")
     if a.ndim == 0:  # a 0-d tensor accepts dim 0 / -1; its one element is at index 0
         return np.zeros((), dtype=np.int64)
     if dim is None:  # over all elements: the flat index (with keepdim, in an array of a's rank, as PyTorch)

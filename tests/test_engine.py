@@ -91,6 +91,27 @@ def test_retain_graph_allows_a_second_backward_that_doubles_the_grad():
     np.testing.assert_array_equal(first, 3 * x.data**2)
 
 
+def test_a_graph_that_saved_nothing_can_backward_twice_as_in_pytorch():
+    for lib in (core, torch):
+        x = lib.tensor([1.0, -2.0], dtype=lib.float64, requires_grad=True)
+        y = (x + x).reshape(2, 1).sum()  # no op here keeps an array for backward
+        y.backward()
+        y.backward()
+        np.testing.assert_array_equal(np.asarray(x.grad), [4.0, 4.0])
+        z = x.gather(0, lib.tensor([1])).sum()  # gather keeps its index: freed after the first backward
+        z.backward()
+        with pytest.raises(RuntimeError, match="second time"):
+            z.backward()
+
+
+def test_requires_grad_of_a_non_leaf_cannot_be_switched_off():
+    x = leaf(1.0, 2.0)
+    y = x * 2.0
+    with pytest.raises(RuntimeError, match="leaf"):
+        y.requires_grad_(False)
+    assert y.requires_grad_(True) is y and x.requires_grad_(False).requires_grad is False
+
+
 def test_retain_grad_keeps_the_gradient_of_non_leaves():
     x = leaf(1.0, 2.0)
     h = x * 3.0
@@ -563,3 +584,18 @@ def test_backward_refuses_values_changed_in_place_after_the_forward():
     loss.backward()
     x += 1  # after backward: nothing left to check
     np.testing.assert_allclose(w.grad, np.exp([1.0, 2.0]) * [7.0, 4.0])
+
+
+def test_pow_gradient_for_the_exponent_at_a_zero_base_matches_pytorch():
+    """d(a^b)/db = a^b log a is 0 at a = 0 only where b >= 0; for b < 0 it is inf · log 0 = -inf, as PyTorch's."""
+    base = np.array([0.0, 0.0, 0.0, 2.0])
+    expo = np.array([-1.5, 0.0, 2.0, -1.0])
+    grads = []
+    for lib in (core, torch):
+        a, b = lib.tensor(base, requires_grad=True), lib.tensor(expo, requires_grad=True)
+        (a**b).sum().backward()
+        c = lib.tensor(expo, requires_grad=True)
+        (0.0**c).sum().backward()
+        grads.append((np.asarray(b.grad), np.asarray(c.grad)))
+    for ours, ref in zip(*grads):
+        np.testing.assert_array_equal(ours, ref)

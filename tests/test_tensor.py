@@ -173,6 +173,12 @@ def test_setitem_on_a_tensor_that_requires_grad_is_refused_outside_no_grad():
     with core.no_grad():
         w[0] = 5.0  # how an optimizer or an initializer writes parameters
     assert w.tolist() == [5.0, 2.0] and w.requires_grad
+    x = core.zeros(2)
+    with pytest.raises(RuntimeError, match="gradient would be lost"):
+        x[0] = w[1]  # PyTorch records this copy; ours would silently drop w's gradient
+    with core.no_grad():
+        x[0] = w[1]
+    assert x.tolist() == [2.0, 0.0] and not x.requires_grad
 
 
 def test_setitem_shape_errors():
@@ -256,6 +262,18 @@ PROMOTIONS = [
     "L.tensor([1, 2]).sigmoid()",
     "L.tensor([1, 2]).tanh()",
     "L.tensor([1, 2]).log()",
+    "L.tensor([1, 2], dtype=L.int32) + L.tensor(2)",  # a 0-d int64 tensor does not promote an int32 tensor
+    "L.tensor(3) * L.tensor([1, 2], dtype=L.int32)",
+    "L.tensor([1, 2], dtype=L.int32) - L.tensor(3)",
+    "L.tensor([True, False]) + L.tensor(2)",
+    "L.tensor([True, False]) ** True",
+    "L.tensor([6, -3]) & L.tensor([3, 5])",  # &, |, ^, ~ are bitwise on integers, as in PyTorch
+    "L.tensor([6, 3], dtype=L.int32) | 8",
+    "5 & L.tensor([6, 3])",
+    "L.tensor([True, False]) & L.tensor([3, 2])",
+    "L.tensor([True, False]) ^ L.tensor([True, True])",
+    "~L.tensor([1, -2])",
+    "~L.tensor([True, False])",
 ]
 
 
@@ -412,3 +430,56 @@ def test_chunk_of_an_empty_dim_gives_chunks_pieces():
     for chunks in (1, 2, 3):
         assert [p.shape for p in core.zeros(0, 3).chunk(chunks, 0)] == [tuple(p.shape)
                                                                        for p in torch.zeros(0, 3).chunk(chunks, 0)]
+
+
+ERRORS = [  # what PyTorch refuses, ours refuses too, naming the op
+    ("L.tensor([True, False]) - 1", "sub"),
+    ("1.5 - L.tensor([True, False])", "sub"),
+    ("L.ones(2) - L.tensor([True, False])", "sub"),
+    ("-L.tensor([True, False])", "neg"),
+    ("L.ones(2) & L.tensor([True, False])", "bitwise_and"),
+    ("L.tensor([1, 2]) | 0.5", "bitwise_or"),
+    ("~L.ones(2)", "bitwise_not"),
+    ("L.tensor([1, 2]).var()", "var"),
+    ("L.tensor([True, False]).std(0)", "std"),
+    ("L.tensor([True, False]).argmax()", "argmax"),
+    ("L.tensor([[True, False]]).argmin(1)", "argmin"),
+    ("L.ones(2, 3) @ L.ones(3, dtype=L.float64)", "matmul"),
+    ("L.ones(2, 3) @ L.tensor([1, 2, 3])", "matmul"),
+    ("L.ones(2).masked_fill(L.tensor([True, False]), L.tensor([5.0]))", "masked_fill"),
+    ("L.arange(4)[::-1]", "step"),
+    ("L.arange(6).reshape(2, 3)[1, ::-2]", "step"),
+]
+
+
+@pytest.mark.parametrize("expr, name", ERRORS, ids=[e[0] for e in ERRORS])
+def test_what_pytorch_refuses_is_refused(expr, name):
+    with pytest.raises((RuntimeError, TypeError, ValueError, NotImplementedError, IndexError)):
+        eval(expr, {"L": torch})
+    with pytest.raises((RuntimeError, TypeError, ValueError), match=name):
+        eval(expr, {"L": core})
+
+
+def test_max_min_over_a_dim_of_bools_and_an_empty_index_list():
+    b = [[True, False], [False, False]]
+    for ours, ref in ((core.tensor(b).max(1), torch.tensor(b).max(1)), (core.tensor(b).min(0), torch.tensor(b).min(0))):
+        np.testing.assert_array_equal(ours.values.numpy(), ref.values.numpy())
+        np.testing.assert_array_equal(ours.indices.numpy(), ref.indices.numpy())
+    assert core.arange(6.0).reshape(2, 3)[[]].shape == tuple(torch.arange(6.0).reshape(2, 3)[[]].shape) == (0, 3)
+
+
+def test_setitem_applies_integers_before_arrays_as_in_pytorch():
+    ours, ref = core.zeros(2, 3, 4), torch.zeros(2, 3, 4)
+    ours[0, :, [1, 2]] = core.tensor([[1.0, 2.0]] * 3)
+    ref[0, :, [1, 2]] = torch.tensor([[1.0, 2.0]] * 3)
+    np.testing.assert_array_equal(ours.numpy(), ref.numpy())
+    with pytest.raises(ValueError, match="step"):
+        ours[::-1] = 0.0
+
+
+def test_sort_of_a_0d_tensor_is_itself_at_index_0():
+    x, t = core.tensor(3.0, requires_grad=True), torch.tensor(3.0, requires_grad=True)
+    (ours, i), (ref, ti) = x.sort(descending=True), t.sort(descending=True)
+    assert ours.shape == tuple(ref.shape) == () and ours.item() == ref.item() and i.item() == ti.item() == 0
+    (ours * 2).backward()
+    assert x.grad.item() == 2.0
