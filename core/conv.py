@@ -447,8 +447,9 @@ def _max_pool2d_forward(x, k, s, p, d, out):
     win = _pool_windows(xp, k, s, d, out)
     win = win.reshape(*win.shape[:-2], k[0] * k[1])
     arg = win.argmax(axis=-1)  # the first maximum
-    # a window whose taps inside the input all equal the fill: argmax may have picked a padding tap before them
-    rows, cols = _max_pool2d_rows_cols(arg, k, s, p, d, out) if xp.shape != x.shape else (0, 0)
+    # only a window whose maximum is the fill (its taps inside the input all -inf) can have picked a padding tap
+    maybe = xp.shape != x.shape and np.any(np.take_along_axis(win, arg[..., None], axis=-1) == fill)
+    rows, cols = _max_pool2d_rows_cols(arg, k, s, p, d, out) if maybe else (0, 0)
     picked_pad = (rows < 0) | (rows >= x.shape[-2]) | (cols < 0) | (cols >= x.shape[-1])
     if np.any(picked_pad):
         taps = [(np.arange(out[a])[:, None] * s[a] + np.arange(k[a]) * d[a] - p[a]) for a in (0, 1)]

@@ -795,15 +795,9 @@ class Embedding(Module):
         idx = np.unique(input.data if isinstance(input, Tensor) else input)
         if idx.size == 0 or not np.issubdtype(idx.dtype, np.integer) or idx[0] < 0 or idx[-1] >= w.shape[0]:
             return  # F.embedding reports the bad indices
-        rows, p = w[idx], float(self.norm_type)
-        a = abs(rows)
-        if p == math.inf:
-            norm = a.max(axis=1)
-        elif p == 2:
-            norm = (a * a).sum(axis=1) ** 0.5
-        else:
-            norm = (a**p).sum(axis=1) ** (1.0 / p)
-        norm = norm.astype(np.float64)  # PyTorch takes each norm as a double (.item()) to form the scale
+        rows = w[idx]
+        # PyTorch takes each norm as a double (.item()) to form the scale
+        norm = np.linalg.norm(rows, ord=float(self.norm_type), axis=1).astype(np.float64)
         big = norm > self.max_norm
         scale = self.max_norm / (norm[big] + 1e-7)
         w[idx[big]] = rows[big] * scale[:, None].astype(w.dtype)

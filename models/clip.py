@@ -314,8 +314,10 @@ def train(cfg, out, *, resume=True, progress=True):
 
 def load(path):
     """(model, cfg) from a checkpoint written by `train`, in eval mode."""
+    from models.registry import from_dict
+
     ckpt = loop.read_checkpoint(path)
-    cfg = loop.checkpoint_config(ckpt, path, Config)
+    cfg = from_dict(Config, ckpt["config"], path)
     tok = tokenizer()
     rows = ckpt["weights"]["token_embedding.weight"].shape[0]
     if rows != tok.vocab_size:

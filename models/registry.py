@@ -166,15 +166,20 @@ def _check_contract(module, values):
             raise UsageError(f"{module.__name__}.Config.{k} must be {what}, got {v!r}")
 
 
-def from_dict(cls, d):
-    """Rebuild a Config dataclass from its JSON form (lists become tuples where the default is a tuple)."""
+def from_dict(cls, d, path=None):
+    """Rebuild a Config dataclass from its JSON form (lists become tuples where the default is a tuple); a config
+    that no longer fits cls (a field since removed, a value its checks now refuse) is a UsageError naming `path`."""
+    where = f"{path}: " if path else ""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - set(fields))
     if unknown:
-        raise UsageError(f"{cls.__module__}.{cls.__qualname__}: the checkpoint's config has unknown field(s) "
+        raise UsageError(f"{where}{cls.__module__}.{cls.__qualname__}: the checkpoint's config has unknown field(s) "
                          f"{', '.join(unknown)} (written by another version of the model?)")
     values = {}
     for k, v in d.items():
         default = fields[k].default
         values[k] = tuple(v) if isinstance(v, list) and isinstance(default, tuple) else v
-    return cls(**values)
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as e:  # (a Config's own checks raise a plain ValueError)
+        raise UsageError(f"{where}its config does not fit {cls.__module__}.{cls.__qualname__}: {e}") from None

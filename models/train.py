@@ -255,25 +255,15 @@ def load_model(path, config_cls, build):
     (EMA ones where kept), in eval mode. The global RNG is left untouched, though building draws the
     initial weights (overwritten here) from it: loading must not change what a later seed gives."""
     import core
+    from models.registry import from_dict
 
     ckpt = read_checkpoint(path)
-    cfg = checkpoint_config(ckpt, path, config_cls)
+    cfg = from_dict(config_cls, ckpt["config"], path)
     state = core.random.get_rng_state()
     try:
         return load_weights(build(cfg), ckpt), cfg
     finally:
         core.random.set_rng_state(state)
-
-
-def checkpoint_config(ckpt, path, config_cls):
-    """The config_cls a `read_checkpoint` result holds; one that no longer fits it (a field since removed, a value
-    its checks now refuse) is a UsageError naming the file."""
-    from models.registry import from_dict
-
-    try:
-        return from_dict(config_cls, ckpt["config"])
-    except (TypeError, ValueError) as e:  # (a Config's own checks raise a plain ValueError)
-        raise UsageError(f"{path}: its config does not fit {config_cls.__module__}.Config: {e}") from None
 
 
 def load_weights(model, ckpt, *, ema=True):
